@@ -1,0 +1,137 @@
+"""The network's one TOML config, typed and validated (msgspec), with documented defaults.
+
+Units are in the names (`*_s` seconds, `*_bytes`). Relative paths are resolved against the
+config file's folder. Amounts are decimal strings ("100.00"), parsed to minor units here.
+`load_config` raises ConfigError with a message that names the file and the bad key.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+
+from common.errors import ConfigError
+from common.framing import DEFAULT_MAX_FRAME_BYTES
+from common.messages import PAYER_ID_PATTERN
+from common.money import AmountError, parse_amount
+
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=3600)]
+Kind = Literal["corporation", "individual", "party", "software", "other"]
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class LedgerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: Port = 7300
+    path: str = "ledger.csv"
+    max_frame_bytes: Annotated[int, msgspec.Meta(ge=1024, le=16 * 1024 * 1024)] = DEFAULT_MAX_FRAME_BYTES
+    max_batch_rows: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 4096
+
+
+class RouterConfig(_Section):
+    host: str = "127.0.0.1"
+    port: Port = 7400
+    admin_socket: str = "router-admin.sock"
+    max_frame_bytes: Annotated[int, msgspec.Meta(ge=1024, le=16 * 1024 * 1024)] = DEFAULT_MAX_FRAME_BYTES
+    freshness_window_s: Seconds = 2.0
+    ping_timeout_s: Seconds = 1.0
+    offer_timeout_s: Seconds = 3.0
+    settle_timeout_s: Seconds = 3.0
+    ledger_timeout_s: Seconds = 2.0
+    outcome_pending_after_s: Seconds = 5.0
+    ledger_retry_max_s: Seconds = 2.0
+    shutdown_grace_s: Seconds = 10.0
+
+
+class PayerConfig(_Section):
+    control_dir: str = "."
+    reconnect_max_s: Seconds = 2.0
+    request_timeout_s: Seconds = 20.0
+
+
+class Participant(_Section):
+    id: Annotated[str, msgspec.Meta(pattern=PAYER_ID_PATTERN)]
+    name: str = ""
+    kind: Kind = "individual"
+    opening_balance: str = "0.00"
+    max_incoming: str | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            parse_amount(self.opening_balance, allow_zero=True)
+            if self.max_incoming is not None:
+                parse_amount(self.max_incoming, allow_zero=True)
+        except AmountError as exc:
+            raise ValueError(f"participant {self.id!r}: {exc}") from None
+
+    @property
+    def opening_minor(self) -> int:
+        return parse_amount(self.opening_balance, allow_zero=True)
+
+    @property
+    def max_incoming_minor(self) -> int | None:
+        if self.max_incoming is None:
+            return None
+        return parse_amount(self.max_incoming, allow_zero=True)
+
+
+class NetworkConfig(_Section):
+    ledger: LedgerConfig = msgspec.field(default_factory=LedgerConfig)
+    router: RouterConfig = msgspec.field(default_factory=RouterConfig)
+    payer: PayerConfig = msgspec.field(default_factory=PayerConfig)
+    participants: list[Participant] = msgspec.field(default_factory=list)
+    base_dir: str = "."
+
+    def __post_init__(self) -> None:
+        seen: set[str] = set()
+        for p in self.participants:
+            if p.id in seen:
+                raise ValueError(f"participant id {p.id!r} appears twice")
+            seen.add(p.id)
+
+    def participant(self, payer_id: str) -> Participant:
+        for p in self.participants:
+            if p.id == payer_id:
+                return p
+        raise ConfigError(f"{payer_id!r} is not a participant of this network")
+
+    def resolve(self, path: str) -> Path:
+        """A path from the config, relative to the config file's folder."""
+        p = Path(path)
+        return p if p.is_absolute() else Path(self.base_dir) / p
+
+    def control_socket(self, payer_id: str) -> Path:
+        return self.resolve(self.payer.control_dir) / f"{payer_id}.sock"
+
+
+_FLOAT_AMOUNT = re.compile(r"Expected `str`, got `(float|int)` - at `\$\.participants\[\d+\]\.(opening_balance|max_incoming)`")
+
+
+def load_config(path: str | Path) -> NetworkConfig:
+    """Read and validate a network config file. Raises ConfigError naming file and key."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
+    return parse_config(data, source=str(path), base_dir=str(path.resolve().parent))
+
+
+def parse_config(data: bytes | str, *, source: str = "<config>", base_dir: str = ".") -> NetworkConfig:
+    try:
+        cfg = msgspec.toml.decode(data, type=NetworkConfig)
+    except msgspec.ValidationError as exc:
+        hint = ""
+        if _FLOAT_AMOUNT.search(str(exc)):
+            hint = ' (write amounts as quoted decimal strings, e.g. "100.00")'
+        raise ConfigError(f"{source}: {exc}{hint}") from None
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    return msgspec.structs.replace(cfg, base_dir=base_dir)

@@ -1,0 +1,346 @@
+"""Every message on the wire, one frozen msgspec Struct per type, tagged by `t`.
+
+Decoding is strict: an unknown `t`, a missing or unknown field, a float or boolean where
+an integer belongs, or a value outside its range fails in the decoder, so an invalid
+message never exists past it. docs/PROTOCOL.md describes each type field by field; keep
+the two in step.
+
+Naming: requests carry `id`; replies carry `re` (the `id` they answer). A union of the
+types a given peer may send is decoded with `decoder_for(...)`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from common.money import MAX_AMOUNT
+
+# --- field types -------------------------------------------------------------------
+
+ReqId = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+# Payer ids: letters, digits, `_`, `.`, `-`; never start with `_` (reserved accounts such
+# as `_issuer` do) nor with a character a spreadsheet reads as a formula. CSV-safe.
+PAYER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+ACCOUNT_PATTERN = r"^_?[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # payer ids plus reserved `_...`
+TX_ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}$"
+PayerId = Annotated[str, msgspec.Meta(pattern=PAYER_ID_PATTERN)]
+AccountId = Annotated[str, msgspec.Meta(pattern=ACCOUNT_PATTERN)]
+TxId = Annotated[str, msgspec.Meta(pattern=TX_ID_PATTERN)]
+Amount = Annotated[int, msgspec.Meta(gt=0, le=MAX_AMOUNT)]
+Balance = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+Seq = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
+Memo = Annotated[str, msgspec.Meta(max_length=256)]
+Limit = Annotated[int, msgspec.Meta(ge=1, le=1000)]
+Role = Literal["payer", "router", "cli", "admin", "client"]
+
+ISSUER = "_issuer"
+
+
+class Message(msgspec.Struct, tag_field="t", forbid_unknown_fields=True, frozen=True):
+    """Base of every top-level message."""
+
+
+class Record(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Base of nested, untagged structures."""
+
+
+# --- every connection ----------------------------------------------------------------
+
+
+class Hello(Message, tag="hello", frozen=True):
+    """First frame on every connection. `peer` is the payer id for role `payer`."""
+
+    id: ReqId
+    version: int
+    role: Role
+    peer: Annotated[str, msgspec.Meta(max_length=128)] = ""
+
+
+class Welcome(Message, tag="welcome", frozen=True):
+    """Reply to `hello`. Payers also get their balance view."""
+
+    re: ReqId
+    version: int
+    server: str
+    balance: Balance | None = None
+    available: Balance | None = None
+    last_tx_time: str | None = None
+
+
+class Ping(Message, tag="ping", frozen=True):
+    id: ReqId
+
+
+class Pong(Message, tag="pong", frozen=True):
+    re: ReqId
+
+
+class Error(Message, tag="error", frozen=True):
+    """Error reply. `re` is None when the failing frame had no readable `id`."""
+
+    re: ReqId | None
+    code: str
+    message: str
+    tx_id: str | None = None
+
+
+# --- ledger --------------------------------------------------------------------------
+
+
+class RowIn(Record, frozen=True):
+    """A payment to record; the ledger assigns seq, dtg and hash."""
+
+    tx_id: TxId
+    sender: AccountId
+    receiver: AccountId
+    amount: Amount
+    memo: Memo = ""
+
+
+class LedgerRow(Record, frozen=True):
+    """One durable ledger row (DESIGN §4). `amount` in minor units on the wire."""
+
+    seq: Seq
+    dtg: str
+    sender: AccountId
+    receiver: AccountId
+    amount: Amount
+    tx_id: TxId
+    memo: Memo
+    hash: str
+
+
+class Append(Message, tag="append", frozen=True):
+    id: ReqId
+    rows: Annotated[list[RowIn], msgspec.Meta(min_length=1, max_length=1000)]
+
+
+class AppendResult(Record, frozen=True):
+    """`written`: new row; `duplicate`: same content was already there (row = existing);
+    `conflict`: tx_id exists with other content (row = existing, nothing written)."""
+
+    status: Literal["written", "duplicate", "conflict"]
+    row: LedgerRow
+
+
+class Appended(Message, tag="appended", frozen=True):
+    re: ReqId
+    results: list[AppendResult]
+
+
+class Read(Message, tag="read", frozen=True):
+    """Rows with seq >= from_seq, at most `limit`; `party` keeps rows it sent or received."""
+
+    id: ReqId
+    from_seq: Seq = 1
+    limit: Limit = 500
+    party: AccountId | None = None
+
+
+class Rows(Message, tag="rows", frozen=True):
+    """`next_seq` is where the next page starts; `last_seq` is the newest row's seq (0: empty)."""
+
+    re: ReqId
+    rows: list[LedgerRow]
+    next_seq: int
+    last_seq: int
+
+
+class Stats(Message, tag="stats", frozen=True):
+    id: ReqId
+
+
+class StatsReply(Message, tag="stats_ok", frozen=True):
+    re: ReqId
+    rows: int
+    fsyncs: int
+    batches: int
+    appends: int
+    uptime_ms: int
+    last_hash: str
+
+
+# --- router, payer-facing ------------------------------------------------------------
+
+
+class Pay(Message, tag="pay", frozen=True):
+    id: ReqId
+    tx_id: TxId
+    to: AccountId
+    amount: Amount
+    memo: Memo = ""
+
+
+class Paid(Message, tag="paid", frozen=True):
+    """Success reply to `pay`: the row's seq and dtg, the sender's balance after."""
+
+    re: ReqId
+    tx_id: TxId
+    seq: Seq
+    dtg: str
+    balance: Balance
+
+
+class GetBalance(Message, tag="balance", frozen=True):
+    id: ReqId
+
+
+class BalanceReply(Message, tag="balance_ok", frozen=True):
+    re: ReqId
+    balance: Balance
+    available: Balance
+    last_tx_time: str | None = None
+
+
+class History(Message, tag="history", frozen=True):
+    """The caller's own rows, oldest first, from `from_seq`."""
+
+    id: ReqId
+    from_seq: Seq = 1
+    limit: Limit = 100
+
+
+class HistoryReply(Message, tag="history_ok", frozen=True):
+    re: ReqId
+    rows: list[LedgerRow]
+    next_seq: int
+
+
+class Status(Message, tag="status", frozen=True):
+    id: ReqId
+    tx_id: TxId
+
+
+TxState = Literal["paid", "failed", "pending", "unknown"]
+
+
+class StatusReply(Message, tag="status_ok", frozen=True):
+    """`paid` carries seq; `failed` carries code; `pending` is in flight or in doubt."""
+
+    re: ReqId
+    tx_id: TxId
+    state: TxState
+    code: str | None = None
+    seq: int | None = None
+    sender: str | None = None
+    receiver: str | None = None
+    amount: int | None = None
+
+
+class Offer(Message, tag="offer", frozen=True):
+    """Router → receiver: will you take this payment? Answer `receipt` or `reject`."""
+
+    id: ReqId
+    tx_id: TxId
+    sender: AccountId = msgspec.field(name="from")
+    amount: Amount
+    memo: Memo = ""
+
+
+class Receipt(Message, tag="receipt", frozen=True):
+    re: ReqId
+    tx_id: TxId
+
+
+class Reject(Message, tag="reject", frozen=True):
+    re: ReqId
+    tx_id: TxId
+    reason: Memo = ""
+
+
+class Settled(Message, tag="settled", frozen=True):
+    """Router → receiver: the payment is in the ledger; `balance` is the receiver's now."""
+
+    id: ReqId
+    tx_id: TxId
+    seq: Seq
+    balance: Balance
+
+
+class Cancel(Message, tag="cancel", frozen=True):
+    """Router → receiver: forget the offer `tx_id`; it will not be paid."""
+
+    id: ReqId
+    tx_id: TxId
+    code: str
+
+
+class Ack(Message, tag="ack", frozen=True):
+    re: ReqId
+
+
+# --- payer daemon control socket (CLI ↔ daemon) --------------------------------------
+
+
+class Send(Message, tag="send", frozen=True):
+    """CLI → daemon: pay `to`; the daemon picks a tx_id when none is given."""
+
+    id: ReqId
+    to: AccountId
+    amount: Amount
+    memo: Memo = ""
+    tx_id: TxId | None = None
+
+
+class Watch(Message, tag="watch", frozen=True):
+    id: ReqId
+
+
+class Event(Message, tag="event", frozen=True):
+    """Daemon → watching CLI: something happened to a payment."""
+
+    kind: Literal["offer", "settled", "cancel", "paid", "failed", "connected", "disconnected"]
+    tx_id: str = ""
+    peer: str = ""
+    amount: int = 0
+    memo: str = ""
+    balance: int | None = None
+    code: str | None = None
+    seq: int | None = None
+
+
+# --- decoding helpers ----------------------------------------------------------------
+
+_encoder = msgspec.msgpack.Encoder()
+encode = _encoder.encode
+
+LEDGER_REQUESTS = (Hello, Ping, Append, Read, Stats)
+LEDGER_REPLIES = (Welcome, Pong, Appended, Rows, StatsReply, Error)
+ROUTER_REQUESTS = (Hello, Ping, Pay, GetBalance, History, Status, Receipt, Reject, Ack, Pong, Error)
+PAYER_INBOUND = (Welcome, Pong, Ping, Paid, BalanceReply, HistoryReply, StatusReply, Offer,
+                 Settled, Cancel, Error)
+CONTROL_REQUESTS = (Hello, Ping, Send, GetBalance, History, Status, Watch)
+CONTROL_REPLIES = (Welcome, Pong, Paid, BalanceReply, HistoryReply, StatusReply, Ack, Event,
+                   Error)
+
+
+def decoder_for(types: tuple[type[Message], ...]) -> msgspec.msgpack.Decoder[Any]:
+    """A strict decoder for exactly these message types."""
+    union: Any = types[0]
+    for t in types[1:]:
+        union = union | t
+    return msgspec.msgpack.Decoder(union)
+
+
+_lenient = msgspec.msgpack.Decoder()
+
+
+def salvage_request_id(payload: bytes) -> int | None:
+    """Best effort: the `id` of a frame that failed strict decoding, to address the error."""
+    try:
+        obj = _lenient.decode(payload)
+    except (msgspec.DecodeError, ValueError):
+        return None
+    if isinstance(obj, dict):
+        rid = obj.get("id")
+        if type(rid) is int and 0 <= rid < 2**63:
+            return rid
+    return None
+
+
+def describe_decode_error(exc: Exception) -> str:
+    """A short, person-readable reason for a decode failure (no traceback)."""
+    text = str(exc)
+    return text if len(text) <= 200 else text[:197] + "..."
