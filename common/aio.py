@@ -22,7 +22,7 @@ import contextlib
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import msgspec
@@ -306,21 +306,18 @@ async def open_unix_channel(
     return ch
 
 
-def install_fast_loop() -> str:
-    """Use uvloop when installed (optional `speed` extra); return the loop's name."""
+def loop_factory(fast: bool = True) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop factory when installed (optional `speed` extra) and wanted, else None."""
+    if not fast:
+        return None
     try:
         import uvloop
     except ImportError:
-        return "asyncio"
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return "uvloop"
+        return None
+    return uvloop.new_event_loop
 
 
-def run(main: Callable[[], Awaitable[int]], *, fast: bool = True) -> int:
-    """Run an async `main` with the best available loop and return its exit code."""
-    if fast:
-        loop_name = install_fast_loop()
-    else:
-        loop_name = "asyncio"
-    logging.getLogger("jackpay").debug("event loop: %s", loop_name)
-    return asyncio.run(main())  # type: ignore[arg-type]
+def run(main: Callable[[], Coroutine[Any, Any, int]], *, fast: bool = True) -> int:
+    """Run an async `main` on the best available loop and return its exit code."""
+    with asyncio.Runner(loop_factory=loop_factory(fast)) as runner:
+        return runner.run(main())
