@@ -38,7 +38,8 @@ Role = Literal["payer", "router", "cli", "admin", "client"]
 ISSUER = "_issuer"
 
 
-class Message(msgspec.Struct, tag_field="t", forbid_unknown_fields=True, frozen=True):
+class Message(msgspec.Struct, tag_field="t", forbid_unknown_fields=True, frozen=True,
+              omit_defaults=True):
     """Base of every top-level message."""
 
 

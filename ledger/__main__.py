@@ -1,0 +1,105 @@
+"""`python -m ledger` / `jackpay-ledger`: run the ledger service, or `verify PATH` offline.
+
+    jackpay-ledger --config network.toml [--host H] [--port P] [--path CSV] [--log-json]
+    jackpay-ledger verify ledger.csv
+
+Prints `READY ledger addr=HOST:PORT rows=N` on stdout once it serves; stops on SIGTERM
+or SIGINT after writing every append already received (exit 0). Exit 2: bad config or
+a ledger file it refuses to trust (the message says which line and why).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from common.aio import run
+from common.config import LedgerConfig, NetworkConfig, load_config
+from common.errors import ConfigError
+from common.logs import log_event, setup_logging
+from common.procs import print_ready
+from ledger.server import LedgerServer
+from ledger.store import LedgerCorrupt, LedgerStore
+from ledger.verify import verify_file
+
+log = logging.getLogger("jackpay.ledger")
+
+
+def _serve_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jackpay-ledger", description="Run the JackPay ledger.")
+    p.add_argument("--config", help="network TOML file (its [ledger] section)")
+    p.add_argument("--host", help="address to listen on (overrides the config)")
+    p.add_argument("--port", type=int, help="port to listen on; 0 picks a free one")
+    p.add_argument("--path", help="ledger CSV file (overrides the config)")
+    p.add_argument("--log-json", action="store_true", help="log JSON lines instead of text")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args_list = sys.argv[1:] if argv is None else argv
+    if args_list[:1] == ["verify"]:
+        vp = argparse.ArgumentParser(prog="jackpay-ledger verify",
+                                     description="Check a ledger CSV offline.")
+        vp.add_argument("path", type=Path)
+        vargs = vp.parse_args(args_list[1:])
+        verdict = verify_file(vargs.path)
+        print(verdict.line)
+        return 0 if verdict.ok else 1
+    args = _serve_parser().parse_args(args_list)
+    setup_logging(json_lines=args.log_json, level=args.log_level)
+    try:
+        cfg = load_config(args.config) if args.config else NetworkConfig()
+    except ConfigError as exc:
+        print(f"jackpay-ledger: {exc}", file=sys.stderr)
+        return 2
+    lc: LedgerConfig = cfg.ledger
+    host = args.host or lc.host
+    port = lc.port if args.port is None else args.port
+    path = Path(args.path) if args.path else cfg.resolve(lc.path)
+    if not 0 <= port <= 65535:
+        print(f"jackpay-ledger: port {port} is out of range 0-65535", file=sys.stderr)
+        return 2
+    return run(lambda: serve(path, host, port, lc))
+
+
+async def serve(path: Path, host: str, port: int, lc: LedgerConfig) -> int:
+    try:
+        store = LedgerStore.open(path)
+    except LedgerCorrupt as exc:
+        print(f"jackpay-ledger: refusing to start: {exc} (file left untouched)", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"jackpay-ledger: cannot open {path}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    if store.truncated_bytes:
+        log_event(log, "cut off a torn last line", logging.WARNING, path=str(path),
+                  bytes=store.truncated_bytes)
+    server = LedgerServer(store, host=host, port=port, max_frame_bytes=lc.max_frame_bytes,
+                          max_batch_rows=lc.max_batch_rows)
+    try:
+        h, p = await server.start()
+    except OSError as exc:
+        store.close()
+        print(f"jackpay-ledger: cannot listen on {host}:{port}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 2
+    log_event(log, "ledger serving", addr=f"{h}:{p}", path=str(path), rows=store.last_seq)
+    print_ready("ledger", addr=f"{h}:{p}", rows=store.last_seq)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log_event(log, "stopping", stats=server.statistics())
+    await server.stop()
+    log_event(log, "stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

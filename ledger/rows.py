@@ -1,0 +1,143 @@
+"""Ledger rows as CSV lines, and the SHA-256 hash chain. Pure: no files, no clock.
+
+File format (DESIGN §4), one row per physical line, UTF-8, `\\n` line ends:
+
+    dtg,sender,receiver,amount,seq,tx_id,memo,hash
+
+- `amount` is a decimal string ("12.50"); inside JackPay it is integer minor units.
+- `memo` may hold any text. So that each row stays on one line and no spreadsheet ever
+  runs a formula from it, the memo cell is *encoded*: `\\` → `\\\\`, LF → `\\n`, CR → `\\r`,
+  other control characters → `\\u00XX`; then, if the result starts with `=`, `+`, `-`, `@`
+  or `'`, a `'` is put in front (the OWASP CSV-injection guard). Commas and quotes are
+  handled by ordinary CSV quoting. `decode_memo(encode_memo(m)) == m` for every string.
+- `hash` = SHA-256 (hex) of the canonical JSON array
+  `[prev_hash, seq, dtg, sender, receiver, amount_minor, tx_id, memo]` (memo decoded,
+  compact separators, UTF-8, non-ASCII kept), with `prev_hash` = 64 zeros for seq 1.
+  Any edit, deletion, insertion or reordering of rows breaks the chain.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import re
+
+from common.messages import ACCOUNT_PATTERN, TX_ID_PATTERN, LedgerRow
+from common.money import AmountError, format_amount, parse_amount
+
+HEADER = ["dtg", "sender", "receiver", "amount", "seq", "tx_id", "memo", "hash"]
+HEADER_LINE = ",".join(HEADER) + "\n"
+GENESIS_HASH = "0" * 64
+MAX_MEMO_CHARS = 256
+
+_ACCOUNT_RE = re.compile(ACCOUNT_PATTERN)
+_TX_ID_RE = re.compile(TX_ID_PATTERN)
+_DTG_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z")
+_HASH_RE = re.compile(r"[0-9a-f]{64}")
+_CONTROL_RE = re.compile(r"[\\\x00-\x1f\x7f]")
+_FORMULA_START = ("=", "+", "-", "@", "'")
+_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r"}
+_UNESCAPE_RE = re.compile(r"\\(\\|n|r|u([0-9a-fA-F]{4}))")
+
+
+class RowFormatError(ValueError):
+    """A CSV line is not a well-formed ledger row; the message says which cell and why."""
+
+
+def encode_memo(memo: str) -> str:
+    text = _CONTROL_RE.sub(lambda m: _ESCAPES.get(m.group(), f"\\u{ord(m.group()):04x}"), memo)
+    if text.startswith(_FORMULA_START):
+        text = "'" + text
+    return text
+
+
+def decode_memo(cell: str) -> str:
+    if cell.startswith("'"):
+        cell = cell[1:]
+
+    def unescape(m: re.Match[str]) -> str:
+        if m.group(2):
+            return chr(int(m.group(2), 16))
+        return "\\" if m.group(1) == "\\" else ("\n" if m.group(1) == "n" else "\r")
+
+    return _UNESCAPE_RE.sub(unescape, cell)
+
+
+def chain_hash(prev_hash: str, seq: int, dtg: str, sender: str, receiver: str,
+               amount: int, tx_id: str, memo: str) -> str:
+    canonical = json.dumps([prev_hash, seq, dtg, sender, receiver, amount, tx_id, memo],
+                           separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def make_row(prev_hash: str, seq: int, dtg: str, sender: str, receiver: str,
+             amount: int, tx_id: str, memo: str) -> LedgerRow:
+    """A new row chained onto `prev_hash`."""
+    h = chain_hash(prev_hash, seq, dtg, sender, receiver, amount, tx_id, memo)
+    return LedgerRow(seq=seq, dtg=dtg, sender=sender, receiver=receiver, amount=amount,
+                     tx_id=tx_id, memo=memo, hash=h)
+
+
+def _quote(cell: str) -> str:
+    if "," in cell or '"' in cell:
+        return '"' + cell.replace('"', '""') + '"'
+    return cell
+
+
+def format_line(row: LedgerRow) -> str:
+    """The row's CSV line, newline included."""
+    return (f"{row.dtg},{row.sender},{row.receiver},{format_amount(row.amount)},{row.seq},"
+            f"{row.tx_id},{_quote(encode_memo(row.memo))},{row.hash}\n")
+
+
+def parse_line(line: str) -> LedgerRow:
+    """Parse one CSV line (without its newline). Raises RowFormatError.
+
+    Checks the format of every cell, not the chain (see `check_chain`).
+    """
+    try:
+        cells = next(csv.reader([line], strict=True))
+    except (csv.Error, StopIteration) as exc:
+        raise RowFormatError(f"not a CSV row: {exc}") from None
+    if len(cells) != len(HEADER):
+        raise RowFormatError(f"expected {len(HEADER)} cells, found {len(cells)}")
+    dtg, sender, receiver, amount_s, seq_s, tx_id, memo_cell, h = cells
+    if not _DTG_RE.fullmatch(dtg):
+        raise RowFormatError(f"dtg {dtg!r} is not an ISO-8601 UTC time with microseconds")
+    for name, value in (("sender", sender), ("receiver", receiver)):
+        if not _ACCOUNT_RE.fullmatch(value):
+            raise RowFormatError(f"{name} {value!r} is not a valid account id")
+    try:
+        amount = parse_amount(amount_s)
+    except AmountError as exc:
+        raise RowFormatError(f"amount: {exc}") from None
+    if not seq_s.isdigit() or seq_s.startswith("0"):
+        raise RowFormatError(f"seq {seq_s!r} is not a positive integer")
+    if not _TX_ID_RE.fullmatch(tx_id):
+        raise RowFormatError(f"tx_id {tx_id!r} is not valid")
+    if not _HASH_RE.fullmatch(h):
+        raise RowFormatError(f"hash {h!r} is not 64 lowercase hex digits")
+    memo = decode_memo(memo_cell)
+    if len(memo) > MAX_MEMO_CHARS:
+        raise RowFormatError(f"memo longer than {MAX_MEMO_CHARS} characters")
+    return LedgerRow(seq=int(seq_s), dtg=dtg, sender=sender, receiver=receiver, amount=amount,
+                     tx_id=tx_id, memo=memo, hash=h)
+
+
+def check_chain(prev: LedgerRow | None, row: LedgerRow) -> str | None:
+    """Why `row` cannot follow `prev` (None if it can): seq order and hash chain."""
+    expected_seq = 1 if prev is None else prev.seq + 1
+    if row.seq != expected_seq:
+        return f"seq {row.seq} where {expected_seq} was expected (row missing or reordered)"
+    prev_hash = GENESIS_HASH if prev is None else prev.hash
+    want = chain_hash(prev_hash, row.seq, row.dtg, row.sender, row.receiver, row.amount,
+                      row.tx_id, row.memo)
+    if want != row.hash:
+        return "hash does not match the row's content and the previous hash (row edited?)"
+    return None
+
+
+def same_payment(row: LedgerRow, sender: str, receiver: str, amount: int, memo: str) -> bool:
+    """Whether an existing row records exactly this payment (idempotent re-append)."""
+    return (row.sender, row.receiver, row.amount, row.memo) == (sender, receiver, amount, memo)

@@ -1,0 +1,209 @@
+"""The ledger's asyncio shell: sessions, group commit, graceful stop.
+
+Group commit: `append` requests are queued; one writer task takes everything queued (up
+to `max_batch_rows` rows), resolves it against the index, writes it with one write() and
+one fsync() in a worker thread, then commits and answers every request of the batch.
+Requests arriving meanwhile wait for the next batch, so under load many rows share one
+fsync and the event loop never blocks on the disk. A request's rows are never split
+between batches. Batches are strictly sequential (the chain needs the previous hash).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from common import PROTOCOL_VERSION
+from common.aio import READ_CHUNK, Channel
+from common.errors import ConnectionLost, ErrorCode
+from common.logs import log_event
+from common.messages import (
+    LEDGER_REQUESTS,
+    Append,
+    Appended,
+    AppendResult,
+    Hello,
+    Message,
+    Ping,
+    Pong,
+    Read,
+    Rows,
+    Stats,
+    StatsReply,
+    Welcome,
+    decoder_for,
+)
+from ledger.store import LedgerStore, WriteFailed
+
+log = logging.getLogger("jackpay.ledger")
+
+_DECODER = decoder_for(LEDGER_REQUESTS)
+
+
+def utc_now_dtg() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass(slots=True)
+class _Queued:
+    channel: Channel
+    request: Append
+
+
+class LedgerServer:
+    def __init__(self, store: LedgerStore, *, host: str = "127.0.0.1", port: int = 0,
+                 max_frame_bytes: int = 64 * 1024, max_batch_rows: int = 4096) -> None:
+        self.store = store
+        self.host = host
+        self.port = port
+        self.max_frame_bytes = max_frame_bytes
+        self.max_batch_rows = max_batch_rows
+        self._server: asyncio.Server | None = None
+        self._channels: set[Channel] = set()
+        self._greeted: set[Channel] = set()
+        self._queue: list[_Queued] = []
+        self._wake = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._started = time.monotonic()
+        self.appends = 0
+
+    # --- lifecycle -----------------------------------------------------------------
+
+    async def start(self) -> tuple[str, int]:
+        self._server = await asyncio.start_server(self._on_connect, self.host, self.port,
+                                                  limit=READ_CHUNK)
+        self._writer = asyncio.create_task(self._write_loop(), name="ledger-writer")
+        sock = self._server.sockets[0].getsockname()
+        self.host, self.port = sock[0], sock[1]
+        return self.host, self.port
+
+    async def stop(self) -> None:
+        """Stop accepting, write everything already queued, close connections. Idempotent."""
+        if self._stopping:
+            return
+        self._stopping = True
+        if self._server is not None:
+            self._server.close()
+        self._wake.set()
+        if self._writer is not None:
+            await self._writer
+        for ch in list(self._channels):
+            ch.close()
+        self.store.close()
+
+    def statistics(self) -> dict[str, int | str]:
+        return {"rows": self.store.last_seq, "fsyncs": self.store.fsyncs,
+                "batches": self.store.batches, "appends": self.appends,
+                "uptime_ms": int((time.monotonic() - self._started) * 1000),
+                "last_hash": self.store.last_hash}
+
+    # --- connections ---------------------------------------------------------------
+
+    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        ch = Channel(reader, writer, _DECODER, name="client", on_message=self._on_message,
+                     on_close=self._on_close, max_frame_bytes=self.max_frame_bytes)
+        self._channels.add(ch)
+        log_event(log, "connection opened", peer=ch.peername)
+        ch.start()
+
+    def _on_close(self, ch: Channel) -> None:
+        self._channels.discard(ch)
+        self._greeted.discard(ch)
+        log_event(log, "connection closed", peer=ch.peername, name=ch.name)
+
+    def _on_message(self, ch: Channel, msg: Message) -> None:
+        if ch not in self._greeted:
+            if not isinstance(msg, Hello):
+                ch.reply_error(getattr(msg, "id", None), ErrorCode.HELLO_REQUIRED,
+                               "the first frame must be hello")
+                ch.close()
+                return
+            if msg.version != PROTOCOL_VERSION:
+                ch.reply_error(msg.id, ErrorCode.UNSUPPORTED_VERSION,
+                               f"this ledger speaks protocol version {PROTOCOL_VERSION}")
+                ch.close()
+                return
+            self._greeted.add(ch)
+            ch.name = f"{msg.role}:{msg.peer or ch.peername}"
+            ch.send_nowait(Welcome(re=msg.id, version=PROTOCOL_VERSION, server="jackpay-ledger"))
+            return
+        match msg:
+            case Append():
+                if self._stopping:
+                    ch.reply_error(msg.id, ErrorCode.SHUTTING_DOWN, "the ledger is stopping")
+                    return
+                self.appends += 1
+                self._queue.append(_Queued(ch, msg))
+                self._wake.set()
+            case Read(id=rid, from_seq=from_seq, limit=limit, party=party):
+                res = self.store.read(from_seq, limit, party)
+                ch.send_nowait(Rows(re=rid, rows=res.rows, next_seq=res.next_seq,
+                                    last_seq=self.store.last_seq))
+            case Ping(id=rid):
+                ch.send_nowait(Pong(re=rid))
+            case Stats(id=rid):
+                st = self.statistics()
+                ch.send_nowait(StatsReply(re=rid, rows=int(st["rows"]), fsyncs=int(st["fsyncs"]),
+                                          batches=int(st["batches"]), appends=int(st["appends"]),
+                                          uptime_ms=int(st["uptime_ms"]),
+                                          last_hash=str(st["last_hash"])))
+            case Hello():
+                ch.reply_error(msg.id, ErrorCode.BAD_REQUEST, "hello was already received")
+            case _:
+                ch.reply_error(getattr(msg, "id", None), ErrorCode.BAD_REQUEST,
+                               f"{type(msg).__name__.lower()} is not a ledger request")
+
+    # --- group commit --------------------------------------------------------------
+
+    def _take_batch(self) -> list[_Queued]:
+        taken: list[_Queued] = []
+        rows = 0
+        while self._queue:
+            n = len(self._queue[0].request.rows)
+            if taken and rows + n > self.max_batch_rows:
+                break
+            taken.append(self._queue.pop(0))
+            rows += n
+        return taken
+
+    async def _write_loop(self) -> None:
+        while True:
+            if not self._queue:
+                if self._stopping:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch = self._take_batch()
+            await self._write_batch(batch)
+
+    async def _write_batch(self, batch: list[_Queued]) -> None:
+        store = self.store
+        resolutions, prepared = store.resolve([q.request.rows for q in batch], utc_now_dtg())
+        failure: str | None = None
+        if prepared.rows:
+            try:
+                await asyncio.to_thread(store.write_durably, prepared)
+            except WriteFailed as exc:
+                failure = str(exc)
+                log_event(log, "write failed; file restored", logging.ERROR, reason=failure,
+                          rows=len(prepared.rows))
+            else:
+                store.commit(prepared)
+        for q, res in zip(batch, resolutions, strict=True):
+            if failure is not None and res.writes:
+                q.channel.reply_error(q.request.id, ErrorCode.LEDGER_WRITE_FAILED, failure)
+                continue
+            results = [AppendResult(status=s, row=r)  # type: ignore[arg-type]
+                       for s, r in zip(res.status, res.rows, strict=True)]
+            with contextlib.suppress(ConnectionLost):
+                q.channel.send_nowait(Appended(re=q.request.id, results=results))
+            for s, r in zip(res.status, res.rows, strict=True):
+                if s == "conflict":
+                    log_event(log, "append refused", logging.WARNING, tx_id=r.tx_id,
+                              code="tx_id_conflict")

@@ -1,0 +1,257 @@
+"""The ledger file: recovery on open, atomic batch appends, the tx_id index. Blocking I/O.
+
+Rules:
+- A batch is appended with write() + fsync(); its rows become visible (index, reads,
+  `last_hash`) only after the fsync returned. If write or fsync fails, the file is
+  truncated back to its size before the batch and fsync'd, so it is byte-for-byte what
+  it was; if even that fails, the store refuses further writes (`broken`) until restart.
+- On open, a last line without its newline (a torn write, never acknowledged) is cut off;
+  anything else that does not parse, breaks the sequence or the hash chain makes `open`
+  raise LedgerCorrupt and leaves the file untouched.
+- The server (ledger/server.py) serialises batches: `prepare` and `commit` run on the event
+  loop, only `write_durably` runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.errors import JackPayError
+from common.messages import LedgerRow, RowIn
+from ledger.rows import (
+    GENESIS_HASH,
+    HEADER_LINE,
+    RowFormatError,
+    check_chain,
+    format_line,
+    make_row,
+    parse_line,
+    same_payment,
+)
+
+
+class LedgerCorrupt(JackPayError):
+    """The file cannot be trusted; the ledger will not start on it (file left untouched)."""
+
+
+class WriteFailed(JackPayError):
+    """A batch could not be made durable; the file was restored to its previous size."""
+
+
+@dataclass(slots=True)
+class Resolution:
+    """What an append request's rows turned into, before the batch is written."""
+
+    status: list[str] = field(default_factory=list)  # written | duplicate | conflict
+    rows: list[LedgerRow] = field(default_factory=list)
+
+    @property
+    def writes(self) -> bool:
+        return "written" in self.status
+
+
+@dataclass(slots=True)
+class PreparedBatch:
+    rows: list[LedgerRow]
+    data: bytes
+    size_before: int
+
+
+@dataclass(slots=True)
+class ReadResult:
+    rows: list[LedgerRow]
+    next_seq: int
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_rows(data: bytes, source: str) -> tuple[list[LedgerRow], int]:
+    """Parse a whole ledger file. Returns (rows, length of the trusted prefix in bytes).
+
+    A torn last line (no newline) is excluded from the prefix; every other defect raises
+    LedgerCorrupt naming the line.
+    """
+    if not data:
+        return [], 0
+    header = HEADER_LINE.encode()
+    if not data.startswith(header):
+        if header.startswith(data):  # torn header: the file never held a row
+            return [], 0
+        raise LedgerCorrupt(f"{source}: line 1 is not the ledger header {HEADER_LINE.strip()!r}")
+    rows: list[LedgerRow] = []
+    pos = len(header)
+    lineno = 1
+    prev: LedgerRow | None = None
+    end = len(data)
+    while pos < end:
+        nl = data.find(b"\n", pos)
+        if nl < 0:
+            break  # torn last line: never acknowledged, cut off by the caller
+        lineno += 1
+        raw = data[pos:nl]
+        try:
+            row = parse_line(raw.decode("utf-8"))
+        except (UnicodeDecodeError, RowFormatError) as exc:
+            raise LedgerCorrupt(f"{source}: line {lineno}: {exc}") from None
+        problem = check_chain(prev, row)
+        if problem is not None:
+            raise LedgerCorrupt(f"{source}: line {lineno}: {problem}")
+        rows.append(row)
+        prev = row
+        pos = nl + 1
+    return rows, pos
+
+
+class LedgerStore:
+    """An open ledger file with its in-memory index."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows: list[LedgerRow] = []
+        self.by_tx: dict[str, LedgerRow] = {}
+        self.fsyncs = 0
+        self.batches = 0
+        self.truncated_bytes = 0
+        self.broken: str | None = None
+        self._fd = -1
+        self._size = 0
+
+    # --- open / close --------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: Path) -> LedgerStore:
+        """Open (creating if needed) and recover. Raises LedgerCorrupt, OSError."""
+        store = cls(path)
+        store._open()
+        return store
+
+    def _open(self) -> None:
+        created = not self.path.exists()
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            with open(fd, "rb", closefd=False) as f:
+                data = f.read()
+            rows, good = load_rows(data, str(self.path))
+            if good < len(data):
+                # Only a torn last line gets here (load_rows raises on anything else).
+                os.ftruncate(fd, good)
+                os.fsync(fd)
+                self.truncated_bytes = len(data) - good
+            if good == 0:
+                os.ftruncate(fd, 0)
+                os.write(fd, HEADER_LINE.encode())
+                os.fsync(fd)
+                good = len(HEADER_LINE.encode())
+            if created:
+                fsync_dir(self.path.resolve().parent)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        self._size = good
+        self.rows = rows
+        self.by_tx = {r.tx_id: r for r in rows}
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    # --- queries -------------------------------------------------------------------
+
+    @property
+    def last_seq(self) -> int:
+        return len(self.rows)
+
+    @property
+    def last_hash(self) -> str:
+        return self.rows[-1].hash if self.rows else GENESIS_HASH
+
+    def read(self, from_seq: int, limit: int, party: str | None = None) -> ReadResult:
+        """Rows with seq >= from_seq (at most `limit`); with `party`, only its rows."""
+        start = from_seq - 1
+        if party is None:
+            page = self.rows[start : start + limit]
+            return ReadResult(page, from_seq + len(page))
+        out: list[LedgerRow] = []
+        i = start
+        n = len(self.rows)
+        while i < n and len(out) < limit:
+            r = self.rows[i]
+            if r.sender == party or r.receiver == party:
+                out.append(r)
+            i += 1
+        return ReadResult(out, i + 1)
+
+    # --- appends -------------------------------------------------------------------
+
+    def resolve(self, requests: list[list[RowIn]], dtg: str) -> tuple[list[Resolution], PreparedBatch]:
+        """Decide each row of a group of append requests and serialise the new ones.
+
+        Pure with respect to the file: nothing is written and the index is not changed.
+        A tx_id repeated inside the group resolves against its first occurrence.
+        """
+        new_rows: list[LedgerRow] = []
+        pending: dict[str, LedgerRow] = {}
+        prev_hash = self.last_hash
+        seq = self.last_seq
+        resolutions = []
+        for rows_in in requests:
+            res = Resolution()
+            for r in rows_in:
+                existing = self.by_tx.get(r.tx_id) or pending.get(r.tx_id)
+                if existing is not None:
+                    same = same_payment(existing, r.sender, r.receiver, r.amount, r.memo)
+                    res.status.append("duplicate" if same else "conflict")
+                    res.rows.append(existing)
+                    continue
+                seq += 1
+                row = make_row(prev_hash, seq, dtg, r.sender, r.receiver, r.amount, r.tx_id, r.memo)
+                prev_hash = row.hash
+                pending[r.tx_id] = row
+                new_rows.append(row)
+                res.status.append("written")
+                res.rows.append(row)
+            resolutions.append(res)
+        data = "".join(format_line(r) for r in new_rows).encode()
+        return resolutions, PreparedBatch(new_rows, data, self._size)
+
+    def write_durably(self, batch: PreparedBatch) -> None:
+        """write + fsync (runs in a worker thread). On failure: restore and raise WriteFailed."""
+        if self.broken:
+            raise WriteFailed(self.broken)
+        if not batch.data:
+            return
+        try:
+            view = memoryview(batch.data)
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+            os.fsync(self._fd)
+            self.fsyncs += 1
+        except OSError as exc:
+            reason = f"write to {self.path} failed: {exc.strerror or exc}"
+            try:
+                os.ftruncate(self._fd, batch.size_before)
+                os.fsync(self._fd)
+            except OSError as exc2:
+                self.broken = (f"{reason}; restoring the file also failed ({exc2.strerror}); "
+                               "refusing writes until restart")
+                raise WriteFailed(self.broken) from exc2
+            raise WriteFailed(reason) from exc
+
+    def commit(self, batch: PreparedBatch) -> None:
+        """Make a durably written batch visible. Call only after write_durably returned."""
+        self._size = batch.size_before + len(batch.data)
+        self.batches += 1
+        for row in batch.rows:
+            self.rows.append(row)
+            self.by_tx[row.tx_id] = row

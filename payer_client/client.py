@@ -1,0 +1,310 @@
+"""`PayerClient`: the importable async API that programs use to hold a session with the
+router, send payments and receive them (the seed's "software using our API", DESIGN §8).
+
+Rules:
+- one TCP session per client; `connect()` says `hello` (role `payer`) and returns the
+  router's `welcome`; the session is not re-opened here (the daemon owns reconnects);
+- the router's `ping` is answered with `pong`, `offer` with `receipt` or `reject` (the
+  `on_offer` callback decides; default accept), `settled` and `cancel` with `ack`;
+- the balance view is read-only and refreshed only from router messages (welcome, paid,
+  settled, balance replies): only the router changes balances (DESIGN §1.5);
+- an error reply raises `RequestFailed` carrying its wire `code`; a dead connection fails
+  every pending call with `ConnectionLost`; a call with no answer in `request_timeout_s`
+  raises `TimeoutError` (a payment may then still happen: retry the same `tx_id`);
+- money is integer minor units; `create_payment` validates like the router's decoder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TypeVar
+
+import msgspec
+
+from common import PROTOCOL_VERSION
+from common.aio import Channel, open_channel
+from common.errors import ConnectionLost, ErrorCode, JackPayError
+from common.messages import (
+    PAYER_INBOUND,
+    Ack,
+    BalanceReply,
+    Cancel,
+    Error,
+    GetBalance,
+    Hello,
+    History,
+    HistoryReply,
+    Message,
+    Offer,
+    Paid,
+    Pay,
+    Ping,
+    Pong,
+    Receipt,
+    Reject,
+    Settled,
+    Status,
+    StatusReply,
+    Welcome,
+    decoder_for,
+)
+
+log = logging.getLogger("jackpay.payer.client")
+
+OfferDecision = bool | str | None
+OnOffer = Callable[[Offer], Awaitable[OfferDecision] | OfferDecision]
+OnSettled = Callable[[Settled], Awaitable[None] | None]
+OnCancel = Callable[[Cancel], Awaitable[None] | None]
+
+_DECODER = decoder_for(PAYER_INBOUND)
+M = TypeVar("M", bound=Message)
+
+
+@dataclass(frozen=True, slots=True)
+class BalanceView:
+    """The payer's read-only view of its account, as last told by the router.
+
+    `available` is balance minus the router's holds; between balance replies it is kept
+    in step with balance changes the router reports (paid, settled).
+    """
+
+    balance: int | None = None
+    available: int | None = None
+    last_tx_time: str | None = None
+
+
+def new_tx_id() -> str:
+    """A fresh idempotency key (32 hex digits)."""
+    return uuid.uuid4().hex
+
+
+def _utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def make_pay(to: str, amount_minor: int, memo: str = "", tx_id: str | None = None) -> Pay:
+    """A validated `pay` message (id 0; the channel assigns the real one).
+
+    Raises ValueError naming the bad field (amount must be int minor units, > 0).
+    """
+    if isinstance(amount_minor, bool) or not isinstance(amount_minor, int):
+        raise ValueError(f"amount must be an int of minor units, not {type(amount_minor).__name__}")
+    fields = {"id": 0, "tx_id": tx_id or new_tx_id(), "to": to, "amount": amount_minor,
+              "memo": memo}
+    try:
+        return msgspec.convert(fields, Pay)
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"invalid payment: {exc}") from None
+
+
+class PayerClient:
+    """One authenticated session with the router for `payer_id`."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        payer_id: str,
+        *,
+        on_offer: OnOffer | None = None,
+        on_settled: OnSettled | None = None,
+        on_cancel: OnCancel | None = None,
+        on_disconnect: Callable[[PayerClient], None] | None = None,
+        request_timeout_s: float = 20.0,
+        connect_timeout_s: float = 5.0,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.payer_id = payer_id
+        self.on_offer = on_offer
+        self.on_settled = on_settled
+        self.on_cancel = on_cancel
+        self.on_disconnect = on_disconnect
+        self.request_timeout_s = request_timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self._channel: Channel | None = None
+        self._view = BalanceView()
+        self.welcome: Welcome | None = None
+
+    # --- lifecycle -----------------------------------------------------------------
+
+    async def connect(self) -> Welcome:
+        """Open the session. Raises OSError/TimeoutError if the router is not reachable,
+        RequestFailed (e.g. `unknown_payer`) if it refuses us; the client is then closed."""
+        if self._channel is not None and not self._channel.closed:
+            raise JackPayError(f"{self.payer_id} is already connected")
+        ch = await open_channel(self.host, self.port, _DECODER, name=f"router({self.payer_id})",
+                                connect_timeout=self.connect_timeout_s,
+                                on_message=self._on_message, on_close=self._on_close)
+        self._channel = ch
+        try:
+            reply = await ch.request(
+                Hello(id=0, version=PROTOCOL_VERSION, role="payer", peer=self.payer_id),
+                timeout=self.connect_timeout_s,
+            )
+        except BaseException:
+            ch.close()
+            raise
+        if not isinstance(reply, Welcome):
+            ch.close()
+            raise ConnectionLost(f"router answered hello with {type(reply).__name__}")
+        self.welcome = reply
+        self._view = BalanceView(reply.balance, reply.available, reply.last_tx_time)
+        return reply
+
+    async def close(self) -> None:
+        """Close the session; idempotent. Pending calls fail with ConnectionLost."""
+        if self._channel is not None:
+            await self._channel.aclose()
+
+    async def wait_closed(self) -> None:
+        """Return when the session has ended (closed by either side)."""
+        if self._channel is not None:
+            await self._channel.wait_closed()
+
+    @property
+    def connected(self) -> bool:
+        return self._channel is not None and not self._channel.closed
+
+    async def __aenter__(self) -> PayerClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- the balance view (read-only) ----------------------------------------------
+
+    @property
+    def balance(self) -> BalanceView:
+        return self._view
+
+    @property
+    def last_tx_time(self) -> str | None:
+        return self._view.last_tx_time
+
+    def _set_balance(self, balance: int, tx_time: str | None) -> None:
+        old = self._view
+        available = old.available
+        if available is not None and old.balance is not None:
+            available += balance - old.balance
+        self._view = BalanceView(balance, available, tx_time or old.last_tx_time)
+
+    # --- requests (seed: createPayment, sendPayment, queryBalance, testRouterLink) ---
+
+    def create_payment(self, to: str, amount_minor: int, memo: str = "",
+                       tx_id: str | None = None) -> Pay:
+        """A validated payment to send (tx_id generated when None). Raises ValueError."""
+        return make_pay(to, amount_minor, memo, tx_id)
+
+    async def send_payment(self, pay_or_to: Pay | str, amount: int | None = None,
+                           memo: str = "", tx_id: str | None = None,
+                           *, timeout: float | None = None) -> Paid:
+        """Send a payment and wait for its outcome.
+
+        Raises RequestFailed (`.code`: insufficient_funds, receiver_rejected, … or the
+        retriable outcome_pending), ConnectionLost, TimeoutError. After the last two the
+        outcome is unknown: re-send the same `tx_id` (never moves money twice).
+        """
+        if isinstance(pay_or_to, Pay):
+            pay = pay_or_to
+        else:
+            if amount is None:
+                raise ValueError("amount is required when paying by receiver id")
+            pay = self.create_payment(pay_or_to, amount, memo, tx_id)
+        paid = await self._request(pay, Paid, timeout)
+        self._set_balance(paid.balance, paid.dtg)
+        return paid
+
+    async def query_balance(self) -> BalanceReply:
+        reply = await self._request(GetBalance(id=0), BalanceReply)
+        self._view = BalanceView(reply.balance, reply.available,
+                                 reply.last_tx_time or self._view.last_tx_time)
+        return reply
+
+    async def test_router_link(self, timeout: float | None = None) -> float:
+        """Ping the router; returns the round trip in seconds."""
+        start = time.perf_counter()
+        await self._request(Ping(id=0), Pong, timeout)
+        return time.perf_counter() - start
+
+    async def history(self, from_seq: int = 1, limit: int = 100) -> HistoryReply:
+        """This payer's ledger rows from `from_seq`, oldest first (a page; see next_seq)."""
+        return await self._request(History(id=0, from_seq=from_seq, limit=limit), HistoryReply)
+
+    async def status(self, tx_id: str) -> StatusReply:
+        """What the router knows of `tx_id`: paid, failed, pending or unknown."""
+        return await self._request(Status(id=0, tx_id=tx_id), StatusReply)
+
+    async def _request(self, msg: Message, expect: type[M], timeout: float | None = None) -> M:
+        ch = self._channel
+        if ch is None or ch.closed:
+            raise ConnectionLost(f"{self.payer_id} has no session with the router")
+        reply = await ch.request(msg, timeout=self.request_timeout_s if timeout is None else timeout)
+        if not isinstance(reply, expect):
+            raise ConnectionLost(f"router answered {type(msg).__name__} with {type(reply).__name__}")
+        return reply
+
+    # --- messages the router starts ------------------------------------------------
+
+    async def _on_message(self, ch: Channel, msg: Message) -> None:
+        match msg:
+            case Ping(id=rid):
+                ch.send_nowait(Pong(re=rid))
+            case Offer():
+                await self._answer_offer(ch, msg)
+            case Settled():
+                self._set_balance(msg.balance, _utc_now())
+                await _call(self.on_settled, msg)
+                _send_quietly(ch, Ack(re=msg.id))
+            case Cancel():
+                await _call(self.on_cancel, msg)
+                _send_quietly(ch, Ack(re=msg.id))
+            case Error(code=code, message=text):
+                log.warning("router says %s: %s", code, text)
+                if code == ErrorCode.SESSION_REPLACED:
+                    ch.close(ConnectionLost("session replaced by a newer one"))
+            case _:
+                log.info("unexpected %s from router ignored", type(msg).__name__)
+
+    async def _answer_offer(self, ch: Channel, offer: Offer) -> None:
+        try:
+            decision = await _call(self.on_offer, offer)
+        except Exception:
+            log.exception("on_offer callback failed; rejecting %s", offer.tx_id)
+            decision = "receiver could not process the offer"
+        if decision is None or decision is True:
+            _send_quietly(ch, Receipt(re=offer.id, tx_id=offer.tx_id))
+        else:
+            reason = decision if isinstance(decision, str) else "declined"
+            _send_quietly(ch, Reject(re=offer.id, tx_id=offer.tx_id, reason=reason[:256]))
+
+    def _on_close(self, ch: Channel) -> None:
+        if self.on_disconnect is not None:
+            self.on_disconnect(self)
+
+
+async def _call(cb: Callable[..., object] | None, arg: object) -> OfferDecision:
+    if cb is None:
+        return None
+    result = cb(arg)
+    if inspect.isawaitable(result):
+        result = await result
+    if result is None or isinstance(result, bool | str):
+        return result
+    return None
+
+
+def _send_quietly(ch: Channel, msg: Message) -> None:
+    with contextlib.suppress(ConnectionLost):
+        ch.send_nowait(msg)
+
+
+__all__ = ["BalanceView", "PayerClient", "make_pay", "new_tx_id"]

@@ -1,0 +1,118 @@
+"""Balances and holds: the router's cache of the ledger, pure (no I/O, no clock).
+
+Rules (DESIGN §1, §2):
+- money only moves in `apply`, which is called for a row the ledger has made durable
+  (or while replaying the ledger); the sum of all balances, `_issuer` included, is 0;
+- a *hold* reserves part of a sender's balance for a payment in flight. `available` is
+  balance minus holds, and `funds_available` compares against it. The check and
+  `place_hold` are plain synchronous calls, so on one event loop two payments can never
+  spend the same money (there is no `await` between them);
+- no account but reserved ones (`_issuer`) may go negative: `place_hold` refuses to
+  reserve more than is available, and `apply` refuses to move unheld money out of a
+  payer's account. A refusal raises and changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from common.errors import InvariantViolation
+from common.messages import ISSUER
+
+
+def is_reserved(account: str) -> bool:
+    """Reserved accounts (`_issuer`, ...) start with `_`; no payer id may."""
+    return account.startswith("_")
+
+
+class InsufficientFunds(Exception):
+    """`place_hold` was asked for more than the sender's available funds."""
+
+
+class Accounts:
+    """Balances, holds and last transaction time per account (minor units)."""
+
+    def __init__(self) -> None:
+        self._balance: dict[str, int] = defaultdict(int)
+        self._held: dict[str, int] = defaultdict(int)
+        self._last_tx_time: dict[str, str] = {}
+
+    # --- reading -------------------------------------------------------------------
+
+    def balance(self, account: str) -> int:
+        return self._balance.get(account, 0)
+
+    def held(self, account: str) -> int:
+        return self._held.get(account, 0)
+
+    def available(self, account: str) -> int:
+        """Balance minus every hold on it."""
+        return self.balance(account) - self.held(account)
+
+    def last_tx_time(self, account: str) -> str | None:
+        return self._last_tx_time.get(account)
+
+    def total(self) -> int:
+        """Sum of all balances, `_issuer` included; 0 unless there is a bug."""
+        return sum(self._balance.values())
+
+    def total_held(self) -> int:
+        return sum(self._held.values())
+
+    def snapshot(self) -> dict[str, int]:
+        return {k: v for k, v in self._balance.items() if v or k == ISSUER}
+
+    # --- the seed's fundsAvail -----------------------------------------------------
+
+    def funds_available(self, sender: str, amount: int) -> bool:
+        """Can `sender` pay `amount` now? Reserved accounts always can (they issue)."""
+        return is_reserved(sender) or self.available(sender) >= amount
+
+    # --- holds -----------------------------------------------------------------------
+
+    def place_hold(self, sender: str, amount: int) -> None:
+        """Reserve `amount` of `sender`'s available funds.
+
+        Raises InsufficientFunds (nothing held) when `funds_available` is false.
+        """
+        if amount <= 0:
+            raise InvariantViolation(f"hold of {amount} for {sender}")
+        if not self.funds_available(sender, amount):
+            raise InsufficientFunds(sender)
+        self._held[sender] += amount
+
+    def release_hold(self, sender: str, amount: int) -> None:
+        """Give back a hold placed with `place_hold`. Raises InvariantViolation if there
+        is no such hold (a double release is a bug)."""
+        held = self._held.get(sender, 0)
+        if amount <= 0 or held < amount:
+            raise InvariantViolation(f"release of {amount} for {sender}, who holds {held}")
+        if held == amount:
+            del self._held[sender]
+        else:
+            self._held[sender] = held - amount
+
+    # --- moving money ----------------------------------------------------------------
+
+    def apply(self, sender: str, receiver: str, amount: int, *, held: bool,
+              tx_time: str | None = None) -> None:
+        """Move `amount` from sender to receiver for a durable ledger row.
+
+        `held`: the payment placed a hold on the sender, released here. Replayed rows
+        are applied with held=False. Raises InvariantViolation (nothing changed) when a
+        payer would go negative or the hold is missing.
+        """
+        if amount <= 0 or sender == receiver:
+            raise InvariantViolation(f"row {sender}->{receiver} of {amount}")
+        if held and self._held.get(sender, 0) < amount:
+            raise InvariantViolation(f"apply without a hold of {amount} on {sender}")
+        new_sender = self.balance(sender) - amount
+        if new_sender < 0 and not is_reserved(sender):
+            raise InvariantViolation(f"{sender} would go negative ({new_sender})")
+        if held:
+            self.release_hold(sender, amount)
+        self._balance[sender] = new_sender
+        self._balance[receiver] += amount
+        if tx_time is not None:
+            self._last_tx_time[sender] = tx_time
+            self._last_tx_time[receiver] = tx_time

@@ -1,0 +1,135 @@
+"""The transaction table: what the router knows about each `tx_id`. Pure, no I/O.
+
+Rules (DESIGN §1.3, exactly once):
+- a `tx_id` names one payment: (sender, receiver, amount, memo). Asking again with the
+  same parameters gets the same payment (its outcome, or the in-flight run to join);
+  other parameters raise TxIdConflict and change nothing;
+- states move only forward: pending → paid | failed. `paid` carries the ledger row's
+  seq and dtg; `failed` carries the error code. An illegal move raises
+  InvariantViolation and changes nothing;
+- committed rows come from the ledger (replay at start, or an acked append), so after a
+  restart every paid `tx_id` is known again; failures live in memory only: after a
+  restart a retried `tx_id` that never committed simply runs (DESIGN §2).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from common.errors import InvariantViolation
+from common.messages import LedgerRow
+
+
+class TxState(enum.StrEnum):
+    PENDING = "pending"
+    PAID = "paid"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class TxParams:
+    """What a `tx_id` promises; two requests with the same tx_id must agree on all of it."""
+
+    sender: str
+    receiver: str
+    amount: int
+    memo: str
+
+
+@dataclass(slots=True)
+class TxRecord:
+    tx_id: str
+    params: TxParams
+    state: TxState = TxState.PENDING
+    code: str | None = None
+    seq: int | None = None
+    dtg: str | None = None
+
+
+class TxIdConflict(Exception):
+    """The tx_id is known with other parameters."""
+
+    def __init__(self, record: TxRecord) -> None:
+        super().__init__(f"tx_id {record.tx_id} was used for another payment")
+        self.record = record
+
+
+_ALLOWED = {
+    (TxState.PENDING, TxState.PAID),
+    (TxState.PENDING, TxState.FAILED),
+}
+
+
+class TxTable:
+    """Every tx_id the router has seen, keyed by tx_id."""
+
+    def __init__(self) -> None:
+        self._records: dict[str, TxRecord] = {}
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def get(self, tx_id: str) -> TxRecord | None:
+        return self._records.get(tx_id)
+
+    def lookup(self, tx_id: str, params: TxParams) -> TxRecord | None:
+        """The record for tx_id, or None if unknown. Raises TxIdConflict if known with
+        other parameters."""
+        rec = self._records.get(tx_id)
+        if rec is not None and rec.params != params:
+            raise TxIdConflict(rec)
+        return rec
+
+    def begin(self, tx_id: str, params: TxParams) -> TxRecord:
+        """Start a new pending payment. Raises InvariantViolation if tx_id is known."""
+        if tx_id in self._records:
+            raise InvariantViolation(f"tx_id {tx_id} begun twice")
+        rec = TxRecord(tx_id, params)
+        self._records[tx_id] = rec
+        return rec
+
+    def mark_paid(self, tx_id: str, seq: int, dtg: str) -> TxRecord:
+        rec = self._move(tx_id, TxState.PAID)
+        rec.seq, rec.dtg = seq, dtg
+        return rec
+
+    def mark_failed(self, tx_id: str, code: str) -> TxRecord:
+        rec = self._move(tx_id, TxState.FAILED)
+        rec.code = code
+        return rec
+
+    def forget(self, tx_id: str) -> None:
+        """Drop a pending record (a payment that never started, e.g. refused at shutdown)."""
+        rec = self._records.get(tx_id)
+        if rec is not None and rec.state is TxState.PENDING:
+            del self._records[tx_id]
+
+    def record_row(self, row: LedgerRow) -> TxRecord:
+        """A durable ledger row (replay): known as paid from now on. Raises
+        InvariantViolation if the tx_id is already known as another payment."""
+        params = TxParams(row.sender, row.receiver, row.amount, row.memo)
+        rec = self._records.get(row.tx_id)
+        if rec is not None:
+            if rec.params != params or (rec.state is TxState.PAID and rec.seq != row.seq):
+                raise InvariantViolation(f"ledger has tx_id {row.tx_id} twice")
+            if rec.state is TxState.PAID:
+                return rec
+        rec = TxRecord(row.tx_id, params, TxState.PAID, seq=row.seq, dtg=row.dtg)
+        self._records[row.tx_id] = rec
+        return rec
+
+    def _move(self, tx_id: str, new: TxState) -> TxRecord:
+        rec = self._records.get(tx_id)
+        if rec is None:
+            raise InvariantViolation(f"unknown tx_id {tx_id}")
+        if (rec.state, new) not in _ALLOWED:
+            raise InvariantViolation(f"tx {tx_id}: {rec.state} -> {new} is not allowed")
+        rec.state = new
+        return rec
+
+    def counts(self) -> dict[str, int]:
+        out = {s.value: 0 for s in TxState}
+        for rec in self._records.values():
+            out[rec.state.value] += 1
+        return out
