@@ -36,6 +36,8 @@ Limit = Annotated[int, msgspec.Meta(ge=1, le=1000)]
 Role = Literal["payer", "router", "cli", "admin", "client"]
 
 ISSUER = "_issuer"
+# Bounded so that the reply (about 150 bytes per row) always fits the default frame limit.
+MAX_APPEND_ROWS = 256
 
 
 class Message(msgspec.Struct, tag_field="t", forbid_unknown_fields=True, frozen=True,
@@ -115,15 +117,18 @@ class LedgerRow(Record, frozen=True):
 
 class Append(Message, tag="append", frozen=True):
     id: ReqId
-    rows: Annotated[list[RowIn], msgspec.Meta(min_length=1, max_length=1000)]
+    rows: Annotated[list[RowIn], msgspec.Meta(min_length=1, max_length=MAX_APPEND_ROWS)]
 
 
 class AppendResult(Record, frozen=True):
-    """`written`: new row; `duplicate`: same content was already there (row = existing);
-    `conflict`: tx_id exists with other content (row = existing, nothing written)."""
+    """`written`: a new row; `duplicate`: the same payment was already recorded (its seq,
+    dtg and hash are returned); `conflict`: the tx_id is recorded with other content
+    (nothing written; seq, dtg and hash of the existing row)."""
 
     status: Literal["written", "duplicate", "conflict"]
-    row: LedgerRow
+    seq: Seq
+    dtg: str
+    hash: str
 
 
 class Appended(Message, tag="appended", frozen=True):

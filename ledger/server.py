@@ -11,7 +11,6 @@ between batches. Batches are strictly sequential (the chain needs the previous h
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -19,7 +18,8 @@ from datetime import UTC, datetime
 
 from common import PROTOCOL_VERSION
 from common.aio import READ_CHUNK, Channel
-from common.errors import ConnectionLost, ErrorCode
+from common.errors import ConnectionLost, ErrorCode, FrameTooLarge
+from common.framing import HEADER_SIZE
 from common.logs import log_event
 from common.messages import (
     LEDGER_REQUESTS,
@@ -36,12 +36,15 @@ from common.messages import (
     StatsReply,
     Welcome,
     decoder_for,
+    encode,
 )
 from ledger.store import LedgerStore, WriteFailed
 
 log = logging.getLogger("jackpay.ledger")
 
 _DECODER = decoder_for(LEDGER_REQUESTS)
+# Upper bound of one encoded AppendResult, to refuse appends whose reply could not be sent.
+APPEND_RESULT_BYTES = 160
 
 
 def utc_now_dtg() -> str:
@@ -137,13 +140,16 @@ class LedgerServer:
                 if self._stopping:
                     ch.reply_error(msg.id, ErrorCode.SHUTTING_DOWN, "the ledger is stopping")
                     return
+                if len(msg.rows) * APPEND_RESULT_BYTES + 64 > self.max_frame_bytes:
+                    ch.reply_error(msg.id, ErrorCode.BAD_REQUEST,
+                                   f"too many rows in one append for a {self.max_frame_bytes}-byte"
+                                   " frame limit; split it")
+                    return
                 self.appends += 1
                 self._queue.append(_Queued(ch, msg))
                 self._wake.set()
             case Read(id=rid, from_seq=from_seq, limit=limit, party=party):
-                res = self.store.read(from_seq, limit, party)
-                ch.send_nowait(Rows(re=rid, rows=res.rows, next_seq=res.next_seq,
-                                    last_seq=self.store.last_seq))
+                self._send(ch, self._rows_reply(rid, from_seq, limit, party))
             case Ping(id=rid):
                 ch.send_nowait(Pong(re=rid))
             case Stats(id=rid):
@@ -157,6 +163,27 @@ class LedgerServer:
             case _:
                 ch.reply_error(getattr(msg, "id", None), ErrorCode.BAD_REQUEST,
                                f"{type(msg).__name__.lower()} is not a ledger request")
+
+    def _rows_reply(self, rid: int, from_seq: int, limit: int, party: str | None) -> Rows:
+        """A page of rows that fits in one frame: fewer rows than asked when they are large
+        (the client continues from `next_seq`)."""
+        while True:
+            res = self.store.read(from_seq, limit, party)
+            reply = Rows(re=rid, rows=res.rows, next_seq=res.next_seq, last_seq=self.store.last_seq)
+            if limit == 1 or len(encode(reply)) + HEADER_SIZE <= self.max_frame_bytes:
+                return reply
+            limit //= 2
+
+    def _send(self, ch: Channel, msg: Message) -> None:
+        """Send a reply; a vanished client or an unsendable frame never stops the service."""
+        try:
+            ch.send_nowait(msg)
+        except ConnectionLost:
+            pass
+        except FrameTooLarge as exc:
+            log_event(log, "reply too large for one frame", logging.ERROR, error=str(exc))
+            ch.reply_error(getattr(msg, "re", None), ErrorCode.INTERNAL_ERROR,
+                           "reply too large for one frame; ask for fewer rows")
 
     # --- group commit --------------------------------------------------------------
 
@@ -199,10 +226,9 @@ class LedgerServer:
             if failure is not None and res.writes:
                 q.channel.reply_error(q.request.id, ErrorCode.LEDGER_WRITE_FAILED, failure)
                 continue
-            results = [AppendResult(status=s, row=r)  # type: ignore[arg-type]
+            results = [AppendResult(status=s, seq=r.seq, dtg=r.dtg, hash=r.hash)  # type: ignore[arg-type]
                        for s, r in zip(res.status, res.rows, strict=True)]
-            with contextlib.suppress(ConnectionLost):
-                q.channel.send_nowait(Appended(re=q.request.id, results=results))
+            self._send(q.channel, Appended(re=q.request.id, results=results))
             for s, r in zip(res.status, res.rows, strict=True):
                 if s == "conflict":
                     log_event(log, "append refused", logging.WARNING, tx_id=r.tx_id,

@@ -1,0 +1,137 @@
+"""The ledger file on disk: recovery, refusal of corrupt files, rollback of failed writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from common.messages import RowIn
+from ledger.rows import HEADER_LINE
+from ledger.store import LedgerCorrupt, LedgerStore
+from ledger.verify import verify_file
+
+DTG = "2026-11-27T10:00:00.000000Z"
+
+
+def row(i: int, amount: int = 100, memo: str = "") -> RowIn:
+    return RowIn(tx_id=f"tx{i}", sender="_issuer", receiver="alice", amount=amount, memo=memo)
+
+
+def append(store: LedgerStore, *reqs: list[RowIn]) -> list[list[str]]:
+    res, batch = store.resolve(list(reqs), DTG)
+    store.write_durably(batch)
+    store.commit(batch)
+    return [r.status for r in res]
+
+
+def fresh(tmp_path: Path, n: int = 3) -> Path:
+    path = tmp_path / "ledger.csv"
+    store = LedgerStore.open(path)
+    for i in range(1, n + 1):
+        append(store, [row(i, memo=f"m{i}")])
+    store.close()
+    return path
+
+
+def test_new_file_gets_a_header(tmp_path: Path) -> None:
+    path = tmp_path / "l.csv"
+    LedgerStore.open(path).close()
+    assert path.read_text() == HEADER_LINE
+
+
+def test_reopen_rebuilds_index(tmp_path: Path) -> None:
+    path = fresh(tmp_path)
+    store = LedgerStore.open(path)
+    assert store.last_seq == 3
+    assert set(store.by_tx) == {"tx1", "tx2", "tx3"}
+    assert append(store, [row(2, memo="m2")], [row(2, amount=5)]) == [["duplicate"], ["conflict"]]
+    assert store.last_seq == 3
+
+
+def test_duplicate_inside_one_batch_resolves_to_first(tmp_path: Path) -> None:
+    store = LedgerStore.open(tmp_path / "l.csv")
+    assert append(store, [row(1), row(1)], [row(1, amount=7)]) == [["written", "duplicate"],
+                                                                   ["conflict"]]
+    assert store.last_seq == 1
+
+
+def test_torn_last_line_is_cut_off(tmp_path: Path) -> None:
+    path = fresh(tmp_path)
+    good = path.read_bytes()
+    path.write_bytes(good + b"2026-11-27T10:00:00.000000Z,_issuer,ali")
+    store = LedgerStore.open(path)
+    assert store.truncated_bytes > 0
+    assert store.last_seq == 3
+    store.close()
+    assert path.read_bytes() == good
+
+
+@pytest.mark.parametrize("damage", ["edit", "delete", "swap", "garbage", "header"])
+def test_corrupt_middle_refuses_to_start_and_leaves_file(tmp_path: Path, damage: str) -> None:
+    path = fresh(tmp_path)
+    lines = path.read_text().splitlines(keepends=True)
+    if damage == "edit":
+        lines[2] = lines[2].replace(",1.00,", ",9.00,")
+    elif damage == "delete":
+        del lines[2]
+    elif damage == "swap":
+        lines[1], lines[2] = lines[2], lines[1]
+    elif damage == "garbage":
+        lines[2] = "this is not a row\n"
+    else:
+        lines[0] = "when,who,whom\n"
+    path.write_text("".join(lines))
+    before = path.read_bytes()
+    with pytest.raises(LedgerCorrupt, match="line"):
+        LedgerStore.open(path)
+    assert path.read_bytes() == before
+    assert not verify_file(path).ok
+
+
+def test_verify_ok_and_torn(tmp_path: Path) -> None:
+    path = fresh(tmp_path)
+    v = verify_file(path)
+    assert v.ok
+    assert v.rows == 3
+    assert v.line.startswith("OK")
+    path.write_bytes(path.read_bytes() + b"partial")
+    assert "torn" in verify_file(path).line
+
+
+FAILING_WRITE = """
+import resource, signal, sys
+from common.messages import RowIn
+from ledger.store import LedgerStore, WriteFailed
+path, limit = sys.argv[1], int(sys.argv[2])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+store = LedgerStore.open(__import__("pathlib").Path(path))
+big = RowIn(tx_id="big", sender="_issuer", receiver="alice", amount=1, memo="x" * 200)
+res, batch = store.resolve([[big]], "2026-11-27T10:00:00.000000Z")
+try:
+    store.write_durably(batch)
+except WriteFailed as exc:
+    print("FAILED", exc)
+else:
+    print("WROTE")
+print("ROWS", store.last_seq, "BROKEN", bool(store.broken))
+"""
+
+
+def test_real_write_failure_restores_file_byte_for_byte(tmp_path: Path) -> None:
+    """A file-size rlimit makes write() short, then EFBIG: the partial bytes are removed."""
+    import subprocess
+    import sys
+
+    path = fresh(tmp_path)
+    before = path.read_bytes()
+    out = subprocess.run(
+        [sys.executable, "-c", FAILING_WRITE, str(path), str(len(before) + 40)],
+        capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1],
+    ).stdout
+    assert "FAILED" in out
+    assert "File too large" in out
+    assert "ROWS 3 BROKEN False" in out
+    assert path.read_bytes() == before
+    assert verify_file(path).ok

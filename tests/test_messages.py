@@ -1,0 +1,95 @@
+"""Strict decoding of every message type: good ones round-trip, bad fields are refused."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import pytest
+
+import common.messages as m
+from common.errors import ErrorCode
+
+EXAMPLES: list[m.Message] = [
+    m.Hello(id=1, version=1, role="payer", peer="alice"),
+    m.Welcome(re=1, version=1, server="router", balance=100, available=90, last_tx_time=None),
+    m.Ping(id=2), m.Pong(re=2),
+    m.Error(re=3, code="insufficient_funds", message="no", tx_id="t1"),
+    m.Error(re=None, code="frame_too_large", message="too big"),
+    m.Append(id=4, rows=[m.RowIn(tx_id="t1", sender="_issuer", receiver="alice", amount=5)]),
+    m.Appended(re=4, results=[m.AppendResult(status="written", seq=1,
+                                             dtg="2026-01-01T00:00:00.000000Z", hash="0" * 64)]),
+    m.Rows(re=5, rows=[m.LedgerRow(seq=1, dtg="2026-01-01T00:00:00.000000Z", sender="_issuer",
+                                   receiver="alice", amount=5, tx_id="t1", memo="", hash="0" * 64)],
+           next_seq=2, last_seq=1),
+    m.Read(id=5, from_seq=3, limit=10, party="bob"), m.Rows(re=5, rows=[], next_seq=3, last_seq=2),
+    m.Stats(id=6), m.StatsReply(re=6, rows=1, fsyncs=1, batches=1, appends=1, uptime_ms=5,
+                                last_hash="0" * 64),
+    m.Pay(id=7, tx_id="t2", to="bob", amount=1250, memo="lunch"),
+    m.Paid(re=7, tx_id="t2", seq=9, dtg="2026-01-01T00:00:00.000000Z", balance=10),
+    m.GetBalance(id=8), m.BalanceReply(re=8, balance=1, available=1),
+    m.History(id=9), m.HistoryReply(re=9, rows=[], next_seq=1),
+    m.Status(id=10, tx_id="t2"), m.StatusReply(re=10, tx_id="t2", state="paid", seq=9),
+    m.Offer(id=11, tx_id="t2", sender="alice", amount=1250, memo="lunch"),
+    m.Receipt(re=11, tx_id="t2"), m.Reject(re=11, tx_id="t2", reason="too much"),
+    m.Settled(id=12, tx_id="t2", seq=9, balance=1250), m.Cancel(id=13, tx_id="t2", code="x"),
+    m.Ack(re=12), m.Send(id=14, to="bob", amount=5), m.Watch(id=15),
+    m.Event(kind="paid", tx_id="t2"),
+]
+ALL_TYPES = tuple({type(x) for x in EXAMPLES})
+DECODER = m.decoder_for(ALL_TYPES)
+
+
+@pytest.mark.parametrize("msg", EXAMPLES, ids=lambda x: type(x).__name__)
+def test_round_trip(msg: m.Message) -> None:
+    assert DECODER.decode(m.encode(msg)) == msg
+
+
+def test_every_message_type_has_an_example() -> None:
+    defined = {c for c in vars(m).values()
+               if isinstance(c, type) and issubclass(c, m.Message) and c is not m.Message}
+    assert defined == set(ALL_TYPES)
+
+
+def test_offer_uses_from_on_the_wire() -> None:
+    raw = msgspec.msgpack.decode(m.encode(m.Offer(id=1, tx_id="t", sender="alice", amount=1)))
+    assert raw["from"] == "alice"
+    assert "sender" not in raw
+
+
+def _pay(**over: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {"t": "pay", "id": 1, "tx_id": "t1", "to": "bob", "amount": 100}
+    base.update(over)
+    return {k: v for k, v in base.items() if v is not ...}
+
+
+@pytest.mark.parametrize("frame", [
+    _pay(amount=1.5), _pay(amount=100.0), _pay(amount=True), _pay(amount=-1), _pay(amount=0),
+    _pay(amount="1.00"), _pay(amount=10**16), _pay(id=-1), _pay(id=True), _pay(id=...),
+    _pay(to="_issuer x"), _pay(to="a,b"), _pay(to=""), _pay(to="=cmd"), _pay(tx_id=""),
+    _pay(tx_id="a" * 200), _pay(tx_id="a b"), _pay(memo="x" * 257), _pay(memo=5),
+    _pay(extra=1), _pay(t="nope"), {"id": 1}, {"t": 5}, [1, 2], "pay", 5,
+    {"t": "hello", "id": 1, "version": 1, "role": "boss"},
+    {"t": "append", "id": 1, "rows": []},
+    {"t": "read", "id": 1, "limit": 0}, {"t": "read", "id": 1, "limit": 1001},
+    {"t": "read", "id": 1, "from_seq": 0},
+])
+def test_strict_decoding_refuses(frame: Any) -> None:
+    with pytest.raises(msgspec.ValidationError):
+        DECODER.decode(msgspec.msgpack.encode(frame))
+
+
+def test_garbage_is_a_decode_error_and_id_is_salvaged_when_readable() -> None:
+    with pytest.raises(msgspec.DecodeError):
+        DECODER.decode(b"\xc1\xff\x00")
+    assert m.salvage_request_id(b"\xc1\xff") is None
+    assert m.salvage_request_id(msgspec.msgpack.encode(_pay(amount=1.5, id=42))) == 42
+    assert m.salvage_request_id(msgspec.msgpack.encode(_pay(id=True))) is None
+
+
+def test_error_codes_are_documented_and_marked() -> None:
+    for code in ErrorCode:
+        assert code.doc
+        assert isinstance(code.retriable, bool)
+    assert ErrorCode.RECEIVER_TIMEOUT.retriable
+    assert not ErrorCode.INSUFFICIENT_FUNDS.retriable
