@@ -93,3 +93,14 @@ def test_error_codes_are_documented_and_marked() -> None:
         assert isinstance(code.retriable, bool)
     assert ErrorCode.RECEIVER_TIMEOUT.retriable
     assert not ErrorCode.INSUFFICIENT_FUNDS.retriable
+
+
+def test_protocol_doc_lists_every_message_and_code() -> None:
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "PROTOCOL.md").read_text()
+    for cls in ALL_TYPES:
+        tag = cls.__struct_config__.tag
+        assert f"`{tag}`" in doc, f"docs/PROTOCOL.md does not describe `{tag}`"
+    for code in ErrorCode:
+        assert f"`{code.value}`" in doc, f"docs/PROTOCOL.md does not list `{code.value}`"
