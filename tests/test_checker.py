@@ -1,0 +1,110 @@
+"""The invariant checker catches each kind of violation in doctored ledgers and histories."""
+
+from __future__ import annotations
+
+from chaos.checker import Attempt, Operation, RouterView, check
+from ledger.rows import GENESIS_HASH, HEADER_LINE, format_line, make_row
+
+DTG = "2026-11-27T10:00:00.000000Z"
+# (tx_id, sender, receiver, amount)
+BASE = [
+    ("_open:alice", "_issuer", "alice", 1000),
+    ("_open:bob", "_issuer", "bob", 500),
+    ("p1", "alice", "bob", 300),
+    ("p2", "bob", "alice", 100),
+]
+
+
+def ledger(entries: list[tuple[str, str, str, int]]) -> bytes:
+    """A well-formed, correctly chained ledger file holding exactly these rows."""
+    out, prev = [HEADER_LINE], GENESIS_HASH
+    for seq, (tx, s, r, amt) in enumerate(entries, 1):
+        row = make_row(prev, seq, DTG, s, r, amt, tx, "")
+        out.append(format_line(row))
+        prev = row.hash
+    return "".join(out).encode()
+
+
+def history() -> list[Operation]:
+    return [
+        Operation("p1", "alice", "bob", 300, attempts=[Attempt("indeterminate"), Attempt("ok", seq=3)]),
+        Operation("p2", "bob", "alice", 100, attempts=[Attempt("ok", seq=4)]),
+        Operation("p3", "alice", "bob", 5000, attempts=[Attempt("failed", "insufficient_funds")]),
+    ]
+
+
+def router_view(entries: list[tuple[str, str, str, int]] = BASE) -> RouterView:
+    bal: dict[str, int] = {}
+    for _, s, r, amt in entries:
+        bal[s] = bal.get(s, 0) - amt
+        bal[r] = bal.get(r, 0) + amt
+    return RouterView(balances=bal, holds={"alice": 0, "bob": 0}, in_flight=[])
+
+
+def kinds(report) -> set[str]:  # type: ignore[no-untyped-def]
+    return {v.kind for v in report.violations}
+
+
+def test_clean_run_has_no_violation() -> None:
+    report = check(ledger(BASE), history(), router_view())
+    assert report.ok, report.violations
+    assert report.rows == 4
+    assert report.balances["alice"] == 800
+
+
+def test_duplicated_row() -> None:
+    doctored = [*BASE, ("p2", "bob", "alice", 100)]
+    assert "duplicate_row" in kinds(check(ledger(doctored), history()))
+
+
+def test_dropped_acked_row() -> None:
+    doctored = [e for e in BASE if e[0] != "p2"]
+    report = check(ledger(doctored), history())
+    assert "acked_missing" in kinds(report)
+    assert any("p2" in v.detail for v in report.violations)
+
+
+def test_row_for_a_failed_payment() -> None:
+    doctored = [*BASE, ("p3", "alice", "bob", 5000)]
+    report = check(ledger(doctored), history())
+    assert "row_for_failed_payment" in kinds(report)
+    assert "negative_balance" in kinds(report)
+
+
+def test_edited_amount() -> None:
+    doctored = [("_open:alice", "_issuer", "alice", 1000), ("_open:bob", "_issuer", "bob", 500),
+                ("p1", "alice", "bob", 301), ("p2", "bob", "alice", 100)]
+    report = check(ledger(doctored), history(), router_view())
+    assert "row_differs" in kinds(report)
+    assert "router_differs_from_ledger" in kinds(report)
+
+
+def test_edit_without_rechaining_fails_verify() -> None:
+    raw = ledger(BASE).replace(b",3.00,", b",3.01,")
+    assert kinds(check(raw, history())) == {"verify"}
+
+
+def test_hold_left_and_in_flight() -> None:
+    view = router_view()
+    view = RouterView(view.balances, {"alice": 300}, ["p9"])
+    assert kinds(check(ledger(BASE), history(), view)) == {"hold_left"}
+
+
+def test_decided_two_ways() -> None:
+    ops = history()
+    ops[1].attempts.append(Attempt("failed", "receiver_timeout"))
+    report = check(ledger(BASE), ops)
+    assert "decided_twice" in kinds(report)
+    assert "row_for_failed_payment" in kinds(report)
+
+
+def test_router_money_not_conserved() -> None:
+    view = router_view()
+    view.balances["alice"] += 1
+    assert "money_not_conserved" in kinds(check(ledger(BASE), history(), view))
+
+
+def test_no_progress_after_heal() -> None:
+    report = check(ledger(BASE), history(), require_success_after_heal=True,
+                   succeeded_after_heal=False)
+    assert kinds(report) == {"no_progress_after_heal"}
