@@ -1,0 +1,77 @@
+"""Minimal framed echo servers: the loopback limits JackPay is compared against.
+
+    python -m bench.echo                      # answers every ping with a pong
+    python -m bench.echo --upstream H:P       # a middle hop: forwards each ping upstream,
+                                              # answers when upstream answered
+
+Both use the same framing and Channel as JackPay, on the same event loop choice, so the
+difference to JackPay is JackPay's own work. Prints `READY echo addr=H:P`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+
+from common.aio import READ_CHUNK, Channel, open_channel, run
+from common.messages import Hello, Message, Ping, Pong, Welcome, decoder_for
+from common.procs import print_ready
+
+_REQUESTS = decoder_for((Hello, Ping))
+_REPLIES = decoder_for((Welcome, Pong))
+
+
+async def serve(host: str, port: int, upstream: tuple[str, int] | None) -> int:
+    up: Channel | None = None
+    if upstream is not None:
+        up = await open_channel(*upstream, _REPLIES, name="upstream")
+        await up.request(Hello(id=0, version=1, role="client", peer="middle"))
+
+    def on_message(ch: Channel, msg: Message) -> object:
+        if isinstance(msg, Hello):
+            ch.send_nowait(Welcome(re=msg.id, version=1, server="echo"))
+            return None
+        if isinstance(msg, Ping):
+            if up is None:
+                ch.send_nowait(Pong(re=msg.id))
+                return None
+            return forward(ch, msg.id)
+        return None
+
+    async def forward(ch: Channel, rid: int) -> None:
+        assert up is not None
+        await up.request(Ping(id=0))
+        ch.send_nowait(Pong(re=rid))
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        Channel(reader, writer, _REQUESTS, name="client", on_message=on_message).start()  # type: ignore[arg-type]
+
+    server = await asyncio.start_server(on_connect, host, port, limit=READ_CHUNK)
+    h, p = server.sockets[0].getsockname()[:2]
+    print_ready("echo", addr=f"{h}:{p}")
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    await stop.wait()
+    server.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench.echo")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--upstream")
+    p.add_argument("--no-uvloop", action="store_true")
+    a = p.parse_args(argv)
+    upstream = None
+    if a.upstream:
+        h, _, port = a.upstream.rpartition(":")
+        upstream = (h, int(port))
+    return run(lambda: serve(a.host, a.port, upstream), fast=not a.no_uvloop)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

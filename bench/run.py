@@ -1,0 +1,387 @@
+"""`scripts/bench` / `jackpay-bench`: JackPay's durable payment rate and latency, with the
+machine's limits measured in the same run and JackPay's figures shown as ratios to them.
+
+    scripts/bench                 # full run (a few minutes)
+    scripts/bench --quick         # under a minute: smaller settings, no 1M-row rebuild
+    scripts/bench --json          # one JSON document on stdout instead of tables
+
+Every payment is fsync'd by the ledger before the sender is told `paid`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.load import Result, closed_loop, cpu_seconds, measure_fsync, open_loop, rss_kib
+from common.aio import Channel, open_channel, run
+from common.errors import JackPayError
+from common.messages import (
+    LEDGER_REPLIES,
+    Hello,
+    Ping,
+    Pong,
+    Stats,
+    StatsReply,
+    Welcome,
+    decoder_for,
+)
+from common.procs import Proc, python_module
+from ledger.rows import GENESIS_HASH, HEADER_LINE, format_line, make_row
+from payer_client.client import PayerClient
+
+
+@dataclass
+class Settings:
+    payers: int = 50
+    concurrency: tuple[int, ...] = (1, 16, 64, 256)
+    seconds: float = 5.0
+    open_loop_s: float = 5.0
+    idle_sessions: int = 1000
+    rebuild_rows: tuple[int, ...] = (100_000, 1_000_000)
+    echo_connections: int = 50
+
+
+QUICK = Settings(payers=20, concurrency=(1, 64), seconds=2.0, open_loop_s=2.0,
+                 idle_sessions=200, rebuild_rows=(20_000,), echo_connections=20)
+
+
+def raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+class Bench:
+    def __init__(self, root: Path, settings: Settings, progress: Any) -> None:
+        self.root = root
+        self.s = settings
+        self.progress = progress
+        self.procs: list[Proc] = []
+        self.report: dict[str, Any] = {"settings": settings.__dict__.copy(), "machine": machine()}
+
+    # --- processes -----------------------------------------------------------------
+
+    def start(self, name: str, argv: list[str]) -> Proc:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+        proc = Proc(name, argv, self.root / "logs" / f"{name}.log", env=env, cwd=self.root)
+        proc.start(timeout=120)
+        self.procs.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for p in reversed(self.procs):
+            p.stop()
+        self.procs.clear()
+
+    def write_config(self, path: Path, payers: list[str], ledger_port: int, csv: str,
+                     opening: str = "1000000.00") -> None:
+        lines = ["[ledger]", 'host = "127.0.0.1"', f"port = {ledger_port}", f'path = "{csv}"',
+                 "", "[router]", 'host = "127.0.0.1"', "port = 0",
+                 'admin_socket = "router-admin.sock"', "offer_timeout_s = 10.0",
+                 "ledger_timeout_s = 10.0", "outcome_pending_after_s = 30.0"]
+        for p in payers:
+            lines += ["", "[[participants]]", f'id = "{p}"', 'kind = "software"',
+                      f'opening_balance = "{opening}"']
+        path.write_text("\n".join(lines) + "\n")
+
+    def start_network(self, tag: str, payers: list[str], csv: str = "ledger.csv") -> tuple[Proc, Proc, Path]:
+        cfg = self.root / f"{tag}.toml"
+        self.write_config(cfg, payers, 0, csv)
+        ledger = self.start(f"{tag}-ledger", python_module("ledger", "--config", str(cfg)))
+        self.write_config(cfg, payers, ledger.addr[1], csv)
+        router = self.start(f"{tag}-router", python_module("router", "--config", str(cfg)))
+        return ledger, router, cfg
+
+    # --- limits --------------------------------------------------------------------
+
+    async def limits(self) -> None:
+        task = self.progress.add_task("machine limits", total=3)
+        self.report["fsync"] = await asyncio.to_thread(measure_fsync, str(self.root), 2.0)
+        self.progress.advance(task)
+        echo = self.start("echo", python_module("bench.echo"))
+        one = await self.echo_rate("echo 1 hop", echo.addr)
+        self.progress.advance(task)
+        recv = self.start("echo-recv", python_module("bench.echo"))
+        mid = self.start("echo-mid", python_module("bench.echo", "--upstream",
+                                                   "{}:{}".format(*recv.addr)))
+        three = await self.echo_rate("echo 3 hops", mid.addr)
+        self.progress.advance(task)
+        self.report["echo"] = [one.summary(), three.summary()]
+        for p in (echo, recv, mid):
+            p.stop()
+
+    async def echo_rate(self, label: str, addr: tuple[str, int]) -> Result:
+        dec = decoder_for((Welcome, Pong))
+        chans: list[Channel] = []
+        for _ in range(self.s.echo_connections):
+            ch = await open_channel(*addr, dec, name="echo")
+            await ch.request(Hello(id=0, version=1, role="client"))
+            chans.append(ch)
+
+        async def op(i: int) -> bool:
+            await chans[i % len(chans)].request(Ping(id=0))
+            return True
+
+        res = await closed_loop(label, op, self.s.echo_connections * 4, self.s.seconds)
+        for ch in chans:
+            ch.close()
+        return res
+
+    # --- payments ------------------------------------------------------------------
+
+    async def payments(self) -> None:
+        payers = [f"p{i:04d}" for i in range(self.s.payers)]
+        ledger, router, _ = self.start_network("pay", payers)
+        lch = await open_channel(*ledger.addr, decoder_for(LEDGER_REPLIES), name="ledger")
+        await lch.request(Hello(id=0, version=1, role="admin", peer="bench"))
+        clients = [PayerClient(*router.addr, p, request_timeout_s=60) for p in payers]
+        for c in clients:
+            await c.connect()
+        rng = random.Random(7)
+        counter = iter(range(10**9))
+
+        async def op(i: int) -> bool:
+            a, b = rng.sample(range(len(clients)), 2)
+            try:
+                await clients[a].send_payment(payers[b], rng.randint(1, 100),
+                                              tx_id=f"b{next(counter)}")
+            except (JackPayError, TimeoutError):
+                return False
+            return True
+
+        results = []
+        task = self.progress.add_task("payments", total=len(self.s.concurrency) + 1)
+        peak = 0.0
+        for conc in self.s.concurrency:
+            before = await self.ledger_stats(lch)
+            cpu0 = {n: cpu_seconds(p.pid) for n, p in (("ledger", ledger), ("router", router))}
+            cpu0["bench"] = time.process_time()
+            res = await closed_loop(f"closed C={conc}", op, conc, self.s.seconds)
+            after = await self.ledger_stats(lch)
+            self.annotate(res, before, after, cpu0, ledger, router)
+            results.append(res.summary())
+            peak = max(peak, res.rate)
+            self.progress.advance(task)
+        rate = max(1.0, peak / 2)
+        before = await self.ledger_stats(lch)
+        cpu0 = {n: cpu_seconds(p.pid) for n, p in (("ledger", ledger), ("router", router))}
+        cpu0["bench"] = time.process_time()
+        res = await open_loop(f"open {rate:.0f}/s", op, rate, self.s.open_loop_s)
+        after = await self.ledger_stats(lch)
+        self.annotate(res, before, after, cpu0, ledger, router)
+        results.append(res.summary())
+        self.progress.advance(task)
+        self.report["payments"] = results
+        self.report["peak_payments_per_s"] = round(peak, 1)
+        for c in clients:
+            await c.close()
+        lch.close()
+        router.stop()
+        ledger.stop()
+
+    @staticmethod
+    async def ledger_stats(ch: Channel) -> StatsReply:
+        st = await ch.request(Stats(id=0))
+        assert isinstance(st, StatsReply)
+        return st
+
+    @staticmethod
+    def annotate(res: Result, before: StatsReply, after: StatsReply, cpu0: dict[str, float],
+                 ledger: Proc, router: Proc) -> None:
+        fsyncs = after.fsyncs - before.fsyncs
+        res.extra["rows_per_fsync"] = round((after.rows - before.rows) / fsyncs, 1) if fsyncs else 0
+        res.extra["cpu_s"] = {
+            "ledger": round(cpu_seconds(ledger.pid) - cpu0["ledger"], 2),
+            "router": round(cpu_seconds(router.pid) - cpu0["router"], 2),
+            "bench": round(time.process_time() - cpu0["bench"], 2),
+        }
+
+    # --- scale ---------------------------------------------------------------------
+
+    async def sessions(self) -> None:
+        n = self.s.idle_sessions
+        payers = [f"s{i:05d}" for i in range(n)]
+        _, router, _ = self.start_network("idle", payers)
+        task = self.progress.add_task("idle sessions", total=n)
+        clients: list[PayerClient] = []
+        rss: dict[int, int] = {}
+        for i, p in enumerate(payers):
+            c = PayerClient(*router.addr, p)
+            await c.connect()
+            clients.append(c)
+            if i + 1 in (10, n):
+                await asyncio.sleep(0.5)
+                rss[i + 1] = rss_kib(router.pid)
+            self.progress.advance(task)
+        per = (rss[n] - rss[10]) / (n - 10)
+        self.report["sessions"] = {"rss_kib_10": rss[10], f"rss_kib_{n}": rss[n],
+                                   "kib_per_idle_session": round(per, 1)}
+        for c in clients:
+            await c.close()
+        self.stop_all()
+
+    async def rebuild(self) -> None:
+        out = {}
+        task = self.progress.add_task("router rebuild", total=len(self.s.rebuild_rows))
+        for rows in self.s.rebuild_rows:
+            csv = f"rebuild-{rows}.csv"
+            payers = [f"r{i:03d}" for i in range(100)]
+            await asyncio.to_thread(synthetic_ledger, self.root / csv, payers, rows)
+            cfg = self.root / f"rebuild{rows}.toml"
+            self.write_config(cfg, payers, 0, csv, opening="0.00")
+            ledger = self.start(f"rebuild{rows}-ledger", python_module("ledger", "--config", str(cfg)))
+            self.write_config(cfg, payers, ledger.addr[1], csv, opening="0.00")
+            t0 = time.perf_counter()
+            self.start(f"rebuild{rows}-router", python_module("router", "--config", str(cfg)))
+            out[str(rows)] = round(time.perf_counter() - t0, 2)
+            self.stop_all()
+            (self.root / csv).unlink()
+            self.progress.advance(task)
+        self.report["rebuild_s"] = out
+
+
+def synthetic_ledger(path: Path, payers: list[str], rows: int) -> None:
+    """A valid, chained ledger: openings, then random payments that never overdraw."""
+    rng = random.Random(1)
+    bal = dict.fromkeys(payers, 0)
+    prev = GENESIS_HASH
+    dtg = "2026-01-01T00:00:00.000000Z"
+    with open(path, "w") as f:
+        f.write(HEADER_LINE)
+        for seq in range(1, rows + 1):
+            if seq <= len(payers):
+                s, r, amt, tx = "_issuer", payers[seq - 1], 10**9, f"_open:{payers[seq - 1]}"
+            else:
+                s, r = rng.sample(payers, 2)
+                amt = rng.randint(1, 1000)
+                if bal[s] < amt:
+                    s, r = r, s
+                tx = f"t{seq}"
+            if s != "_issuer":
+                bal[s] -= amt
+            bal[r] += amt
+            row = make_row(prev, seq, dtg, s, r, amt, tx, "")
+            prev = row.hash
+            f.write(format_line(row))
+
+
+def machine() -> dict[str, Any]:
+    import platform
+
+    info: dict[str, Any] = {"python": platform.python_version(), "cpus": os.cpu_count()}
+    try:
+        from importlib.metadata import version
+
+        info["uvloop"] = version("uvloop")
+    except Exception:
+        info["uvloop"] = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f
+                               if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return info
+
+
+def ratios(report: dict[str, Any]) -> dict[str, Any]:
+    peak = report.get("peak_payments_per_s", 0.0)
+    out: dict[str, Any] = {}
+    if "echo" in report:
+        out["vs_echo_1_hop"] = round(peak / report["echo"][0]["per_s"], 3)
+        out["vs_echo_3_hops"] = round(peak / report["echo"][1]["per_s"], 3)
+    if "fsync" in report:
+        out["vs_single_fsync_rate"] = round(peak / report["fsync"]["fsyncs_per_s"], 2)
+    return out
+
+
+def render(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    m = report["machine"]
+    con.print(f"[bold]JackPay bench[/bold] — {m.get('cpu', '?')}, {m['cpus']} CPUs, "
+              f"Python {m['python']}, uvloop {m['uvloop']}")
+    t = Table(title="payments (every one fsync'd before `paid`)")
+    for col in ("setting", "payments/s", "p50 ms", "p95 ms", "p99 ms", "max ms", "rows/fsync",
+                "CPU s ledger/router/bench", "failed"):
+        t.add_column(col, justify="right")
+    for r in report.get("payments", []):
+        cpu = r.get("cpu_s", {})
+        t.add_row(r["label"], f"{r['per_s']:,.0f}", str(r["p50_ms"]), str(r["p95_ms"]),
+                  str(r["p99_ms"]), str(r["max_ms"]), str(r.get("rows_per_fsync")),
+                  f"{cpu.get('ledger')}/{cpu.get('router')}/{cpu.get('bench')}", str(r["failed"]))
+    con.print(t)
+    lt = Table(title="limits of this machine, same run")
+    lt.add_column("measure")
+    lt.add_column("rate/s", justify="right")
+    lt.add_column("p50 ms", justify="right")
+    lt.add_column("p99 ms", justify="right")
+    for e in report.get("echo", []):
+        lt.add_row(f"{e['label']} ({report['settings']['echo_connections']} conns)",
+                   f"{e['per_s']:,.0f}", str(e["p50_ms"]), str(e["p99_ms"]))
+    if "fsync" in report:
+        f = report["fsync"]
+        lt.add_row("80-byte append + fsync", f"{f['fsyncs_per_s']:,.0f}", str(f["p50_ms"]),
+                   str(f["p99_ms"]))
+    con.print(lt)
+    con.print(f"ratios: {report.get('ratios')}")
+    if "sessions" in report:
+        con.print(f"router memory: {report['sessions']}")
+    if "rebuild_s" in report:
+        con.print(f"router rebuild from ledger (seconds by rows): {report['rebuild_s']}")
+
+
+async def amain(args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    settings = QUICK if args.quick else Settings()
+    if args.payers:
+        settings.payers = args.payers
+    raise_fd_limit()
+    with tempfile.TemporaryDirectory(prefix="jackpay-bench-") as tmp, \
+            Progress(disable=args.json or not sys.stderr.isatty(), transient=True) as progress:
+        bench = Bench(Path(tmp), settings, progress)
+        try:
+            await bench.limits()
+            await bench.payments()
+            if not args.skip_scale:
+                await bench.sessions()
+                await bench.rebuild()
+        finally:
+            bench.stop_all()
+        report = bench.report
+    report["ratios"] = ratios(report)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        render(report)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="jackpay-bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small settings, under a minute")
+    p.add_argument("--json", action="store_true", help="print one JSON report on stdout")
+    p.add_argument("--payers", type=int, help="payer sessions (default 50)")
+    p.add_argument("--skip-scale", action="store_true", help="skip memory and rebuild checks")
+    args = p.parse_args(argv)
+    return run(lambda: amain(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
