@@ -1,0 +1,142 @@
+"""Start real JackPay networks (tests, scripts/chaos): config in a folder, ports bound to 0.
+
+    net = Network(tmp_path, participants={"alice": "100.00", "bob": "5.00"})
+    net.start_ledger(); net.start_router(); net.start_payer("alice")
+    ...
+    net.stop_all()
+
+Every process is a real OS process started with this interpreter; logs land in
+`tmp_path/logs/<name>.log` and are printed by the fixture when a test fails.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.config import NetworkConfig, load_config
+from common.procs import Proc, python_module
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def addr_text(addr: tuple[str, int]) -> str:
+    return f"{addr[0]}:{addr[1]}"
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+@dataclass
+class Network:
+    root: Path
+    participants: dict[str, str] = field(default_factory=dict)
+    max_incoming: dict[str, str] = field(default_factory=dict)
+    router_settings: dict[str, Any] = field(default_factory=dict)
+    ledger_settings: dict[str, Any] = field(default_factory=dict)
+    payer_settings: dict[str, Any] = field(default_factory=dict)
+    procs: dict[str, Proc] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.config_path = self.root / "network.toml"
+        self.write_config()
+
+    # --- config --------------------------------------------------------------------
+
+    def write_config(self, ledger_port: int = 0) -> None:
+        """(Re)write network.toml; the router learns the ledger's real port from it."""
+        lines = ["[ledger]", 'host = "127.0.0.1"', f"port = {ledger_port}", 'path = "ledger.csv"']
+        lines += [f"{k} = {_toml_value(v)}" for k, v in self.ledger_settings.items()]
+        lines += ["", "[router]", 'host = "127.0.0.1"', "port = 0", 'admin_socket = "router-admin.sock"']
+        fast = {"freshness_window_s": 0.5, "ping_timeout_s": 0.5, "offer_timeout_s": 1.5,
+                "ledger_timeout_s": 1.0, "outcome_pending_after_s": 2.0, "ledger_retry_max_s": 0.5,
+                "shutdown_grace_s": 5.0}
+        fast.update(self.router_settings)
+        lines += [f"{k} = {_toml_value(v)}" for k, v in fast.items()]
+        lines += ["", "[payer]", 'control_dir = "ctl"', "reconnect_max_s = 0.5"]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in self.payer_settings.items()]
+        for pid, opening in self.participants.items():
+            lines += ["", "[[participants]]", f'id = "{pid}"', f'name = "{pid.title()}"',
+                      f'opening_balance = "{opening}"']
+            if pid in self.max_incoming:
+                lines.append(f'max_incoming = "{self.max_incoming[pid]}"')
+        self.config_path.write_text("\n".join(lines) + "\n")
+        (self.root / "ctl").mkdir(exist_ok=True)
+
+    @property
+    def config(self) -> NetworkConfig:
+        return load_config(self.config_path)
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.root / "ledger.csv"
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        return env
+
+    # --- processes -----------------------------------------------------------------
+
+    def _start(self, name: str, argv: list[str], preexec_fn: Any = None) -> Proc:
+        old = self.procs.get(name)
+        if old is not None and old.alive():
+            raise RuntimeError(f"{name} is already running")
+        proc = Proc(name, argv, self.root / "logs" / f"{name}.log", env=self.env(),
+                    cwd=self.root, preexec_fn=preexec_fn)
+        self.procs[name] = proc
+        return proc.start()
+
+    def start_ledger(self, *, preexec_fn: Any = None, port: int = 0) -> Proc:
+        proc = self._start("ledger", python_module("ledger", "--config", str(self.config_path),
+                                                   "--port", str(port)), preexec_fn)
+        self.write_config(ledger_port=proc.addr[1])
+        return proc
+
+    def start_router(self, *, port: int = 0, ledger: tuple[str, int] | None = None) -> Proc:
+        """Start the router; `ledger` overrides the config's ledger address (e.g. a proxy)."""
+        argv = ["--config", str(self.config_path), "--port", str(port)]
+        if ledger is not None:
+            argv += ["--ledger", addr_text(ledger)]
+        return self._start("router", python_module("router", *argv))
+
+    def start_payer(self, payer_id: str, *extra: str, router: tuple[str, int] | None = None) -> Proc:
+        """Start a payer daemon; `router` overrides the router's address (e.g. a proxy)."""
+        addr = router if router is not None else self.procs["router"].addr
+        return self._start(payer_id, python_module(
+            "payer_client", "run", "--config", str(self.config_path), "--id", payer_id,
+            "--router", addr_text(addr), *extra))
+
+    def restart(self, name: str) -> Proc:
+        """Start a stopped or killed process again with the same command, on the same
+        port it had (so peers and proxies find it where it was)."""
+        old = self.procs[name]
+        if old.alive():
+            raise RuntimeError(f"{name} is still running")
+        argv = list(old.argv)
+        if "--port" in argv and "addr" in old.ready:
+            argv[argv.index("--port") + 1] = str(old.addr[1])
+        proc = Proc(name, argv, old.log_path, env=old.env, cwd=old.cwd,
+                    preexec_fn=old.preexec_fn)
+        self.procs[name] = proc
+        return proc.start()
+
+    def stop_all(self) -> dict[str, int]:
+        codes = {}
+        for name in reversed(list(self.procs)):
+            codes[name] = self.procs[name].stop()
+        return codes
+
+    def logs(self) -> str:
+        out = []
+        for name, proc in self.procs.items():
+            out.append(f"===== {name} ({proc.log_path}) =====\n{proc.log_tail(60)}")
+        return "\n".join(out)
