@@ -307,6 +307,33 @@ class Event(Message, tag="event", frozen=True):
     seq: int | None = None
 
 
+# --- router admin socket (operators and the chaos checker) --------------------------
+
+
+class Inspect(Message, tag="inspect", frozen=True):
+    """Admin → router: every balance, every open hold, every payment in flight."""
+
+    id: ReqId
+
+
+class InFlight(Record, frozen=True):
+    tx_id: str
+    sender: str
+    receiver: str
+    amount: int
+    step: str
+    age_ms: int
+
+
+class InspectReply(Message, tag="inspect_ok", frozen=True):
+    re: ReqId
+    balances: dict[str, int]
+    holds: dict[str, int]
+    in_flight: list[InFlight]
+    sessions: list[str]
+    ledger_connected: bool
+
+
 # --- decoding helpers ----------------------------------------------------------------
 
 _encoder = msgspec.msgpack.Encoder()
@@ -317,6 +344,8 @@ LEDGER_REPLIES = (Welcome, Pong, Appended, Rows, StatsReply, Error)
 ROUTER_REQUESTS = (Hello, Ping, Pay, GetBalance, History, Status, Receipt, Reject, Ack, Pong, Error)
 PAYER_INBOUND = (Welcome, Pong, Ping, Paid, BalanceReply, HistoryReply, StatusReply, Offer,
                  Settled, Cancel, Error)
+ADMIN_REQUESTS = (Hello, Ping, Inspect)
+ADMIN_REPLIES = (Welcome, Pong, InspectReply, Error)
 CONTROL_REQUESTS = (Hello, Ping, Send, GetBalance, History, Status, Watch)
 CONTROL_REPLIES = (Welcome, Pong, Paid, BalanceReply, HistoryReply, StatusReply, Ack, Event,
                    Error)

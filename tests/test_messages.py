@@ -35,6 +35,11 @@ EXAMPLES: list[m.Message] = [
     m.Settled(id=12, tx_id="t2", seq=9, balance=1250), m.Cancel(id=13, tx_id="t2", code="x"),
     m.Ack(re=12), m.Send(id=14, to="bob", amount=5), m.Watch(id=15),
     m.Event(kind="paid", tx_id="t2"),
+    m.Inspect(id=16),
+    m.InspectReply(re=16, balances={"_issuer": -5, "alice": 5}, holds={"alice": 2},
+                   in_flight=[m.InFlight(tx_id="t3", sender="alice", receiver="bob", amount=2,
+                                         step="offer", age_ms=12)],
+                   sessions=["alice"], ledger_connected=True),
 ]
 ALL_TYPES = tuple({type(x) for x in EXAMPLES})
 DECODER = m.decoder_for(ALL_TYPES)
