@@ -115,7 +115,7 @@ class Network:
             "payer_client", "run", "--config", str(self.config_path), "--id", payer_id,
             "--router", addr_text(addr), *extra))
 
-    def restart(self, name: str) -> Proc:
+    def restart(self, name: str, *, preexec_fn: Any = "same") -> Proc:
         """Start a stopped or killed process again with the same command, on the same
         port it had (so peers and proxies find it where it was)."""
         old = self.procs[name]
@@ -125,7 +125,7 @@ class Network:
         if "--port" in argv and "addr" in old.ready:
             argv[argv.index("--port") + 1] = str(old.addr[1])
         proc = Proc(name, argv, old.log_path, env=old.env, cwd=old.cwd,
-                    preexec_fn=old.preexec_fn)
+                    preexec_fn=old.preexec_fn if preexec_fn == "same" else preexec_fn)
         self.procs[name] = proc
         return proc.start()
 

@@ -1,0 +1,285 @@
+"""`scripts/chaos`: random concurrent payments while a seeded schedule of faults hits every
+process and link; then heal, wait for quiescence and judge the whole history.
+
+    scripts/chaos --seconds 30 --seed 7 [--payers 5] [--json]
+
+Topology: ledger ← proxy L ← router ← proxy R ← payer daemons ← workload (control sockets).
+Faults (one at a time, each healed after a short while): SIGKILL + restart of the router,
+the ledger, or a payer daemon; SIGSTOP/SIGCONT of router or ledger; on proxy L or R:
+latency, trickle, black hole, reset, cut after N bytes (either direction); ledger write
+failures (the ledger restarted under a file-size limit). The same seed gives the same
+schedule. Exit code 0 when the checker finds no violation, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import resource
+import signal
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from chaos.checker import Report, RouterView, check
+from chaos.network import Network
+from chaos.proxy import FaultProxy
+from chaos.workload import Workload
+from common.aio import open_unix_channel, run
+from common.messages import ADMIN_REPLIES, Hello, Inspect, InspectReply, decoder_for
+
+PROCESS_FAULTS = ["kill_router", "kill_ledger", "kill_payer", "pause_router", "pause_ledger",
+                  "ledger_write_failure"]
+LINK_FAULTS = ["latency", "trickle", "blackhole", "reset", "cut_up", "cut_down"]
+
+
+@dataclass(frozen=True)
+class Fault:
+    at_s: float
+    kind: str
+    target: str
+    duration_s: float
+
+    def __str__(self) -> str:
+        return f"t={self.at_s:6.2f}s  {self.kind:<22} {self.target:<8} for {self.duration_s:.2f}s"
+
+
+def make_schedule(seed: int, seconds: float, payers: list[str]) -> list[Fault]:
+    """A deterministic fault schedule: same seed and settings, same schedule."""
+    rng = random.Random(seed)
+    kinds = PROCESS_FAULTS + [f"{f}@{link}" for f in LINK_FAULTS for link in ("L", "R")]
+    out: list[Fault] = []
+    t = rng.uniform(0.5, 1.5)
+    while t < seconds - 0.5:
+        kind = rng.choice(kinds)
+        target = ""
+        if kind == "kill_payer":
+            target = rng.choice(payers)
+        elif "@" in kind:
+            kind, target = kind.split("@")
+            target = "ledger-link" if target == "L" else "payer-link"
+        duration = round(rng.uniform(0.3, 1.5), 2)
+        out.append(Fault(round(t, 2), kind, target, duration))
+        t += duration + rng.uniform(0.3, 1.2)
+    return out
+
+
+def fsize_limit(limit: int) -> Callable[[], None]:
+    def preexec() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return preexec
+
+
+class Chaos:
+    def __init__(self, root: Path, seed: int, seconds: float, payers: int) -> None:
+        self.root = root
+        self.seed = seed
+        self.seconds = seconds
+        self.payer_ids = [f"payer{i}" for i in range(payers)]
+        self.net = Network(root, participants=dict.fromkeys(self.payer_ids, "50.00"),
+                           router_settings={"outcome_pending_after_s": 1.0,
+                                            "offer_timeout_s": 1.0, "ledger_timeout_s": 0.5})
+        self.schedule = make_schedule(seed, seconds, self.payer_ids)
+        self.injected: Counter[str] = Counter()
+        self.proxy_l: FaultProxy | None = None
+        self.proxy_r: FaultProxy | None = None
+        self.log: list[str] = []
+
+    async def _blocking(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        return await asyncio.to_thread(fn, *args, **kw)
+
+    async def start(self) -> Workload:
+        net = self.net
+        await self._blocking(net.start_ledger)
+        self.proxy_l = FaultProxy(net.procs["ledger"].addr)
+        ledger_via = await self.proxy_l.start()
+        router = await self._blocking(net.start_router, ledger=ledger_via)
+        self.proxy_r = FaultProxy(router.addr)
+        router_via = await self.proxy_r.start()
+        for p in self.payer_ids:
+            await self._blocking(net.start_payer, p, router=router_via)
+        sockets = {p: net.config.control_socket(p) for p in self.payer_ids}
+        return Workload(self.payer_ids, sockets, self.seed)
+
+    async def inject(self, f: Fault) -> None:
+        net = self.net
+        self.injected[f.kind] += 1
+        proxy = self.proxy_l if f.target == "ledger-link" else self.proxy_r
+        assert proxy is not None
+        if f.kind in ("kill_router", "kill_ledger", "kill_payer"):
+            name = {"kill_router": "router", "kill_ledger": "ledger"}.get(f.kind, f.target)
+            await self._blocking(net.procs[name].kill)
+            await asyncio.sleep(f.duration_s)
+            await self._blocking(net.restart, name)
+        elif f.kind in ("pause_router", "pause_ledger"):
+            proc = net.procs[f.kind.split("_")[1]]
+            proc.pause()
+            await asyncio.sleep(f.duration_s)
+            proc.resume()
+        elif f.kind == "ledger_write_failure":
+            await self._blocking(net.procs["ledger"].stop)
+            size = net.ledger_path.stat().st_size
+            await self._blocking(net.restart, "ledger", preexec_fn=fsize_limit(size + 300))
+            await asyncio.sleep(f.duration_s)
+            await self._blocking(net.procs["ledger"].stop)
+            await self._blocking(net.restart, "ledger", preexec_fn=None)
+        elif f.kind == "latency":
+            proxy.set_latency(0.05)
+            await asyncio.sleep(f.duration_s)
+        elif f.kind == "trickle":
+            proxy.set_trickle(True)
+            await asyncio.sleep(f.duration_s)
+        elif f.kind == "blackhole":
+            proxy.set_blackhole(True)
+            await asyncio.sleep(f.duration_s)
+        elif f.kind == "reset":
+            proxy.reset_all()
+            await asyncio.sleep(f.duration_s)
+        elif f.kind in ("cut_up", "cut_down"):
+            proxy.cut_after(random.Random(f.at_s).randint(1, 400), f.kind[4:])  # type: ignore[arg-type]
+            await asyncio.sleep(f.duration_s)
+        proxy.heal()
+
+    async def run_schedule(self, t0: float) -> None:
+        for f in self.schedule:
+            delay = t0 + f.at_s - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            self.log.append(str(f))
+            await self.inject(f)
+
+    async def heal_all(self) -> None:
+        for proxy in (self.proxy_l, self.proxy_r):
+            if proxy is not None:
+                proxy.heal()
+        for name, proc in self.net.procs.items():
+            proc.resume()
+            if not proc.alive():
+                await self._blocking(self.net.restart, name)
+
+    async def inspect(self) -> InspectReply:
+        path = self.net.procs["router"].ready.get("admin", "")
+        ch = await open_unix_channel(path, decoder_for(ADMIN_REPLIES), name="router-admin")
+        try:
+            await ch.request(Hello(id=0, version=1, role="admin", peer="chaos"), timeout=5)
+            reply = await ch.request(Inspect(id=0), timeout=5)
+        finally:
+            ch.close()
+        assert isinstance(reply, InspectReply)
+        return reply
+
+    async def wait_quiescent(self, seconds: float = 20.0) -> InspectReply:
+        deadline = time.monotonic() + seconds
+        while True:
+            state = await self.inspect()
+            if (not state.in_flight and not any(state.holds.values())) or time.monotonic() > deadline:
+                return state
+            await asyncio.sleep(0.2)
+
+    async def run(self) -> tuple[Report, Workload, bool]:
+        workload = await self.start()
+        try:
+            t0 = time.monotonic()
+            await asyncio.gather(workload.run_for(self.seconds), self.run_schedule(t0))
+            await self.heal_all()
+            healed_at = time.monotonic()
+            decided = await workload.settle_undecided(60.0)
+            progressed = await workload.probe_success()
+            progressed = progressed and workload.last_success_at > healed_at
+            state = await self.wait_quiescent()
+        finally:
+            workload.close()
+            for proxy in (self.proxy_r, self.proxy_l):
+                if proxy is not None:
+                    await proxy.stop()
+            await self._blocking(self.net.stop_all)
+        view = RouterView(dict(state.balances), dict(state.holds),
+                          [f.tx_id for f in state.in_flight])
+        report = check(self.net.ledger_path.read_bytes(), workload.ops, view,
+                       require_success_after_heal=True, succeeded_after_heal=progressed)
+        if not decided:
+            from chaos.checker import Violation
+
+            report.violations.append(Violation(
+                "undecided", f"{len(workload.undecided)} payments still undecided after healing: "
+                + ", ".join(sorted(workload.undecided)[:10])))
+        return report, workload, progressed
+
+
+def summarise(chaos: Chaos, report: Report, workload: Workload) -> dict[str, Any]:
+    first = Counter[str]()
+    resolved = 0
+    for op in workload.ops:
+        if op.attempts and op.attempts[0].kind == "indeterminate" and op.final is not None:
+            resolved += 1
+        final = op.final
+        first[(final.code or "ok") if final else "undecided"] += 1
+    return {
+        "seed": chaos.seed, "seconds": chaos.seconds, "payers": len(chaos.payer_ids),
+        "schedule": [str(f) for f in chaos.schedule],
+        "attempted": len(workload.ops), "outcomes": dict(first),
+        "indeterminate_then_resolved": resolved, "faults_injected": dict(chaos.injected),
+        "ledger_rows": report.rows, "violations": [str(v) for v in report.violations],
+        "verdict": "PASS" if report.ok else "FAIL",
+    }
+
+
+async def amain(args: argparse.Namespace) -> int:
+    keep = args.keep
+    tmp = tempfile.mkdtemp(prefix="jackpay-chaos-")
+    chaos = Chaos(Path(tmp), args.seed, args.seconds, args.payers)
+    try:
+        report, workload, _ = await chaos.run()
+    except Exception:
+        print(chaos.net.logs(), file=sys.stderr)
+        raise
+    summary = summarise(chaos, report, workload)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"chaos seed={chaos.seed} seconds={chaos.seconds} payers={len(chaos.payer_ids)}")
+        print("schedule:")
+        for line in summary["schedule"]:
+            print("  " + line)
+        print(f"attempted {summary['attempted']} payments; outcomes {summary['outcomes']}")
+        print(f"indeterminate then resolved: {summary['indeterminate_then_resolved']}")
+        print(f"faults injected: {summary['faults_injected']}")
+        print(f"ledger rows: {summary['ledger_rows']}")
+        for v in summary["violations"]:
+            print(f"VIOLATION {v}")
+        print(f"verdict: {summary['verdict']}")
+    if not report.ok or keep:
+        print(f"run folder kept: {tmp}", file=sys.stderr)
+    else:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0 if report.ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="jackpay-chaos", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seconds", type=float, default=20.0, help="length of the faulty phase")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--payers", type=int, default=4)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--keep", action="store_true", help="keep the run folder")
+    args = p.parse_args(argv)
+    if args.payers < 2:
+        p.error("--payers must be at least 2")
+    if args.seconds <= 0:
+        p.error("--seconds must be positive")
+    return run(lambda: amain(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
