@@ -1,0 +1,174 @@
+"""Start a whole JackPay network on this machine from one config (what `scripts/up` runs).
+
+    python -m payer_client.launch [CONFIG] [--run-dir DIR] [--ephemeral]
+
+Order: the ledger first, then the router (told the ledger's real address with
+`--ledger`), then one payer daemon per participant (told the router's with `--router`).
+Each process is waited for until it prints its READY line; its stderr goes to
+`<run-dir>/<name>.log` and its pid to `<run-dir>/<name>.pid`. `--ephemeral` binds ledger
+and router to port 0 (the real ports come from READY lines). Ctrl-C or SIGTERM stops them
+all in reverse order (SIGTERM, then SIGKILL after a grace period). Plain blocking code,
+built on common.procs.Proc.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+from rich.console import Console
+from rich.table import Table
+
+from common.config import NetworkConfig, load_config
+from common.errors import ConfigError
+from common.procs import Proc, ProcessFailed, python_module
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class LocalNetwork:
+    """The processes of one network; `start_all()` then `stop_all()`."""
+
+    config_path: Path
+    run_dir: Path
+    ephemeral: bool = False
+    procs: dict[str, Proc] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.config: NetworkConfig = load_config(self.config_path)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.config.resolve(self.config.ledger.path).parent.mkdir(parents=True, exist_ok=True)
+        self.config.resolve(self.config.payer.control_dir).mkdir(parents=True, exist_ok=True)
+        self.config.resolve(self.config.router.admin_socket).parent.mkdir(parents=True,
+                                                                          exist_ok=True)
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        return env
+
+    def _start(self, name: str, argv: list[str]) -> Proc:
+        proc = Proc(name, argv, self.run_dir / f"{name}.log", env=self._env(),
+                    cwd=self.config_path.parent)
+        self.procs[name] = proc
+        try:
+            proc.start()
+        finally:
+            if proc.popen is not None:
+                (self.run_dir / f"{name}.pid").write_text(f"{proc.pid}\n")
+        return proc
+
+    @property
+    def ledger_addr(self) -> str:
+        return self.procs["ledger"].ready["addr"]
+
+    @property
+    def router_addr(self) -> str:
+        return self.procs["router"].ready["addr"]
+
+    def start_ledger(self) -> Proc:
+        port = ["--port", "0"] if self.ephemeral else []
+        return self._start("ledger", python_module("ledger", "--config", str(self.config_path),
+                                                   *port))
+
+    def start_router(self) -> Proc:
+        port = ["--port", "0"] if self.ephemeral else []
+        return self._start("router", python_module(
+            "router", "--config", str(self.config_path), "--ledger", self.ledger_addr, *port))
+
+    def start_payer(self, payer_id: str) -> Proc:
+        old = self.procs.get(payer_id)
+        if old is not None and old.alive():
+            raise ProcessFailed(f"{payer_id} is already running")
+        return self._start(payer_id, python_module(
+            "payer_client", "run", "--config", str(self.config_path), "--id", payer_id,
+            "--router", self.router_addr))
+
+    def stop(self, name: str) -> int:
+        proc = self.procs[name]
+        code = proc.stop()
+        (self.run_dir / f"{name}.pid").unlink(missing_ok=True)
+        return code
+
+    def start_all(self) -> None:
+        """Raises ProcessFailed (with the log's tail) if a process does not become ready;
+        whatever did start is stopped again."""
+        try:
+            self.start_ledger()
+            self.start_router()
+            for p in self.config.participants:
+                self.start_payer(p.id)
+        except BaseException:
+            self.stop_all()
+            raise
+
+    def stop_all(self) -> dict[str, int]:
+        return {name: self.stop(name) for name in reversed(list(self.procs))}
+
+    def table(self) -> Table:
+        table = Table(title=f"JackPay network ({self.config_path.name})")
+        for col in ("process", "pid", "address / control socket", "log"):
+            table.add_column(col)
+        kinds = {p.id: p.kind for p in self.config.participants}
+        for name, proc in self.procs.items():
+            where = proc.ready.get("addr") or proc.ready.get("control", "")
+            label = f"{name} ({kinds[name]})" if name in kinds else name
+            state = str(proc.pid) if proc.alive() else "stopped"
+            table.add_row(label, state, where, str(proc.log_path))
+        return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="scripts/up", description=(
+        "Start ledger, router and every payer of CONFIG; Ctrl-C stops them all."))
+    ap.add_argument("config", nargs="?", default="network.example.toml")
+    ap.add_argument("--run-dir", type=Path, help="logs and pids (default: run/<timestamp>)")
+    ap.add_argument("--ephemeral", action="store_true", help="ledger and router on port 0")
+    args = ap.parse_args(argv)
+    run_dir = args.run_dir or REPO_ROOT / "run" / time.strftime("%Y%m%d-%H%M%S")
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    try:
+        net = LocalNetwork(Path(args.config).resolve(), run_dir, args.ephemeral)
+    except ConfigError as exc:
+        print(f"scripts/up: {exc}", file=sys.stderr)
+        return 2
+    stop = False
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        net.start_all()
+    except ProcessFailed as exc:
+        print(f"scripts/up: {exc}", file=sys.stderr)
+        return 1
+    console.print(net.table())
+    first = net.config.participants[0].id if net.config.participants else "alice"
+    console.print(f"logs and pids in {run_dir}\ntry:  jackpay-payer balance --config "
+                  f"{args.config} --id {first}\nCtrl-C stops everything.")
+    code = 0
+    while not stop:
+        dead = [n for n, p in net.procs.items() if not p.alive()]
+        if dead:
+            print(f"scripts/up: {', '.join(dead)} exited; stopping the rest "
+                  f"(see the logs in {run_dir})", file=sys.stderr)
+            code = 1
+            break
+        time.sleep(0.2)
+    codes = net.stop_all()
+    console.print("stopped: " + ", ".join(f"{n} (exit {c})" for n, c in codes.items()))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""The payer CLI as a user runs it: subprocesses against a real network (ledger, router
+and payer daemons as OS processes), checking outputs and exit codes (0 ok, 1 refused,
+2 usage/config, 3 daemon not reachable), plus scripts/demo end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from netkit import REPO_ROOT, Network
+
+HAVE_NETWORK = all((REPO_ROOT / pkg / "__main__.py").exists() for pkg in ("router", "ledger"))
+needs_network = pytest.mark.skipif(not HAVE_NETWORK, reason="router/ or ledger/ not built yet")
+
+
+def cli(net: Network, who: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "payer_client", *args, "--config", str(net.config_path),
+         "--id", who], capture_output=True, text=True, env=net.env(), timeout=timeout,
+        check=False)
+
+
+def as_json(proc: subprocess.CompletedProcess[str]) -> dict[str, object]:
+    doc = json.loads(proc.stdout)
+    assert isinstance(doc, dict)
+    return doc
+
+
+@pytest.fixture
+def net(network: Network) -> Network:
+    network.participants.update({"alice": "100.00", "bob": "5.00", "carol": "0.00"})
+    network.max_incoming["carol"] = "10.00"
+    network.write_config()
+    network.start_ledger()
+    network.start_router()
+    for who in ("alice", "bob", "carol"):
+        network.start_payer(who)
+    return network
+
+
+def ledger_rows(net: Network) -> list[str]:
+    return [ln for ln in net.ledger_path.read_text().splitlines()[1:] if ln.strip()]
+
+
+# --- with a network ---------------------------------------------------------------------
+
+
+@needs_network
+def test_send_balance_history_status_ping(net: Network) -> None:
+    sent = cli(net, "alice", "send", "bob", "12.50", "--memo", "lunch", "--tx-id", "cli-1")
+    assert sent.returncode == 0, sent.stderr
+    assert "paid 12.50 to bob" in sent.stdout
+    assert "tx_id=cli-1" in sent.stdout
+    assert "balance=87.50" in sent.stdout
+
+    doc = as_json(cli(net, "alice", "send", "bob", "12.50", "--memo", "lunch", "--tx-id",
+                      "cli-1", "--json"))
+    assert doc["outcome"] == "paid"
+    assert doc["balance_minor"] == 8750
+    assert len(ledger_rows(net)) == 3  # two openings (carol's is zero) + one payment
+
+    bal = cli(net, "bob", "balance")
+    assert bal.returncode == 0
+    assert "balance 17.50" in bal.stdout
+    assert as_json(cli(net, "bob", "balance", "--json"))["balance_minor"] == 1750
+
+    hist = cli(net, "bob", "history")
+    assert hist.returncode == 0
+    assert "cli-1" in hist.stdout
+    assert "+12.50" in hist.stdout
+    rows = as_json(cli(net, "bob", "history", "--json"))["rows"]
+    assert isinstance(rows, list)
+    assert [r["tx_id"] for r in rows] == ["_open:bob", "cli-1"]
+
+    st = cli(net, "alice", "status", "cli-1")
+    assert st.returncode == 0
+    assert "paid" in st.stdout
+    assert as_json(cli(net, "alice", "status", "cli-1", "--json"))["state"] == "paid"
+
+    ping = cli(net, "alice", "ping")
+    assert ping.returncode == 0
+    assert "router link ok" in ping.stdout
+
+
+@needs_network
+@pytest.mark.parametrize(
+    ("who", "args", "code"),
+    [
+        ("carol", ["alice", "1.00"], "insufficient_funds"),
+        ("alice", ["mallory", "1.00"], "unknown_receiver"),
+        ("alice", ["carol", "10.01"], "receiver_rejected"),
+    ],
+)
+def test_refused_payments_exit_1_with_code(net: Network, who: str, args: list[str],
+                                           code: str) -> None:
+    before = ledger_rows(net)
+    human = cli(net, who, "send", *args)
+    assert human.returncode == 1
+    assert code in human.stderr
+    doc = as_json(cli(net, who, "send", *args, "--json"))
+    assert doc["outcome"] == "failed"
+    assert doc["code"] == code
+    assert ledger_rows(net) == before
+
+
+@needs_network
+def test_tx_id_conflict_and_unreachable(net: Network) -> None:
+    assert cli(net, "alice", "send", "bob", "1.00", "--tx-id", "dup").returncode == 0
+    conflict = cli(net, "alice", "send", "bob", "2.00", "--tx-id", "dup", "--json")
+    assert conflict.returncode == 1
+    assert as_json(conflict)["code"] == "tx_id_conflict"
+    net.procs["bob"].stop()
+    gone = cli(net, "alice", "send", "bob", "1.00", "--json")
+    assert gone.returncode == 1
+    assert as_json(gone)["code"] == "receiver_unreachable"
+
+
+@needs_network
+def test_watch_streams_offer_and_settled(net: Network) -> None:
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "payer_client", "watch", "--json", "--config",
+         str(net.config_path), "--id", "bob"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=net.env())
+    try:
+        time.sleep(1.0)  # let it subscribe
+        assert cli(net, "alice", "send", "bob", "3.00", "--tx-id", "w-1").returncode == 0
+        assert watch.stdout is not None
+        kinds = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and "settled" not in kinds:
+            event = json.loads(watch.stdout.readline())
+            assert event["tx_id"] == "w-1"
+            kinds.append(event["kind"])
+        assert kinds == ["offer", "settled"]
+    finally:
+        watch.send_signal(signal.SIGINT)
+        assert watch.wait(10) == 0
+
+
+@needs_network
+def test_daemon_lifecycle_socket_and_second_daemon(net: Network) -> None:
+    path = net.config.control_socket("alice")
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    second = subprocess.run(
+        [sys.executable, "-m", "payer_client", "run", "--config", str(net.config_path),
+         "--id", "alice"], capture_output=True, text=True, env=net.env(), timeout=30,
+        check=False)
+    assert second.returncode == 2
+    assert "already serves" in second.stderr
+    assert net.procs["alice"].stop() == 0
+    assert not path.exists()
+    # a stale socket file (daemon killed) is replaced on the next start
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()
+    net.start_payer("alice")
+    assert cli(net, "alice", "balance").returncode == 0
+
+
+# --- without a network ------------------------------------------------------------------
+
+
+@pytest.fixture
+def offline(network: Network) -> Network:
+    network.participants.update({"alice": "100.00", "bob": "5.00"})
+    network.write_config()
+    return network
+
+
+@pytest.mark.parametrize("amount", ["1.234", "-5", "1e3", "abc", "0", "", " 1", "1,00"])
+def test_bad_amount_exits_2(offline: Network, amount: str) -> None:
+    proc = cli(offline, "alice", "send", "bob", amount)
+    assert proc.returncode == 2
+    assert "amount" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["send", "b o b", "1.00"], "not a payer id"),
+        (["send", "bob", "1.00", "--tx-id", "has space"], "not a tx_id"),
+        (["status", "bad id!"], "not a tx_id"),
+        (["history", "--limit", "0"], "--limit"),
+    ],
+)
+def test_bad_arguments_exit_2(offline: Network, args: list[str], needle: str) -> None:
+    proc = cli(offline, "alice", *args)
+    assert proc.returncode == 2
+    assert needle in proc.stderr
+
+
+def test_bad_id_and_config_exit_2(offline: Network, tmp_path: Path) -> None:
+    proc = cli(offline, "zed", "balance")
+    assert proc.returncode == 2
+    assert "'zed' is not a participant" in proc.stderr
+    proc = cli(offline, "_issuer", "balance")
+    assert proc.returncode == 2
+    missing = subprocess.run(
+        [sys.executable, "-m", "payer_client", "balance", "--config", str(tmp_path / "nope"),
+         "--id", "alice"], capture_output=True, text=True, env=offline.env(), check=False)
+    assert missing.returncode == 2
+    assert "cannot read config" in missing.stderr
+    usage = subprocess.run([sys.executable, "-m", "payer_client", "frobnicate"],
+                           capture_output=True, text=True, env=offline.env(), check=False)
+    assert usage.returncode == 2
+
+
+def test_no_daemon_exits_3_with_hint(offline: Network) -> None:
+    proc = cli(offline, "alice", "send", "bob", "1.00")
+    assert proc.returncode == 3
+    assert "no payer daemon for alice" in proc.stderr
+    assert "jackpay-payer run --config" in proc.stderr
+    assert cli(offline, "alice", "balance").returncode == 3
+
+
+def test_help_documents_exit_codes() -> None:
+    proc = subprocess.run([sys.executable, "-m", "payer_client", "send", "--help"],
+                          capture_output=True, text=True, check=False,
+                          env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+    assert proc.returncode == 0
+    assert "3  the payer daemon is not reachable" in proc.stdout
+
+
+@needs_network
+@pytest.mark.slow
+def test_scripts_demo_end_to_end() -> None:
+    proc = subprocess.run([str(REPO_ROOT / "scripts" / "demo")], capture_output=True,
+                          text=True, timeout=110, check=False, cwd=REPO_ROOT)
+    failed = proc.stdout[proc.stdout.find("demo FAILED"):] if "demo FAILED" in proc.stdout else ""
+    assert proc.returncode == 0, failed + proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "demo OK" in proc.stdout
