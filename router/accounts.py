@@ -60,7 +60,12 @@ class Accounts:
         return sum(self._held.values())
 
     def snapshot(self) -> dict[str, int]:
+        """Every balance that is not zero (and `_issuer`'s)."""
         return {k: v for k, v in self._balance.items() if v or k == ISSUER}
+
+    def holds(self) -> dict[str, int]:
+        """Total held per account, for accounts with a hold."""
+        return {k: v for k, v in self._held.items() if v}
 
     # --- the seed's fundsAvail -----------------------------------------------------
 

@@ -1,0 +1,103 @@
+"""`python -m router` / `jackpay-router`: run the router until SIGTERM.
+
+    python -m router --config network.toml [--host H] [--port P] [--ledger H:P] [--log-json]
+
+Prints `READY router addr=H:P admin=PATH` on stdout once it serves payers. Exit codes:
+0 after SIGTERM/SIGINT (in-flight payments finished within the grace period), 1 when it
+cannot start, 2 for an unusable config or argument.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from common.aio import run
+from common.config import NetworkConfig, load_config
+from common.errors import ConfigError
+from common.logs import log_event, setup_logging
+from common.procs import print_ready
+from router.server import RouterService, StartupFailed
+
+log = logging.getLogger("jackpay.router")
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="jackpay-router", description="JackPay router")
+    ap.add_argument("--config", required=True, help="network TOML file")
+    ap.add_argument("--host", help="listen address (default: [router] host)")
+    ap.add_argument("--port", type=int, help="listen port, 0 for any (default: [router] port)")
+    ap.add_argument("--ledger", metavar="HOST:PORT", help="ledger address (default: [ledger])")
+    ap.add_argument("--log-json", action="store_true", help="log JSON lines on stderr")
+    ap.add_argument("--log-level", default="INFO")
+    return ap.parse_args(argv)
+
+
+def _ledger_address(args: argparse.Namespace, cfg: NetworkConfig) -> tuple[str, int]:
+    if not args.ledger:
+        return cfg.ledger.host, cfg.ledger.port
+    host, sep, port = str(args.ledger).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--ledger {args.ledger!r}: expected HOST:PORT, e.g. 127.0.0.1:7300")
+    return host, int(port)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    setup_logging(json_lines=args.log_json, level=args.log_level)
+    try:
+        cfg = load_config(args.config)
+        ledger_host, ledger_port = _ledger_address(args, cfg)
+    except ConfigError as exc:
+        print(f"jackpay-router: {exc}", file=sys.stderr)
+        return 2
+    admin = cfg.resolve(cfg.router.admin_socket)
+    service = RouterService(
+        cfg,
+        admin_path=admin,
+        host=args.host or cfg.router.host,
+        port=cfg.router.port if args.port is None else args.port,
+        ledger_host=ledger_host,
+        ledger_port=ledger_port,
+    )
+    # Without uvloop, allocate and free one block larger than a socket read buffer so
+    # glibc stops mmapping/unmapping 256 KiB on every read (PERFORMANCE-NOTES.md).
+    warm = bytearray(1 << 20)
+    del warm
+    return run(lambda: serve(service, str(admin)))
+
+
+async def serve(service: RouterService, admin_path: str) -> int:
+    """Start, print the readiness line, serve until SIGTERM/SIGINT, shut down."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    starting = loop.create_task(service.start(), name="router-start")
+    stopping = loop.create_task(stop.wait(), name="router-stop-signal")
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        log_event(log, "stopped before it was ready")
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+        await service.aclose()
+        return 0
+    try:
+        starting.result()
+    except (StartupFailed, OSError) as exc:
+        log_event(log, "cannot start", logging.ERROR, error=str(exc))
+        stopping.cancel()
+        await service.aclose()
+        return 1
+    host, port = service.addr
+    print_ready("router", addr=f"{host}:{port}", admin=admin_path)
+    await stopping
+    await service.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""The router's admin socket: a Unix socket (mode 0600) for operators and the chaos checker.
+
+Rules: the first frame is `hello {role: "admin"}` (anything else: an error, then close);
+then `ping` → `pong` and `inspect` → `inspect_ok` with every balance, every open hold,
+every payment in flight (its step and age), the payers with a live session, and whether
+the ledger is connected. Read-only: nothing on this socket changes money. A stale socket
+file left by a killed router is replaced at start; the file is removed at shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from common import PROTOCOL_VERSION
+from common.aio import READ_CHUNK, Channel
+from common.errors import ErrorCode
+from common.logs import log_event
+from common.messages import (
+    ADMIN_REQUESTS,
+    Hello,
+    InFlight,
+    Inspect,
+    InspectReply,
+    Message,
+    Ping,
+    Pong,
+    Welcome,
+    decoder_for,
+)
+
+if TYPE_CHECKING:
+    from router.server import RouterService
+
+log = logging.getLogger("jackpay.router.admin")
+_DECODER = decoder_for(ADMIN_REQUESTS)
+
+
+class AdminServer:
+    def __init__(self, service: RouterService, path: Path) -> None:
+        self.service = service
+        self.path = path
+        self._server: asyncio.Server | None = None
+        self._channels: set[Channel] = set()
+
+    async def start(self) -> None:
+        """Listen on the socket path. Raises OSError if it cannot."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            if self.path.is_socket():
+                self.path.unlink()
+        old_umask = os.umask(0o177)  # created 0600: only the owner may connect
+        try:
+            self._server = await asyncio.start_unix_server(self._on_connect, str(self.path),
+                                                           limit=READ_CHUNK)
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.path, 0o600)
+
+    def inspect(self, rid: int) -> InspectReply:
+        svc = self.service
+        accounts = svc.book.accounts
+        now = time.monotonic()
+        in_flight = [
+            InFlight(tx_id=p.tx_id, sender=p.params.sender, receiver=p.params.receiver,
+                     amount=p.params.amount, step=p.step, age_ms=int((now - p.started) * 1000))
+            for p in svc.pipeline.inflight.values()
+        ]
+        return InspectReply(re=rid, balances=accounts.snapshot(), holds=accounts.holds(),
+                            in_flight=in_flight,
+                            sessions=sorted(s.payer_id for s in svc.registry.live_sessions()),
+                            ledger_connected=svc.ledger.connected)
+
+    def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        greeted = False
+
+        def on_message(ch: Channel, msg: Message) -> None:
+            nonlocal greeted
+            rid = getattr(msg, "id", None)
+            if not greeted:
+                if not isinstance(msg, Hello) or msg.role != "admin":
+                    ch.reply_error(rid, ErrorCode.HELLO_REQUIRED,
+                                   "the first frame must be hello with role admin")
+                    ch.close()
+                    return
+                greeted = True
+                ch.send_nowait(Welcome(re=msg.id, version=PROTOCOL_VERSION,
+                                       server="jackpay-router-admin"))
+                return
+            match msg:
+                case Inspect(id=i):
+                    ch.send_nowait(self.inspect(i))
+                case Ping(id=i):
+                    ch.send_nowait(Pong(re=i))
+                case _:
+                    ch.reply_error(rid, ErrorCode.BAD_REQUEST, "admin takes inspect and ping")
+
+        ch = Channel(reader, writer, _DECODER, name="admin", on_message=on_message,
+                     on_close=self._channels.discard,
+                     max_frame_bytes=self.service.cfg.router.max_frame_bytes)
+        self._channels.add(ch)
+        ch.start()
+
+    async def aclose(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for ch in list(self._channels):
+            ch.close()
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+        log_event(log, "admin socket closed", path=str(self.path))

@@ -1,0 +1,338 @@
+"""The router's ledger client (the seed's `ledgerData`): address, connection, appends.
+
+Rules:
+- one connection, opened with `hello(role="router")` and re-opened after any loss with
+  capped exponential backoff (`retry_max_s`); connects, losses and retries are logged;
+- `append(row)` is synchronous and returns a future. Rows queued in the same event-loop
+  turn go out as one `append` frame (split only to stay under the frame limit); many
+  appends may be in flight at once;
+- the in-doubt rule (DESIGN §2): once an append has been handed to a live connection,
+  its outcome is unknown until the ledger answers. A timeout or a lost connection never
+  fails it: the same rows are sent again (the ledger is idempotent by tx_id; a duplicate
+  answers with the existing row) until an answer comes. Only two definite failures
+  exist: `LedgerUnavailable` when there was no connection when the rows were to be sent
+  (they never reached the ledger), and `LedgerRefused` when the ledger answered an error
+  (e.g. `ledger_write_failed`: its file is unchanged);
+- `read` is a plain request: any failure raises LedgerUnavailable (reads change nothing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+
+from common import PROTOCOL_VERSION
+from common.aio import Channel, open_channel
+from common.errors import ConnectionLost, ErrorCode, RequestFailed
+from common.framing import DEFAULT_MAX_FRAME_BYTES
+from common.logs import log_event
+from common.messages import (
+    LEDGER_REPLIES,
+    MAX_APPEND_ROWS,
+    Append,
+    Appended,
+    AppendResult,
+    Hello,
+    LedgerRow,
+    Ping,
+    Pong,
+    Read,
+    RowIn,
+    Rows,
+    Welcome,
+    decoder_for,
+    encode,
+)
+
+log = logging.getLogger("jackpay.router.ledger")
+
+_DECODER = decoder_for(LEDGER_REPLIES)
+MAX_ROWS_PER_APPEND = MAX_APPEND_ROWS
+# Upper bound of one encoded AppendResult in the ledger's reply (it refuses bigger batches).
+REPLY_BYTES_PER_ROW = 160
+FIRST_RETRY_S = 0.05
+
+
+class LedgerUnavailable(Exception):
+    """The request never reached the ledger (no connection), or a read failed."""
+
+
+class LedgerRefused(Exception):
+    """The ledger answered an append with an error; nothing was written."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(slots=True)
+class LedgerStats:
+    connects: int = 0
+    appends_sent: int = 0
+    rows_sent: int = 0
+    resends: int = 0
+    in_doubt_now: int = 0
+
+
+class LedgerClient:
+    """The seed's `ledgerData`: one reconnecting session with the ledger."""
+
+    def __init__(self, host: str, port: int, *, timeout_s: float = 2.0,
+                 retry_max_s: float = 2.0,
+                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+        self.host = host
+        self.port = port
+        self.timeout_s = timeout_s
+        self.retry_max_s = retry_max_s
+        self.max_frame_bytes = max_frame_bytes
+        self._channel: Channel | None = None
+        self._up = asyncio.Event()
+        self._queue: list[tuple[RowIn, asyncio.Future[AppendResult]]] = []
+        self._flush_scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._maintainer: asyncio.Task[None] | None = None
+        self._closing = False
+        self.stats = LedgerStats()
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    # --- connection ------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Begin connecting (and reconnecting) in the background."""
+        if self._maintainer is None:
+            self._maintainer = asyncio.get_running_loop().create_task(
+                self._maintain(), name="ledger-connection")
+
+    @property
+    def connected(self) -> bool:
+        return self._channel is not None and not self._channel.closed
+
+    async def wait_connected(self, timeout: float | None = None) -> bool:
+        """True once connected; False if `timeout` seconds pass first."""
+        if self.connected:
+            return True
+        try:
+            async with asyncio.timeout(timeout):
+                while not self.connected:
+                    await self._up.wait()
+                    if not self.connected:  # lost again before we ran
+                        self._up.clear()
+        except TimeoutError:
+            return False
+        return True
+
+    async def _maintain(self) -> None:
+        delay = FIRST_RETRY_S
+        failures = 0
+        while not self._closing:
+            try:
+                ch = await self._connect()
+            except (OSError, TimeoutError, ConnectionLost, RequestFailed) as exc:
+                failures += 1
+                if failures == 1 or failures & (failures - 1) == 0:  # 1, 2, 4, 8, ...
+                    log_event(log, "ledger not reachable; retrying", logging.WARNING,
+                              ledger=self.address, attempt=failures, retry_in_s=round(delay, 2),
+                              error=str(exc) or type(exc).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.retry_max_s)
+                continue
+            failures, delay = 0, FIRST_RETRY_S
+            self._channel = ch
+            self.stats.connects += 1
+            self._up.set()
+            log_event(log, "ledger connected", ledger=self.address)
+            await ch.wait_closed()
+            self._up.clear()
+            if not self._closing:
+                log_event(log, "ledger connection lost; reconnecting", logging.WARNING,
+                          ledger=self.address)
+
+    async def _connect(self) -> Channel:
+        ch = await open_channel(self.host, self.port, _DECODER, name="ledger",
+                                connect_timeout=self.timeout_s,
+                                max_frame_bytes=self.max_frame_bytes)
+        try:
+            reply = await ch.request(
+                Hello(id=0, version=PROTOCOL_VERSION, role="router", peer="router"),
+                timeout=self.timeout_s)
+        except BaseException:
+            ch.close()
+            raise
+        if not isinstance(reply, Welcome):
+            ch.close()
+            raise ConnectionLost(f"ledger answered hello with {type(reply).__name__}")
+        return ch
+
+    async def aclose(self) -> None:
+        """Stop reconnecting and close. In-doubt appends stay unresolved (the ledger and
+        a replay at the next start tell their outcome)."""
+        self._closing = True
+        if self._maintainer is not None:
+            self._maintainer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._maintainer
+        for task in list(self._tasks):
+            task.cancel()
+        if self._channel is not None:
+            await self._channel.aclose()
+
+    # --- link test and reads -----------------------------------------------------
+
+    async def ping_ledger(self, timeout: float | None = None) -> bool:
+        """The seed's pingLedger: does the ledger answer a ping in time?"""
+        ch = self._channel
+        if ch is None or ch.closed:
+            return False
+        try:
+            reply = await ch.request(Ping(id=0), timeout=timeout or self.timeout_s)
+        except (ConnectionLost, TimeoutError, RequestFailed):
+            return False
+        return isinstance(reply, Pong)
+
+    async def read(self, from_seq: int, limit: int, party: str | None = None) -> Rows:
+        """One page of rows. Raises LedgerUnavailable if the ledger does not answer."""
+        ch = self._channel
+        if ch is None or ch.closed:
+            raise LedgerUnavailable(f"no connection to the ledger at {self.address}")
+        try:
+            reply = await ch.request(Read(id=0, from_seq=from_seq, limit=limit, party=party),
+                                     timeout=self.timeout_s)
+        except (ConnectionLost, TimeoutError, RequestFailed) as exc:
+            raise LedgerUnavailable(f"ledger at {self.address} did not answer a read: "
+                                    f"{exc or type(exc).__name__}") from exc
+        if not isinstance(reply, Rows):
+            raise LedgerUnavailable(f"ledger answered read with {type(reply).__name__}")
+        return reply
+
+    # --- appends -----------------------------------------------------------------
+
+    def append(self, row: RowIn) -> asyncio.Future[AppendResult]:
+        """Queue `row`; it goes out with every row queued in this loop turn.
+
+        The future gets the ledger's AppendResult, or fails with LedgerUnavailable (never
+        sent) or LedgerRefused (the ledger answered an error). It never fails for a lost
+        answer: that append is re-sent until the ledger answers.
+        """
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[AppendResult] = loop.create_future()
+        self._queue.append((row, fut))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        return fut
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        queued, self._queue = self._queue, []
+        if not self.connected:
+            err = LedgerUnavailable(f"no connection to the ledger at {self.address}")
+            for _, fut in queued:
+                if not fut.done():
+                    fut.set_exception(err)
+            return
+        for batch in self._split(queued):
+            task = asyncio.get_running_loop().create_task(self._send_batch(batch),
+                                                          name="ledger-append")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _split(self, queued: list[tuple[RowIn, asyncio.Future[AppendResult]]]
+               ) -> list[list[tuple[RowIn, asyncio.Future[AppendResult]]]]:
+        budget = self.max_frame_bytes - 512
+        max_rows = min(MAX_ROWS_PER_APPEND, budget // REPLY_BYTES_PER_ROW)
+        batches: list[list[tuple[RowIn, asyncio.Future[AppendResult]]]] = []
+        current: list[tuple[RowIn, asyncio.Future[AppendResult]]] = []
+        size = 0
+        for item in queued:
+            cost = len(encode(item[0])) + 8
+            if current and (size + cost > budget or len(current) >= max_rows):
+                batches.append(current)
+                current, size = [], 0
+            current.append(item)
+            size += cost
+        if current:
+            batches.append(current)
+        return batches
+
+    async def _send_batch(self, batch: list[tuple[RowIn, asyncio.Future[AppendResult]]]) -> None:
+        rows = [row for row, _ in batch]
+        futs = [fut for _, fut in batch]
+        attempt = 0
+        in_doubt = False
+        timeout = self.timeout_s
+        try:
+            while True:
+                ch = self._channel
+                if ch is None or ch.closed:
+                    if attempt == 0:
+                        _fail(futs, LedgerUnavailable(
+                            f"no connection to the ledger at {self.address}"))
+                        return
+                    await self.wait_connected()
+                    continue
+                attempt += 1
+                self.stats.appends_sent += 1
+                self.stats.rows_sent += len(rows)
+                try:
+                    reply = await ch.request(Append(id=0, rows=rows), timeout=timeout)
+                except RequestFailed as exc:
+                    _fail(futs, LedgerRefused(str(exc.code), exc.message))
+                    return
+                except (ConnectionLost, TimeoutError) as exc:
+                    if not in_doubt:
+                        in_doubt = True
+                        self.stats.in_doubt_now += len(rows)
+                    self.stats.resends += 1
+                    if attempt & (attempt - 1) == 0:  # log attempts 1, 2, 4, 8, ...
+                        log_event(log, "append in doubt; sending it again", logging.WARNING,
+                                  ledger=self.address, rows=len(rows), attempt=attempt,
+                                  first_tx_id=rows[0].tx_id,
+                                  error=str(exc) or type(exc).__name__)
+                    if isinstance(exc, ConnectionLost):
+                        await self.wait_connected()
+                    else:
+                        # A frozen ledger answers the request still pending when it wakes,
+                        # so waiting longer each time costs nothing and spares its queue.
+                        timeout = min(timeout * 2, self.timeout_s * 8)
+                    continue
+                if not isinstance(reply, Appended) or len(reply.results) != len(rows):
+                    # Not an answer we can match to our rows: treat as lost and re-send.
+                    log_event(log, "ledger answered append oddly; re-sending", logging.ERROR,
+                              reply=type(reply).__name__)
+                    ch.close()
+                    continue
+                for fut, result in zip(futs, reply.results, strict=True):
+                    if not fut.done():
+                        fut.set_result(result)
+                return
+        finally:
+            if in_doubt:
+                self.stats.in_doubt_now -= len(rows)
+
+
+def _fail(futs: list[asyncio.Future[AppendResult]], exc: Exception) -> None:
+    for fut in futs:
+        if not fut.done():
+            fut.set_exception(exc)
+
+
+def durable_row(row: RowIn, result: AppendResult) -> LedgerRow:
+    """The ledger row an append result stands for (`written` or `duplicate`: the same
+    content as `row`, with the seq, dtg and hash the ledger assigned)."""
+    return LedgerRow(seq=result.seq, dtg=result.dtg, sender=row.sender, receiver=row.receiver,
+                     amount=row.amount, tx_id=row.tx_id, memo=row.memo, hash=result.hash)
+
+
+def refusal_code(exc: LedgerRefused) -> ErrorCode:
+    """The payment's failure code for a ledger refusal."""
+    if exc.code == ErrorCode.LEDGER_WRITE_FAILED:
+        return ErrorCode.LEDGER_WRITE_FAILED
+    if exc.code == ErrorCode.SHUTTING_DOWN:
+        return ErrorCode.LEDGER_UNAVAILABLE
+    return ErrorCode.INTERNAL_ERROR

@@ -1,0 +1,347 @@
+"""The router service: startup, payer sessions, request handlers, shutdown.
+
+Lifecycle (each step logged):
+1. connect to the ledger (retrying with backoff until it answers);
+2. replay every ledger row (paged `read`) to rebuild balances and the tx_id index;
+3. issue missing opening balances (`_issuer -> id`, tx_id `_open:<id>`);
+4. listen; the caller prints the readiness line;
+5. on shutdown: stop accepting, refuse new payments (`shutting_down`), let in-flight
+   ones finish within `shutdown_grace_s`, cancel the rest, close sessions and the ledger.
+
+Sessions: the first frame on a connection must be `hello` (role `payer`, our protocol
+version, a registered payer id); anything else is answered with an error and the
+connection is closed. Bad frames after that get `bad_request` from the Channel and the
+session goes on. A peer's bad input is logged as one line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+from common import PROTOCOL_VERSION
+from common.aio import READ_CHUNK, Channel
+from common.config import NetworkConfig
+from common.errors import ConnectionLost, ErrorCode, InvariantViolation, JackPayError
+from common.logs import log_event
+from common.messages import (
+    ROUTER_REQUESTS,
+    BalanceReply,
+    Error,
+    GetBalance,
+    Hello,
+    History,
+    HistoryReply,
+    Message,
+    Paid,
+    Pay,
+    Ping,
+    Pong,
+    Status,
+    StatusReply,
+    Welcome,
+    decoder_for,
+    encode,
+)
+from router.admin import AdminServer
+from router.book import Book, Opening
+from router.ledger_client import LedgerClient, LedgerRefused, LedgerUnavailable, durable_row
+from router.payments import Outcome, Pipeline
+from router.sessions import Registry, Session
+
+log = logging.getLogger("jackpay.router")
+
+_DECODER = decoder_for(ROUTER_REQUESTS)
+SERVER_NAME = "jackpay-router"
+REPLAY_PAGE_ROWS = 1000  # the ledger sends fewer when they would not fit one frame
+HISTORY_MAX_ROWS = 100
+HELLO_TIMEOUT_S = 10.0
+
+
+class StartupFailed(JackPayError):
+    """The router cannot start; the message says why and what to do."""
+
+
+class RouterService:
+    def __init__(self, cfg: NetworkConfig, *, host: str, port: int, ledger_host: str,
+                 ledger_port: int, admin_path: Path | None = None) -> None:
+        self.cfg = cfg
+        self.host = host
+        self.port = port
+        rc = cfg.router
+        self.ledger = LedgerClient(ledger_host, ledger_port, timeout_s=rc.ledger_timeout_s,
+                                   retry_max_s=rc.ledger_retry_max_s,
+                                   max_frame_bytes=cfg.ledger.max_frame_bytes)
+        self.book = Book()
+        self.registry = Registry(cfg.participants)
+        self.pipeline = Pipeline(self.book, self.registry, self.ledger, rc)
+        self._server: asyncio.Server | None = None
+        self._connections: set[Channel] = set()
+        self.pay_handlers: set[asyncio.Task[Any]] = set()
+        self.addr: tuple[str, int] = (host, port)
+        self.admin = AdminServer(self, admin_path or cfg.resolve(rc.admin_socket))
+
+    # --- startup ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect, replay, issue openings, listen. Raises StartupFailed."""
+        self.ledger.start()
+        log_event(log, "waiting for the ledger", ledger=self.ledger.address)
+        await self.ledger.wait_connected()
+        await self.replay()
+        await self.issue_openings()
+        self._server = await asyncio.start_server(self._on_connect, self.host, self.port,
+                                                  limit=READ_CHUNK)
+        sock = self._server.sockets[0].getsockname()
+        self.addr = (sock[0], sock[1])
+        try:
+            await self.admin.start()
+        except OSError as exc:  # payments do not need it; say so and go on
+            log_event(log, "admin socket unavailable", logging.ERROR, path=str(self.admin.path),
+                      error=str(exc))
+        log_event(log, "listening", addr=f"{self.addr[0]}:{self.addr[1]}",
+                  admin=str(self.admin.path), participants=len(self.registry.participants))
+
+    async def replay(self) -> None:
+        """Rebuild the book from every ledger row, page by page (retrying on loss)."""
+        from_seq = 1
+        while True:
+            try:
+                page = await self.ledger.read(from_seq, REPLAY_PAGE_ROWS)
+            except LedgerUnavailable as exc:
+                log_event(log, "replay interrupted; retrying", logging.WARNING, error=str(exc))
+                await asyncio.sleep(0.1)
+                await self.ledger.wait_connected()
+                continue
+            try:
+                for row in page.rows:
+                    self.book.replay(row)
+            except InvariantViolation as exc:
+                raise StartupFailed(f"the ledger does not replay cleanly: {exc}; run "
+                                    "`jackpay-ledger verify` on its file") from exc
+            if not page.rows or page.next_seq > page.last_seq:
+                break
+            from_seq = page.next_seq
+        log_event(log, "ledger replayed", rows=self.book.last_seq, txs=len(self.book.txs),
+                  total=self.book.accounts.total())
+
+    async def issue_openings(self) -> None:
+        """Append the opening balances not yet in the ledger (deterministic tx_ids)."""
+        openings = [Opening(p.id, p.opening_minor) for p in self.cfg.participants]
+        while True:
+            rows = self.book.missing_openings(openings)
+            if not rows:
+                return
+            futs = [self.ledger.append(r) for r in rows]
+            results = await asyncio.gather(*futs, return_exceptions=True)
+            for row_in, res in zip(rows, results, strict=True):
+                if isinstance(res, LedgerUnavailable):
+                    log_event(log, "opening balance not issued yet; retrying", logging.WARNING,
+                              tx_id=row_in.tx_id)
+                    continue
+                if isinstance(res, LedgerRefused):
+                    raise StartupFailed(f"the ledger refused opening balance {row_in.tx_id}: "
+                                        f"{res}")
+                if isinstance(res, BaseException):
+                    raise res
+                if res.status == "conflict":
+                    raise StartupFailed(f"ledger holds {row_in.tx_id} for another payment")
+                self.book.replay(durable_row(row_in, res))
+                log_event(log, "opening balance issued", tx_id=row_in.tx_id,
+                          receiver=row_in.receiver, amount=row_in.amount, seq=res.seq)
+            if self.book.missing_openings(openings):
+                await asyncio.sleep(0.1)
+                await self.ledger.wait_connected()
+
+    # --- connections -----------------------------------------------------------------
+
+    def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = PayerConnection(self)
+        ch = Channel(reader, writer, _DECODER, name="payer", on_message=conn.on_message,
+                     on_close=conn.on_close, max_frame_bytes=self.cfg.router.max_frame_bytes)
+        conn.channel = ch
+        self._connections.add(ch)
+        ch.start()
+        conn.arm_hello_timeout()
+
+    def forget_connection(self, ch: Channel) -> None:
+        self._connections.discard(ch)
+
+    # --- shutdown --------------------------------------------------------------------
+
+    async def shutdown(self) -> None:
+        """Stop accepting, drain payments within the grace period, close everything."""
+        grace = self.cfg.router.shutdown_grace_s
+        log_event(log, "shutting down", inflight=len(self.pipeline.inflight), grace_s=grace)
+        if self._server is not None:
+            self._server.close()
+        cancelled = await self.pipeline.drain(grace)
+        if self.pay_handlers:  # let every answered `pay` write its reply
+            await asyncio.wait(set(self.pay_handlers), timeout=1.0)
+        for ch in list(self._connections):
+            ch.close()
+        await self.admin.aclose()
+        await self.ledger.aclose()
+        log_event(log, "stopped", cancelled=cancelled, **self.pipeline.counts)
+
+    async def aclose(self) -> None:
+        """Close without draining (startup was interrupted)."""
+        if self._server is not None:
+            self._server.close()
+        await self.admin.aclose()
+        await self.ledger.aclose()
+
+
+class PayerConnection:
+    """One TCP connection from a payer: hello first, then its requests."""
+
+    def __init__(self, service: RouterService) -> None:
+        self.service = service
+        self.channel: Channel | None = None
+        self.session: Session | None = None
+        self._hello_timer: asyncio.TimerHandle | None = None
+
+    def arm_hello_timeout(self) -> None:
+        self._hello_timer = asyncio.get_running_loop().call_later(HELLO_TIMEOUT_S,
+                                                                  self._hello_overdue)
+
+    def _hello_overdue(self) -> None:
+        if self.session is None and self.channel is not None and not self.channel.closed:
+            log_event(log, "no hello in time; closing", peer=self.channel.peername)
+            self.channel.reply_error(None, ErrorCode.HELLO_REQUIRED,
+                                     f"say hello within {HELLO_TIMEOUT_S:g}s")
+            self.channel.close()
+
+    def on_close(self, ch: Channel) -> None:
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+        self.service.forget_connection(ch)
+        if self.session is not None and self.service.registry.detach(self.session):
+            log_event(log, "payer disconnected", payer=self.session.payer_id)
+
+    def on_message(self, ch: Channel, msg: Message) -> Coroutine[Any, Any, None] | None:
+        if self.session is None:
+            self._first_frame(ch, msg)
+            return None
+        session = self.session
+        match msg:
+            case Pay():
+                return self._pay(session, ch, msg)
+            case Ping(id=rid):
+                ch.send_nowait(Pong(re=rid))
+            case GetBalance(id=rid):
+                accounts = self.service.book.accounts
+                pid = session.payer_id
+                ch.send_nowait(BalanceReply(re=rid, balance=accounts.balance(pid),
+                                            available=accounts.available(pid),
+                                            last_tx_time=accounts.last_tx_time(pid)))
+            case History():
+                return self._history(session, ch, msg)
+            case Status():
+                ch.send_nowait(self._status(session, msg))
+            case Hello(id=rid):
+                ch.reply_error(rid, ErrorCode.BAD_REQUEST, "this session already said hello")
+            case Error(code=code, message=text):
+                log_event(log, "payer sent an error", payer=session.payer_id, code=code,
+                          reason=text)
+            case _:
+                # Late replies (receipt, ack, pong) whose request already timed out.
+                log.debug("unexpected %s from %s ignored", type(msg).__name__, session.payer_id)
+        return None
+
+    def _first_frame(self, ch: Channel, msg: Message) -> None:
+        rid = getattr(msg, "id", None)
+        if not isinstance(msg, Hello):
+            log_event(log, "first frame was not hello; closing", peer=ch.peername,
+                      t=type(msg).__name__)
+            ch.reply_error(rid, ErrorCode.HELLO_REQUIRED, "the first frame must be `hello`")
+            ch.close()
+            return
+        registry = self.service.registry
+        if msg.role != "payer":
+            ch.reply_error(rid, ErrorCode.BAD_REQUEST, "the router takes hello from payers only")
+            ch.close()
+            return
+        if msg.version != PROTOCOL_VERSION:
+            ch.reply_error(rid, ErrorCode.UNSUPPORTED_VERSION,
+                           f"this router speaks protocol version {PROTOCOL_VERSION}")
+            ch.close()
+            return
+        if not registry.receiver_exists(msg.peer):
+            log_event(log, "hello from unknown payer refused", peer=ch.peername, payer=msg.peer)
+            ch.reply_error(rid, ErrorCode.UNKNOWN_PAYER,
+                           f"{msg.peer!r} is not a participant of this network")
+            ch.close()
+            return
+        session, old = registry.attach(msg.peer, ch)
+        self.session = session
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+        ch.name = f"payer:{msg.peer}"
+        if old is not None:
+            log_event(log, "session replaced", payer=msg.peer)
+            old.channel.reply_error(None, ErrorCode.SESSION_REPLACED,
+                                    "a newer session for this payer took over")
+            old.channel.close()
+        accounts = self.service.book.accounts
+        ch.send_nowait(Welcome(re=msg.id, version=PROTOCOL_VERSION, server=SERVER_NAME,
+                               balance=accounts.balance(msg.peer),
+                               available=accounts.available(msg.peer),
+                               last_tx_time=accounts.last_tx_time(msg.peer)))
+        log_event(log, "payer connected", payer=msg.peer, peer=ch.peername)
+
+    async def _pay(self, session: Session, ch: Channel, pay: Pay) -> None:
+        task = asyncio.current_task()
+        handlers = self.service.pay_handlers
+        if task is not None:
+            handlers.add(task)
+        try:
+            outcome = await self.service.pipeline.submit(session.payer_id, pay)
+            self._reply(ch, pay.id, session.payer_id, outcome)
+        finally:
+            if task is not None:
+                handlers.discard(task)
+
+    def _reply(self, ch: Channel, rid: int, payer_id: str, outcome: Outcome) -> None:
+        if ch.closed:
+            return  # the sender retries the same tx_id after reconnecting
+        try:
+            if outcome.code is None:
+                assert outcome.seq is not None
+                assert outcome.dtg is not None
+                ch.send_nowait(Paid(re=rid, tx_id=outcome.tx_id, seq=outcome.seq,
+                                    dtg=outcome.dtg,
+                                    balance=self.service.book.accounts.balance(payer_id)))
+            else:
+                ch.send_nowait(Error(re=rid, code=outcome.code.value, message=outcome.message,
+                                     tx_id=outcome.tx_id))
+        except ConnectionLost:
+            pass
+
+    async def _history(self, session: Session, ch: Channel, msg: History) -> None:
+        limit = min(msg.limit, HISTORY_MAX_ROWS)
+        try:
+            page = await self.service.ledger.read(msg.from_seq, limit, party=session.payer_id)
+        except LedgerUnavailable as exc:
+            ch.reply_error(msg.id, ErrorCode.LEDGER_UNAVAILABLE, str(exc))
+            return
+        rows, next_seq = page.rows, page.next_seq
+        reply = HistoryReply(re=msg.id, rows=rows, next_seq=next_seq)
+        # The ledger's page fits its frame; ours may be smaller: send fewer rows then.
+        while len(rows) > 1 and len(encode(reply)) + 64 > self.service.cfg.router.max_frame_bytes:
+            rows = rows[: len(rows) // 2]
+            reply = HistoryReply(re=msg.id, rows=rows, next_seq=rows[-1].seq + 1)
+        if not ch.closed:
+            ch.send_nowait(reply)
+
+    def _status(self, session: Session, msg: Status) -> StatusReply:
+        rec = self.service.book.txs.get(msg.tx_id)
+        me = session.payer_id
+        if rec is None or me not in (rec.params.sender, rec.params.receiver):
+            return StatusReply(re=msg.id, tx_id=msg.tx_id, state="unknown")
+        return StatusReply(re=msg.id, tx_id=msg.tx_id, state=rec.state.value, code=rec.code,
+                           seq=rec.seq, sender=rec.params.sender, receiver=rec.params.receiver,
+                           amount=rec.params.amount)

@@ -1,0 +1,66 @@
+"""The registry of participants and their live sessions (the seed's `activePayers`).
+
+Rules:
+- the participants come from the network config; nobody else can say hello as a payer;
+- a payer has at most one live session. A new hello for the same payer replaces the old
+  session: the old one is told `session_replaced` and closed (by the caller);
+- a session leaves the registry when its connection closes, but only if it is still the
+  current one (a replaced session's late close must not remove its successor).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from common.aio import Channel
+from common.config import Participant
+from router.accounts import is_reserved
+
+
+@dataclass(eq=False, slots=True)
+class Session:
+    payer_id: str
+    channel: Channel
+
+    @property
+    def live(self) -> bool:
+        return not self.channel.closed
+
+
+class Registry:
+    def __init__(self, participants: list[Participant]) -> None:
+        self._participants = {p.id: p for p in participants}
+        self._sessions: dict[str, Session] = {}
+
+    def receiver_exists(self, payer_id: str) -> bool:
+        """The seed's receiverExists: is `payer_id` a participant of this network?"""
+        return not is_reserved(payer_id) and payer_id in self._participants
+
+    def participant(self, payer_id: str) -> Participant | None:
+        return self._participants.get(payer_id)
+
+    @property
+    def participants(self) -> list[Participant]:
+        return list(self._participants.values())
+
+    def session(self, payer_id: str) -> Session | None:
+        """The payer's live session, if any."""
+        s = self._sessions.get(payer_id)
+        return s if s is not None and s.live else None
+
+    def attach(self, payer_id: str, channel: Channel) -> tuple[Session, Session | None]:
+        """Make `channel` the payer's session; returns (new, replaced-or-None)."""
+        old = self._sessions.get(payer_id)
+        new = Session(payer_id, channel)
+        self._sessions[payer_id] = new
+        return new, (old if old is not None and old.live else None)
+
+    def detach(self, session: Session) -> bool:
+        """Forget `session` if it is still the payer's current one."""
+        if self._sessions.get(session.payer_id) is session:
+            del self._sessions[session.payer_id]
+            return True
+        return False
+
+    def live_sessions(self) -> list[Session]:
+        return [s for s in self._sessions.values() if s.live]

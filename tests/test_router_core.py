@@ -1,0 +1,294 @@
+"""Router core, pure units: accounts and holds, the tx table, replay and openings; plus
+the ledger client's batching and in-doubt rule against an in-process fake ledger."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from common.aio import Channel
+from common.errors import InvariantViolation
+from common.messages import (
+    ISSUER,
+    LEDGER_REQUESTS,
+    Append,
+    Appended,
+    AppendResult,
+    Error,
+    Hello,
+    LedgerRow,
+    Message,
+    RowIn,
+    Welcome,
+    decoder_for,
+)
+from router.accounts import Accounts, InsufficientFunds
+from router.book import Book, Opening, opening_tx_id
+from router.ledger_client import LedgerClient, LedgerRefused, LedgerUnavailable
+from router.transactions import TxIdConflict, TxParams, TxState, TxTable
+
+
+def row(seq: int, sender: str, receiver: str, amount: int, tx_id: str, memo: str = "") -> LedgerRow:
+    return LedgerRow(seq=seq, dtg=f"2026-01-01T00:00:{seq:02d}.000000Z", sender=sender,
+                     receiver=receiver, amount=amount, tx_id=tx_id, memo=memo, hash="0" * 64)
+
+
+# --- accounts and holds ----------------------------------------------------------------
+
+
+def test_hold_reduces_available_not_balance() -> None:
+    acc = Accounts()
+    acc.apply(ISSUER, "alice", 100, held=False)
+    acc.place_hold("alice", 60)
+    assert acc.balance("alice") == 100
+    assert acc.available("alice") == 40
+    assert not acc.funds_available("alice", 41)
+    assert acc.funds_available("alice", 40)
+
+
+def test_hold_beyond_available_raises_and_changes_nothing() -> None:
+    acc = Accounts()
+    acc.apply(ISSUER, "alice", 100, held=False)
+    acc.place_hold("alice", 70)
+    with pytest.raises(InsufficientFunds):
+        acc.place_hold("alice", 31)
+    assert acc.held("alice") == 70
+
+
+def test_apply_moves_money_and_releases_hold() -> None:
+    acc = Accounts()
+    acc.apply(ISSUER, "alice", 100, held=False)
+    acc.place_hold("alice", 30)
+    acc.apply("alice", "bob", 30, held=True, tx_time="t")
+    assert (acc.balance("alice"), acc.available("alice"), acc.held("alice")) == (70, 70, 0)
+    assert acc.balance("bob") == 30
+    assert acc.last_tx_time("bob") == "t"
+    assert acc.total() == 0
+
+
+def test_release_twice_is_a_bug() -> None:
+    acc = Accounts()
+    acc.apply(ISSUER, "alice", 10, held=False)
+    acc.place_hold("alice", 10)
+    acc.release_hold("alice", 10)
+    with pytest.raises(InvariantViolation):
+        acc.release_hold("alice", 10)
+
+
+def test_payer_never_negative_issuer_may_be() -> None:
+    acc = Accounts()
+    acc.apply(ISSUER, "alice", 5, held=False)
+    assert acc.balance(ISSUER) == -5
+    with pytest.raises(InvariantViolation):
+        acc.apply("alice", "bob", 6, held=False)
+    with pytest.raises(InvariantViolation):  # no hold placed
+        acc.apply("alice", "bob", 5, held=True)
+    assert acc.balance("alice") == 5
+    assert acc.total() == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["a", "b", "c"]), st.sampled_from(["a", "b", "c"]),
+                          st.integers(1, 50), st.sampled_from(["commit", "release"])),
+                max_size=60))
+def test_property_holds_never_overspend(ops: list[tuple[str, str, int, str]]) -> None:
+    acc = Accounts()
+    for p in "abc":
+        acc.apply(ISSUER, p, 40, held=False)
+    holds: list[tuple[str, str, int, str]] = []
+    for op in ops:
+        sender, _, amount, _ = op
+        if acc.funds_available(sender, amount):
+            acc.place_hold(sender, amount)
+            holds.append(op)
+        assert acc.available(sender) >= 0
+    for sender, receiver, amount, how in holds:
+        if how == "commit" and sender != receiver:
+            acc.apply(sender, receiver, amount, held=True)
+        else:
+            acc.release_hold(sender, amount)
+        assert all(acc.balance(p) >= 0 for p in "abc")
+    assert acc.total() == 0
+    assert acc.total_held() == 0
+
+
+# --- transaction table -----------------------------------------------------------------
+
+
+def test_tx_lookup_same_params_and_conflict() -> None:
+    txs = TxTable()
+    p = TxParams("alice", "bob", 10, "m")
+    assert txs.lookup("t1", p) is None
+    txs.begin("t1", p)
+    rec = txs.lookup("t1", p)
+    assert rec is not None
+    assert rec.state is TxState.PENDING
+    with pytest.raises(TxIdConflict):
+        txs.lookup("t1", TxParams("alice", "bob", 11, "m"))
+    with pytest.raises(TxIdConflict):
+        txs.lookup("t1", TxParams("carol", "bob", 10, "m"))
+
+
+def test_tx_states_only_move_forward() -> None:
+    txs = TxTable()
+    txs.begin("t1", TxParams("a", "b", 1, ""))
+    txs.mark_failed("t1", "receiver_timeout")
+    with pytest.raises(InvariantViolation):
+        txs.mark_paid("t1", 3, "dtg")
+    rec = txs.get("t1")
+    assert rec is not None
+    assert rec.state is TxState.FAILED
+    assert rec.seq is None
+    with pytest.raises(InvariantViolation):
+        txs.begin("t1", TxParams("a", "b", 1, ""))
+
+
+# --- book: replay and openings ---------------------------------------------------------
+
+
+def test_replay_rebuilds_balances_and_index() -> None:
+    book = Book()
+    book.replay(row(1, ISSUER, "alice", 100, "_open:alice"))
+    book.replay(row(2, "alice", "bob", 30, "t1", "lunch"))
+    book.replay(row(2, "alice", "bob", 30, "t1", "lunch"))  # same row again: skipped
+    assert book.accounts.balance("alice") == 70
+    assert book.accounts.balance("bob") == 30
+    assert book.accounts.total() == 0
+    rec = book.txs.lookup("t1", TxParams("alice", "bob", 30, "lunch"))
+    assert rec is not None
+    assert rec.state is TxState.PAID
+    assert rec.seq == 2
+    with pytest.raises(InvariantViolation):
+        book.replay(row(2, "alice", "bob", 1, "t2"))  # out of order
+
+
+def test_openings_issued_once_and_never_zero() -> None:
+    book = Book()
+    openings = [Opening("alice", 100), Opening("bob", 0), Opening("carol", 5)]
+    rows = book.missing_openings(openings)
+    assert [(r.tx_id, r.sender, r.receiver, r.amount) for r in rows] == [
+        (opening_tx_id("alice"), ISSUER, "alice", 100), ("_open:carol", ISSUER, "carol", 5)]
+    book.replay(row(1, ISSUER, "alice", 100, "_open:alice", "opening balance"))
+    assert [r.receiver for r in book.missing_openings(openings)] == ["carol"]
+
+
+def test_commit_releases_hold_and_marks_paid() -> None:
+    book = Book()
+    book.replay(row(1, ISSUER, "alice", 100, "_open:alice"))
+    book.txs.begin("t1", TxParams("alice", "bob", 40, ""))
+    book.accounts.place_hold("alice", 40)
+    book.commit(row(2, "alice", "bob", 40, "t1"))
+    assert book.accounts.available("alice") == book.accounts.balance("alice") == 60
+    rec = book.txs.get("t1")
+    assert rec is not None
+    assert rec.state is TxState.PAID
+    assert rec.seq == 2
+
+
+# --- ledger client against an in-process fake ledger -------------------------------------
+
+
+@dataclass
+class FakeLedger:
+    """Answers hello; answers appends via `behaviour` (returns a reply or None to drop)."""
+
+    behaviour: Callable[[Append, int], Message | None]
+    appends: list[Append] = field(default_factory=list)
+    server: asyncio.Server | None = None
+    port: int = 0
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._on_connect, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        ch = Channel(reader, writer, decoder_for(LEDGER_REQUESTS), name="fake")
+        ch.on_message = self._on_message
+        ch.start()
+
+    def _on_message(self, ch: Channel, msg: Message) -> None:
+        if isinstance(msg, Hello):
+            ch.send_nowait(Welcome(re=msg.id, version=1, server="fake"))
+        elif isinstance(msg, Append):
+            self.appends.append(msg)
+            reply = self.behaviour(msg, len(self.appends))
+            if reply is not None:
+                ch.send_nowait(reply)
+
+
+def ok_reply(msg: Append, status: str = "written") -> Appended:
+    return Appended(re=msg.id, results=[
+        AppendResult(status=status, seq=i + 1, dtg="d", hash="h")  # type: ignore[arg-type]
+        for i in range(len(msg.rows))])
+
+
+@pytest.fixture
+async def fake_ledger() -> AsyncIterator[Callable[..., asyncio.Future[FakeLedger]]]:
+    made: list[FakeLedger] = []
+
+    async def make(behaviour: Callable[[Append, int], Message | None]) -> FakeLedger:
+        fl = FakeLedger(behaviour)
+        await fl.start()
+        made.append(fl)
+        return fl
+
+    yield make  # type: ignore[misc]
+    for fl in made:
+        assert fl.server is not None
+        fl.server.close()
+
+
+def rin(tx_id: str) -> RowIn:
+    return RowIn(tx_id=tx_id, sender="alice", receiver="bob", amount=1)
+
+
+async def test_rows_queued_in_one_turn_go_as_one_append(fake_ledger) -> None:  # type: ignore[no-untyped-def]
+    fl = await fake_ledger(lambda msg, n: ok_reply(msg))
+    client = LedgerClient("127.0.0.1", fl.port, timeout_s=1.0)
+    client.start()
+    assert await client.wait_connected(2.0)
+    futs = [client.append(rin(f"t{i}")) for i in range(50)]
+    results = await asyncio.gather(*futs)
+    assert len(fl.appends) == 1
+    assert [r.seq for r in results] == list(range(1, 51))
+    await client.aclose()
+
+
+async def test_lost_answer_is_resent_until_answered(fake_ledger) -> None:  # type: ignore[no-untyped-def]
+    # The first two appends are "lost" (no answer); the third gets a duplicate answer.
+    fl = await fake_ledger(lambda msg, n: None if n < 3 else ok_reply(msg, "duplicate"))
+    client = LedgerClient("127.0.0.1", fl.port, timeout_s=0.2)
+    client.start()
+    assert await client.wait_connected(2.0)
+    result = await asyncio.wait_for(client.append(rin("t1")), 5.0)
+    assert result.status == "duplicate"
+    assert len(fl.appends) == 3
+    assert all(a.rows == fl.appends[0].rows for a in fl.appends)
+    await client.aclose()
+
+
+async def test_error_answer_is_definite(fake_ledger) -> None:  # type: ignore[no-untyped-def]
+    fl = await fake_ledger(lambda msg, n: Error(re=msg.id, code="ledger_write_failed",
+                                                message="disk full"))
+    client = LedgerClient("127.0.0.1", fl.port, timeout_s=1.0)
+    client.start()
+    assert await client.wait_connected(2.0)
+    with pytest.raises(LedgerRefused) as info:
+        await client.append(rin("t1"))
+    assert info.value.code == "ledger_write_failed"
+    assert len(fl.appends) == 1
+    await client.aclose()
+
+
+async def test_no_connection_means_unavailable() -> None:
+    client = LedgerClient("127.0.0.1", 1, timeout_s=0.2, retry_max_s=0.1)
+    client.start()
+    with pytest.raises(LedgerUnavailable):
+        await client.append(rin("t1"))
+    assert not await client.ping_ledger()
+    await client.aclose()
