@@ -196,7 +196,7 @@ class Chaos:
             progressed = progressed and workload.last_success_at > healed_at
             state = await self.wait_quiescent()
         finally:
-            workload.close()
+            await workload.close()
             for proxy in (self.proxy_r, self.proxy_l):
                 if proxy is not None:
                     await proxy.stop()

@@ -135,8 +135,8 @@ class Workload:
             await asyncio.sleep(0.2)
         return False
 
-    def close(self) -> None:
+    async def close(self) -> None:
         for ch in self._channels.values():
             with contextlib.suppress(Exception):
-                ch.close()
+                await ch.aclose()
         self._channels.clear()

@@ -123,6 +123,10 @@ class Channel:
         await self._closed.wait()
         with contextlib.suppress(Exception):
             await self._writer.wait_closed()
+        task = self._reader_task
+        if task is not None and task is not asyncio.current_task():
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
     async def aclose(self) -> None:
         self.close()
