@@ -45,6 +45,7 @@ from common.messages import (
     RowIn,
     Settled,
 )
+from common.money import format_amount
 from router.accounts import is_reserved
 from router.book import Book
 from router.ledger_client import (
@@ -258,8 +259,9 @@ class Pipeline:
         """Step 3 (seed: fundsAvail). Raises PaymentKilled(insufficient_funds)."""
         if not self.book.accounts.funds_available(p.params.sender, p.params.amount):
             raise PaymentKilled(ErrorCode.INSUFFICIENT_FUNDS,
-                                f"{p.params.sender} has {self.book.accounts.available(p.params.sender)}"
-                                f" available, below {p.params.amount}")
+                                f"{p.params.sender} has "
+                                f"{format_amount(self.book.accounts.available(p.params.sender))}"
+                                f" available, below {format_amount(p.params.amount)}")
 
     def check_receiver(self, p: Payment) -> None:
         """Step 4 (seed: receiverExists). Raises PaymentKilled(unknown_receiver)."""
