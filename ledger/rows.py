@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import re
 
+import msgspec
+
 from common.messages import ACCOUNT_PATTERN, TX_ID_PATTERN, LedgerRow
-from common.money import AmountError, format_amount, parse_amount
+from common.money import MAX_AMOUNT, AmountError, format_amount, parse_amount
 
 HEADER = ["dtg", "sender", "receiver", "amount", "seq", "tx_id", "memo", "hash"]
 HEADER_LINE = ",".join(HEADER) + "\n"
@@ -36,6 +37,7 @@ _TX_ID_RE = re.compile(TX_ID_PATTERN)
 _DTG_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z")
 _HASH_RE = re.compile(r"[0-9a-f]{64}")
 _CONTROL_RE = re.compile(r"[\\\x00-\x1f\x7f]")
+_JSON = msgspec.json.Encoder()
 _FORMULA_START = ("=", "+", "-", "@", "'")
 _ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r"}
 _UNESCAPE_RE = re.compile(r"\\(\\|n|r|u([0-9a-fA-F]{4}))")
@@ -66,9 +68,10 @@ def decode_memo(cell: str) -> str:
 
 def chain_hash(prev_hash: str, seq: int, dtg: str, sender: str, receiver: str,
                amount: int, tx_id: str, memo: str) -> str:
-    canonical = json.dumps([prev_hash, seq, dtg, sender, receiver, amount, tx_id, memo],
-                           separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    # msgspec's JSON is byte-for-byte json.dumps(..., separators=(",", ":"),
+    # ensure_ascii=False).encode() for these values (tested), at a fraction of the cost.
+    canonical = _JSON.encode([prev_hash, seq, dtg, sender, receiver, amount, tx_id, memo])
+    return hashlib.sha256(canonical).hexdigest()
 
 
 def make_row(prev_hash: str, seq: int, dtg: str, sender: str, receiver: str,
@@ -91,15 +94,39 @@ def format_line(row: LedgerRow) -> str:
             f"{row.tx_id},{_quote(encode_memo(row.memo))},{row.hash}\n")
 
 
+_FAST_LINE_RE = re.compile(
+    r"(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z),"
+    + r"(" + ACCOUNT_PATTERN.strip("^$") + r"),(" + ACCOUNT_PATTERN.strip("^$") + r"),"
+    + r"([0-9]+)\.([0-9]{2}),([1-9][0-9]*),(" + TX_ID_PATTERN.strip("^$") + r"),"
+    + r"([^,\"'\\]*),([0-9a-f]{64})"
+)
+
+
 def parse_line(line: str) -> LedgerRow:
     """Parse one CSV line (without its newline). Raises RowFormatError.
 
-    Checks the format of every cell, not the chain (see `check_chain`).
+    Checks the format of every cell, not the chain (see `check_chain`). The common line
+    (a plain memo) is matched by one expression; anything else takes the careful path,
+    which also says exactly what is wrong.
     """
-    try:
-        cells = next(csv.reader([line], strict=True))
-    except (csv.Error, StopIteration) as exc:
-        raise RowFormatError(f"not a CSV row: {exc}") from None
+    m = _FAST_LINE_RE.fullmatch(line)
+    if m is not None:
+        dtg, sender, receiver, whole, cents, seq_s, tx_id, memo, h = m.groups()
+        amount = int(whole) * 100 + int(cents)
+        if 0 < amount <= MAX_AMOUNT and len(memo) <= MAX_MEMO_CHARS:
+            return LedgerRow(seq=int(seq_s), dtg=dtg, sender=sender, receiver=receiver,
+                             amount=amount, tx_id=tx_id, memo=memo, hash=h)
+    return _parse_line_carefully(line)
+
+
+def _parse_line_carefully(line: str) -> LedgerRow:
+    if '"' in line:
+        try:
+            cells = next(csv.reader([line], strict=True))
+        except (csv.Error, StopIteration) as exc:
+            raise RowFormatError(f"not a CSV row: {exc}") from None
+    else:  # fast path: no quoted cell, so a comma always separates cells
+        cells = line.split(",")
     if len(cells) != len(HEADER):
         raise RowFormatError(f"expected {len(HEADER)} cells, found {len(cells)}")
     dtg, sender, receiver, amount_s, seq_s, tx_id, memo_cell, h = cells

@@ -89,3 +89,15 @@ def test_chain_detects_edit_delete_reorder() -> None:
 def test_bad_lines_are_refused_with_a_reason(line: str) -> None:
     with pytest.raises(RowFormatError):
         parse_line(line)
+
+
+@given(st.text(max_size=64), st.integers(1, 2**62))
+def test_hash_input_is_the_documented_canonical_json(memo: str, amount: int) -> None:
+    import hashlib
+    import json
+
+    from ledger.rows import chain_hash
+
+    fields = [GENESIS_HASH, 7, DTG, "alice", "_issuer", amount, "tx:7", memo]
+    doc = json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode()
+    assert chain_hash(*fields) == hashlib.sha256(doc).hexdigest()  # type: ignore[arg-type]
