@@ -71,6 +71,7 @@ class LedgerServer:
         self._queue: list[_Queued] = []
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
+        self._writing: asyncio.Future[None] | None = None  # the batch being written
         self._stopping = False
         self._started = time.monotonic()
         self.appends = 0
@@ -133,7 +134,16 @@ class LedgerServer:
                 return
             self._greeted.add(ch)
             ch.name = f"{msg.role}:{msg.peer or ch.peername}"
-            ch.send_nowait(Welcome(re=msg.id, version=PROTOCOL_VERSION, server="jackpay-ledger"))
+            welcome = Welcome(re=msg.id, version=PROTOCOL_VERSION, server="jackpay-ledger")
+            if msg.role == "router" and msg.peer:
+                self._fence(ch)
+                writing = self._writing
+                if writing is not None and not writing.done():
+                    # Welcome (and so the new router's replay) only once the rows a
+                    # fenced connection may have in this batch are durable and readable.
+                    writing.add_done_callback(lambda _: self._send(ch, welcome))
+                    return
+            ch.send_nowait(welcome)
             return
         match msg:
             case Append():
@@ -164,15 +174,32 @@ class LedgerServer:
                 ch.reply_error(getattr(msg, "id", None), ErrorCode.BAD_REQUEST,
                                f"{type(msg).__name__.lower()} is not a ledger request")
 
+    def _fence(self, ch: Channel) -> None:
+        """A router said hello (restarted, or reconnected after a lost link): its older
+        connections are dead to us. Close them and drop the appends of closed
+        connections not yet taken into a batch, so that an append from an old session
+        can never land after the new session has replayed the ledger (a row the router
+        would not know: balances off, `status` wrong). Nothing dropped was acked; a
+        live router re-sends its in-doubt appends on the new connection."""
+        for c in [c for c in self._greeted if c is not ch and c.name == ch.name]:
+            log_event(log, "router session replaced; old connection fenced", logging.WARNING,
+                      peer=c.peername, name=c.name)
+            c.close()
+        self._queue = [q for q in self._queue if not q.channel.closed]
+
     def _rows_reply(self, rid: int, from_seq: int, limit: int, party: str | None) -> Rows:
         """A page of rows that fits in one frame: fewer rows than asked when they are large
         (the client continues from `next_seq`)."""
         while True:
             res = self.store.read(from_seq, limit, party)
             reply = Rows(re=rid, rows=res.rows, next_seq=res.next_seq, last_seq=self.store.last_seq)
-            if limit == 1 or len(encode(reply)) + HEADER_SIZE <= self.max_frame_bytes:
+            size = len(encode(reply)) + HEADER_SIZE
+            if limit == 1 or size <= self.max_frame_bytes:
                 return reply
-            limit //= 2
+            # Shrink in proportion to the overshoot (with a margin), not by halves: the
+            # next try nearly always fits and the page stays close to the frame limit.
+            n = max(len(res.rows), 1)
+            limit = max(1, min(n - 1, int(n * self.max_frame_bytes * 0.95 / size)))
 
     def _send(self, ch: Channel, msg: Message) -> None:
         """Send a reply; a vanished client or an unsendable frame never stops the service."""
@@ -207,7 +234,8 @@ class LedgerServer:
                 await self._wake.wait()
                 continue
             batch = self._take_batch()
-            await self._write_batch(batch)
+            self._writing = asyncio.ensure_future(self._write_batch(batch))
+            await self._writing
 
     async def _write_batch(self, batch: list[_Queued]) -> None:
         store = self.store

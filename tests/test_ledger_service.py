@@ -43,7 +43,9 @@ DECODER = decoder_for(LEDGER_REPLIES)
 async def connect(net: Network) -> Channel:
     host, port = net.procs["ledger"].addr
     ch = await open_channel(host, port, DECODER, name="ledger")
-    assert isinstance(await ch.request(Hello(id=0, version=1, role="router", peer="test")), Welcome)
+    # A distinct name per connection: a router's new hello fences its older connections.
+    assert isinstance(await ch.request(Hello(id=0, version=1, role="router",
+                                             peer=f"test{id(ch)}")), Welcome)
     return ch
 
 

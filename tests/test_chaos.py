@@ -1,0 +1,55 @@
+"""`scripts/chaos` for a few short seeds: random payments under a seeded fault schedule,
+then the checker judges the whole history. The runs are started together (each in its
+own temp folder, on its own ports) so the whole file takes about one run's time.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from netkit import REPO_ROOT
+
+SEEDS = (3, 11, 42)
+SECONDS = 6
+
+
+@pytest.fixture(scope="module")
+def runs() -> Iterator[dict[int, subprocess.Popen[str]]]:
+    procs = {
+        seed: subprocess.Popen(
+            [sys.executable, "-m", "chaos.run", "--seconds", str(SECONDS), "--seed", str(seed),
+             "--json"],
+            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for seed in SEEDS
+    }
+    yield procs
+    for p in procs.values():
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", SEEDS)
+def test_chaos_run_passes(runs: dict[int, subprocess.Popen[str]], seed: int) -> None:
+    try:
+        out, err = runs[seed].communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        runs[seed].kill()
+        out, err = runs[seed].communicate()
+        pytest.fail(f"chaos seed {seed} did not finish in time:\n{err[-3000:]}")
+    assert runs[seed].returncode == 0, f"seed {seed} exit {runs[seed].returncode}:\n{out}\n{err[-3000:]}"
+    summary: dict[str, Any] = json.loads(out)
+    assert summary["seed"] == seed
+    assert summary["verdict"] == "PASS", summary["violations"]
+    assert summary["violations"] == []
+    assert summary["schedule"], "the seed produced no fault schedule"
+    assert sum(summary["faults_injected"].values()) == len(summary["schedule"])
+    assert summary["outcomes"].get("ok", 0) > 0
+    # every ledger row is an opening balance or a payment its sender was told is paid
+    assert summary["ledger_rows"] == summary["payers"] + summary["outcomes"]["ok"]
