@@ -11,12 +11,19 @@ Every process is a real OS process started with this interpreter; logs land in
 
 from __future__ import annotations
 
+import asyncio
 import os
+import resource
+import signal
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.aio import open_unix_channel
 from common.config import NetworkConfig, load_config
+from common.messages import ADMIN_REPLIES, Hello, Inspect, InspectReply, decoder_for
 from common.procs import Proc, python_module
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -24,6 +31,40 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def addr_text(addr: tuple[str, int]) -> str:
     return f"{addr[0]}:{addr[1]}"
+
+
+def fsize_limit(limit: int) -> Callable[[], None]:
+    """A preexec_fn: the child's files cannot grow past `limit` bytes, and a write beyond
+    fails with EFBIG instead of killing it (SIGXFSZ ignored) — a real write failure."""
+    def preexec() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return preexec
+
+
+async def inspect_router(admin_path: str, timeout: float = 5.0) -> InspectReply:
+    """The router's own view (balances, holds, payments in flight) from its admin socket."""
+    ch = await open_unix_channel(admin_path, decoder_for(ADMIN_REPLIES), name="router-admin")
+    try:
+        await ch.request(Hello(id=0, version=1, role="admin", peer="harness"), timeout=timeout)
+        reply = await ch.request(Inspect(id=0), timeout=timeout)
+    finally:
+        await ch.aclose()
+    if not isinstance(reply, InspectReply):
+        raise TypeError(f"router admin answered inspect with {type(reply).__name__}")
+    return reply
+
+
+async def wait_router_quiet(admin_path: str, seconds: float = 10.0) -> InspectReply:
+    """The router's view once no payment is in flight and nothing is held, or after
+    `seconds` (then the caller sees what is still in flight)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        state = await inspect_router(admin_path)
+        quiet = not state.in_flight and not any(state.holds.values())
+        if quiet or time.monotonic() > deadline:
+            return state
+        await asyncio.sleep(0.05)
 
 
 def _toml_value(v: Any) -> str:
@@ -128,6 +169,16 @@ class Network:
                     preexec_fn=old.preexec_fn if preexec_fn == "same" else preexec_fn)
         self.procs[name] = proc
         return proc.start()
+
+    @property
+    def admin_path(self) -> str:
+        return self.procs["router"].ready["admin"]
+
+    async def inspect(self) -> InspectReply:
+        return await inspect_router(self.admin_path)
+
+    async def wait_quiet(self, seconds: float = 10.0) -> InspectReply:
+        return await wait_router_quiet(self.admin_path, seconds)
 
     def stop_all(self) -> dict[str, int]:
         codes = {}

@@ -17,8 +17,6 @@ import argparse
 import asyncio
 import json
 import random
-import resource
-import signal
 import sys
 import tempfile
 import time
@@ -29,11 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from chaos.checker import Report, RouterView, check
-from chaos.network import Network
+from chaos.network import Network, fsize_limit
 from chaos.proxy import FaultProxy
 from chaos.workload import Workload
-from common.aio import open_unix_channel, run
-from common.messages import ADMIN_REPLIES, Hello, Inspect, InspectReply, decoder_for
+from common.aio import run
 
 PROCESS_FAULTS = ["kill_router", "kill_ledger", "kill_payer", "pause_router", "pause_ledger",
                   "ledger_write_failure"]
@@ -70,12 +67,6 @@ def make_schedule(seed: int, seconds: float, payers: list[str]) -> list[Fault]:
         t += duration + rng.uniform(0.3, 1.2)
     return out
 
-
-def fsize_limit(limit: int) -> Callable[[], None]:
-    def preexec() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    return preexec
 
 
 class Chaos:
@@ -165,25 +156,6 @@ class Chaos:
             if not proc.alive():
                 await self._blocking(self.net.restart, name)
 
-    async def inspect(self) -> InspectReply:
-        path = self.net.procs["router"].ready.get("admin", "")
-        ch = await open_unix_channel(path, decoder_for(ADMIN_REPLIES), name="router-admin")
-        try:
-            await ch.request(Hello(id=0, version=1, role="admin", peer="chaos"), timeout=5)
-            reply = await ch.request(Inspect(id=0), timeout=5)
-        finally:
-            ch.close()
-        assert isinstance(reply, InspectReply)
-        return reply
-
-    async def wait_quiescent(self, seconds: float = 20.0) -> InspectReply:
-        deadline = time.monotonic() + seconds
-        while True:
-            state = await self.inspect()
-            if (not state.in_flight and not any(state.holds.values())) or time.monotonic() > deadline:
-                return state
-            await asyncio.sleep(0.2)
-
     async def run(self) -> tuple[Report, Workload, bool]:
         workload = await self.start()
         try:
@@ -194,7 +166,7 @@ class Chaos:
             decided = await workload.settle_undecided(60.0)
             progressed = await workload.probe_success()
             progressed = progressed and workload.last_success_at > healed_at
-            state = await self.wait_quiescent()
+            state = await self.net.wait_quiet(20.0)
         finally:
             await workload.close()
             for proxy in (self.proxy_r, self.proxy_l):

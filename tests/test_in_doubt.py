@@ -92,12 +92,7 @@ async def attempt(op: Operation, client: PayerClient) -> Attempt:
 
 async def quiet_view(net: Network) -> RouterView:
     """The router's admin view once no payment is in flight (bounded wait)."""
-    deadline = time.monotonic() + 10
-    while True:
-        state = await inspect(net)
-        if not state.in_flight or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.05)
+    state = await net.wait_quiet(10.0)
     return RouterView(dict(state.balances), dict(state.holds),
                       [f.tx_id for f in state.in_flight])
 

@@ -4,17 +4,15 @@ crash recovery, hostile input and real write failures."""
 from __future__ import annotations
 
 import asyncio
-import resource
 import signal
 import socket
 import struct
 import subprocess
 import sys
-from collections.abc import Callable
 
 import msgspec
 import pytest
-from netkit import Network
+from netkit import Network, fsize_limit
 
 from common.aio import Channel, open_channel
 from common.errors import ConnectionLost, RequestFailed
@@ -212,12 +210,6 @@ async def test_first_frame_must_be_hello(network: Network) -> None:
     assert frames == [{"t": "error", "re": 3, "code": "hello_required",
                        "message": "the first frame must be hello"}]
 
-
-def fsize_limit(limit: int) -> Callable[[], None]:
-    def preexec() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    return preexec
 
 
 async def test_real_write_failure_leaves_file_unchanged_and_keeps_serving(network: Network) -> None:

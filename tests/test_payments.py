@@ -13,7 +13,6 @@ import asyncio
 import csv
 import os
 import random
-import resource
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -21,20 +20,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from netkit import Network
+from netkit import Network, fsize_limit
 
-from common.aio import open_channel, open_unix_channel
+from common.aio import open_channel
 from common.errors import ConnectionLost, RequestFailed
 from common.framing import encode_frame
 from common.messages import (
-    ADMIN_REPLIES,
     ISSUER,
     PAYER_INBOUND,
     Cancel,
     Error,
     GetBalance,
     Hello,
-    Inspect,
     InspectReply,
     Offer,
     Paid,
@@ -91,25 +88,12 @@ def assert_conserved(net: Network) -> dict[str, int]:
 
 async def inspect(net: Network) -> InspectReply:
     """The router's own view, from its admin socket."""
-    path = net.procs["router"].ready["admin"]
-    ch = await open_unix_channel(path, decoder_for(ADMIN_REPLIES), name="admin")
-    try:
-        await ch.request(Hello(id=0, version=1, role="admin", peer="test"), timeout=2)
-        reply = await ch.request(Inspect(id=0), timeout=2)
-    finally:
-        ch.close()
-    assert isinstance(reply, InspectReply)
-    return reply
+    return await net.inspect()
 
 
 async def assert_router_agrees(net: Network) -> None:
     """Once quiet, the router holds nothing and its balances are a replay of the ledger."""
-    deadline = time.monotonic() + 5
-    while True:
-        state = await inspect(net)
-        if not state.in_flight or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.05)
+    state = await net.wait_quiet(5.0)
     assert state.in_flight == []
     assert state.holds == {}
     assert {k: v for k, v in state.balances.items() if v} == {
@@ -315,12 +299,6 @@ async def test_ledger_unavailable_when_killed(network: Network) -> None:
     assert (await alice.client.query_balance()).balance == 1000  # cache still answers
 
 
-def limit_file_size(limit: int) -> Callable[[], None]:
-    def preexec() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    return preexec
-
 
 async def test_ledger_write_failed_on_a_real_write_error(network: Network) -> None:
     up(network, {"alice": "10.00", "bob": "5.00"})
@@ -329,7 +307,7 @@ async def test_ledger_write_failed_on_a_real_write_error(network: Network) -> No
     assert ledger.stop() == 0
     os.replace(ledger.log_path, ledger.log_path.with_suffix(".first.log"))
     size = network.ledger_path.stat().st_size
-    network.start_ledger(preexec_fn=limit_file_size(size + 20), port=port)
+    network.start_ledger(preexec_fn=fsize_limit(size + 20), port=port)
     alice, bob = await connect(network, "alice"), await connect(network, "bob")
     before = network.ledger_path.read_bytes()
     deadline = time.monotonic() + 5
