@@ -254,25 +254,39 @@ class PayerClient:
 
     # --- messages the router starts ------------------------------------------------
 
-    async def _on_message(self, ch: Channel, msg: Message) -> None:
+    def _on_message(self, ch: Channel, msg: Message) -> Awaitable[None] | None:
+        # Without callbacks the answer goes out at once; a task runs only for callbacks.
         match msg:
             case Ping(id=rid):
                 ch.send_nowait(Pong(re=rid))
             case Offer():
-                await self._answer_offer(ch, msg)
+                if self.on_offer is None:
+                    _send_quietly(ch, Receipt(re=msg.id, tx_id=msg.tx_id))
+                    return None
+                return self._answer_offer(ch, msg)
             case Settled():
                 self._set_balance(msg.balance, _utc_now())
-                await _call(self.on_settled, msg)
-                _send_quietly(ch, Ack(re=msg.id))
+                if self.on_settled is None:
+                    _send_quietly(ch, Ack(re=msg.id))
+                    return None
+                return self._ack_after(ch, msg, self.on_settled)
             case Cancel():
-                await _call(self.on_cancel, msg)
-                _send_quietly(ch, Ack(re=msg.id))
+                if self.on_cancel is None:
+                    _send_quietly(ch, Ack(re=msg.id))
+                    return None
+                return self._ack_after(ch, msg, self.on_cancel)
             case Error(code=code, message=text):
                 log.warning("router says %s: %s", code, text)
                 if code == ErrorCode.SESSION_REPLACED:
                     ch.close(ConnectionLost("session replaced by a newer one"))
             case _:
                 log.info("unexpected %s from router ignored", type(msg).__name__)
+        return None
+
+    async def _ack_after(self, ch: Channel, msg: Settled | Cancel,
+                         cb: Callable[..., object]) -> None:
+        await _call(cb, msg)
+        _send_quietly(ch, Ack(re=msg.id))
 
     async def _answer_offer(self, ch: Channel, offer: Offer) -> None:
         try:

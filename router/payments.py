@@ -106,22 +106,30 @@ class Payment:
     def params(self) -> TxParams:
         return self.record.params
 
-    async def wait_reply(self, pending_after_s: float) -> Outcome:
-        """The answer for one `pay` request: the final outcome, or `outcome_pending`.
+    def reply_future(self, pending_after_s: float) -> asyncio.Future[Outcome]:
+        """A future for one `pay` request's answer: the final outcome, or
+        `outcome_pending`. No task is needed to wait for it (callbacks may).
 
         A request that joins after `outcome_pending` was reported waits up to
         `pending_after_s` itself before being told `outcome_pending` again.
         """
-        fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Outcome] = loop.create_future()
         self._waiters.append(fut)
-        if not self.pending_reported:
-            return await fut
-        try:
-            return await asyncio.wait_for(asyncio.shield(fut), pending_after_s)
-        except TimeoutError:
-            with contextlib.suppress(ValueError):
-                self._waiters.remove(fut)
-            return pending_outcome(self.tx_id)
+        if self.pending_reported:
+            def expire() -> None:
+                if not fut.done():
+                    with contextlib.suppress(ValueError):
+                        self._waiters.remove(fut)
+                    fut.set_result(pending_outcome(self.tx_id))
+
+            timer = loop.call_later(pending_after_s, expire)
+            fut.add_done_callback(lambda _: timer.cancel())
+        return fut
+
+    async def wait_reply(self, pending_after_s: float) -> Outcome:
+        """Await `reply_future`."""
+        return await self.reply_future(pending_after_s)
 
     def report_pending(self) -> None:
         self.pending_reported = True
@@ -161,6 +169,12 @@ class Pipeline:
 
     async def submit(self, sender: str, pay: Pay) -> Outcome:
         """Run (or join, or look up) the payment `pay` from `sender`; return the answer."""
+        answer = self.begin(sender, pay)
+        return answer if isinstance(answer, Outcome) else await answer
+
+    def begin(self, sender: str, pay: Pay) -> Outcome | asyncio.Future[Outcome]:
+        """`submit` without a coroutine: the answer now, or a future for it (the payment
+        itself runs in its own task)."""
         params = TxParams(sender, pay.to, pay.amount, pay.memo)
         try:
             self.validate(sender, pay)
@@ -169,7 +183,7 @@ class Pipeline:
             self._log_decision(pay.tx_id, params, k.code, "validate", k.message)
             return Outcome(pay.tx_id, k.code, k.message)
         if record is not None:
-            return await self._known(record)
+            return self._known(record)
         if self.shutting_down:
             self._log_decision(pay.tx_id, params, ErrorCode.SHUTTING_DOWN, "validate", "")
             return Outcome(pay.tx_id, ErrorCode.SHUTTING_DOWN,
@@ -179,9 +193,9 @@ class Pipeline:
         task = asyncio.get_running_loop().create_task(self.run(payment), name=f"pay:{pay.tx_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return await payment.wait_reply(self.cfg.outcome_pending_after_s)
+        return payment.reply_future(self.cfg.outcome_pending_after_s)
 
-    async def _known(self, record: TxRecord) -> Outcome:
+    def _known(self, record: TxRecord) -> Outcome | asyncio.Future[Outcome]:
         if record.state is TxState.PAID:
             return Outcome(record.tx_id, seq=record.seq, dtg=record.dtg)
         if record.state is TxState.FAILED:
@@ -190,7 +204,7 @@ class Pipeline:
         payment = self.inflight.get(record.tx_id)
         if payment is None:  # pending but not running: only while shutting down
             return pending_outcome(record.tx_id)
-        return await payment.wait_reply(self.cfg.outcome_pending_after_s)
+        return payment.reply_future(self.cfg.outcome_pending_after_s)
 
     # --- step 2: validate and look up ------------------------------------------------
 
@@ -337,20 +351,27 @@ class Pipeline:
         row_in = RowIn(tx_id=p.tx_id, sender=params.sender, receiver=params.receiver,
                        amount=params.amount, memo=params.memo)
         fut = self.ledger.append(row_in)
+
+        def pending() -> None:
+            if fut.done():
+                return
+            log_event(log, "payment outcome pending", logging.WARNING, tx_id=p.tx_id,
+                      sender=params.sender, receiver=params.receiver,
+                      amount=params.amount, step="append")
+            p.report_pending()
+
+        # One timer rather than wait_for(shield(...)): the append future is never
+        # cancelled by the wait, and the hot path creates no extra task.
+        timer = asyncio.get_running_loop().call_later(self.cfg.outcome_pending_after_s,
+                                                      pending)
         try:
-            try:
-                result = await asyncio.wait_for(asyncio.shield(fut),
-                                                self.cfg.outcome_pending_after_s)
-            except TimeoutError:
-                log_event(log, "payment outcome pending", logging.WARNING, tx_id=p.tx_id,
-                          sender=params.sender, receiver=params.receiver,
-                          amount=params.amount, step="append")
-                p.report_pending()
-                result = await fut
+            result = await fut
         except LedgerUnavailable as exc:
             raise PaymentKilled(ErrorCode.LEDGER_UNAVAILABLE, str(exc)) from None
         except LedgerRefused as exc:
             raise PaymentKilled(refusal_code(exc), f"the ledger refused the row: {exc}") from None
+        finally:
+            timer.cancel()
         if result.status == "conflict":
             raise PaymentKilled(ErrorCode.TX_ID_CONFLICT,
                                 f"the ledger has tx_id {p.tx_id} for another payment")

@@ -17,6 +17,7 @@ session goes on. A peer's bad input is logged as one line, never a traceback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Coroutine
 from pathlib import Path
@@ -40,6 +41,7 @@ from common.messages import (
     Pay,
     Ping,
     Pong,
+    Rows,
     Status,
     StatusReply,
     Welcome,
@@ -80,7 +82,7 @@ class RouterService:
         self.pipeline = Pipeline(self.book, self.registry, self.ledger, rc)
         self._server: asyncio.Server | None = None
         self._connections: set[Channel] = set()
-        self.pay_handlers: set[asyncio.Task[Any]] = set()
+        self.pay_handlers: set[asyncio.Future[Any]] = set()
         self.addr: tuple[str, int] = (host, port)
         self.admin = AdminServer(self, admin_path or cfg.resolve(rc.admin_socket))
 
@@ -106,25 +108,44 @@ class RouterService:
                   admin=str(self.admin.path), participants=len(self.registry.participants))
 
     async def replay(self) -> None:
-        """Rebuild the book from every ledger row, page by page (retrying on loss)."""
+        """Rebuild the book from every ledger row, page by page (retrying on loss).
+
+        The next page is asked for before this one is applied, so the ledger prepares
+        it while the router applies this one (they overlap on two cores)."""
         from_seq = 1
-        while True:
-            try:
-                page = await self.ledger.read(from_seq, REPLAY_PAGE_ROWS)
-            except LedgerUnavailable as exc:
-                log_event(log, "replay interrupted; retrying", logging.WARNING, error=str(exc))
-                await asyncio.sleep(0.1)
-                await self.ledger.wait_connected()
-                continue
-            try:
-                for row in page.rows:
-                    self.book.replay(row)
-            except InvariantViolation as exc:
-                raise StartupFailed(f"the ledger does not replay cleanly: {exc}; run "
-                                    "`jackpay-ledger verify` on its file") from exc
-            if not page.rows or page.next_seq > page.last_seq:
-                break
-            from_seq = page.next_seq
+        ahead: asyncio.Future[Rows] | None = None
+        try:
+            while True:
+                if ahead is None:
+                    ahead = asyncio.ensure_future(self.ledger.read(from_seq, REPLAY_PAGE_ROWS))
+                try:
+                    page = await ahead
+                except LedgerUnavailable as exc:
+                    ahead = None
+                    log_event(log, "replay interrupted; retrying", logging.WARNING,
+                              error=str(exc))
+                    await asyncio.sleep(0.1)
+                    await self.ledger.wait_connected()
+                    continue
+                ahead = None
+                more = bool(page.rows) and page.next_seq <= page.last_seq
+                if more:
+                    ahead = asyncio.ensure_future(
+                        self.ledger.read(page.next_seq, REPLAY_PAGE_ROWS))
+                try:
+                    for row in page.rows:
+                        self.book.replay(row)
+                except InvariantViolation as exc:
+                    raise StartupFailed(f"the ledger does not replay cleanly: {exc}; run "
+                                        "`jackpay-ledger verify` on its file") from exc
+                if not more:
+                    break
+                from_seq = page.next_seq
+        finally:
+            if ahead is not None:
+                ahead.cancel()
+                with contextlib.suppress(asyncio.CancelledError, LedgerUnavailable):
+                    await ahead
         log_event(log, "ledger replayed", rows=self.book.last_seq, txs=len(self.book.txs),
                   total=self.book.accounts.total())
 
@@ -229,7 +250,7 @@ class PayerConnection:
         session = self.session
         match msg:
             case Pay():
-                return self._pay(session, ch, msg)
+                self._pay(session, ch, msg)
             case Ping(id=rid):
                 ch.send_nowait(Pong(re=rid))
             case GetBalance(id=rid):
@@ -293,17 +314,22 @@ class PayerConnection:
                                last_tx_time=accounts.last_tx_time(msg.peer)))
         log_event(log, "payer connected", payer=msg.peer, peer=ch.peername)
 
-    async def _pay(self, session: Session, ch: Channel, pay: Pay) -> None:
-        task = asyncio.current_task()
+    def _pay(self, session: Session, ch: Channel, pay: Pay) -> None:
+        """Start (or join) the payment; the reply goes out from a callback when its
+        answer is known, so no task waits per `pay` request."""
+        answer = self.service.pipeline.begin(session.payer_id, pay)
+        if isinstance(answer, Outcome):
+            self._reply(ch, pay.id, session.payer_id, answer)
+            return
         handlers = self.service.pay_handlers
-        if task is not None:
-            handlers.add(task)
-        try:
-            outcome = await self.service.pipeline.submit(session.payer_id, pay)
-            self._reply(ch, pay.id, session.payer_id, outcome)
-        finally:
-            if task is not None:
-                handlers.discard(task)
+        handlers.add(answer)
+
+        def done(fut: asyncio.Future[Outcome]) -> None:
+            handlers.discard(fut)
+            if not fut.cancelled():
+                self._reply(ch, pay.id, session.payer_id, fut.result())
+
+        answer.add_done_callback(done)
 
     def _reply(self, ch: Channel, rid: int, payer_id: str, outcome: Outcome) -> None:
         if ch.closed:

@@ -65,18 +65,26 @@ class TxTable:
     """Every tx_id the router has seen, keyed by tx_id."""
 
     def __init__(self) -> None:
-        self._records: dict[str, TxRecord] = {}
+        # A replayed row is kept as the LedgerRow itself (no objects made per row while
+        # replaying a large ledger); `get` turns it into a TxRecord when first asked.
+        self._records: dict[str, TxRecord | LedgerRow] = {}
 
     def __len__(self) -> int:
         return len(self._records)
 
     def get(self, tx_id: str) -> TxRecord | None:
-        return self._records.get(tx_id)
+        rec = self._records.get(tx_id)
+        if rec is None or isinstance(rec, TxRecord):
+            return rec
+        full = TxRecord(rec.tx_id, TxParams(rec.sender, rec.receiver, rec.amount, rec.memo),
+                        TxState.PAID, seq=rec.seq, dtg=rec.dtg)
+        self._records[tx_id] = full
+        return full
 
     def lookup(self, tx_id: str, params: TxParams) -> TxRecord | None:
         """The record for tx_id, or None if unknown. Raises TxIdConflict if known with
         other parameters."""
-        rec = self._records.get(tx_id)
+        rec = self.get(tx_id)
         if rec is not None and rec.params != params:
             raise TxIdConflict(rec)
         return rec
@@ -102,25 +110,27 @@ class TxTable:
     def forget(self, tx_id: str) -> None:
         """Drop a pending record (a payment that never started, e.g. refused at shutdown)."""
         rec = self._records.get(tx_id)
-        if rec is not None and rec.state is TxState.PENDING:
+        if isinstance(rec, TxRecord) and rec.state is TxState.PENDING:
             del self._records[tx_id]
 
-    def record_row(self, row: LedgerRow) -> TxRecord:
+    def record_row(self, row: LedgerRow) -> None:
         """A durable ledger row (replay): known as paid from now on. Raises
         InvariantViolation if the tx_id is already known as another payment."""
+        if row.tx_id not in self._records:  # the common case: nothing to check
+            self._records[row.tx_id] = row
+            return
         params = TxParams(row.sender, row.receiver, row.amount, row.memo)
-        rec = self._records.get(row.tx_id)
+        rec = self.get(row.tx_id)
         if rec is not None:
             if rec.params != params or (rec.state is TxState.PAID and rec.seq != row.seq):
                 raise InvariantViolation(f"ledger has tx_id {row.tx_id} twice")
             if rec.state is TxState.PAID:
-                return rec
-        rec = TxRecord(row.tx_id, params, TxState.PAID, seq=row.seq, dtg=row.dtg)
-        self._records[row.tx_id] = rec
-        return rec
+                return
+        self._records[row.tx_id] = TxRecord(row.tx_id, params, TxState.PAID, seq=row.seq,
+                                            dtg=row.dtg)
 
     def _move(self, tx_id: str, new: TxState) -> TxRecord:
-        rec = self._records.get(tx_id)
+        rec = self.get(tx_id)
         if rec is None:
             raise InvariantViolation(f"unknown tx_id {tx_id}")
         if (rec.state, new) not in _ALLOWED:
@@ -131,5 +141,5 @@ class TxTable:
     def counts(self) -> dict[str, int]:
         out = {s.value: 0 for s in TxState}
         for rec in self._records.values():
-            out[rec.state.value] += 1
+            out[rec.state.value if isinstance(rec, TxRecord) else TxState.PAID.value] += 1
         return out
