@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from common import PROTOCOL_VERSION
-from common.aio import READ_CHUNK, Channel
+from common.aio import Channel, start_channel_server
 from common.errors import ConnectionLost, ErrorCode, FrameTooLarge
 from common.framing import HEADER_SIZE
 from common.logs import log_event
@@ -79,8 +79,9 @@ class LedgerServer:
     # --- lifecycle -----------------------------------------------------------------
 
     async def start(self) -> tuple[str, int]:
-        self._server = await asyncio.start_server(self._on_connect, self.host, self.port,
-                                                  limit=READ_CHUNK)
+        self._server = await start_channel_server(self._on_connect, _DECODER, self.host,
+                                                  self.port, name="client",
+                                                  max_frame_bytes=self.max_frame_bytes)
         self._writer = asyncio.create_task(self._write_loop(), name="ledger-writer")
         sock = self._server.sockets[0].getsockname()
         self.host, self.port = sock[0], sock[1]
@@ -108,9 +109,9 @@ class LedgerServer:
 
     # --- connections ---------------------------------------------------------------
 
-    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        ch = Channel(reader, writer, _DECODER, name="client", on_message=self._on_message,
-                     on_close=self._on_close, max_frame_bytes=self.max_frame_bytes)
+    def _on_connect(self, ch: Channel) -> None:
+        ch.on_message = self._on_message
+        ch.on_close = self._on_close
         self._channels.add(ch)
         log_event(log, "connection opened", peer=ch.peername)
         ch.start()
@@ -251,7 +252,11 @@ class LedgerServer:
             else:
                 store.commit(prepared)
         for q, res in zip(batch, resolutions, strict=True):
-            if failure is not None and res.writes:
+            # After a failed write, a request fails if any of its answers names a row of
+            # this batch: its own new rows, and also a `duplicate` or `conflict` resolved
+            # against another request's row in the same batch (a re-sent append) — those
+            # rows were rolled back and must not be reported as recorded.
+            if failure is not None and any(r.seq > store.last_seq for r in res.rows):
                 q.channel.reply_error(q.request.id, ErrorCode.LEDGER_WRITE_FAILED, failure)
                 continue
             results = [AppendResult(status=s, seq=r.seq, dtg=r.dtg, hash=r.hash)  # type: ignore[arg-type]

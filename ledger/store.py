@@ -47,10 +47,6 @@ class Resolution:
     status: list[str] = field(default_factory=list)  # written | duplicate | conflict
     rows: list[LedgerRow] = field(default_factory=list)
 
-    @property
-    def writes(self) -> bool:
-        return "written" in self.status
-
 
 @dataclass(slots=True)
 class PreparedBatch:

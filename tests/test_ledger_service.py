@@ -283,3 +283,23 @@ async def test_stats_reports_counters(network: Network) -> None:
     assert (st.rows, st.appends, st.batches, st.fsyncs) == (1, 1, 1, 1)
     assert len(st.last_hash) == 64
     assert isinstance(Error, type)
+
+
+async def test_same_tx_id_twice_in_a_failed_batch_is_failed_for_both(network: Network) -> None:
+    """A re-sent append lands in the same batch as the original; the write fails. The
+    copy must not be told `duplicate` of a row that was rolled back (regression)."""
+    network.start_ledger()
+    ch = await connect(network)
+    await append(ch, row(1))
+    await ch.aclose()
+    network.procs["ledger"].stop()
+    before = network.ledger_path.read_bytes()
+    network.start_ledger(preexec_fn=fsize_limit(len(before) + 10))
+    ch = await connect(network)
+    same = row(2, memo="re-sent")
+    # Queued in one loop turn: one TCP write, so both requests join the same batch.
+    answers = await asyncio.gather(append(ch, same), append(ch, same), return_exceptions=True)
+    codes = [a.code if isinstance(a, RequestFailed) else a.results[0].status for a in answers]
+    assert codes == ["ledger_write_failed", "ledger_write_failed"]
+    assert network.ledger_path.read_bytes() == before
+    assert (await stats(ch)).rows == 1
