@@ -282,6 +282,17 @@ class LedgerClient:
                 try:
                     reply = await ch.request(Append(id=0, rows=rows), timeout=timeout)
                 except RequestFailed as exc:
+                    if in_doubt and exc.code != ErrorCode.LEDGER_WRITE_FAILED:
+                        # An earlier copy may still be written (a stopping ledger refuses
+                        # new appends but writes those it queued): still in doubt, ask
+                        # again. `ledger_write_failed` stays final: the ledger fails every
+                        # request answered from a rolled-back batch, copies included.
+                        self.stats.resends += 1
+                        log_event(log, "append in doubt; ledger refused the re-send",
+                                  logging.WARNING, ledger=self.address, code=str(exc.code),
+                                  first_tx_id=rows[0].tx_id)
+                        await asyncio.sleep(self.timeout_s)
+                        continue
                     _fail(futs, LedgerRefused(str(exc.code), exc.message))
                     return
                 except (ConnectionLost, TimeoutError) as exc:

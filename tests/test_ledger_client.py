@@ -1,0 +1,105 @@
+"""The router's ledger client against a scripted ledger over real loopback TCP: which
+ledger answers end a payment and which leave it in doubt (DESIGN §2)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import pytest
+
+from common.aio import Channel
+from common.messages import (
+    Append,
+    Appended,
+    AppendResult,
+    Error,
+    Hello,
+    Message,
+    RowIn,
+    Welcome,
+    decoder_for,
+)
+from router.ledger_client import LedgerClient, LedgerRefused
+
+Script = Callable[[int, Append], Message | None]  # (attempt number, request) -> answer
+
+
+async def scripted_ledger(script: Script) -> tuple[asyncio.Server, list[Append]]:
+    seen: list[Append] = []
+
+    def on_message(ch: Channel, msg: Message) -> None:
+        if isinstance(msg, Hello):
+            ch.send_nowait(Welcome(re=msg.id, version=1, server="scripted"))
+        elif isinstance(msg, Append):
+            seen.append(msg)
+            answer = script(len(seen), msg)
+            if answer is not None:
+                ch.send_nowait(answer)
+
+    async def on_connect(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        Channel(r, w, decoder_for((Hello, Append)), on_message=on_message).start()
+
+    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    return server, seen
+
+
+ROW = RowIn(tx_id="t1", sender="alice", receiver="bob", amount=5)
+
+
+def appended(req: Append, status: str = "duplicate") -> Appended:
+    return Appended(re=req.id, results=[AppendResult(
+        status=status, seq=7, dtg="2026-11-27T10:00:00.000000Z", hash="a" * 64)])  # type: ignore[arg-type]
+
+
+async def run_client(script: Script) -> tuple[AppendResult | Exception, list[Append]]:
+    server, seen = await scripted_ledger(script)
+    port = server.sockets[0].getsockname()[1]
+    client = LedgerClient("127.0.0.1", port, timeout_s=0.2, retry_max_s=0.2)
+    client.start()
+    try:
+        assert await client.wait_connected(5)
+        try:
+            result: AppendResult | Exception = await asyncio.wait_for(client.append(ROW), 10)
+        except LedgerRefused as exc:
+            result = exc
+    finally:
+        await client.aclose()
+        server.close()
+    return result, seen
+
+
+async def test_shutting_down_after_a_resend_is_still_in_doubt() -> None:
+    """The first copy may still be written while the ledger drains: a `shutting_down`
+    answer to the re-send must not end the payment as never-written (regression)."""
+    def script(n: int, req: Append) -> Message | None:
+        if n == 1:
+            return None  # the answer is lost: in doubt
+        if n == 2:
+            return Error(re=req.id, code="shutting_down", message="stopping")
+        return appended(req)  # the first copy was written after all
+
+    result, seen = await run_client(script)
+    assert isinstance(result, AppendResult), result
+    assert (result.status, result.seq) == ("duplicate", 7)
+    assert len(seen) >= 3
+
+
+async def test_shutting_down_on_the_first_send_is_a_refusal() -> None:
+    result, _ = await run_client(
+        lambda n, req: Error(re=req.id, code="shutting_down", message="stopping"))
+    assert isinstance(result, LedgerRefused)
+    assert result.code == "shutting_down"
+
+
+@pytest.mark.parametrize("first_lost", [False, True])
+async def test_write_failed_is_final(first_lost: bool) -> None:
+    def script(n: int, req: Append) -> Message | None:
+        if first_lost and n == 1:
+            return None
+        return Error(re=req.id, code="ledger_write_failed", message="disk full")
+
+    result, seen = await run_client(script)
+    assert isinstance(result, LedgerRefused)
+    assert result.code == "ledger_write_failed"
+    assert len(seen) == (2 if first_lost else 1)
