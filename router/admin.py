@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from common import PROTOCOL_VERSION
-from common.aio import READ_CHUNK, Channel
+from common.aio import Channel, start_channel_server
 from common.errors import ErrorCode
 from common.logs import log_event
 from common.messages import (
@@ -56,8 +56,9 @@ class AdminServer:
                 self.path.unlink()
         old_umask = os.umask(0o177)  # created 0600: only the owner may connect
         try:
-            self._server = await asyncio.start_unix_server(self._on_connect, str(self.path),
-                                                           limit=READ_CHUNK)
+            self._server = await start_channel_server(
+                self._on_connect, _DECODER, path=str(self.path), name="admin",
+                max_frame_bytes=self.service.cfg.router.max_frame_bytes)
         finally:
             os.umask(old_umask)
         os.chmod(self.path, 0o600)
@@ -76,7 +77,7 @@ class AdminServer:
                             sessions=sorted(s.payer_id for s in svc.registry.live_sessions()),
                             ledger_connected=svc.ledger.connected)
 
-    def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _on_connect(self, ch: Channel) -> None:
         greeted = False
 
         def on_message(ch: Channel, msg: Message) -> None:
@@ -100,9 +101,8 @@ class AdminServer:
                 case _:
                     ch.reply_error(rid, ErrorCode.BAD_REQUEST, "admin takes inspect and ping")
 
-        ch = Channel(reader, writer, _DECODER, name="admin", on_message=on_message,
-                     on_close=self._channels.discard,
-                     max_frame_bytes=self.service.cfg.router.max_frame_bytes)
+        ch.on_message = on_message
+        ch.on_close = self._channels.discard
         self._channels.add(ch)
         ch.start()
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from common import PROTOCOL_VERSION
-from common.aio import READ_CHUNK, Channel
+from common.aio import Channel, start_channel_server
 from common.config import NetworkConfig
 from common.errors import ConnectionLost, ErrorCode, InvariantViolation, JackPayError
 from common.logs import log_event
@@ -95,8 +95,9 @@ class RouterService:
         await self.ledger.wait_connected()
         await self.replay()
         await self.issue_openings()
-        self._server = await asyncio.start_server(self._on_connect, self.host, self.port,
-                                                  limit=READ_CHUNK)
+        self._server = await start_channel_server(
+            self._on_connect, _DECODER, self.host, self.port, name="payer",
+            max_frame_bytes=self.cfg.router.max_frame_bytes)
         sock = self._server.sockets[0].getsockname()
         self.addr = (sock[0], sock[1])
         try:
@@ -158,7 +159,11 @@ class RouterService:
                 return
             futs = [self.ledger.append(r) for r in rows]
             results = await asyncio.gather(*futs, return_exceptions=True)
-            for row_in, res in zip(rows, results, strict=True):
+            # Replay in seq order: with many participants the openings go out in several
+            # appends, and a re-sent one may be answered after a later one was written.
+            answered = sorted(zip(rows, results, strict=True),
+                              key=lambda pair: getattr(pair[1], "seq", 0))
+            for row_in, res in answered:
                 if isinstance(res, LedgerUnavailable):
                     log_event(log, "opening balance not issued yet; retrying", logging.WARNING,
                               tx_id=row_in.tx_id)
@@ -179,10 +184,10 @@ class RouterService:
 
     # --- connections -----------------------------------------------------------------
 
-    def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _on_connect(self, ch: Channel) -> None:
         conn = PayerConnection(self)
-        ch = Channel(reader, writer, _DECODER, name="payer", on_message=conn.on_message,
-                     on_close=conn.on_close, max_frame_bytes=self.cfg.router.max_frame_bytes)
+        ch.on_message = conn.on_message
+        ch.on_close = conn.on_close
         conn.channel = ch
         self._connections.add(ch)
         ch.start()

@@ -9,12 +9,16 @@ Rules (DESIGN §1.3, exactly once):
   InvariantViolation and changes nothing;
 - committed rows come from the ledger (replay at start, or an acked append), so after a
   restart every paid `tx_id` is known again; failures live in memory only: after a
-  restart a retried `tx_id` that never committed simply runs (DESIGN §2).
+  restart a retried `tx_id` that never committed simply runs (DESIGN §2). They are
+  also bounded: only the most recent `max_failed` failures are remembered, so a payer
+  sending refused payments with fresh tx_ids cannot grow the router's memory without
+  end; an older failed `tx_id` retried simply runs again, as after a restart.
 """
 
 from __future__ import annotations
 
 import enum
+from collections import deque
 from dataclasses import dataclass
 
 from common.errors import InvariantViolation
@@ -61,10 +65,15 @@ _ALLOWED = {
 }
 
 
+MAX_FAILED_REMEMBERED = 100_000
+
+
 class TxTable:
     """Every tx_id the router has seen, keyed by tx_id."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_failed: int = MAX_FAILED_REMEMBERED) -> None:
+        self.max_failed = max_failed
+        self._failed: deque[str] = deque()
         # A replayed row is kept as the LedgerRow itself (no objects made per row while
         # replaying a large ledger); `get` turns it into a TxRecord when first asked.
         self._records: dict[str, TxRecord | LedgerRow] = {}
@@ -105,6 +114,11 @@ class TxTable:
     def mark_failed(self, tx_id: str, code: str) -> TxRecord:
         rec = self._move(tx_id, TxState.FAILED)
         rec.code = code
+        self._failed.append(tx_id)
+        while len(self._failed) > self.max_failed:
+            old = self._records.get(self._failed.popleft())
+            if isinstance(old, TxRecord) and old.state is TxState.FAILED:
+                del self._records[old.tx_id]
         return rec
 
     def forget(self, tx_id: str) -> None:

@@ -292,3 +292,16 @@ async def test_no_connection_means_unavailable() -> None:
         await client.append(rin("t1"))
     assert not await client.ping_ledger()
     await client.aclose()
+
+
+def test_failures_remembered_are_bounded_oldest_forgotten_first() -> None:
+    txs = TxTable(max_failed=3)
+    params = TxParams("alice", "bob", 5, "")
+    for i in range(5):
+        txs.begin(f"f{i}", params)
+        txs.mark_failed(f"f{i}", "insufficient_funds")
+    txs.begin("paid", params)
+    txs.mark_paid("paid", 1, "2026-11-27T10:00:00.000000Z")
+    assert [t for t in ("f0", "f1", "f2", "f3", "f4") if txs.get(t) is not None] == ["f2", "f3", "f4"]
+    assert txs.get("paid") is not None  # paid records are never dropped
+    assert txs.lookup("f0", params) is None  # an old failure simply runs again
