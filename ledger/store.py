@@ -14,6 +14,7 @@ Rules:
 
 from __future__ import annotations
 
+import bisect
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,6 +114,9 @@ class LedgerStore:
         self.path = path
         self.rows: list[LedgerRow] = []
         self.by_tx: dict[str, LedgerRow] = {}
+        # seqs of the rows each account sent or received, ascending: `read(party=…)` is
+        # a binary search, not a scan of the whole ledger on the event loop.
+        self.by_party: dict[str, list[int]] = {}
         self.fsyncs = 0
         self.batches = 0
         self.truncated_bytes = 0
@@ -155,6 +159,8 @@ class LedgerStore:
         self._size = good
         self.rows = rows
         self.by_tx = {r.tx_id: r for r in rows}
+        for r in rows:
+            self._index_party(r)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -177,15 +183,15 @@ class LedgerStore:
         if party is None:
             page = self.rows[start : start + limit]
             return ReadResult(page, from_seq + len(page))
-        out: list[LedgerRow] = []
-        i = start
-        n = len(self.rows)
-        while i < n and len(out) < limit:
-            r = self.rows[i]
-            if r.sender == party or r.receiver == party:
-                out.append(r)
-            i += 1
-        return ReadResult(out, i + 1)
+        seqs = self.by_party.get(party, [])
+        i = bisect.bisect_left(seqs, from_seq)
+        page = [self.rows[seq - 1] for seq in seqs[i : i + limit]]
+        return ReadResult(page, page[-1].seq + 1 if page else max(from_seq, self.last_seq + 1))
+
+    def _index_party(self, row: LedgerRow) -> None:
+        self.by_party.setdefault(row.sender, []).append(row.seq)
+        if row.receiver != row.sender:
+            self.by_party.setdefault(row.receiver, []).append(row.seq)
 
     # --- appends -------------------------------------------------------------------
 
@@ -251,3 +257,4 @@ class LedgerStore:
         for row in batch.rows:
             self.rows.append(row)
             self.by_tx[row.tx_id] = row
+            self._index_party(row)
