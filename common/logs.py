@@ -10,9 +10,20 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any, TextIO
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _safe(value: object) -> object:
+    """A peer's text (memo, reject reason) may hold newlines or terminal escapes: shown
+    escaped, it can neither forge a log line nor drive the terminal."""
+    if isinstance(value, str) and _CONTROL.search(value):
+        return repr(value)
+    return value
 
 
 class _PlainFormatter(logging.Formatter):
@@ -29,7 +40,7 @@ class _PlainFormatter(logging.Formatter):
         fields = getattr(record, "fields", None)
         text = record.getMessage()
         if fields:
-            text += " " + " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+            text += " " + " ".join(f"{k}={_safe(v)}" for k, v in fields.items() if v is not None)
         line = f"{ts}.{ms:03d} {record.levelname.lower():7} {record.name}: {text}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)

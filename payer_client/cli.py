@@ -185,8 +185,8 @@ def _prepare(args: argparse.Namespace) -> Action:
     if args.command == "balance":
         return lambda c: _ask(c, GetBalance(id=0), BalanceReply, render.balance, as_json)
     if args.command == "history":
-        if not 1 <= args.from_seq:
-            raise UsageError("--from-seq must be 1 or more")
+        if not 1 <= args.from_seq < 2**63:
+            raise UsageError("--from-seq must be between 1 and 2^63-1")
         if not 1 <= args.limit <= 1000:
             raise UsageError("--limit must be between 1 and 1000")
         req = History(id=0, from_seq=args.from_seq, limit=args.limit)

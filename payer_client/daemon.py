@@ -206,7 +206,7 @@ class PayerDaemon:
 
     async def _resync(self, client: PayerClient) -> None:
         """After a (re)connect: settle or forget the offers we were left holding."""
-        for tx_id in list(self.offers):
+        for tx_id, asked_about in list(self.offers.items()):
             try:
                 st = await client.status(tx_id)
             except RequestFailed as exc:
@@ -218,7 +218,9 @@ class PayerDaemon:
             else:
                 state, code = st.state, st.code
             offer = self.offers.get(tx_id)
-            if offer is None or state == "pending":
+            # A fresh offer for the same tx_id may have arrived while we asked (the sender
+            # re-sent it to a restarted router): the answer was about the old one.
+            if offer is None or offer is not asked_about or state == "pending":
                 continue
             del self.offers[tx_id]
             if state == "paid":

@@ -24,10 +24,12 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from common.money import format_amount, parse_amount
 from common.procs import ProcessFailed
 from payer_client.launch import REPO_ROOT, LocalNetwork
+from payer_client.render import printable
 
 OPENING = {"alice": "1000.00", "bob": "50.00", "carol": "20.00"}
 CONFIG = """\
@@ -189,8 +191,8 @@ class Demo:
         for col in cols:
             table.add_column(col, justify="right" if col in ("seq", "amount") else "left")
         for row in rows:
-            table.add_row(*[(row.get(c) or "")[:12] + ("…" if c == "hash" else "")
-                            if c == "hash" else row.get(c) or "" for c in cols])
+            table.add_row(*[Text((row.get(c) or "")[:12] + "…") if c == "hash"
+                            else Text(printable(row.get(c) or "")) for c in cols])
         self.console.print(table)
         if len(rows) != 3 + 3:  # three openings, three paid payments
             self.failures.append(f"expected 6 ledger rows, found {len(rows)}")

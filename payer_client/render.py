@@ -8,14 +8,24 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from common.errors import ErrorCode, RequestFailed
 from common.messages import BalanceReply, Event, HistoryReply, Paid, Send, StatusReply
 from common.money import format_amount
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """Another payer's text (memo, reject reason) with control characters escaped, so it
+    cannot move the cursor, recolour the terminal or fake extra output lines."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def _money(minor: int | None) -> str | None:
@@ -39,7 +49,7 @@ def paid(reply: Paid, send: Send, as_json: bool) -> str:
 def failure(exc: RequestFailed, tx_id: str | None) -> str:
     code = exc.code
     doc = code.doc if isinstance(code, ErrorCode) else ""
-    lines = [f"refused: {code} — {exc.message}"]
+    lines = [f"refused: {code} — {printable(exc.message)}"]
     if doc and doc not in exc.message:
         lines.append(f"  ({doc})")
     if tx_id:
@@ -86,7 +96,8 @@ def history(reply: HistoryReply, me: str, as_json: bool) -> str:
     for r in reply.rows:
         out = r.sender == me
         table.add_row(str(r.seq), r.dtg, f"→ {r.receiver}" if out else f"← {r.sender}",
-                      ("-" if out else "+") + format_amount(r.amount), r.memo, r.tx_id)
+                      ("-" if out else "+") + format_amount(r.amount),
+                      Text(printable(r.memo)), r.tx_id)  # Text: a memo is never markup
     buf = io.StringIO()
     Console(file=buf, width=160, no_color=True).print(table)
     footer = f"next page: --from-seq {reply.next_seq}" if len(reply.rows) else ""

@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"jackpay-router: {exc}", file=sys.stderr)
         return 2
+    if args.port is not None and not 0 <= args.port <= 65535:
+        print(f"jackpay-router: --port {args.port} is out of range 0-65535", file=sys.stderr)
+        return 2
     admin = cfg.resolve(cfg.router.admin_socket)
     service = RouterService(
         cfg,
@@ -87,7 +90,7 @@ async def serve(service: RouterService, admin_path: str) -> int:
         return 0
     try:
         starting.result()
-    except (StartupFailed, OSError) as exc:
+    except (StartupFailed, OSError, OverflowError) as exc:
         log_event(log, "cannot start", logging.ERROR, error=str(exc))
         stopping.cancel()
         await service.aclose()
