@@ -15,7 +15,7 @@ import asyncio
 import signal
 import sys
 
-from common.aio import READ_CHUNK, Channel, open_channel, run
+from common.aio import Channel, open_channel, run, start_channel_server
 from common.messages import Hello, Message, Ping, Pong, Welcome, decoder_for
 from common.procs import print_ready
 
@@ -45,10 +45,11 @@ async def serve(host: str, port: int, upstream: tuple[str, int] | None) -> int:
         await up.request(Ping(id=0))
         ch.send_nowait(Pong(re=rid))
 
-    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        Channel(reader, writer, _REQUESTS, name="client", on_message=on_message).start()  # type: ignore[arg-type]
+    def on_connect(ch: Channel) -> None:
+        ch.on_message = on_message  # type: ignore[assignment]
+        ch.start()
 
-    server = await asyncio.start_server(on_connect, host, port, limit=READ_CHUNK)
+    server = await start_channel_server(on_connect, _REQUESTS, host, port, name="client")
     h, p = server.sockets[0].getsockname()[:2]
     print_ready("echo", addr=f"{h}:{p}")
     stop = asyncio.Event()

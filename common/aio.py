@@ -19,34 +19,58 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 
 from common.errors import ConnectionLost, ErrorCode, FrameTooLarge, RequestFailed
-from common.framing import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, encode_frame
-from common.messages import Error, Message, describe_decode_error, encode, salvage_request_id
+from common.framing import DEFAULT_MAX_FRAME_BYTES, HEADER, HEADER_SIZE, FrameDecoder
+from common.messages import Error, Message, describe_decode_error, salvage_request_id
 
 log = logging.getLogger("jackpay.channel")
 
 OnMessage = Callable[["Channel", Message], Awaitable[None] | None]
 OnClose = Callable[["Channel"], None]
+OnAccept = Callable[["Channel"], None]
+OnReply = Callable[[Message | BaseException], None]
 
 READ_CHUNK = 256 * 1024
 MAX_BUFFERED_BYTES = 8 * 1024 * 1024
+# The transport's default high-water mark: above it pause_writing() is called, so the
+# slow-reader check only needs the buffer size while writing is paused.
+_DEFAULT_HIGH_WATER = 64 * 1024
+
+# Same settings as common.messages.encode (msgspec defaults): identical bytes.
+_encode_into = msgspec.msgpack.Encoder().encode_into
+_HEADER_PLACEHOLDER = bytes(HEADER_SIZE)
+_unpack_header = HEADER.unpack_from
+_pack_header = HEADER.pack_into
+_replace = msgspec.structs.replace
+_monotonic = time.monotonic
+assert HEADER_SIZE == 4  # the fast path in Channel._receive reads 4-byte headers
 
 
-class Channel:
-    """A framed, message-typed connection with request/reply matching by `id`/`re`."""
+class Channel(asyncio.Protocol):
+    """A framed, message-typed connection with request/reply matching by `id`/`re`.
+
+    It is the connection's asyncio Protocol: chunks arrive in `data_received` and are
+    decoded and dispatched there (no reader task, no future per read); frames go out
+    with `transport.write`, coalesced per loop turn; `pause_writing`/`resume_writing`
+    drive `send`'s backpressure. Three ways to get one: `open_channel` /
+    `open_unix_channel` (client side), `start_channel_server` (server side), or
+    `Channel(reader, writer, ...)` from a stream pair, which takes the pair's transport
+    over (bytes the StreamReader had buffered are dispatched first).
+    """
 
     def __init__(
         self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        reader: asyncio.StreamReader | None,
+        writer: asyncio.StreamWriter | None,
         decoder: msgspec.msgpack.Decoder[Any],
         *,
         name: str = "peer",
@@ -56,63 +80,98 @@ class Channel:
         max_buffered_bytes: int = MAX_BUFFERED_BYTES,
     ) -> None:
         self.name = name
-        self._reader = reader
-        self._writer = writer
+        self._loop = asyncio.get_running_loop()
         self._decoder = decoder
+        self._decode = decoder.decode
         self._frames = FrameDecoder(max_frame_bytes)
         self._max_frame_bytes = max_frame_bytes
         self._max_buffered = max_buffered_bytes
+        self._always_check_buffer = max_buffered_bytes < _DEFAULT_HIGH_WATER
         self.on_message = on_message
         self.on_close = on_close
         self._pending: dict[int, asyncio.Future[Message]] = {}
+        # request_nowait: callbacks by id, their deadlines in a heap, one timer for all.
+        self._callbacks: dict[int, OnReply] = {}
+        self._deadlines: list[tuple[float, int]] = []
+        self._sweep_timer: asyncio.TimerHandle | None = None
+        self._sweep_at = 0.0
         self._next_id = 1
-        self._out: list[bytes] = []
+        self._wbuf = bytearray()
         self._flush_scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
-        self._reader_task: asyncio.Task[None] | None = None
-        self._closed = asyncio.Event()
+        self._transport: asyncio.Transport | None = None
+        # What raw bytes can be written to (a StreamWriter or the transport); tests use it.
+        # Holding an adopted StreamWriter also keeps its __del__ from closing the transport.
+        self._writer: Any = None
+        self._peername = "local"
+        self._accept: OnAccept | None = None
+        self._started = False
+        self._early: list[bytes] = []  # received before start()
+        self._early_end: BaseException | None = None  # the end seen before start()
+        self._closed = False
+        self._closed_event = asyncio.Event()
+        self._lost_event = asyncio.Event()  # connection_lost: the socket is gone
         self._close_reason: BaseException | None = None
-        self.last_seen = time.monotonic()
+        self._write_paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self.last_seen = _monotonic()
         self.frames_in = 0
         self.frames_out = 0
+        if writer is not None:
+            self._adopt(reader, writer)
 
     # --- lifecycle -----------------------------------------------------------------
 
     def start(self) -> None:
-        """Begin reading. Call once, after `on_message` is set."""
-        if self._reader_task is None:
-            self._reader_task = asyncio.get_running_loop().create_task(
-                self._read_loop(), name=f"read:{self.name}"
-            )
+        """Begin dispatching. Call once, after `on_message` is set (bytes received
+        before are kept and dispatched now)."""
+        if self._started:
+            return
+        self._started = True
+        early, self._early = self._early, []
+        for chunk in early:
+            self._receive(chunk)
+            if self._closed:
+                return
+        if self._early_end is not None:
+            self.close(self._early_end)
 
     @property
     def closed(self) -> bool:
-        return self._closed.is_set()
+        return self._closed
 
     @property
     def peername(self) -> str:
-        peer = self._writer.get_extra_info("peername")
-        if isinstance(peer, tuple) and len(peer) >= 2:
-            return f"{peer[0]}:{peer[1]}"
-        return str(peer or "local")
+        return self._peername
 
     def close(self, reason: BaseException | None = None) -> None:
         """Close now; idempotent. Pending requests fail with ConnectionLost."""
-        if self._closed.is_set():
+        if self._closed:
             return
         self._flush()
+        if self._closed:  # the flush found a dead or non-reading peer and closed
+            return
+        self._closed = True
         self._close_reason = reason
-        self._closed.set()
-        with contextlib.suppress(Exception):
-            self._writer.close()
+        self._closed_event.set()
+        transport = self._transport
+        if transport is not None:
+            with contextlib.suppress(Exception):
+                transport.close()
         err = ConnectionLost(f"connection to {self.name} closed")
         err.__cause__ = reason
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(err)
         self._pending.clear()
-        if self._reader_task is not None and self._reader_task is not asyncio.current_task():
-            self._reader_task.cancel()
+        self._wake_drainers(err)
+        if self._sweep_timer is not None:
+            self._sweep_timer.cancel()
+            self._sweep_timer = None
+        self._deadlines.clear()
+        callbacks, self._callbacks = self._callbacks, {}
+        for on_reply in callbacks.values():
+            _call_back(on_reply, err)
         if self.on_close is not None:
             try:
                 self.on_close(self)
@@ -120,57 +179,161 @@ class Channel:
                 log.exception("on_close callback for %s failed", self.name)
 
     async def wait_closed(self) -> None:
-        await self._closed.wait()
-        with contextlib.suppress(Exception):
-            await self._writer.wait_closed()
-        task = self._reader_task
-        if task is not None and task is not asyncio.current_task():
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await self._closed_event.wait()
+        if self._transport is not None:
+            await self._lost_event.wait()
 
     async def aclose(self) -> None:
         self.close()
         await self.wait_closed()
 
+    # --- asyncio.Protocol ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._set_transport(cast(asyncio.Transport, transport))
+        accept, self._accept = self._accept, None
+        if accept is not None:
+            try:
+                accept(self)
+            except Exception:
+                log.exception("accepting a connection from %s failed", self._peername)
+                self.close()
+
+    def data_received(self, data: bytes) -> None:
+        self.last_seen = _monotonic()
+        if self._started:
+            self._receive(data)
+        else:
+            self._early.append(bytes(data))
+
+    def eof_received(self) -> bool | None:
+        self._end(ConnectionLost(f"{self.name} closed the connection"))
+        return None  # the transport closes itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost_event.set()
+        self._write_paused = False
+        self._end(exc if exc is not None else
+                  ConnectionLost(f"{self.name} closed the connection"))
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake_drainers(None)
+
+    def _end(self, reason: BaseException) -> None:
+        if self._closed:
+            return
+        if self._started:
+            self.close(reason)
+        elif self._early_end is None:
+            self._early_end = reason
+
+    def _set_transport(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        if self._writer is None:
+            self._writer = transport
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            self._peername = f"{peer[0]}:{peer[1]}"
+        else:
+            self._peername = str(peer or "local")
+
+    def _adopt(self, reader: asyncio.StreamReader | None, writer: asyncio.StreamWriter) -> None:
+        """Take over a stream pair's transport; what its reader holds is dispatched first."""
+        transport = cast(asyncio.Transport, writer.transport)
+        self._writer = writer
+        if reader is not None:
+            buf = getattr(reader, "_buffer", None)
+            if buf:
+                self._early.append(bytes(buf))
+                buf.clear()
+            exc = reader.exception()
+            if exc is not None:
+                self._early_end = exc
+            elif getattr(reader, "_eof", False):
+                self._early_end = ConnectionLost(f"{self.name} closed the connection")
+            if getattr(reader, "_paused", False):  # the reader had stopped the transport
+                reader._paused = False  # type: ignore[attr-defined]
+                transport.resume_reading()
+        old = getattr(writer, "_protocol", None)
+        if getattr(old, "_connection_lost", False):
+            self._lost_event.set()
+        elif getattr(old, "_paused", False):
+            self._write_paused = True
+        transport.set_protocol(self)
+        self._set_transport(transport)
+
     # --- sending -------------------------------------------------------------------
 
     def send_nowait(self, msg: Message) -> None:
         """Queue one message; frames queued in the same loop turn go out in one write."""
-        if self._closed.is_set():
+        if self._closed:
             raise ConnectionLost(f"connection to {self.name} is closed")
-        self._out.append(encode_frame(encode(msg), self._max_frame_bytes))
+        buf = self._wbuf
+        start = len(buf)
+        buf += _HEADER_PLACEHOLDER
+        try:
+            _encode_into(msg, buf, start + 4)
+        except BaseException:
+            del buf[start:]
+            raise
+        size = len(buf) - start - 4
+        if size > self._max_frame_bytes:
+            del buf[start:]
+            raise FrameTooLarge(size, self._max_frame_bytes)
+        _pack_header(buf, start, size)
         self.frames_out += 1
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._loop.call_soon(self._flush)
 
     async def send(self, msg: Message) -> None:
         """Queue one message and wait until the transport accepts more (backpressure)."""
         self.send_nowait(msg)
         self._flush()
-        try:
-            await self._writer.drain()
-        except (ConnectionError, RuntimeError) as exc:
-            self.close(exc)
-            raise ConnectionLost(f"connection to {self.name} lost") from exc
+        if self._closed:
+            raise ConnectionLost(f"connection to {self.name} lost") from self._close_reason
+        if self._write_paused:
+            fut: asyncio.Future[None] = self._loop.create_future()
+            self._drain_waiters.append(fut)
+            try:
+                await fut
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._drain_waiters.remove(fut)
+
+    def _wake_drainers(self, err: BaseException | None) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for fut in waiters:
+            if not fut.done():
+                if err is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(err)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if not self._out:
+        data = self._wbuf
+        transport = self._transport
+        if not data or transport is None:
             return
-        data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
-        self._out.clear()
-        if self._closed.is_set() or self._writer.is_closing():
+        # A fresh buffer rather than clear(): the transport may keep a view of `data`.
+        self._wbuf = bytearray()
+        if self._closed or transport.is_closing():
             return
         try:
-            self._writer.write(data)
+            transport.write(data)
         except (ConnectionError, RuntimeError) as exc:
             self.close(exc)
             return
-        transport = self._writer.transport
-        if transport.get_write_buffer_size() > self._max_buffered:
+        if ((self._write_paused or self._always_check_buffer)
+                and transport.get_write_buffer_size() > self._max_buffered):
             log.warning("%s is not reading its frames; disconnecting", self.name)
             self.close(ConnectionLost("peer not reading"))
+            transport.abort()  # its unread backlog is dropped, not kept until it reads
 
     def next_id(self) -> int:
         rid = self._next_id
@@ -183,23 +346,75 @@ class Channel:
         Raises RequestFailed for an `error` reply, ConnectionLost if the connection dies
         first, TimeoutError after `timeout` seconds (the late reply is then dropped).
         """
-        rid = self.next_id()
-        msg = msgspec.structs.replace(msg, id=rid)
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Message] = loop.create_future()
+        rid = self._next_id
+        self._next_id = rid + 1
+        msg = _replace(msg, id=rid)
+        fut: asyncio.Future[Message] = self._loop.create_future()
+        self.send_nowait(msg)
         self._pending[rid] = fut
-        # A plain timer on the future: cheaper than an asyncio.timeout() scope per request.
-        timer = None if timeout is None else loop.call_later(timeout, _expire, fut)
+        if timeout is not None:
+            # A deadline in the channel's heap (one timer for all), not a timer each.
+            self._add_deadline(rid, timeout)
         try:
-            self.send_nowait(msg)
             reply = await fut
         finally:
             self._pending.pop(rid, None)
-            if timer is not None:
-                timer.cancel()
         if isinstance(reply, Error):
             raise RequestFailed(reply.code, reply.message)
         return reply
+
+    def request_nowait(self, msg: Message, timeout: float, on_reply: OnReply) -> None:
+        """`request` without a future, a timer or an await, for requests whose answer
+        only needs noting (`settled`, `cancel`): `on_reply` is called exactly once, with
+        the reply, or with the exception `request` would raise (RequestFailed for an
+        `error` reply, ConnectionLost, TimeoutError after `timeout` seconds; the late
+        reply is then dropped). The deadlines of all such requests share one timer.
+        Raises ConnectionLost at once if the channel is closed."""
+        rid = self._next_id
+        self._next_id = rid + 1
+        self.send_nowait(_replace(msg, id=rid))
+        self._callbacks[rid] = on_reply
+        self._add_deadline(rid, timeout)
+
+    def _add_deadline(self, rid: int, timeout: float) -> None:
+        deadline = _monotonic() + timeout
+        heap = self._deadlines
+        heapq.heappush(heap, (deadline, rid))
+        if len(heap) > 1024 and len(heap) > 4 * (len(self._callbacks) + len(self._pending)):
+            # Answered requests leave their deadline behind until it comes up; drop them
+            # now and then so the heap stays within a few times the requests waiting.
+            live = self._callbacks.keys() | self._pending.keys()
+            heap[:] = [entry for entry in heap if entry[1] in live]
+            heapq.heapify(heap)
+        if self._sweep_timer is None or deadline < self._sweep_at:
+            self._arm_sweep(deadline)
+
+    def _arm_sweep(self, deadline: float) -> None:
+        if self._sweep_timer is not None:
+            self._sweep_timer.cancel()
+        self._sweep_at = deadline
+        self._sweep_timer = self._loop.call_later(max(0.0, deadline - _monotonic()),
+                                                  self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweep_timer = None
+        heap = self._deadlines
+        now = _monotonic()
+        callbacks = self._callbacks
+        pending = self._pending
+        while heap and heap[0][0] <= now:
+            _, rid = heapq.heappop(heap)
+            on_reply = callbacks.pop(rid, None)  # None: answered already
+            if on_reply is not None:
+                _call_back(on_reply, TimeoutError())
+                continue
+            fut = pending.get(rid)
+            if fut is not None and not fut.done():
+                fut.set_exception(TimeoutError())  # `request` removes it from _pending
+        while heap and heap[0][1] not in callbacks and heap[0][1] not in pending:
+            heapq.heappop(heap)  # answered: no timer for them
+        if heap and not self._closed:
+            self._arm_sweep(heap[0][0])
 
     def reply_error(self, re: int | None, code: ErrorCode, message: str, tx_id: str | None = None) -> None:
         """Send an error frame; silently dropped if the connection is already gone."""
@@ -208,42 +423,55 @@ class Channel:
 
     # --- receiving -----------------------------------------------------------------
 
-    async def _read_loop(self) -> None:
-        reason: BaseException | None = None
-        try:
-            while True:
-                data = await self._reader.read(READ_CHUNK)
-                if not data:
-                    reason = ConnectionLost(f"{self.name} closed the connection")
-                    break
-                self.last_seen = time.monotonic()
-                try:
-                    payloads = self._frames.feed(data)
-                except FrameTooLarge as exc:
-                    log.warning("%s (%s): %s; closing", self.name, self.peername, exc)
-                    self.reply_error(None, ErrorCode.FRAME_TOO_LARGE, str(exc))
-                    reason = exc
-                    break
-                for payload in payloads:
-                    self._dispatch(payload)
-                    if self._closed.is_set():
-                        return
-        except asyncio.CancelledError:
-            raise
-        except (ConnectionError, OSError) as exc:
-            reason = exc
-        finally:
-            if not self._closed.is_set():
-                self.close(reason)
+    def _receive(self, data: bytes) -> None:
+        frames = self._frames
+        if frames.buffered:  # a frame is split across chunks: let the decoder join it
+            try:
+                payloads = frames.feed(data)
+            except FrameTooLarge as exc:
+                self._too_large(exc)
+                return
+            for payload in payloads:
+                self._dispatch(payload)
+                if self._closed:
+                    return
+            return
+        # Fast path: whole frames straight out of this chunk; only a tail is buffered.
+        pos = 0
+        end = len(data)
+        limit = self._max_frame_bytes
+        while end - pos >= 4:
+            (length,) = _unpack_header(data, pos)
+            if length > limit:
+                break  # the decoder below refuses it
+            start = pos + 4
+            stop = start + length
+            if stop > end:
+                break
+            self._dispatch(data[start:stop])
+            if self._closed:
+                return
+            pos = stop
+        if pos < end:
+            try:
+                frames.feed(data[pos:] if pos else data)  # an incomplete frame: no output
+            except FrameTooLarge as exc:
+                self._too_large(exc)
+
+    def _too_large(self, exc: FrameTooLarge) -> None:
+        log.warning("%s (%s): %s; closing", self.name, self._peername, exc)
+        self.reply_error(None, ErrorCode.FRAME_TOO_LARGE, str(exc))
+        self.close(exc)
 
     def _dispatch(self, payload: bytes) -> None:
         self.frames_in += 1
         try:
-            msg = self._decoder.decode(payload)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            msg = self._decode(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+            # (msgspec raises UnicodeDecodeError for a string that is not UTF-8.)
             rid = salvage_request_id(payload)
             reason = describe_decode_error(exc)
-            log.info("bad frame from %s (%s): %s", self.name, self.peername, reason)
+            log.info("bad frame from %s (%s): %s", self.name, self._peername, reason)
             self.reply_error(rid, ErrorCode.BAD_REQUEST, f"invalid frame: {reason}")
             return
         re = getattr(msg, "re", None)
@@ -253,6 +481,12 @@ class Channel:
                 if not fut.done():
                     fut.set_result(msg)
                 return
+            if self._callbacks:
+                on_reply = self._callbacks.pop(re, None)
+                if on_reply is not None:
+                    _call_back(on_reply, RequestFailed(msg.code, msg.message)
+                               if isinstance(msg, Error) else msg)
+                    return
             if not isinstance(msg, Error):
                 log.debug("late or unmatched reply re=%s from %s dropped", re, self.name)
                 return
@@ -276,9 +510,11 @@ class Channel:
             log.error("handler task on %s failed", self.name, exc_info=task.exception())
 
 
-def _expire(fut: asyncio.Future[Message]) -> None:
-    if not fut.done():
-        fut.set_exception(TimeoutError())
+def _call_back(on_reply: OnReply, result: Message | BaseException) -> None:
+    try:
+        on_reply(result)
+    except Exception:
+        log.exception("reply callback failed")
 
 
 async def open_channel(
@@ -293,10 +529,10 @@ async def open_channel(
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
 ) -> Channel:
     """Connect over TCP and start a Channel. Raises OSError/TimeoutError if unreachable."""
-    async with asyncio.timeout(connect_timeout):
-        reader, writer = await asyncio.open_connection(host, port, limit=READ_CHUNK)
-    ch = Channel(reader, writer, decoder, name=name, on_message=on_message,
+    ch = Channel(None, None, decoder, name=name, on_message=on_message,
                  on_close=on_close, max_frame_bytes=max_frame_bytes)
+    async with asyncio.timeout(connect_timeout):
+        await asyncio.get_running_loop().create_connection(lambda: ch, host, port)
     ch.start()
     return ch
 
@@ -309,11 +545,38 @@ async def open_unix_channel(
     connect_timeout: float = 5.0,
     on_message: OnMessage | None = None,
 ) -> Channel:
+    ch = Channel(None, None, decoder, name=name, on_message=on_message)
     async with asyncio.timeout(connect_timeout):
-        reader, writer = await asyncio.open_unix_connection(path, limit=READ_CHUNK)
-    ch = Channel(reader, writer, decoder, name=name, on_message=on_message)
+        await asyncio.get_running_loop().create_unix_connection(lambda: ch, path)
     ch.start()
     return ch
+
+
+async def start_channel_server(
+    accept: OnAccept,
+    decoder: msgspec.msgpack.Decoder[Any],
+    host: str | None = None,
+    port: int = 0,
+    *,
+    path: str | None = None,
+    name: str = "peer",
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    max_buffered_bytes: int = MAX_BUFFERED_BYTES,
+) -> asyncio.Server:
+    """Listen on TCP `host:port` (or the Unix socket `path`); each connection is a Channel
+    handed to `accept` as soon as it is made. `accept` sets `on_message`/`on_close` and
+    calls `start()` (bytes that arrive before are kept)."""
+    loop = asyncio.get_running_loop()
+
+    def factory() -> Channel:
+        ch = Channel(None, None, decoder, name=name, max_frame_bytes=max_frame_bytes,
+                     max_buffered_bytes=max_buffered_bytes)
+        ch._accept = accept
+        return ch
+
+    if path is not None:
+        return await loop.create_unix_server(factory, path)
+    return await loop.create_server(factory, host, port)
 
 
 def loop_factory(fast: bool = True) -> Callable[[], asyncio.AbstractEventLoop] | None:

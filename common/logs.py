@@ -21,7 +21,8 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 def _safe(value: object) -> object:
     """A peer's text (memo, reject reason) may hold newlines or terminal escapes: shown
     escaped, it can neither forge a log line nor drive the terminal."""
-    if isinstance(value, str) and _CONTROL.search(value):
+    # isprintable() (C, no regex) is true for every string without a control character.
+    if isinstance(value, str) and not value.isprintable() and _CONTROL.search(value):
         return repr(value)
     return value
 

@@ -16,7 +16,6 @@ Rules:
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
 import time
@@ -85,8 +84,20 @@ def new_tx_id() -> str:
     return uuid.uuid4().hex
 
 
+_last_ms = -1
+_last_text = ""
+
+
 def _utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """Now as ISO 8601 UTC with milliseconds (formatted once per millisecond)."""
+    global _last_ms, _last_text
+    now = time.time()
+    ms = int(now * 1000)
+    if ms != _last_ms:
+        stamp = datetime.fromtimestamp(ms // 1000, UTC).replace(microsecond=ms % 1000 * 1000)
+        _last_text = stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        _last_ms = ms
+    return _last_text
 
 
 def make_pay(to: str, amount_minor: int, memo: str = "", tx_id: str | None = None) -> Pay:
@@ -317,8 +328,10 @@ async def _call(cb: Callable[..., object] | None, arg: object) -> OfferDecision:
 
 
 def _send_quietly(ch: Channel, msg: Message) -> None:
-    with contextlib.suppress(ConnectionLost):
+    try:
         ch.send_nowait(msg)
+    except ConnectionLost:
+        pass
 
 
 __all__ = ["BalanceView", "PayerClient", "make_pay", "new_tx_id"]

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from common import PROTOCOL_VERSION
-from common.aio import READ_CHUNK, Channel
+from common.aio import Channel, start_channel_server
 from common.errors import ConfigError, ConnectionLost, ErrorCode, RequestFailed
 from common.messages import (
     CONTROL_REQUESTS,
@@ -74,8 +74,8 @@ class ControlServer:
         await self._clear_stale()
         old_umask = os.umask(0o177)
         try:
-            self._server = await asyncio.start_unix_server(self._accept, str(self.path),
-                                                           limit=READ_CHUNK)
+            self._server = await start_channel_server(self._accept, _DECODER,
+                                                      path=str(self.path), name="cli")
         except OSError as exc:
             raise ConfigError(f"cannot listen on {self.path}: {exc.strerror}") from None
         finally:
@@ -113,10 +113,10 @@ class ControlServer:
         with contextlib.suppress(OSError):
             self.path.unlink()
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _accept(self, ch: Channel) -> None:
         session = _ControlSession(self.daemon)
-        ch = Channel(reader, writer, _DECODER, name="cli", on_message=session.handle,
-                     on_close=self._closed)
+        ch.on_message = session.handle
+        ch.on_close = self._closed
         self._channels.add(ch)
         ch.start()
 

@@ -1,4 +1,5 @@
-"""The payment pipeline (DESIGN §2): one task per payment, many at once on one loop.
+"""The payment pipeline (DESIGN §2): many payments at once on one loop, each a chain of
+steps driven by callbacks (no task per payment).
 
 Each step is its own named function, in this order, so hook points can be added later:
 
@@ -15,7 +16,8 @@ Rules:
 - the ledger append is the commit point. A lost answer is never guessed at (the ledger
   client re-sends it); if it stays unknown longer than `outcome_pending_after_s`, the
   waiting senders are told `outcome_pending` and the payment still ends exactly once;
-- a payment runs in its own task: the sender's connection dropping does not stop it.
+- a payment runs on its own (the offer's reply and the append's answer drive it): the
+  sender's connection dropping does not stop it.
   A retry of the same tx_id joins the run in flight or gets the recorded outcome;
 - every decision is logged once, with tx_id, sender, receiver, amount, outcome, code and
   the step that failed.
@@ -27,6 +29,8 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,8 +38,10 @@ from common.config import RouterConfig
 from common.errors import ConnectionLost, ErrorCode, InvariantViolation, RequestFailed
 from common.logs import log_event
 from common.messages import (
+    AppendResult,
     Cancel,
     LedgerRow,
+    Message,
     Offer,
     Pay,
     Ping,
@@ -96,6 +102,7 @@ class Payment:
         self.committed = False
         self.pending_reported = False
         self.started = time.monotonic()
+        self.ended = False  # finished, failed or abandoned: late callbacks are ignored
         self._waiters: list[asyncio.Future[Outcome]] = []
 
     @property
@@ -161,8 +168,13 @@ class Pipeline:
         self.cfg = cfg
         self.shutting_down = False
         self.inflight: dict[str, Payment] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._idle: asyncio.Event | None = None  # set when `inflight` empties (drain)
+        # Appends awaiting the ledger, by `outcome_pending` deadline; one timer for all.
+        self._appending: deque[tuple[float, Payment, asyncio.Future[AppendResult]]] = deque()
+        self._pending_timer: asyncio.TimerHandle | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._unacked = 0  # `settled` frames whose ack has not come (nor failed) yet
+        self._all_acked: asyncio.Event | None = None  # made by `drain`
         self.counts: dict[str, int] = {}
 
     # --- entry point ---------------------------------------------------------------
@@ -173,8 +185,9 @@ class Pipeline:
         return answer if isinstance(answer, Outcome) else await answer
 
     def begin(self, sender: str, pay: Pay) -> Outcome | asyncio.Future[Outcome]:
-        """`submit` without a coroutine: the answer now, or a future for it (the payment
-        itself runs in its own task)."""
+        """`submit` without a coroutine: the answer now, or a future for it (a new
+        payment's synchronous steps run now; replies and the ledger's answer drive the
+        rest)."""
         params = TxParams(sender, pay.to, pay.amount, pay.memo)
         try:
             self.validate(sender, pay)
@@ -190,10 +203,9 @@ class Pipeline:
                            "the router is stopping; retry the same tx_id later")
         payment = Payment(self.book.txs.begin(pay.tx_id, params))
         self.inflight[pay.tx_id] = payment
-        task = asyncio.get_running_loop().create_task(self.run(payment), name=f"pay:{pay.tx_id}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return payment.reply_future(self.cfg.outcome_pending_after_s)
+        answer = payment.reply_future(self.cfg.outcome_pending_after_s)
+        self._guard(payment, self.steps)
+        return answer
 
     def _known(self, record: TxRecord) -> Outcome | asyncio.Future[Outcome]:
         if record.state is TxState.PAID:
@@ -228,28 +240,42 @@ class Pipeline:
 
     # --- the run ---------------------------------------------------------------------
 
-    async def run(self, p: Payment) -> None:
-        try:
-            try:
-                await self.steps(p)
-            except PaymentKilled as k:
-                self.kill_payment(p, k.code, k.message)
-            except asyncio.CancelledError:
-                if not p.committed:
-                    self._abandon(p)
-                raise
-            except Exception as exc:
-                if p.committed:
-                    log.exception("payment %s failed after its commit", p.tx_id)
-                else:
-                    log.exception("payment %s failed at step %s", p.tx_id, p.step)
-                    self.kill_payment(p, ErrorCode.INTERNAL_ERROR,
-                                      f"internal error at step {p.step}: {type(exc).__name__}")
-        finally:
-            self.inflight.pop(p.tx_id, None)
+    # A payment is a chain of steps driven by callbacks (a reply, the append's future),
+    # not a task: `steps` runs the synchronous steps 3-7 and sends the offer; the offer's
+    # answer runs `offer_answered`, which sends the append; the append's answer runs
+    # `appended` (apply, notify). Each runs under `_guard`, which turns PaymentKilled
+    # into `kill_payment` and ends the payment exactly once.
 
-    async def steps(self, p: Payment) -> None:
-        # Steps 3-5 are synchronous: no await between the funds check and the hold.
+    def _guard(self, p: Payment, step: Callable[..., None], *args: Any) -> None:
+        if p.ended:  # abandoned at shutdown: what comes back now changes nothing
+            return
+        try:
+            step(p, *args)
+        except PaymentKilled as k:
+            self._fail(p, k.code, k.message)
+        except Exception as exc:
+            if p.committed:
+                log.exception("payment %s failed after its commit", p.tx_id)
+                self._end(p)
+            else:
+                log.exception("payment %s failed at step %s", p.tx_id, p.step)
+                self._fail(p, ErrorCode.INTERNAL_ERROR,
+                           f"internal error at step {p.step}: {type(exc).__name__}")
+
+    def _fail(self, p: Payment, code: ErrorCode, message: str) -> None:
+        try:
+            self.kill_payment(p, code, message)
+        finally:
+            self._end(p)
+
+    def _end(self, p: Payment) -> None:
+        p.ended = True
+        self.inflight.pop(p.tx_id, None)
+        if not self.inflight and self._idle is not None:
+            self._idle.set()
+
+    def steps(self, p: Payment) -> None:
+        # Steps 3-5 are synchronous: nothing runs between the funds check and the hold.
         p.step = "funds"
         self.check_funds(p)
         p.step = "receiver"
@@ -259,15 +285,7 @@ class Pipeline:
         p.step = "hold"
         self.hold(p)
         p.step = "link"
-        await self.test_receiver_link(p)
-        p.step = "offer"
-        await self.offer(p)
-        p.step = "append"
-        row = await self.write_to_ledger(p)
-        p.step = "apply"
-        self.apply(p, row)
-        p.step = "notify"
-        await self.notify(p, row)
+        self.ping_payer(p)  # goes on with `offer` (now, or when a ping answers)
 
     def check_funds(self, p: Payment) -> None:
         """Step 3 (seed: fundsAvail). Raises PaymentKilled(insufficient_funds)."""
@@ -294,29 +312,41 @@ class Pipeline:
         self.book.accounts.place_hold(p.params.sender, p.params.amount)
         p.held = True
 
-    async def ping_payer(self, payer_id: str) -> bool:
-        """The seed's pingPayer: a live session that showed life within the freshness
-        window, else a ping answered within `ping_timeout_s`."""
-        session = self.registry.session(payer_id)
-        if session is None:
-            return False
-        if time.monotonic() - session.channel.last_seen <= self.cfg.freshness_window_s:
-            return True
-        try:
-            reply = await session.channel.request(Ping(id=0), timeout=self.cfg.ping_timeout_s)
-        except (TimeoutError, ConnectionLost, RequestFailed):
-            return False
-        return isinstance(reply, Pong)
+    def ping_payer(self, p: Payment) -> None:
+        """Step 6 (the seed's pingPayer on the receiver): a live session that showed life
+        within the freshness window goes straight on to `offer`; else a ping answered
+        within `ping_timeout_s` does. Raises PaymentKilled(receiver_unreachable)."""
+        receiver = p.params.receiver
+        session = self.registry.session(receiver)
+        if session is not None:
+            ch = session.channel
+            if time.monotonic() - ch.last_seen <= self.cfg.freshness_window_s:
+                p.step = "offer"
+                self.offer(p)
+                return
 
-    async def test_receiver_link(self, p: Payment) -> None:
-        """Step 6. Raises PaymentKilled(receiver_unreachable)."""
-        if not await self.ping_payer(p.params.receiver):
+            def ponged(reply: Message | BaseException) -> None:
+                self._guard(p, self._after_ping, reply)
+
+            with contextlib.suppress(ConnectionLost):
+                ch.request_nowait(Ping(id=0), self.cfg.ping_timeout_s, ponged)
+                return
+        raise PaymentKilled(ErrorCode.RECEIVER_UNREACHABLE,
+                            f"{receiver} has no live session or missed a ping")
+
+    def _after_ping(self, p: Payment, reply: Message | BaseException) -> None:
+        if isinstance(reply, BaseException) and not isinstance(
+                reply, TimeoutError | ConnectionLost | RequestFailed):
+            raise reply
+        if not isinstance(reply, Pong):
             raise PaymentKilled(ErrorCode.RECEIVER_UNREACHABLE,
                                 f"{p.params.receiver} has no live session or missed a ping")
+        p.step = "offer"
+        self.offer(p)
 
-    async def offer(self, p: Payment) -> None:
-        """Step 7: offer → receipt. Raises PaymentKilled(receiver_timeout | _rejected |
-        _unreachable)."""
+    def offer(self, p: Payment) -> None:
+        """Step 7: send the offer; its answer (receipt, reject, error, timeout, lost
+        connection) runs `offer_answered`. Raises PaymentKilled(receiver_unreachable)."""
         session = self.registry.session(p.params.receiver)
         if session is None:
             raise PaymentKilled(ErrorCode.RECEIVER_UNREACHABLE,
@@ -324,58 +354,105 @@ class Pipeline:
         offer = Offer(id=0, tx_id=p.tx_id, sender=p.params.sender, amount=p.params.amount,
                       memo=p.params.memo)
         p.offered = True
+
+        def answered(reply: Message | BaseException) -> None:
+            self._guard(p, self.offer_answered, reply)
+
         try:
-            reply = await session.channel.request(offer, timeout=self.cfg.offer_timeout_s)
-        except TimeoutError:
-            raise PaymentKilled(ErrorCode.RECEIVER_TIMEOUT,
-                                f"{p.params.receiver} did not answer the offer in "
-                                f"{self.cfg.offer_timeout_s}s") from None
+            session.channel.request_nowait(offer, self.cfg.offer_timeout_s, answered)
         except ConnectionLost:
             raise PaymentKilled(ErrorCode.RECEIVER_UNREACHABLE,
                                 f"{p.params.receiver} disconnected during the offer") from None
-        except RequestFailed as exc:
+
+    def offer_answered(self, p: Payment, reply: Message | BaseException) -> None:
+        """Step 7's answer: a receipt goes on to `write_to_ledger`. Raises PaymentKilled
+        (receiver_timeout | _rejected | _unreachable)."""
+        receiver = p.params.receiver
+        if isinstance(reply, TimeoutError):
+            raise PaymentKilled(ErrorCode.RECEIVER_TIMEOUT,
+                                f"{receiver} did not answer the offer in "
+                                f"{self.cfg.offer_timeout_s}s")
+        if isinstance(reply, ConnectionLost):
+            raise PaymentKilled(ErrorCode.RECEIVER_UNREACHABLE,
+                                f"{receiver} disconnected during the offer")
+        if isinstance(reply, RequestFailed):
             raise PaymentKilled(ErrorCode.RECEIVER_REJECTED,
-                                f"{p.params.receiver} answered the offer with {exc}") from None
+                                f"{receiver} answered the offer with {reply}")
+        if isinstance(reply, BaseException):
+            raise reply
         if isinstance(reply, Reject):
             raise PaymentKilled(ErrorCode.RECEIVER_REJECTED,
-                                reply.reason or f"{p.params.receiver} rejected the payment")
+                                reply.reason or f"{receiver} rejected the payment")
         if not isinstance(reply, Receipt) or reply.tx_id != p.tx_id:
             raise PaymentKilled(ErrorCode.RECEIVER_REJECTED,
-                                f"{p.params.receiver} answered the offer with a wrong receipt")
+                                f"{receiver} answered the offer with a wrong receipt")
+        p.step = "append"
+        self.write_to_ledger(p)
 
-    async def write_to_ledger(self, p: Payment) -> LedgerRow:
-        """Step 8 (seed: writeToLedger), the commit point. Raises PaymentKilled
-        (ledger_unavailable | ledger_write_failed | tx_id_conflict) only when the ledger
-        definitely did not write the row; an unknown outcome is waited out."""
+    def write_to_ledger(self, p: Payment) -> None:
+        """Step 8 (seed: writeToLedger), the commit point: queue the row; the ledger's
+        answer runs `appended`. An unknown outcome is waited out: after
+        `outcome_pending_after_s` the waiting senders are told `outcome_pending`, and the
+        payment still ends exactly once, when the ledger answers."""
         params = p.params
         row_in = RowIn(tx_id=p.tx_id, sender=params.sender, receiver=params.receiver,
                        amount=params.amount, memo=params.memo)
         fut = self.ledger.append(row_in)
+        # The append future is never cancelled by the wait. Its `outcome_pending`
+        # deadline shares one timer with every other append's (`_check_pending`).
+        queue = self._appending
+        while queue and (queue[0][2].done() or queue[0][1].ended):
+            queue.popleft()  # answered: keep the queue to the appends still in flight
+        queue.append((time.monotonic() + self.cfg.outcome_pending_after_s, p, fut))
+        if self._pending_timer is None:
+            self._pending_timer = asyncio.get_running_loop().call_later(
+                self.cfg.outcome_pending_after_s, self._check_pending)
+        fut.add_done_callback(lambda f: self._guard(p, self.appended, row_in, f))
 
-        def pending() -> None:
-            if fut.done():
-                return
+    def _check_pending(self) -> None:
+        """Tell the senders of every append unanswered for `outcome_pending_after_s`
+        that its outcome is pending. The deadlines are queued in order (one delay)."""
+        self._pending_timer = None
+        queue = self._appending
+        now = time.monotonic()
+        while queue and (queue[0][0] <= now or queue[0][2].done() or queue[0][1].ended):
+            _, p, fut = queue.popleft()
+            if fut.done() or p.ended:
+                continue
+            params = p.params
             log_event(log, "payment outcome pending", logging.WARNING, tx_id=p.tx_id,
                       sender=params.sender, receiver=params.receiver,
                       amount=params.amount, step="append")
             p.report_pending()
+        if queue:
+            self._pending_timer = asyncio.get_running_loop().call_later(
+                max(0.0, queue[0][0] - now), self._check_pending)
 
-        # One timer rather than wait_for(shield(...)): the append future is never
-        # cancelled by the wait, and the hot path creates no extra task.
-        timer = asyncio.get_running_loop().call_later(self.cfg.outcome_pending_after_s,
-                                                      pending)
-        try:
-            result = await fut
-        except LedgerUnavailable as exc:
-            raise PaymentKilled(ErrorCode.LEDGER_UNAVAILABLE, str(exc)) from None
-        except LedgerRefused as exc:
-            raise PaymentKilled(refusal_code(exc), f"the ledger refused the row: {exc}") from None
-        finally:
-            timer.cancel()
+    def appended(self, p: Payment, row_in: RowIn, fut: asyncio.Future[AppendResult]) -> None:
+        """Step 8's answer. Raises PaymentKilled (ledger_unavailable | ledger_write_failed
+        | tx_id_conflict) only when the ledger definitely did not write the row."""
+        if fut.cancelled():  # the ledger client was closed under it: the outcome is unknown
+            if not p.committed:
+                self._abandon(p)
+            self._end(p)
+            return
+        exc = fut.exception()
+        if isinstance(exc, LedgerUnavailable):
+            raise PaymentKilled(ErrorCode.LEDGER_UNAVAILABLE, str(exc))
+        if isinstance(exc, LedgerRefused):
+            raise PaymentKilled(refusal_code(exc), f"the ledger refused the row: {exc}")
+        if exc is not None:
+            raise exc
+        result = fut.result()
         if result.status == "conflict":
             raise PaymentKilled(ErrorCode.TX_ID_CONFLICT,
                                 f"the ledger has tx_id {p.tx_id} for another payment")
-        return durable_row(row_in, result)
+        row = durable_row(row_in, result)
+        p.step = "apply"
+        self.apply(p, row)
+        p.step = "notify"
+        self.notify(p, row)
+        self._end(p)
 
     def apply(self, p: Payment, row: LedgerRow) -> None:
         """Step 9: move the money and release the hold; tell the waiting senders."""
@@ -386,21 +463,33 @@ class Pipeline:
                            ms=round((time.monotonic() - p.started) * 1000, 1))
         p.finish(Outcome(p.tx_id, seq=row.seq, dtg=row.dtg))
 
-    async def notify(self, p: Payment, row: LedgerRow) -> None:
-        """Step 10: `settled` to the receiver, waiting for its ack. A failure here
-        changes nothing: the payment is in the ledger; the receiver resyncs later."""
-        session = self.registry.session(p.params.receiver)
+    def notify(self, p: Payment, row: LedgerRow) -> None:
+        """Step 10: `settled` to the receiver; its ack is waited for by the channel (a
+        callback and a shared deadline, no future or task), so the payment ends here.
+        A failure changes nothing: the payment is in the ledger; the receiver
+        resyncs later. `drain` still waits for the acks outstanding at shutdown."""
+        receiver = p.params.receiver
+        session = self.registry.session(receiver)
         if session is None:
-            log_event(log, "receiver gone before settled", tx_id=p.tx_id,
-                      receiver=p.params.receiver)
+            log_event(log, "receiver gone before settled", tx_id=p.tx_id, receiver=receiver)
             return
         msg = Settled(id=0, tx_id=p.tx_id, seq=row.seq,
-                      balance=self.book.accounts.balance(p.params.receiver))
+                      balance=self.book.accounts.balance(receiver))
+        tx_id = p.tx_id
+
+        def acked(reply: Message | BaseException) -> None:
+            self._unacked -= 1
+            if self._unacked == 0 and self._all_acked is not None:
+                self._all_acked.set()
+            if isinstance(reply, BaseException):
+                log_event(log, "receiver did not ack settled", logging.WARNING, tx_id=tx_id,
+                          receiver=receiver, error=str(reply) or type(reply).__name__)
+
+        self._unacked += 1
         try:
-            await session.channel.request(msg, timeout=self.cfg.settle_timeout_s)
-        except (TimeoutError, ConnectionLost, RequestFailed) as exc:
-            log_event(log, "receiver did not ack settled", logging.WARNING, tx_id=p.tx_id,
-                      receiver=p.params.receiver, error=str(exc) or type(exc).__name__)
+            session.channel.request_nowait(msg, self.cfg.settle_timeout_s, acked)
+        except ConnectionLost as exc:
+            acked(exc)
 
     # --- ending a payment that failed ----------------------------------------------
 
@@ -448,28 +537,40 @@ class Pipeline:
     # --- lifecycle -----------------------------------------------------------------
 
     async def drain(self, grace_s: float) -> int:
-        """Refuse new payments, wait up to `grace_s` for those in flight, cancel the rest.
-        Returns how many were cancelled."""
+        """Refuse new payments, wait up to `grace_s` for those in flight, abandon the rest
+        (hold released, tx left pending: a replay tells its fate). Returns how many were
+        abandoned."""
         self.shutting_down = True
-        tasks = set(self._tasks)
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=grace_s)
-        else:
-            pending = set()
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.wait(pending, timeout=1.0)
+        if self.inflight:
+            self._idle = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), timeout=grace_s)
+        left = [p for p in self.inflight.values() if not p.ended]
+        for p in left:
+            if not p.committed:
+                self._abandon(p)
+            self._end(p)
         background = set(self._background)
         if background:
             await asyncio.wait(background, timeout=min(grace_s, self.cfg.settle_timeout_s))
-        return len(pending)
+        if self._unacked:  # settled frames still waiting for their ack
+            self._all_acked = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_acked.wait(),
+                                       timeout=min(grace_s, self.cfg.settle_timeout_s))
+        return len(left)
 
     def _log_decision(self, tx_id: str, params: TxParams, code: ErrorCode | None, step: str,
                       message: str, **extra: Any) -> None:
-        outcome = "paid" if code is None else "failed"
-        key = outcome if code is None else code.value
-        self.counts[key] = self.counts.get(key, 0) + 1
+        counts = self.counts
+        if code is None:  # the common line: no None fields for the formatter to skip
+            counts["paid"] = counts.get("paid", 0) + 1
+            log_event(log, "payment", tx_id=tx_id, sender=params.sender,
+                      receiver=params.receiver, amount=params.amount, outcome="paid",
+                      reason=message or None, **extra)
+            return
+        key = code.value
+        counts[key] = counts.get(key, 0) + 1
         log_event(log, "payment", tx_id=tx_id, sender=params.sender, receiver=params.receiver,
-                  amount=params.amount, outcome=outcome, code=None if code is None else code.value,
-                  step=None if code is None else step, reason=message or None, **extra)
+                  amount=params.amount, outcome="failed", code=key, step=step,
+                  reason=message or None, **extra)

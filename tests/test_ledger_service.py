@@ -303,3 +303,19 @@ async def test_same_tx_id_twice_in_a_failed_batch_is_failed_for_both(network: Ne
     assert codes == ["ledger_write_failed", "ledger_write_failed"]
     assert network.ledger_path.read_bytes() == before
     assert (await stats(ch)).rows == 1
+
+
+async def test_invalid_utf8_in_a_field_is_a_bad_request_and_the_connection_keeps_serving(
+        network: Network) -> None:
+    network.start_ledger()
+    s = raw_socket(network)
+    ping = encode_frame(msgspec.msgpack.encode({"t": "ping", "id": 9}))
+    # A msgpack map whose `party` string holds bytes that are not UTF-8.
+    body = msgspec.msgpack.encode({"t": "read", "id": 8, "party": "PLACEHOLDER"})
+    body = body.replace(b"\xabPLACEHOLDER", b"\xab\xff\xfe\xfd\xfc\xfb\xfa\xf9\xf8\xf7\xf6\xf5")
+    s.sendall(hello_frame() + encode_frame(body) + ping)
+    frames = await asyncio.to_thread(read_frames, s)
+    s.close()
+    kinds = [(f.get("t"), f.get("code")) for f in frames if isinstance(f, dict)]
+    assert ("error", "bad_request") in kinds
+    assert ("pong", None) in kinds  # the same connection answered the next frame

@@ -1,0 +1,32 @@
+"""scripts/bench --quick runs end to end and reports every figure (never timed here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from netkit import REPO_ROOT
+
+
+@pytest.mark.slow
+def test_bench_quick_reports_every_figure() -> None:
+    proc = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--json"],
+                          capture_output=True, text=True, timeout=240, cwd=REPO_ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    payments = report["payments"]
+    assert [p["label"].split()[0] for p in payments] == ["closed", "closed", "open"]
+    for p in payments:
+        assert p["ok"] > 0, p
+        assert p["failed"] == 0, p
+        assert p["p50_ms"] <= p["p99_ms"] <= p["max_ms"]
+        assert p["rows_per_fsync"] >= 1
+        assert set(p["cpu_s"]) == {"ledger", "router", "bench"}
+    assert [e["label"] for e in report["echo"]] == ["echo 1 hop", "echo 3 hops"]
+    assert all(e["per_s"] > 0 for e in report["echo"])
+    assert report["fsync"]["fsyncs_per_s"] > 0
+    assert report["sessions"]["kib_per_idle_session"] is not None
+    assert list(report["rebuild_s"]) == ["20000"]
+    assert set(report["ratios"]) == {"vs_echo_1_hop", "vs_echo_3_hops", "vs_single_fsync_rate"}
