@@ -32,36 +32,51 @@ class _PlainFormatter(logging.Formatter):
     _hms = ""
 
     def format(self, record: logging.LogRecord) -> str:
-        second = int(record.created)
-        if second != self._second:  # strftime once a second, not once a line
-            self._second = second
-            self._hms = time.strftime("%H:%M:%S", time.localtime(second))
-        ts = self._hms
-        ms = int(record.msecs)
-        fields = getattr(record, "fields", None)
-        text = record.getMessage()
-        if fields:
-            text += " " + " ".join(f"{k}={_safe(v)}" for k, v in fields.items() if v is not None)
-        line = f"{ts}.{ms:03d} {record.levelname.lower():7} {record.name}: {text}"
+        line = self.render(record.created, record.levelname, record.name, record.getMessage(),
+                           getattr(record, "fields", None))
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
 
+    def render(self, created: float, levelname: str, name: str, text: str,
+               fields: dict[str, Any] | None) -> str:
+        """The line for a record without exc_info (also `log_event`'s fast path)."""
+        second = int(created)
+        if second != self._second:  # strftime once a second, not once a line
+            self._second = second
+            self._hms = time.strftime("%H:%M:%S", time.localtime(second))
+        ts = self._hms
+        ms = int((created - second) * 1000)  # LogRecord.msecs
+        if fields:
+            text += " " + " ".join(f"{k}={_safe(v)}" for k, v in fields.items() if v is not None)
+        return f"{ts}.{ms:03d} {levelname.lower():7} {name}: {text}"
+
 
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        obj: dict[str, Any] = {
-            "ts": round(record.created, 6),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        fields = getattr(record, "fields", None)
-        if fields:
-            obj.update({k: v for k, v in fields.items() if v is not None})
+        obj = self._obj(record.created, record.levelname, record.name, record.getMessage(),
+                        getattr(record, "fields", None))
         if record.exc_info:
             obj["exc"] = self.formatException(record.exc_info)
         return json.dumps(obj, default=str)
+
+    def render(self, created: float, levelname: str, name: str, text: str,
+               fields: dict[str, Any] | None) -> str:
+        """The line for a record without exc_info (also `log_event`'s fast path)."""
+        return json.dumps(self._obj(created, levelname, name, text, fields), default=str)
+
+    @staticmethod
+    def _obj(created: float, levelname: str, name: str, text: str,
+             fields: dict[str, Any] | None) -> dict[str, Any]:
+        obj: dict[str, Any] = {
+            "ts": round(created, 6),
+            "level": levelname.lower(),
+            "logger": name,
+            "msg": text,
+        }
+        if fields:
+            obj.update({k: v for k, v in fields.items() if v is not None})
+        return obj
 
 
 class _TurnFlushingHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -79,8 +94,30 @@ class _TurnFlushingHandler(logging.StreamHandler):  # type: ignore[type-arg]
         except Exception:
             self.handleError(record)
             return
-        if record.levelno >= logging.WARNING or self._flush_scheduled:
-            if record.levelno >= logging.WARNING:
+        self._after_write(record.levelno)
+
+    def emit_event(self, created: float, levelno: int, name: str, msg: str,
+                   fields: dict[str, Any]) -> None:
+        """`log_event`'s fast path: the line `emit` would write for the same record,
+        rendered without a LogRecord (the handler's level and filters checked by the
+        caller)."""
+        fmt = self.formatter
+        assert isinstance(fmt, (_PlainFormatter, _JsonFormatter))
+        self.acquire()  # as Handler.handle does around emit
+        try:
+            try:
+                self.stream.write(fmt.render(created, logging.getLevelName(levelno), name, msg,
+                                             fields) + self.terminator)
+            except Exception:
+                self.handleError(_record(name, levelno, msg, fields))
+                return
+            self._after_write(levelno)
+        finally:
+            self.release()
+
+    def _after_write(self, levelno: int) -> None:
+        if levelno >= logging.WARNING or self._flush_scheduled:
+            if levelno >= logging.WARNING:
                 self.flush()
             return
         try:
@@ -127,8 +164,48 @@ def setup_logging(*, json_lines: bool = False, level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    global _fast_handler
+    _fast_handler = handler if isinstance(handler, _TurnFlushingHandler) else None
+
+
+# The handler `log_event` may write to directly (set by `setup_logging`).
+_fast_handler: _TurnFlushingHandler | None = None
+
+
+def _fast_path_ok(logger: logging.Logger, handler: logging.Handler, level: int) -> bool:
+    """True if `logger.log` would hand the record to `handler` alone, with no filter on
+    the way and the handler's level passed (the caller checked `isEnabledFor`)."""
+    if handler.filters or level < handler.level or type(handler.formatter) not in _FAST_FORMATS:
+        return False
+    c: logging.Logger | None = logger
+    while c is not None:
+        if c.filters:
+            return False
+        if c.handlers:
+            return c is logging.root and len(c.handlers) == 1 and c.handlers[0] is handler
+        if not c.propagate:
+            return False
+        c = c.parent
+    return False
+
+
+_FAST_FORMATS = (_PlainFormatter, _JsonFormatter)
+
+
+def _record(name: str, level: int, msg: str, fields: dict[str, Any]) -> logging.LogRecord:
+    rec = logging.LogRecord(name, level, "(log_event)", 0, msg, None, None)
+    rec.fields = fields
+    return rec
 
 
 def log_event(logger: logging.Logger, msg: str, level: int = logging.INFO, **fields: Any) -> None:
-    """Log one event with structured fields (rendered key=value, or JSON keys)."""
+    """Log one event with structured fields (rendered key=value, or JSON keys).
+
+    With the handler `setup_logging` installed as the only one on the way, the line is
+    rendered straight into it (same text, same level checks) without a LogRecord."""
+    handler = _fast_handler
+    if handler is not None and logger.isEnabledFor(level) and _fast_path_ok(logger, handler,
+                                                                             level):
+        handler.emit_event(time.time(), level, logger.name, msg, fields)
+        return
     logger.log(level, msg, extra={"fields": fields})

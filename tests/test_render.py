@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from common.logs import _PlainFormatter
 from common.messages import HistoryReply, LedgerRow
@@ -35,3 +36,39 @@ def test_log_fields_cannot_forge_a_line() -> None:
     line = _PlainFormatter().format(rec)
     assert "\n" not in line
     assert "reason='no\\n12:00:00.000 info forged: line'" in line
+
+
+
+def test_log_event_fast_path_writes_the_record_path_line(monkeypatch: Any) -> None:
+    import io
+    import time
+
+    from common import logs
+
+    saved_handlers, saved_level = logging.root.handlers[:], logging.root.level
+    lg = logging.getLogger("jackpay.router.payments")
+    out: dict[tuple[bool, bool], str] = {}
+    try:
+        monkeypatch.setattr(time, "time", lambda: 1764244680.123456)
+        for fast in (True, False):
+            for json_lines in (False, True):
+                buf = io.StringIO()
+                monkeypatch.setattr(logs, "_block_buffered_stderr", lambda b=buf: b)
+                logs.setup_logging(json_lines=json_lines)
+                assert logs._fast_handler is not None
+                if not fast:
+                    logs._fast_handler = None
+                logs.log_event(lg, "payment", tx_id="t1", amount=5, outcome="paid", reason=None)
+                logs.log_event(lg, "payment", tx_id="t2", reason="no\n12:00:00.000 info forged")
+                logs.log_event(lg, "hidden", logging.DEBUG, a=1)
+                logs.log_event(lg, "stop", logging.WARNING, a=1)
+                out[fast, json_lines] = buf.getvalue()
+    finally:
+        logging.root.handlers[:] = saved_handlers
+        logging.root.setLevel(saved_level)
+        logs._fast_handler = None
+    assert out[True, False] == out[False, False]
+    assert out[True, True] == out[False, True]
+    assert "reason='no\\n12:00:00.000 info forged'" in out[True, False]
+    assert "hidden" not in out[True, False]
+    assert out[True, False].count("\n") == 3
