@@ -39,7 +39,6 @@ OnClose = Callable[["Channel"], None]
 OnAccept = Callable[["Channel"], None]
 OnReply = Callable[[Message | BaseException], None]
 
-READ_CHUNK = 256 * 1024
 MAX_BUFFERED_BYTES = 8 * 1024 * 1024
 # The transport's default high-water mark: above it pause_writing() is called, so the
 # slow-reader check only needs the buffer size while writing is paused.
@@ -81,7 +80,6 @@ class Channel(asyncio.Protocol):
     ) -> None:
         self.name = name
         self._loop = asyncio.get_running_loop()
-        self._decoder = decoder
         self._decode = decoder.decode
         self._frames = FrameDecoder(max_frame_bytes)
         self._max_frame_bytes = max_frame_bytes

@@ -25,7 +25,6 @@ ReqId = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 PAYER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 ACCOUNT_PATTERN = r"^_?[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # payer ids plus reserved `_...`
 TX_ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}$"
-PayerId = Annotated[str, msgspec.Meta(pattern=PAYER_ID_PATTERN)]
 AccountId = Annotated[str, msgspec.Meta(pattern=ACCOUNT_PATTERN)]
 TxId = Annotated[str, msgspec.Meta(pattern=TX_ID_PATTERN)]
 Amount = Annotated[int, msgspec.Meta(gt=0, le=MAX_AMOUNT)]

@@ -88,7 +88,6 @@ class Demo:
         self.config.write_text(CONFIG)
         self.net = LocalNetwork(self.config, root / "run", ephemeral=True)
         self.failures: list[str] = []
-        self.first_seq: int | None = None
 
     def cli(self, who: str, *args: str) -> tuple[int, dict[str, Any]]:
         env = dict(os.environ)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from common.errors import InvariantViolation
 from common.messages import ISSUER, LedgerRow, RowIn
 from router.accounts import Accounts
-from router.transactions import TxParams, TxTable
+from router.transactions import TxTable
 
 OPENING_MEMO = "opening balance"
 
@@ -67,7 +67,3 @@ class Book:
                 rows.append(RowIn(tx_id=tx_id, sender=ISSUER, receiver=o.payer_id,
                                   amount=o.amount, memo=OPENING_MEMO))
         return rows
-
-    @staticmethod
-    def params_of(row: RowIn | LedgerRow) -> TxParams:
-        return TxParams(row.sender, row.receiver, row.amount, row.memo)

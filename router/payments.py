@@ -134,10 +134,6 @@ class Payment:
             fut.add_done_callback(lambda _: timer.cancel())
         return fut
 
-    async def wait_reply(self, pending_after_s: float) -> Outcome:
-        """Await `reply_future`."""
-        return await self.reply_future(pending_after_s)
-
     def report_pending(self) -> None:
         self.pending_reported = True
         self._answer(pending_outcome(self.tx_id))
@@ -179,13 +175,9 @@ class Pipeline:
 
     # --- entry point ---------------------------------------------------------------
 
-    async def submit(self, sender: str, pay: Pay) -> Outcome:
-        """Run (or join, or look up) the payment `pay` from `sender`; return the answer."""
-        answer = self.begin(sender, pay)
-        return answer if isinstance(answer, Outcome) else await answer
-
     def begin(self, sender: str, pay: Pay) -> Outcome | asyncio.Future[Outcome]:
-        """`submit` without a coroutine: the answer now, or a future for it (a new
+        """Run (or join, or look up) the payment `pay` from `sender`: the answer now, or a
+        future for it (a new
         payment's synchronous steps run now; replies and the ledger's answer drive the
         rest)."""
         params = TxParams(sender, pay.to, pay.amount, pay.memo)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Coroutine
 from pathlib import Path
@@ -211,7 +212,8 @@ class RouterService:
             ch.close()
         await self.admin.aclose()
         await self.ledger.aclose()
-        log_event(log, "stopped", cancelled=cancelled, **self.pipeline.counts)
+        log_event(log, "stopped", cancelled=cancelled, **self.pipeline.counts,
+                  ledger=dataclasses.asdict(self.ledger.stats))
 
     async def aclose(self) -> None:
         """Close without draining (startup was interrupted)."""

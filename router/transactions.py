@@ -121,12 +121,6 @@ class TxTable:
                 del self._records[old.tx_id]
         return rec
 
-    def forget(self, tx_id: str) -> None:
-        """Drop a pending record (a payment that never started, e.g. refused at shutdown)."""
-        rec = self._records.get(tx_id)
-        if isinstance(rec, TxRecord) and rec.state is TxState.PENDING:
-            del self._records[tx_id]
-
     def record_row(self, row: LedgerRow) -> None:
         """A durable ledger row (replay): known as paid from now on. Raises
         InvariantViolation if the tx_id is already known as another payment."""
