@@ -19,6 +19,7 @@ import resource
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,26 +166,25 @@ class Bench:
 
         results = []
         task = self.progress.add_task("payments", total=len(self.s.concurrency) + 1)
-        peak = 0.0
-        for conc in self.s.concurrency:
+
+        async def measured(load: Awaitable[Result]) -> Result:
+            """Run one setting; add rows per fsync and CPU seconds per process to it."""
             before = await self.ledger_stats(lch)
             cpu0 = {n: cpu_seconds(p.pid) for n, p in (("ledger", ledger), ("router", router))}
             cpu0["bench"] = time.process_time()
-            res = await closed_loop(f"closed C={conc}", op, conc, self.s.seconds)
+            res = await load
             after = await self.ledger_stats(lch)
             self.annotate(res, before, after, cpu0, ledger, router)
             results.append(res.summary())
-            peak = max(peak, res.rate)
             self.progress.advance(task)
+            return res
+
+        peak = 0.0
+        for conc in self.s.concurrency:
+            res = await measured(closed_loop(f"closed C={conc}", op, conc, self.s.seconds))
+            peak = max(peak, res.rate)
         rate = max(1.0, peak / 2)
-        before = await self.ledger_stats(lch)
-        cpu0 = {n: cpu_seconds(p.pid) for n, p in (("ledger", ledger), ("router", router))}
-        cpu0["bench"] = time.process_time()
-        res = await open_loop(f"open {rate:.0f}/s", op, rate, self.s.open_loop_s)
-        after = await self.ledger_stats(lch)
-        self.annotate(res, before, after, cpu0, ledger, router)
-        results.append(res.summary())
-        self.progress.advance(task)
+        await measured(open_loop(f"open {rate:.0f}/s", op, rate, self.s.open_loop_s))
         self.report["payments"] = results
         self.report["peak_payments_per_s"] = round(peak, 1)
         for c in clients:
