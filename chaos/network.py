@@ -21,9 +21,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.aio import open_unix_channel
+from common.aio import Channel, open_channel, open_unix_channel
 from common.config import NetworkConfig, load_config
-from common.messages import ADMIN_REPLIES, Hello, Inspect, InspectReply, decoder_for
+from common.messages import (
+    ADMIN_REPLIES,
+    LEDGER_REPLIES,
+    Hello,
+    Inspect,
+    InspectReply,
+    Role,
+    Welcome,
+    decoder_for,
+)
 from common.procs import Proc, python_module
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +49,25 @@ def fsize_limit(limit: int) -> Callable[[], None]:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
     return preexec
+
+
+async def open_ledger_channel(addr: tuple[str, int], *, role: Role = "router",
+                              peer: str | None = None, timeout: float = 5.0) -> Channel:
+    """A greeted connection to a ledger (or to a proxy in front of one). Each gets its own
+    `peer` name unless one is given: the ledger fences a router's older connections when
+    the same name says hello again."""
+    ch = await open_channel(*addr, decoder_for(LEDGER_REPLIES), name="ledger",
+                            connect_timeout=timeout)
+    try:
+        reply = await ch.request(Hello(id=0, version=1, role=role,
+                                       peer=peer or f"harness-{id(ch)}"), timeout=timeout)
+    except BaseException:
+        await ch.aclose()
+        raise
+    if not isinstance(reply, Welcome):
+        await ch.aclose()
+        raise TypeError(f"ledger answered hello with {type(reply).__name__}")
+    return ch
 
 
 async def inspect_router(admin_path: str, timeout: float = 5.0) -> InspectReply:

@@ -5,16 +5,15 @@ from __future__ import annotations
 import time
 
 import pytest
-from netkit import Network
+from netkit import Network, open_ledger_channel
 
 from chaos.proxy import FaultProxy
-from common.aio import Channel, open_channel
+from common.aio import Channel
 from common.errors import ConnectionLost
 from common.messages import (
     LEDGER_REPLIES,
     Append,
     Appended,
-    Hello,
     Ping,
     Pong,
     RowIn,
@@ -27,9 +26,7 @@ DECODER = decoder_for(LEDGER_REPLIES)
 
 
 async def via(proxy_addr: tuple[str, int]) -> Channel:
-    ch = await open_channel(*proxy_addr, DECODER, name="ledger-via-proxy")
-    await ch.request(Hello(id=0, version=1, role="router", peer="t"), timeout=5)
-    return ch
+    return await open_ledger_channel(proxy_addr)
 
 
 def row(i: int) -> RowIn:

@@ -21,16 +21,15 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 import pytest
-from netkit import Network
+from netkit import Network, open_ledger_channel
 from test_payments import Peer, connect, eventually, inspect, ledger_rows
 
 from chaos.checker import Attempt, Operation, RouterView, check
 from chaos.proxy import FaultProxy
-from common.aio import Channel, open_channel, open_unix_channel
+from common.aio import Channel, open_unix_channel
 from common.errors import ConnectionLost, RequestFailed
 from common.messages import (
     CONTROL_REPLIES,
-    LEDGER_REPLIES,
     BalanceReply,
     Event,
     GetBalance,
@@ -135,10 +134,8 @@ async def assert_paid_everywhere(net: Network, op: Operation, sender: PayerClien
 
 async def ledger_appends(net: Network) -> int:
     """How many `append` requests the ledger has received (straight, not via a proxy)."""
-    ch = await open_channel(*net.procs["ledger"].addr, decoder_for(LEDGER_REPLIES),
-                            name="ledger-stats")
+    ch = await open_ledger_channel(net.procs["ledger"].addr, role="client")
     try:
-        await ch.request(Hello(id=0, version=1, role="client", peer="test"), timeout=2)
         reply = await ch.request(Stats(id=0), timeout=2)
     finally:
         ch.close()

@@ -12,16 +12,15 @@ import sys
 
 import msgspec
 import pytest
-from netkit import Network, fsize_limit
+from netkit import Network, fsize_limit, open_ledger_channel
 
-from common.aio import Channel, open_channel
+from common.aio import Channel
 from common.errors import ConnectionLost, RequestFailed
 from common.framing import encode_frame
 from common.messages import (
     LEDGER_REPLIES,
     Append,
     Appended,
-    Hello,
     Ping,
     Pong,
     Read,
@@ -29,7 +28,6 @@ from common.messages import (
     Rows,
     Stats,
     StatsReply,
-    Welcome,
     decoder_for,
 )
 from ledger.verify import verify_file
@@ -38,12 +36,7 @@ DECODER = decoder_for(LEDGER_REPLIES)
 
 
 async def connect(net: Network) -> Channel:
-    host, port = net.procs["ledger"].addr
-    ch = await open_channel(host, port, DECODER, name="ledger")
-    # A distinct name per connection: a router's new hello fences its older connections.
-    assert isinstance(await ch.request(Hello(id=0, version=1, role="router",
-                                             peer=f"test{id(ch)}")), Welcome)
-    return ch
+    return await open_ledger_channel(net.procs["ledger"].addr)
 
 
 def row(i: int, amount: int = 100, memo: str = "", receiver: str = "alice") -> RowIn:
