@@ -189,6 +189,7 @@ def test_bad_amount_exits_2(offline: Network, amount: str) -> None:
         (["send", "bob", "1.00", "--tx-id", "has space"], "not a tx_id"),
         (["status", "bad id!"], "not a tx_id"),
         (["history", "--limit", "0"], "--limit"),
+        (["history", "--from-seq", str(2**70)], "--from-seq"),
     ],
 )
 def test_bad_arguments_exit_2(offline: Network, args: list[str], needle: str) -> None:
@@ -237,3 +238,12 @@ def test_scripts_demo_end_to_end() -> None:
     failed = proc.stdout[proc.stdout.find("demo FAILED"):] if "demo FAILED" in proc.stdout else ""
     assert proc.returncode == 0, failed + proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "demo OK" in proc.stdout
+
+
+def test_router_refuses_an_out_of_range_port(offline: Network) -> None:
+    proc = subprocess.run([sys.executable, "-m", "router", "--config", str(offline.config_path),
+                           "--port", "70000"], capture_output=True, text=True, timeout=30,
+                          env=offline.env())
+    assert proc.returncode == 2
+    assert "out of range" in proc.stderr
+    assert "Traceback" not in proc.stderr
