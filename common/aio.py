@@ -374,6 +374,16 @@ class Channel(asyncio.Protocol):
         self._callbacks[rid] = on_reply
         self._add_deadline(rid, timeout)
 
+    def expect_reply(self, rid: int, timeout: float, on_reply: OnReply) -> None:
+        """`request_nowait` for a request already sent with `id=rid` from `next_id()`
+        (saves copying the message to set its id): `on_reply` is called exactly once,
+        as there."""
+        if self._closed:
+            _call_back(on_reply, ConnectionLost(f"connection to {self.name} is closed"))
+            return
+        self._callbacks[rid] = on_reply
+        self._add_deadline(rid, timeout)
+
     def _add_deadline(self, rid: int, timeout: float) -> None:
         deadline = _monotonic() + timeout
         heap = self._deadlines

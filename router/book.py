@@ -48,12 +48,14 @@ class Book:
         self.accounts.apply(row.sender, row.receiver, row.amount, held=False, tx_time=row.dtg)
         self.last_seq = row.seq
 
-    def commit(self, row: LedgerRow) -> None:
-        """A row the ledger just acked for a payment that holds `row.amount` on its sender:
-        move the money, release the hold, mark the tx paid."""
-        self.accounts.apply(row.sender, row.receiver, row.amount, held=True, tx_time=row.dtg)
-        self.txs.mark_paid(row.tx_id, row.seq, row.dtg)
-        self.last_seq = max(self.last_seq, row.seq)
+    def commit(self, tx_id: str, sender: str, receiver: str, amount: int, seq: int,
+               dtg: str) -> None:
+        """The ledger just acked row `seq` for a payment that holds `amount` on its
+        sender: move the money, release the hold, mark the tx paid."""
+        self.accounts.apply(sender, receiver, amount, held=True, tx_time=dtg)
+        self.txs.mark_paid(tx_id, seq, dtg)
+        if seq > self.last_seq:
+            self.last_seq = seq
 
     def missing_openings(self, openings: list[Opening]) -> list[RowIn]:
         """Opening-balance rows still to issue (zero balances are never issued). A

@@ -31,8 +31,9 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 from common.config import RouterConfig
 from common.errors import ConnectionLost, ErrorCode, InvariantViolation, RequestFailed
@@ -40,7 +41,6 @@ from common.logs import log_event
 from common.messages import (
     AppendResult,
     Cancel,
-    LedgerRow,
     Message,
     Offer,
     Pay,
@@ -58,7 +58,6 @@ from router.ledger_client import (
     LedgerClient,
     LedgerRefused,
     LedgerUnavailable,
-    durable_row,
     refusal_code,
 )
 from router.sessions import Registry
@@ -67,8 +66,7 @@ from router.transactions import TxIdConflict, TxParams, TxRecord, TxState
 log = logging.getLogger("jackpay.router.payments")
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
+class Outcome(msgspec.Struct, frozen=True, gc=False):
     """What a `pay` request is answered with. `code` None means paid."""
 
     tx_id: str
@@ -82,6 +80,10 @@ class Outcome:
         return self.code is None
 
 
+# How a `pay` request is answered: called once with its outcome (or `outcome_pending`).
+Reply = Callable[[Outcome], None]
+
+
 class PaymentKilled(Exception):
     """A step refused the payment; carries the wire code."""
 
@@ -91,11 +93,40 @@ class PaymentKilled(Exception):
         self.message = message
 
 
+class _LateJoiner:
+    """The reply of a request that joined after `outcome_pending` was reported: it is
+    told `outcome_pending` again if the payment has not ended within its own wait."""
+
+    __slots__ = ("reply", "timer")
+
+    def __init__(self, reply: Reply) -> None:
+        self.reply: Reply | None = reply
+        self.timer: asyncio.TimerHandle | None = None
+
+    def __call__(self, outcome: Outcome) -> None:
+        reply, self.reply = self.reply, None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if reply is not None:
+            reply(outcome)
+
+
 class Payment:
-    """One payment in flight (the seed's currentSender/currentRecv, per payment)."""
+    """One payment in flight (the seed's currentSender/currentRecv, per payment): its
+    parameters, how far it got, and the replies waiting for its outcome."""
+
+    __slots__ = ("_replies", "amount", "committed", "ended", "held", "memo", "offered",
+                 "pending_reported", "receiver", "record", "sender", "started", "step", "tx_id")
 
     def __init__(self, record: TxRecord) -> None:
         self.record = record
+        params = record.params
+        self.tx_id = record.tx_id
+        self.sender = params.sender
+        self.receiver = params.receiver
+        self.amount = params.amount
+        self.memo = params.memo
         self.step = "start"
         self.held = False
         self.offered = False
@@ -103,36 +134,31 @@ class Payment:
         self.pending_reported = False
         self.started = time.monotonic()
         self.ended = False  # finished, failed or abandoned: late callbacks are ignored
-        self._waiters: list[asyncio.Future[Outcome]] = []
-
-    @property
-    def tx_id(self) -> str:
-        return self.record.tx_id
+        self._replies: list[Reply] = []
 
     @property
     def params(self) -> TxParams:
         return self.record.params
 
-    def reply_future(self, pending_after_s: float) -> asyncio.Future[Outcome]:
-        """A future for one `pay` request's answer: the final outcome, or
-        `outcome_pending`. No task is needed to wait for it (callbacks may).
+    def add_reply(self, reply: Reply, pending_after_s: float) -> None:
+        """`reply` is called once with the final outcome, or `outcome_pending`.
 
         A request that joins after `outcome_pending` was reported waits up to
         `pending_after_s` itself before being told `outcome_pending` again.
         """
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Outcome] = loop.create_future()
-        self._waiters.append(fut)
-        if self.pending_reported:
-            def expire() -> None:
-                if not fut.done():
-                    with contextlib.suppress(ValueError):
-                        self._waiters.remove(fut)
-                    fut.set_result(pending_outcome(self.tx_id))
+        if not self.pending_reported:
+            self._replies.append(reply)
+            return
+        joiner = _LateJoiner(reply)
+        self._replies.append(joiner)
 
-            timer = loop.call_later(pending_after_s, expire)
-            fut.add_done_callback(lambda _: timer.cancel())
-        return fut
+        def expire() -> None:
+            joiner.timer = None
+            with contextlib.suppress(ValueError):
+                self._replies.remove(joiner)
+            joiner(pending_outcome(self.tx_id))
+
+        joiner.timer = asyncio.get_running_loop().call_later(pending_after_s, expire)
 
     def report_pending(self) -> None:
         self.pending_reported = True
@@ -142,10 +168,12 @@ class Payment:
         self._answer(outcome)
 
     def _answer(self, outcome: Outcome) -> None:
-        waiters, self._waiters = self._waiters, []
-        for fut in waiters:
-            if not fut.done():
-                fut.set_result(outcome)
+        replies, self._replies = self._replies, []
+        for reply in replies:
+            try:
+                reply(outcome)
+            except Exception:  # one sender's broken reply must not stop the payment
+                log.exception("answering pay %s failed", self.tx_id)
 
 
 def pending_outcome(tx_id: str) -> Outcome:
@@ -175,31 +203,33 @@ class Pipeline:
 
     # --- entry point ---------------------------------------------------------------
 
-    def begin(self, sender: str, pay: Pay) -> Outcome | asyncio.Future[Outcome]:
-        """Run (or join, or look up) the payment `pay` from `sender`: the answer now, or a
-        future for it (a new
-        payment's synchronous steps run now; replies and the ledger's answer drive the
-        rest)."""
+    def begin(self, sender: str, pay: Pay, reply: Reply) -> Outcome | None:
+        """Run (or join, or look up) the payment `pay` from `sender`.
+
+        Returns the outcome when it is known now; otherwise None, and `reply` is called
+        once later with the outcome (or `outcome_pending`). A new payment's synchronous
+        steps run now; replies and the ledger's answer drive the rest."""
+        tx_id = pay.tx_id
         params = TxParams(sender, pay.to, pay.amount, pay.memo)
         try:
             self.validate(sender, pay)
-            record = self.lookup(pay.tx_id, params)
+            record = self.lookup(tx_id, params)
         except PaymentKilled as k:
-            self._log_decision(pay.tx_id, params, k.code, "validate", k.message)
-            return Outcome(pay.tx_id, k.code, k.message)
+            self._log_failure(tx_id, params, k.code, "validate", k.message)
+            return Outcome(tx_id, k.code, k.message)
         if record is not None:
-            return self._known(record)
+            return self._known(record, reply)
         if self.shutting_down:
-            self._log_decision(pay.tx_id, params, ErrorCode.SHUTTING_DOWN, "validate", "")
-            return Outcome(pay.tx_id, ErrorCode.SHUTTING_DOWN,
+            self._log_failure(tx_id, params, ErrorCode.SHUTTING_DOWN, "validate", "")
+            return Outcome(tx_id, ErrorCode.SHUTTING_DOWN,
                            "the router is stopping; retry the same tx_id later")
-        payment = Payment(self.book.txs.begin(pay.tx_id, params))
-        self.inflight[pay.tx_id] = payment
-        answer = payment.reply_future(self.cfg.outcome_pending_after_s)
+        payment = Payment(self.book.txs.begin(tx_id, params))
+        self.inflight[tx_id] = payment
+        payment._replies.append(reply)
         self._guard(payment, self.steps)
-        return answer
+        return None
 
-    def _known(self, record: TxRecord) -> Outcome | asyncio.Future[Outcome]:
+    def _known(self, record: TxRecord, reply: Reply) -> Outcome | None:
         if record.state is TxState.PAID:
             return Outcome(record.tx_id, seq=record.seq, dtg=record.dtg)
         if record.state is TxState.FAILED:
@@ -208,7 +238,8 @@ class Pipeline:
         payment = self.inflight.get(record.tx_id)
         if payment is None:  # pending but not running: only while shutting down
             return pending_outcome(record.tx_id)
-        return payment.reply_future(self.cfg.outcome_pending_after_s)
+        payment.add_reply(reply, self.cfg.outcome_pending_after_s)
+        return None
 
     # --- step 2: validate and look up ------------------------------------------------
 
@@ -262,8 +293,9 @@ class Pipeline:
 
     def _end(self, p: Payment) -> None:
         p.ended = True
-        self.inflight.pop(p.tx_id, None)
-        if not self.inflight and self._idle is not None:
+        inflight = self.inflight
+        inflight.pop(p.tx_id, None)
+        if not inflight and self._idle is not None:
             self._idle.set()
 
     def steps(self, p: Payment) -> None:
@@ -281,17 +313,17 @@ class Pipeline:
 
     def check_funds(self, p: Payment) -> None:
         """Step 3 (seed: fundsAvail). Raises PaymentKilled(insufficient_funds)."""
-        if not self.book.accounts.funds_available(p.params.sender, p.params.amount):
+        accounts = self.book.accounts
+        if not accounts.funds_available(p.sender, p.amount):
             raise PaymentKilled(ErrorCode.INSUFFICIENT_FUNDS,
-                                f"{p.params.sender} has "
-                                f"{format_amount(self.book.accounts.available(p.params.sender))}"
-                                f" available, below {format_amount(p.params.amount)}")
+                                f"{p.sender} has {format_amount(accounts.available(p.sender))}"
+                                f" available, below {format_amount(p.amount)}")
 
     def check_receiver(self, p: Payment) -> None:
         """Step 4 (seed: receiverExists). Raises PaymentKilled(unknown_receiver)."""
-        if not self.registry.receiver_exists(p.params.receiver):
+        if not self.registry.receiver_exists(p.receiver):
             raise PaymentKilled(ErrorCode.UNKNOWN_RECEIVER,
-                                f"{p.params.receiver} is not a participant of this network")
+                                f"{p.receiver} is not a participant of this network")
 
     def check_ledger_link(self, p: Payment) -> None:
         """Refuse early, before anyone is offered anything, while the ledger is away."""
@@ -301,15 +333,14 @@ class Pipeline:
 
     def hold(self, p: Payment) -> None:
         """Step 5: reserve the amount (checked just above, in the same loop turn)."""
-        self.book.accounts.place_hold(p.params.sender, p.params.amount)
+        self.book.accounts.place_hold(p.sender, p.amount)
         p.held = True
 
     def ping_payer(self, p: Payment) -> None:
         """Step 6 (the seed's pingPayer on the receiver): a live session that showed life
         within the freshness window goes straight on to `offer`; else a ping answered
         within `ping_timeout_s` does. Raises PaymentKilled(receiver_unreachable)."""
-        receiver = p.params.receiver
-        session = self.registry.session(receiver)
+        session = self.registry.session(p.receiver)
         if session is not None:
             ch = session.channel
             if time.monotonic() - ch.last_seen <= self.cfg.freshness_window_s:
@@ -324,7 +355,7 @@ class Pipeline:
                 ch.request_nowait(Ping(id=0), self.cfg.ping_timeout_s, ponged)
                 return
         raise PaymentKilled(ErrorCode.RECEIVER_UNREACHABLE,
-                            f"{receiver} has no live session or missed a ping")
+                            f"{p.receiver} has no live session or missed a ping")
 
     def _after_ping(self, p: Payment, reply: Message | BaseException) -> None:
         if isinstance(reply, BaseException) and not isinstance(
@@ -332,34 +363,39 @@ class Pipeline:
             raise reply
         if not isinstance(reply, Pong):
             raise PaymentKilled(ErrorCode.RECEIVER_UNREACHABLE,
-                                f"{p.params.receiver} has no live session or missed a ping")
+                                f"{p.receiver} has no live session or missed a ping")
         p.step = "offer"
         self.offer(p)
 
     def offer(self, p: Payment) -> None:
         """Step 7: send the offer; its answer (receipt, reject, error, timeout, lost
         connection) runs `offer_answered`. Raises PaymentKilled(receiver_unreachable)."""
-        session = self.registry.session(p.params.receiver)
+        session = self.registry.session(p.receiver)
         if session is None:
             raise PaymentKilled(ErrorCode.RECEIVER_UNREACHABLE,
-                                f"{p.params.receiver} disconnected before the offer")
-        offer = Offer(id=0, tx_id=p.tx_id, sender=p.params.sender, amount=p.params.amount,
-                      memo=p.params.memo)
+                                f"{p.receiver} disconnected before the offer")
+        ch = session.channel
+        if ch.closed:
+            raise PaymentKilled(ErrorCode.RECEIVER_UNREACHABLE,
+                                f"{p.receiver} disconnected during the offer")
+        rid = ch.next_id()
+        ch.send_nowait(Offer(id=rid, tx_id=p.tx_id, sender=p.sender, amount=p.amount,
+                             memo=p.memo))
         p.offered = True
 
         def answered(reply: Message | BaseException) -> None:
             self._guard(p, self.offer_answered, reply)
 
-        try:
-            session.channel.request_nowait(offer, self.cfg.offer_timeout_s, answered)
-        except ConnectionLost:
-            raise PaymentKilled(ErrorCode.RECEIVER_UNREACHABLE,
-                                f"{p.params.receiver} disconnected during the offer") from None
+        ch.expect_reply(rid, self.cfg.offer_timeout_s, answered)
 
     def offer_answered(self, p: Payment, reply: Message | BaseException) -> None:
         """Step 7's answer: a receipt goes on to `write_to_ledger`. Raises PaymentKilled
         (receiver_timeout | _rejected | _unreachable)."""
-        receiver = p.params.receiver
+        if type(reply) is Receipt and reply.tx_id == p.tx_id:  # the common case first
+            p.step = "append"
+            self.write_to_ledger(p)
+            return
+        receiver = p.receiver
         if isinstance(reply, TimeoutError):
             raise PaymentKilled(ErrorCode.RECEIVER_TIMEOUT,
                                 f"{receiver} did not answer the offer in "
@@ -375,21 +411,16 @@ class Pipeline:
         if isinstance(reply, Reject):
             raise PaymentKilled(ErrorCode.RECEIVER_REJECTED,
                                 reply.reason or f"{receiver} rejected the payment")
-        if not isinstance(reply, Receipt) or reply.tx_id != p.tx_id:
-            raise PaymentKilled(ErrorCode.RECEIVER_REJECTED,
-                                f"{receiver} answered the offer with a wrong receipt")
-        p.step = "append"
-        self.write_to_ledger(p)
+        raise PaymentKilled(ErrorCode.RECEIVER_REJECTED,
+                            f"{receiver} answered the offer with a wrong receipt")
 
     def write_to_ledger(self, p: Payment) -> None:
         """Step 8 (seed: writeToLedger), the commit point: queue the row; the ledger's
         answer runs `appended`. An unknown outcome is waited out: after
         `outcome_pending_after_s` the waiting senders are told `outcome_pending`, and the
         payment still ends exactly once, when the ledger answers."""
-        params = p.params
-        row_in = RowIn(tx_id=p.tx_id, sender=params.sender, receiver=params.receiver,
-                       amount=params.amount, memo=params.memo)
-        fut = self.ledger.append(row_in)
+        fut = self.ledger.append(RowIn(tx_id=p.tx_id, sender=p.sender, receiver=p.receiver,
+                                       amount=p.amount, memo=p.memo))
         # The append future is never cancelled by the wait. Its `outcome_pending`
         # deadline shares one timer with every other append's (`_check_pending`).
         queue = self._appending
@@ -399,7 +430,7 @@ class Pipeline:
         if self._pending_timer is None:
             self._pending_timer = asyncio.get_running_loop().call_later(
                 self.cfg.outcome_pending_after_s, self._check_pending)
-        fut.add_done_callback(lambda f: self._guard(p, self.appended, row_in, f))
+        fut.add_done_callback(lambda f: self._guard(p, self.appended, f))
 
     def _check_pending(self) -> None:
         """Tell the senders of every append unanswered for `outcome_pending_after_s`
@@ -411,16 +442,14 @@ class Pipeline:
             _, p, fut = queue.popleft()
             if fut.done() or p.ended:
                 continue
-            params = p.params
             log_event(log, "payment outcome pending", logging.WARNING, tx_id=p.tx_id,
-                      sender=params.sender, receiver=params.receiver,
-                      amount=params.amount, step="append")
+                      sender=p.sender, receiver=p.receiver, amount=p.amount, step="append")
             p.report_pending()
         if queue:
             self._pending_timer = asyncio.get_running_loop().call_later(
                 max(0.0, queue[0][0] - now), self._check_pending)
 
-    def appended(self, p: Payment, row_in: RowIn, fut: asyncio.Future[AppendResult]) -> None:
+    def appended(self, p: Payment, fut: asyncio.Future[AppendResult]) -> None:
         """Step 8's answer. Raises PaymentKilled (ledger_unavailable | ledger_write_failed
         | tx_id_conflict) only when the ledger definitely did not write the row."""
         if fut.cancelled():  # the ledger client was closed under it: the outcome is unknown
@@ -429,44 +458,46 @@ class Pipeline:
             self._end(p)
             return
         exc = fut.exception()
-        if isinstance(exc, LedgerUnavailable):
-            raise PaymentKilled(ErrorCode.LEDGER_UNAVAILABLE, str(exc))
-        if isinstance(exc, LedgerRefused):
-            raise PaymentKilled(refusal_code(exc), f"the ledger refused the row: {exc}")
         if exc is not None:
+            if isinstance(exc, LedgerUnavailable):
+                raise PaymentKilled(ErrorCode.LEDGER_UNAVAILABLE, str(exc))
+            if isinstance(exc, LedgerRefused):
+                raise PaymentKilled(refusal_code(exc), f"the ledger refused the row: {exc}")
             raise exc
         result = fut.result()
         if result.status == "conflict":
             raise PaymentKilled(ErrorCode.TX_ID_CONFLICT,
                                 f"the ledger has tx_id {p.tx_id} for another payment")
-        row = durable_row(row_in, result)
+        # `written` or `duplicate`: the row is durable with this seq and dtg.
         p.step = "apply"
-        self.apply(p, row)
+        self.apply(p, result.seq, result.dtg)
         p.step = "notify"
-        self.notify(p, row)
+        self.notify(p, result.seq)
         self._end(p)
 
-    def apply(self, p: Payment, row: LedgerRow) -> None:
+    def apply(self, p: Payment, seq: int, dtg: str) -> None:
         """Step 9: move the money and release the hold; tell the waiting senders."""
         p.committed = True
-        self.book.commit(row)
+        self.book.commit(p.tx_id, p.sender, p.receiver, p.amount, seq, dtg)
         p.held = False
-        self._log_decision(p.tx_id, p.params, None, "done", "", seq=row.seq,
-                           ms=round((time.monotonic() - p.started) * 1000, 1))
-        p.finish(Outcome(p.tx_id, seq=row.seq, dtg=row.dtg))
+        counts = self.counts
+        counts["paid"] = counts.get("paid", 0) + 1
+        log_event(log, "payment", tx_id=p.tx_id, sender=p.sender, receiver=p.receiver,
+                  amount=p.amount, outcome="paid", seq=seq,
+                  ms=round((time.monotonic() - p.started) * 1000, 1))
+        p.finish(Outcome(p.tx_id, seq=seq, dtg=dtg))
 
-    def notify(self, p: Payment, row: LedgerRow) -> None:
+    def notify(self, p: Payment, seq: int) -> None:
         """Step 10: `settled` to the receiver; its ack is waited for by the channel (a
         callback and a shared deadline, no future or task), so the payment ends here.
         A failure changes nothing: the payment is in the ledger; the receiver
         resyncs later. `drain` still waits for the acks outstanding at shutdown."""
-        receiver = p.params.receiver
+        receiver = p.receiver
         session = self.registry.session(receiver)
-        if session is None:
+        if session is None or session.channel.closed:
             log_event(log, "receiver gone before settled", tx_id=p.tx_id, receiver=receiver)
             return
-        msg = Settled(id=0, tx_id=p.tx_id, seq=row.seq,
-                      balance=self.book.accounts.balance(receiver))
+        ch = session.channel
         tx_id = p.tx_id
 
         def acked(reply: Message | BaseException) -> None:
@@ -477,11 +508,11 @@ class Pipeline:
                 log_event(log, "receiver did not ack settled", logging.WARNING, tx_id=tx_id,
                           receiver=receiver, error=str(reply) or type(reply).__name__)
 
+        rid = ch.next_id()
+        ch.send_nowait(Settled(id=rid, tx_id=tx_id, seq=seq,
+                               balance=self.book.accounts.balance(receiver)))
         self._unacked += 1
-        try:
-            session.channel.request_nowait(msg, self.cfg.settle_timeout_s, acked)
-        except ConnectionLost as exc:
-            acked(exc)
+        ch.expect_reply(rid, self.cfg.settle_timeout_s, acked)
 
     # --- ending a payment that failed ----------------------------------------------
 
@@ -491,28 +522,29 @@ class Pipeline:
         if p.committed:
             raise InvariantViolation(f"kill_payment({p.tx_id}) after its commit")
         if p.held:
-            self.book.accounts.release_hold(p.params.sender, p.params.amount)
+            self.book.accounts.release_hold(p.sender, p.amount)
             p.held = False
         if p.offered:
             self._send_cancel(p, reason)
         self.book.txs.mark_failed(p.tx_id, reason.value)
-        self._log_decision(p.tx_id, p.params, reason, p.step, message)
+        self._log_failure(p.tx_id, p.params, reason, p.step, message)
         p.finish(Outcome(p.tx_id, reason, message))
 
     def _abandon(self, p: Payment) -> None:
         """Cancelled at shutdown before the commit: give the hold back (a restart would
         forget it anyway) and leave the tx pending; a replay tells its fate later."""
         if p.held:
-            self.book.accounts.release_hold(p.params.sender, p.params.amount)
+            self.book.accounts.release_hold(p.sender, p.amount)
             p.held = False
         log_event(log, "payment abandoned at shutdown", logging.WARNING, tx_id=p.tx_id,
                   step=p.step)
 
     def _send_cancel(self, p: Payment, reason: ErrorCode) -> None:
-        session = self.registry.session(p.params.receiver)
+        session = self.registry.session(p.receiver)
         if session is None:
             return
         channel = session.channel
+        receiver = p.receiver
 
         async def send() -> None:
             try:
@@ -520,7 +552,7 @@ class Pipeline:
                                       timeout=self.cfg.settle_timeout_s)
             except (TimeoutError, ConnectionLost, RequestFailed) as exc:
                 log_event(log, "receiver did not ack cancel", tx_id=p.tx_id,
-                          receiver=p.params.receiver, error=str(exc) or type(exc).__name__)
+                          receiver=receiver, error=str(exc) or type(exc).__name__)
 
         task = asyncio.get_running_loop().create_task(send(), name=f"cancel:{p.tx_id}")
         self._background.add(task)
@@ -552,17 +584,12 @@ class Pipeline:
                                        timeout=min(grace_s, self.cfg.settle_timeout_s))
         return len(left)
 
-    def _log_decision(self, tx_id: str, params: TxParams, code: ErrorCode | None, step: str,
-                      message: str, **extra: Any) -> None:
-        counts = self.counts
-        if code is None:  # the common line: no None fields for the formatter to skip
-            counts["paid"] = counts.get("paid", 0) + 1
-            log_event(log, "payment", tx_id=tx_id, sender=params.sender,
-                      receiver=params.receiver, amount=params.amount, outcome="paid",
-                      reason=message or None, **extra)
-            return
+    def _log_failure(self, tx_id: str, params: TxParams, code: ErrorCode, step: str,
+                     message: str) -> None:
+        """The decision line of a payment that failed (`apply` logs the paid ones)."""
         key = code.value
+        counts = self.counts
         counts[key] = counts.get(key, 0) + 1
         log_event(log, "payment", tx_id=tx_id, sender=params.sender, receiver=params.receiver,
                   amount=params.amount, outcome="failed", code=key, step=step,
-                  reason=message or None, **extra)
+                  reason=message or None)

@@ -83,7 +83,6 @@ class RouterService:
         self.pipeline = Pipeline(self.book, self.registry, self.ledger, rc)
         self._server: asyncio.Server | None = None
         self._connections: set[Channel] = set()
-        self.pay_handlers: set[asyncio.Future[Any]] = set()
         self.addr: tuple[str, int] = (host, port)
         self.admin = AdminServer(self, admin_path or cfg.resolve(rc.admin_socket))
 
@@ -206,8 +205,6 @@ class RouterService:
         if self._server is not None:
             self._server.close()
         cancelled = await self.pipeline.drain(grace)
-        if self.pay_handlers:  # let every answered `pay` write its reply
-            await asyncio.wait(set(self.pay_handlers), timeout=1.0)
         for ch in list(self._connections):
             ch.close()
         await self.admin.aclose()
@@ -323,20 +320,16 @@ class PayerConnection:
 
     def _pay(self, session: Session, ch: Channel, pay: Pay) -> None:
         """Start (or join) the payment; the reply goes out from a callback when its
-        answer is known, so no task waits per `pay` request."""
-        answer = self.service.pipeline.begin(session.payer_id, pay)
-        if isinstance(answer, Outcome):
-            self._reply(ch, pay.id, session.payer_id, answer)
-            return
-        handlers = self.service.pay_handlers
-        handlers.add(answer)
+        answer is known, so nothing waits per `pay` request."""
+        payer_id = session.payer_id
+        rid = pay.id
 
-        def done(fut: asyncio.Future[Outcome]) -> None:
-            handlers.discard(fut)
-            if not fut.cancelled():
-                self._reply(ch, pay.id, session.payer_id, fut.result())
+        def reply(outcome: Outcome) -> None:
+            self._reply(ch, rid, payer_id, outcome)
 
-        answer.add_done_callback(done)
+        answer = self.service.pipeline.begin(payer_id, pay, reply)
+        if answer is not None:
+            self._reply(ch, rid, payer_id, answer)
 
     def _reply(self, ch: Channel, rid: int, payer_id: str, outcome: Outcome) -> None:
         if ch.closed:

@@ -182,7 +182,8 @@ def test_commit_releases_hold_and_marks_paid() -> None:
     book.replay(row(1, ISSUER, "alice", 100, "_open:alice"))
     book.txs.begin("t1", TxParams("alice", "bob", 40, ""))
     book.accounts.place_hold("alice", 40)
-    book.commit(row(2, "alice", "bob", 40, "t1"))
+    r = row(2, "alice", "bob", 40, "t1")
+    book.commit(r.tx_id, r.sender, r.receiver, r.amount, r.seq, r.dtg)
     assert book.accounts.available("alice") == book.accounts.balance("alice") == 60
     rec = book.txs.get("t1")
     assert rec is not None
