@@ -4,6 +4,7 @@ the ledger client's batching and in-doubt rule against an in-process fake ledger
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -175,6 +176,23 @@ def test_openings_issued_once_and_never_zero() -> None:
         (opening_tx_id("alice"), ISSUER, "alice", 100), ("_open:carol", ISSUER, "carol", 5)]
     book.replay(row(1, ISSUER, "alice", 100, "_open:alice", "opening balance"))
     assert [r.receiver for r in book.missing_openings(openings)] == ["carol"]
+
+
+def test_tx_records_are_not_tracked_by_the_garbage_collector() -> None:
+    """The tx table only grows; if its records were GC-tracked, every full collection
+    would walk all of them and the router's pauses would grow with its uptime."""
+    book = Book()
+    book.replay(row(1, ISSUER, "alice", 100, "_open:alice"))
+    book.replay(row(2, "alice", "bob", 10, "t0"))
+    book.txs.begin("t1", TxParams("alice", "bob", 40, "m"))
+    book.txs.mark_failed("t1", "receiver_rejected")
+    book.txs.begin("t2", TxParams("alice", "bob", 5, ""))
+    records = [book.txs.get(t) for t in ("_open:alice", "t0", "t1", "t2")]
+    assert all(r is not None for r in records)
+    for r in records:
+        assert r is not None
+        assert not gc.is_tracked(r), r
+        assert not gc.is_tracked(r.params), r
 
 
 def test_commit_releases_hold_and_marks_paid() -> None:
