@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
 import inspect
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, cast
 
@@ -88,9 +88,11 @@ class Channel(asyncio.Protocol):
         self.on_message = on_message
         self.on_close = on_close
         self._pending: dict[int, asyncio.Future[Message]] = {}
-        # request_nowait: callbacks by id, their deadlines in a heap, one timer for all.
+        # request_nowait: callbacks by id. Deadlines of both kinds of request: one FIFO
+        # per timeout value (a channel uses a handful), each in deadline order because
+        # the clock only moves forward; one timer for all.
         self._callbacks: dict[int, OnReply] = {}
-        self._deadlines: list[tuple[float, int]] = []
+        self._deadlines: dict[float, deque[tuple[float, int]]] = {}
         self._sweep_timer: asyncio.TimerHandle | None = None
         self._sweep_at = 0.0
         self._next_id = 1
@@ -386,14 +388,10 @@ class Channel(asyncio.Protocol):
 
     def _add_deadline(self, rid: int, timeout: float) -> None:
         deadline = _monotonic() + timeout
-        heap = self._deadlines
-        heapq.heappush(heap, (deadline, rid))
-        if len(heap) > 1024 and len(heap) > 4 * (len(self._callbacks) + len(self._pending)):
-            # Answered requests leave their deadline behind until it comes up; drop them
-            # now and then so the heap stays within a few times the requests waiting.
-            live = self._callbacks.keys() | self._pending.keys()
-            heap[:] = [entry for entry in heap if entry[1] in live]
-            heapq.heapify(heap)
+        queue = self._deadlines.get(timeout)
+        if queue is None:
+            queue = self._deadlines[timeout] = deque()
+        queue.append((deadline, rid))
         if self._sweep_timer is None or deadline < self._sweep_at:
             self._arm_sweep(deadline)
 
@@ -405,24 +403,35 @@ class Channel(asyncio.Protocol):
                                                   self._sweep)
 
     def _sweep(self) -> None:
+        """Time out the requests whose deadline has passed; drop the entries of answered
+        ones (each entry is queued once and dropped once); re-arm for the next."""
         self._sweep_timer = None
-        heap = self._deadlines
         now = _monotonic()
         callbacks = self._callbacks
         pending = self._pending
-        while heap and heap[0][0] <= now:
-            _, rid = heapq.heappop(heap)
-            on_reply = callbacks.pop(rid, None)  # None: answered already
-            if on_reply is not None:
-                _call_back(on_reply, TimeoutError())
-                continue
-            fut = pending.get(rid)
-            if fut is not None and not fut.done():
-                fut.set_exception(TimeoutError())  # `request` removes it from _pending
-        while heap and heap[0][1] not in callbacks and heap[0][1] not in pending:
-            heapq.heappop(heap)  # answered: no timer for them
-        if heap and not self._closed:
-            self._arm_sweep(heap[0][0])
+        next_at: float | None = None
+        # A snapshot: a timed-out callback may send requests (new queues) or close us.
+        for queue in list(self._deadlines.values()):
+            while queue and not self._closed:
+                deadline, rid = queue[0]
+                if deadline <= now:
+                    queue.popleft()
+                    on_reply = callbacks.pop(rid, None)  # None: answered already
+                    if on_reply is not None:
+                        _call_back(on_reply, TimeoutError())
+                        continue
+                    fut = pending.get(rid)
+                    if fut is not None and not fut.done():
+                        fut.set_exception(TimeoutError())  # `request` removes it from _pending
+                elif rid not in callbacks and rid not in pending:
+                    queue.popleft()  # answered: no timer for it
+                else:
+                    if next_at is None or deadline < next_at:
+                        next_at = deadline
+                    break
+        if next_at is not None and not self._closed and (
+                self._sweep_timer is None or next_at < self._sweep_at):
+            self._arm_sweep(next_at)
 
     def reply_error(self, re: int | None, code: ErrorCode, message: str, tx_id: str | None = None) -> None:
         """Send an error frame; silently dropped if the connection is already gone."""

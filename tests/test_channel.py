@@ -1,0 +1,133 @@
+"""The Channel's request deadlines over a real loopback connection: a request that is not
+answered in time fails with TimeoutError exactly once, an answered one never does, and
+short deadlines are not held up behind longer ones."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from common.aio import Channel, open_channel, start_channel_server
+from common.errors import ConnectionLost
+from common.messages import Message, Ping, Pong, decoder_for
+
+DECODER = decoder_for((Ping, Pong))
+
+
+@dataclass
+class Peer:
+    """The far end: records every ping; answers it only when `answer` is true."""
+
+    answer: bool = False
+    seen: list[Ping] = field(default_factory=list)
+    channel: Channel | None = None
+
+    def accept(self, ch: Channel) -> None:
+        self.channel = ch
+        ch.on_message = self.on_message
+        ch.start()
+
+    def on_message(self, ch: Channel, msg: Message) -> None:
+        if isinstance(msg, Ping):
+            self.seen.append(msg)
+            if self.answer:
+                ch.send_nowait(Pong(re=msg.id))
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[tuple[Channel, Peer]]:
+    peer = Peer()
+    server = await start_channel_server(peer.accept, DECODER, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    ch = await open_channel("127.0.0.1", port, DECODER, name="test")
+    yield ch, peer
+    ch.close()
+    server.close()
+    await server.wait_closed()
+
+
+async def test_unanswered_request_times_out_once_and_a_late_reply_is_dropped(
+        pair: tuple[Channel, Peer]) -> None:
+    ch, peer = pair
+    with pytest.raises(TimeoutError):
+        await ch.request(Ping(id=0), timeout=0.05)
+    assert len(peer.seen) == 1
+    assert peer.channel is not None
+    peer.channel.send_nowait(Pong(re=peer.seen[0].id))  # too late: dropped quietly
+    peer.answer = True
+    assert isinstance(await ch.request(Ping(id=0), timeout=1.0), Pong)
+
+
+async def test_short_deadline_fires_before_an_earlier_longer_one(
+        pair: tuple[Channel, Peer]) -> None:
+    ch, _ = pair
+    results: dict[str, object] = {}
+
+    def note(name: str):  # type: ignore[no-untyped-def]
+        def on_reply(reply: object) -> None:
+            assert name not in results, f"{name} answered twice"
+            results[name] = reply
+        return on_reply
+
+    ch.request_nowait(Ping(id=0), 5.0, note("long"))
+    ch.request_nowait(Ping(id=0), 0.05, note("short"))
+    ch.request_nowait(Ping(id=0), 0.1, note("middle"))
+    for _ in range(100):
+        if "middle" in results:
+            break
+        await asyncio.sleep(0.02)
+    assert set(results) == {"short", "middle"}  # not held up behind the 5 s one
+    assert isinstance(results["short"], TimeoutError)
+    assert isinstance(results["middle"], TimeoutError)
+    ch.close()  # the long one ends now, with the close
+    assert isinstance(results["long"], ConnectionLost)
+
+
+async def test_answered_requests_never_time_out(pair: tuple[Channel, Peer]) -> None:
+    ch, peer = pair
+    peer.answer = True
+    replies: list[object] = []
+    for _ in range(50):
+        ch.request_nowait(Ping(id=0), 0.05, replies.append)
+    await asyncio.sleep(0.3)  # well past every deadline
+    assert len(replies) == 50
+    assert all(isinstance(r, Pong) for r in replies)
+
+
+async def test_request_sent_from_a_timeout_callback_gets_its_own_deadline(
+        pair: tuple[Channel, Peer]) -> None:
+    ch, _ = pair
+    outcomes: list[str] = []
+    second_done = asyncio.Event()
+
+    def second(reply: object) -> None:
+        outcomes.append(f"second:{type(reply).__name__}")
+        second_done.set()
+
+    def first(reply: object) -> None:
+        outcomes.append(f"first:{type(reply).__name__}")
+        ch.request_nowait(Ping(id=0), 0.05, second)
+
+    ch.request_nowait(Ping(id=0), 0.05, first)
+    ch.request_nowait(Ping(id=0), 10.0, lambda r: outcomes.append(f"long:{type(r).__name__}"))
+    await asyncio.wait_for(second_done.wait(), timeout=2.0)
+    assert outcomes == ["first:TimeoutError", "second:TimeoutError"]
+
+
+async def test_closing_from_a_timeout_callback_fails_the_rest_once(
+        pair: tuple[Channel, Peer]) -> None:
+    ch, _ = pair
+    outcomes: list[str] = []
+
+    def closer(reply: object) -> None:
+        outcomes.append(f"closer:{type(reply).__name__}")
+        ch.close()
+
+    ch.request_nowait(Ping(id=0), 0.05, closer)
+    ch.request_nowait(Ping(id=0), 0.05, lambda r: outcomes.append(f"a:{type(r).__name__}"))
+    ch.request_nowait(Ping(id=0), 3.0, lambda r: outcomes.append(f"b:{type(r).__name__}"))
+    await asyncio.sleep(0.3)
+    assert outcomes == ["closer:TimeoutError", "a:ConnectionLost", "b:ConnectionLost"]
