@@ -46,7 +46,7 @@ from payer_client.client import PayerClient
 @dataclass
 class Settings:
     payers: int = 50
-    concurrency: tuple[int, ...] = (1, 16, 64, 256)
+    concurrency: tuple[int, ...] = (1, 16, 64, 256, 1024)
     seconds: float = 5.0
     open_loop_s: float = 5.0
     idle_sessions: int = 1000
