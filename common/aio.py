@@ -392,6 +392,14 @@ class Channel(asyncio.Protocol):
         if queue is None:
             queue = self._deadlines[timeout] = deque()
         queue.append((deadline, rid))
+        if len(queue) > 1024:
+            callbacks, pending = self._callbacks, self._pending
+            if len(queue) > 4 * (len(callbacks) + len(pending)):
+                # Answered requests leave their entry behind until its deadline comes up;
+                # with long timeouts drop them now and then, so the queue stays within a
+                # few times the requests still waiting (amortised O(1) per request).
+                self._deadlines[timeout] = deque(
+                    e for e in queue if e[1] in callbacks or e[1] in pending)
         if self._sweep_timer is None or deadline < self._sweep_at:
             self._arm_sweep(deadline)
 

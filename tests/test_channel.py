@@ -131,3 +131,16 @@ async def test_closing_from_a_timeout_callback_fails_the_rest_once(
     ch.request_nowait(Ping(id=0), 3.0, lambda r: outcomes.append(f"b:{type(r).__name__}"))
     await asyncio.sleep(0.3)
     assert outcomes == ["closer:TimeoutError", "a:ConnectionLost", "b:ConnectionLost"]
+
+
+async def test_answered_requests_with_long_timeouts_do_not_pile_up(
+        pair: tuple[Channel, Peer]) -> None:
+    """Each request leaves a deadline entry behind; answered ones must be dropped well
+    before their (long) deadline, or a busy client would hold one per request it ever
+    made within the timeout. White-box: counts the channel's queued deadlines."""
+    ch, peer = pair
+    peer.answer = True
+    for _ in range(5):
+        await asyncio.gather(*(ch.request(Ping(id=0), timeout=600.0) for _ in range(1000)))
+    queued = sum(len(q) for q in ch._deadlines.values())
+    assert queued <= 2048, queued
