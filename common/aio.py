@@ -391,15 +391,19 @@ class Channel(asyncio.Protocol):
         queue = self._deadlines.get(timeout)
         if queue is None:
             queue = self._deadlines[timeout] = deque()
+        callbacks, pending = self._callbacks, self._pending
+        # Answers mostly come in the order asked: drop the answered entries at the head
+        # now, a few at a time, rather than all at once when the sweep comes round (which
+        # paused a busy router for milliseconds every `settle_timeout_s`).
+        while queue and queue[0][1] not in callbacks and queue[0][1] not in pending:
+            queue.popleft()
         queue.append((deadline, rid))
-        if len(queue) > 1024:
-            callbacks, pending = self._callbacks, self._pending
-            if len(queue) > 4 * (len(callbacks) + len(pending)):
-                # Answered requests leave their entry behind until its deadline comes up;
-                # with long timeouts drop them now and then, so the queue stays within a
-                # few times the requests still waiting (amortised O(1) per request).
-                self._deadlines[timeout] = deque(
-                    e for e in queue if e[1] in callbacks or e[1] in pending)
+        if len(queue) > 1024 and len(queue) > 4 * (len(callbacks) + len(pending)):
+            # Answers out of order leave entries behind the head until their deadline
+            # comes up; drop them now and then, so the queue stays within a few times the
+            # requests still waiting (amortised O(1) per request).
+            self._deadlines[timeout] = deque(
+                e for e in queue if e[1] in callbacks or e[1] in pending)
         if self._sweep_timer is None or deadline < self._sweep_at:
             self._arm_sweep(deadline)
 

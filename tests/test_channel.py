@@ -139,8 +139,12 @@ async def test_answered_requests_with_long_timeouts_do_not_pile_up(
     before their (long) deadline, or a busy client would hold one per request it ever
     made within the timeout. White-box: counts the channel's queued deadlines."""
     ch, peer = pair
+    unanswered: list[object] = []
+    ch.request_nowait(Ping(id=0), 600.0, unanswered.append)  # stays at the queue's head
+    await asyncio.sleep(0.05)
     peer.answer = True
     for _ in range(5):
         await asyncio.gather(*(ch.request(Ping(id=0), timeout=600.0) for _ in range(1000)))
     queued = sum(len(q) for q in ch._deadlines.values())
     assert queued <= 2048, queued
+    assert unanswered == []  # the one still waiting was kept
