@@ -215,6 +215,10 @@ class Bench:
                  ledger: Proc, router: Proc) -> None:
         fsyncs = after.fsyncs - before.fsyncs
         res.extra["rows_per_fsync"] = round((after.rows - before.rows) / fsyncs, 1) if fsyncs else 0
+        res.extra["fsync_ms_avg"] = (round((after.fsync_us_total - before.fsync_us_total)
+                                           / fsyncs / 1000, 2) if fsyncs else 0)
+        # fsyncs of 10 ms or more in this setting: each delays every payment of its batch
+        res.extra["slow_fsyncs"] = after.slow_fsyncs - before.slow_fsyncs
         res.extra["cpu_s"] = {
             "ledger": round(cpu_seconds(ledger.pid) - cpu0["ledger"], 2),
             "router": round(cpu_seconds(router.pid) - cpu0["router"], 2),
@@ -330,12 +334,13 @@ def render(report: dict[str, Any]) -> None:
               f"Python {m['python']}, uvloop {m['uvloop']}")
     t = Table(title="payments (every one fsync'd before `paid`)")
     for col in ("setting", "payments/s", "p50 ms", "p95 ms", "p99 ms", "max ms", "rows/fsync",
-                "CPU s ledger/router/bench", "failed"):
+                "fsync ms avg/≥10ms", "CPU s ledger/router/bench", "failed"):
         t.add_column(col, justify="right")
     for r in report.get("payments", []):
         cpu = r.get("cpu_s", {})
         t.add_row(r["label"], f"{r['per_s']:,.0f}", str(r["p50_ms"]), str(r["p95_ms"]),
                   str(r["p99_ms"]), str(r["max_ms"]), str(r.get("rows_per_fsync")),
+                  f"{r.get('fsync_ms_avg')}/{r.get('slow_fsyncs')}",
                   f"{cpu.get('ledger')}/{cpu.get('router')}/{cpu.get('bench')}", str(r["failed"]))
     con.print(t)
     lt = Table(title="limits of this machine, same run")

@@ -169,6 +169,9 @@ class StatsReply(Message, tag="stats_ok", frozen=True):
     appends: int
     uptime_ms: int
     last_hash: str
+    fsync_us_total: int = 0  # time spent in fsync since start, microseconds
+    fsync_us_max: int = 0  # the longest single fsync since start
+    slow_fsyncs: int = 0  # fsyncs that took 10 ms or more
 
 
 # --- router, payer-facing ------------------------------------------------------------

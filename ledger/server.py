@@ -105,7 +105,9 @@ class LedgerServer:
         return {"rows": self.store.last_seq, "fsyncs": self.store.fsyncs,
                 "batches": self.store.batches, "appends": self.appends,
                 "uptime_ms": int((time.monotonic() - self._started) * 1000),
-                "last_hash": self.store.last_hash}
+                "last_hash": self.store.last_hash,
+                "fsync_us_total": self.store.fsync_us_total,
+                "fsync_us_max": self.store.fsync_us_max, "slow_fsyncs": self.store.slow_fsyncs}
 
     # --- connections ---------------------------------------------------------------
 
@@ -168,7 +170,10 @@ class LedgerServer:
                 ch.send_nowait(StatsReply(re=rid, rows=int(st["rows"]), fsyncs=int(st["fsyncs"]),
                                           batches=int(st["batches"]), appends=int(st["appends"]),
                                           uptime_ms=int(st["uptime_ms"]),
-                                          last_hash=str(st["last_hash"])))
+                                          last_hash=str(st["last_hash"]),
+                                          fsync_us_total=int(st["fsync_us_total"]),
+                                          fsync_us_max=int(st["fsync_us_max"]),
+                                          slow_fsyncs=int(st["slow_fsyncs"])))
             case Hello():
                 ch.reply_error(msg.id, ErrorCode.BAD_REQUEST, "hello was already received")
             case _:

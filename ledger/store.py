@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,9 @@ from ledger.rows import (
     parse_line,
     same_payment,
 )
+
+# An fsync at least this long is counted as slow (`slow_fsyncs` in the `stats` reply).
+SLOW_FSYNC_US = 10_000
 
 
 class LedgerCorrupt(JackPayError):
@@ -119,6 +123,11 @@ class LedgerStore:
         self.by_party: dict[str, list[int]] = {}
         self.fsyncs = 0
         self.batches = 0
+        # How long the disk took: total and worst fsync, and how many took >= 10 ms
+        # (the bench reports them per setting; a slow fsync delays its whole batch).
+        self.fsync_us_total = 0
+        self.fsync_us_max = 0
+        self.slow_fsyncs = 0
         self.truncated_bytes = 0
         self.broken: str | None = None
         self._fd = -1
@@ -237,8 +246,15 @@ class LedgerStore:
             while view:
                 n = os.write(self._fd, view)
                 view = view[n:]
+            t0 = time.perf_counter_ns()
             os.fsync(self._fd)
+            us = (time.perf_counter_ns() - t0) // 1000
             self.fsyncs += 1
+            self.fsync_us_total += us
+            if us > self.fsync_us_max:
+                self.fsync_us_max = us
+            if us >= SLOW_FSYNC_US:
+                self.slow_fsyncs += 1
         except OSError as exc:
             reason = f"write to {self.path} failed: {exc.strerror or exc}"
             try:

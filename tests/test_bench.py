@@ -23,6 +23,8 @@ def test_bench_quick_reports_every_figure() -> None:
         assert p["failed"] == 0, p
         assert p["p50_ms"] <= p["p99_ms"] <= p["max_ms"]
         assert p["rows_per_fsync"] >= 1
+        assert p["fsync_ms_avg"] > 0
+        assert 0 <= p["slow_fsyncs"] <= p["ok"]
         assert set(p["cpu_s"]) == {"ledger", "router", "bench"}
     assert [e["label"] for e in report["echo"]] == ["echo 1 hop", "echo 3 hops"]
     assert all(e["per_s"] > 0 for e in report["echo"])
