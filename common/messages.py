@@ -149,12 +149,14 @@ class Read(Message, tag="read", frozen=True):
 
 
 class Rows(Message, tag="rows", frozen=True):
-    """`next_seq` is where the next page starts; `last_seq` is the newest row's seq (0: empty)."""
+    """`next_seq` is where the next page starts; `last_seq` is the newest row's seq (0: empty);
+    `more`: rows (of `party`, when the read named one) exist from `next_seq` on."""
 
     re: ReqId
     rows: list[LedgerRow]
     next_seq: int
     last_seq: int
+    more: bool = False
 
 
 class Stats(Message, tag="stats", frozen=True):
@@ -218,6 +220,7 @@ class HistoryReply(Message, tag="history_ok", frozen=True):
     re: ReqId
     rows: list[LedgerRow]
     next_seq: int
+    more: bool = False  # the payer has rows from next_seq on: ask again for the next page
 
 
 class Status(Message, tag="status", frozen=True):

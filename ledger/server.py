@@ -198,7 +198,8 @@ class LedgerServer:
         (the client continues from `next_seq`)."""
         while True:
             res = self.store.read(from_seq, limit, party)
-            reply = Rows(re=rid, rows=res.rows, next_seq=res.next_seq, last_seq=self.store.last_seq)
+            reply = Rows(re=rid, rows=res.rows, next_seq=res.next_seq, last_seq=self.store.last_seq,
+                         more=res.more)
             size = len(encode(reply)) + HEADER_SIZE
             if limit == 1 or size <= self.max_frame_bytes:
                 return reply

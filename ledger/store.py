@@ -64,6 +64,7 @@ class PreparedBatch:
 class ReadResult:
     rows: list[LedgerRow]
     next_seq: int
+    more: bool = False  # rows (of the party, if one was given) exist from next_seq on
 
 
 def fsync_dir(path: Path) -> None:
@@ -191,11 +192,12 @@ class LedgerStore:
         start = from_seq - 1
         if party is None:
             page = self.rows[start : start + limit]
-            return ReadResult(page, from_seq + len(page))
+            return ReadResult(page, from_seq + len(page), from_seq + len(page) <= self.last_seq)
         seqs = self.by_party.get(party, [])
         i = bisect.bisect_left(seqs, from_seq)
         page = [self.rows[seq - 1] for seq in seqs[i : i + limit]]
-        return ReadResult(page, page[-1].seq + 1 if page else max(from_seq, self.last_seq + 1))
+        return ReadResult(page, page[-1].seq + 1 if page else max(from_seq, self.last_seq + 1),
+                          i + len(page) < len(seqs))
 
     def _index_party(self, row: LedgerRow) -> None:
         self.by_party.setdefault(row.sender, []).append(row.seq)

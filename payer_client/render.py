@@ -84,7 +84,7 @@ def status(reply: StatusReply, as_json: bool) -> str:
 
 def history(reply: HistoryReply, me: str, as_json: bool) -> str:
     if as_json:
-        return _json({"next_seq": reply.next_seq, "rows": [
+        return _json({"next_seq": reply.next_seq, "more": reply.more, "rows": [
             {"seq": r.seq, "dtg": r.dtg, "sender": r.sender, "receiver": r.receiver,
              "amount": format_amount(r.amount), "amount_minor": r.amount, "tx_id": r.tx_id,
              "memo": r.memo} for r in reply.rows]})
@@ -100,7 +100,7 @@ def history(reply: HistoryReply, me: str, as_json: bool) -> str:
                       Text(printable(r.memo)), r.tx_id)  # Text: a memo is never markup
     buf = io.StringIO()
     Console(file=buf, width=160, no_color=True).print(table)
-    footer = f"next page: --from-seq {reply.next_seq}" if len(reply.rows) else ""
+    footer = f"next page: --from-seq {reply.next_seq}" if reply.more else ""
     return buf.getvalue().rstrip() + ("\n" + footer if footer else "")
 
 

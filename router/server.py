@@ -355,11 +355,11 @@ class PayerConnection:
             ch.reply_error(msg.id, ErrorCode.LEDGER_UNAVAILABLE, str(exc))
             return
         rows, next_seq = page.rows, page.next_seq
-        reply = HistoryReply(re=msg.id, rows=rows, next_seq=next_seq)
+        reply = HistoryReply(re=msg.id, rows=rows, next_seq=next_seq, more=page.more)
         # The ledger's page fits its frame; ours may be smaller: send fewer rows then.
         while len(rows) > 1 and len(encode(reply)) + 64 > self.service.cfg.router.max_frame_bytes:
             rows = rows[: len(rows) // 2]
-            reply = HistoryReply(re=msg.id, rows=rows, next_seq=rows[-1].seq + 1)
+            reply = HistoryReply(re=msg.id, rows=rows, next_seq=rows[-1].seq + 1, more=True)
         if not ch.closed:
             ch.send_nowait(reply)
 

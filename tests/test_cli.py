@@ -75,9 +75,13 @@ def test_send_balance_history_status_ping(net: Network) -> None:
     assert hist.returncode == 0
     assert "cli-1" in hist.stdout
     assert "+12.50" in hist.stdout
-    rows = as_json(cli(net, "bob", "history", "--json"))["rows"]
-    assert isinstance(rows, list)
-    assert [r["tx_id"] for r in rows] == ["_open:bob", "cli-1"]
+    assert "next page" not in hist.stdout  # bob has two rows: this was the last page
+    doc = as_json(cli(net, "bob", "history", "--json"))
+    assert [r["tx_id"] for r in doc["rows"]] == ["_open:bob", "cli-1"]
+    assert doc["more"] is False
+    first = cli(net, "bob", "history", "--limit", "1")
+    assert "_open:bob" in first.stdout
+    assert "next page: --from-seq" in first.stdout
 
     st = cli(net, "alice", "status", "cli-1")
     assert st.returncode == 0

@@ -147,10 +147,16 @@ def test_party_reads_page_through_an_accounts_rows(tmp_path: Path) -> None:
     seen, nxt = [], 1
     while True:
         page = store.read(nxt, 4, party="bob")
-        if not page.rows:
-            break
         assert all("bob" in (r.sender, r.receiver) for r in page.rows)
         seen += [r.seq for r in page.rows]
         nxt = page.next_seq
+        if not page.more:
+            break
     assert seen == [3, 6, 9, 12, 15, 18, 21, 24, 27, 30]
+    assert store.read(31, 4, party="bob").rows == []
+    # bob's last row is the ledger's last: a page ending exactly there says no more
+    assert not store.read(27, 2, party="bob").more
+    assert store.read(27, 1, party="bob").more
+    assert store.read(1, 29).more
+    assert not store.read(1, 30).more
     assert store.read(1, 10, party="nobody").rows == []
