@@ -324,25 +324,33 @@ def ratios(report: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _ms(value: float) -> str:
+    return f"{value:.1f}"
+
+
 def render(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
     con = Console()
+    if not con.is_terminal:  # piped to a file: keep every table row on one line
+        con = Console(width=max(con.width, 120))
     m = report["machine"]
     con.print(f"[bold]JackPay bench[/bold] — {m.get('cpu', '?')}, {m['cpus']} CPUs, "
               f"Python {m['python']}, uvloop {m['uvloop']}")
-    t = Table(title="payments (every one fsync'd before `paid`)")
-    for col in ("setting", "payments/s", "p50 ms", "p95 ms", "p99 ms", "max ms", "rows/fsync",
-                "fsync ms avg/≥10ms", "CPU s ledger/router/bench", "failed"):
+    t = Table(title="payments (every one fsync'd before `paid`; latency in ms)")
+    for col in ("setting", "pay/s", "p50", "p95", "p99", "max", "rows/fsync",
+                "fsync ms/≥10ms", "CPU s L/R/B", "failed"):
         t.add_column(col, justify="right")
     for r in report.get("payments", []):
         cpu = r.get("cpu_s", {})
-        t.add_row(r["label"], f"{r['per_s']:,.0f}", str(r["p50_ms"]), str(r["p95_ms"]),
-                  str(r["p99_ms"]), str(r["max_ms"]), str(r.get("rows_per_fsync")),
+        t.add_row(r["label"], f"{r['per_s']:,.0f}", _ms(r["p50_ms"]), _ms(r["p95_ms"]),
+                  _ms(r["p99_ms"]), _ms(r["max_ms"]), str(r.get("rows_per_fsync")),
                   f"{r.get('fsync_ms_avg')}/{r.get('slow_fsyncs')}",
                   f"{cpu.get('ledger')}/{cpu.get('router')}/{cpu.get('bench')}", str(r["failed"]))
     con.print(t)
+    con.print("CPU s L/R/B: CPU seconds of the ledger, the router and the bench in the setting\n"
+              "fsync ms/≥10ms: the ledger's average fsync, and how many took 10 ms or more")
     lt = Table(title="limits of this machine, same run")
     lt.add_column("measure")
     lt.add_column("rate/s", justify="right")
