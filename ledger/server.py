@@ -2,10 +2,14 @@
 
 Group commit: `append` requests are queued; one writer task takes everything queued (up
 to `max_batch_rows` rows), resolves it against the index, writes it with one write() and
-one fsync() in a worker thread, then commits and answers every request of the batch.
-Requests arriving meanwhile wait for the next batch, so under load many rows share one
-fsync and the event loop never blocks on the disk. A request's rows are never split
-between batches. Batches are strictly sequential (the chain needs the previous hash).
+one fsync(), then commits and answers every request of the batch. The write and fsync run
+on the event loop itself (as Redis does with `appendfsync always`): handing each batch to
+a worker thread and back cost more CPU than the fsync at moderate load (~40 µs per
+payment at 5 rows per fsync). While the disk syncs, new appends wait in the socket
+buffers and all go into the next batch, so under load many rows share one fsync; pings
+and reads wait for the current fsync (well under a millisecond on a healthy disk). A
+request's rows are never split between batches. Batches are strictly sequential (the
+chain needs the previous hash).
 """
 
 from __future__ import annotations
@@ -250,7 +254,7 @@ class LedgerServer:
         failure: str | None = None
         if prepared.rows:
             try:
-                await asyncio.to_thread(store.write_durably, prepared)
+                store.write_durably(prepared)  # blocking: see the module docstring
             except WriteFailed as exc:
                 failure = str(exc)
                 log_event(log, "write failed; file restored", logging.ERROR, reason=failure,

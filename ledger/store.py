@@ -8,8 +8,8 @@ Rules:
 - On open, a last line without its newline (a torn write, never acknowledged) is cut off;
   anything else that does not parse, breaks the sequence or the hash chain makes `open`
   raise LedgerCorrupt and leaves the file untouched.
-- The server (ledger/server.py) serialises batches: `prepare` and `commit` run on the event
-  loop, only `write_durably` runs in a worker thread.
+- The server (ledger/server.py) serialises batches: `resolve`, `write_durably` and
+  `commit` run one batch at a time, in that order.
 """
 
 from __future__ import annotations
@@ -238,7 +238,7 @@ class LedgerStore:
         return resolutions, PreparedBatch(new_rows, data, self._size)
 
     def write_durably(self, batch: PreparedBatch) -> None:
-        """write + fsync (runs in a worker thread). On failure: restore and raise WriteFailed."""
+        """write + fsync (blocking). On failure: restore and raise WriteFailed."""
         if self.broken:
             raise WriteFailed(self.broken)
         if not batch.data:
