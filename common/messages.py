@@ -341,6 +341,10 @@ class InspectReply(Message, tag="inspect_ok", frozen=True):
     in_flight: list[InFlight]
     sessions: list[str]
     ledger_connected: bool
+    # How payments ended since the router started: `paid` and one count per error code.
+    outcomes: dict[str, int] = {}
+    # The ledger client's counters: connects, appends_sent, rows_sent, resends, in_doubt_now.
+    ledger_link: dict[str, int] = {}
 
 
 # --- decoding helpers ----------------------------------------------------------------

@@ -1,6 +1,7 @@
 """`python -m router` / `jackpay-router`: run the router until SIGTERM.
 
     python -m router --config network.toml [--host H] [--port P] [--ledger H:P] [--log-json]
+    python -m router inspect --config network.toml [--json]   # a running router's state
 
 Prints `READY router addr=H:P admin=PATH` on stdout once it serves payers. Exit codes:
 0 after SIGTERM/SIGINT (in-flight payments finished within the grace period), 1 when it
@@ -47,6 +48,11 @@ def _ledger_address(args: argparse.Namespace, cfg: NetworkConfig) -> tuple[str, 
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["inspect"]:
+        from router import inspect_cli
+
+        return inspect_cli.main(argv[1:])
     args = _parse_args(argv)
     setup_logging(json_lines=args.log_json, level=args.log_level)
     try:

@@ -2,8 +2,9 @@
 
 Rules: the first frame is `hello {role: "admin"}` (anything else: an error, then close);
 then `ping` → `pong` and `inspect` → `inspect_ok` with every balance, every open hold,
-every payment in flight (its step and age), the payers with a live session, and whether
-the ledger is connected. Read-only: nothing on this socket changes money. A stale socket
+every payment in flight (its step and age), the payers with a live session, whether the
+ledger is connected, the ledger client's counters and how payments ended since start
+(`jackpay-router inspect` prints it). Read-only: nothing on this socket changes money. A stale socket
 file left by a killed router is replaced at start; the file is removed at shutdown.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -75,7 +77,9 @@ class AdminServer:
         return InspectReply(re=rid, balances=accounts.snapshot(), holds=accounts.holds(),
                             in_flight=in_flight,
                             sessions=sorted(s.payer_id for s in svc.registry.live_sessions()),
-                            ledger_connected=svc.ledger.connected)
+                            ledger_connected=svc.ledger.connected,
+                            outcomes=dict(svc.pipeline.counts),
+                            ledger_link=dataclasses.asdict(svc.ledger.stats))
 
     def _on_connect(self, ch: Channel) -> None:
         greeted = False

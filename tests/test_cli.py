@@ -168,6 +168,39 @@ def test_daemon_lifecycle_socket_and_second_daemon(net: Network) -> None:
     assert cli(net, "alice", "balance").returncode == 0
 
 
+def inspect(net: Network, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "router", "inspect", "--config",
+                           str(net.config_path), *args], capture_output=True, text=True,
+                          env=net.env(), timeout=60, check=False)
+
+
+@needs_network
+def test_router_inspect_shows_the_operators_view(net: Network) -> None:
+    assert cli(net, "alice", "send", "bob", "12.50", "--tx-id", "ins-1").returncode == 0
+    assert cli(net, "carol", "send", "alice", "1.00").returncode == 1  # insufficient funds
+    doc = as_json(inspect(net, "--json"))
+    assert doc["ledger_connected"] is True
+    assert doc["outcomes"] == {"paid": 1, "insufficient_funds": 1}
+    link = doc["ledger_link"]
+    assert isinstance(link, dict)
+    assert link["connects"] >= 1
+    assert link["rows_sent"] >= 3  # two openings (carol's is zero) and the payment
+    assert link["in_doubt_now"] == 0
+    assert doc["sessions"] == ["alice", "bob", "carol"]
+    assert doc["in_flight"] == []
+    assert doc["holds"] == {}
+    balances = doc["balances"]
+    assert isinstance(balances, dict)
+    assert balances["alice"] == {"amount": "87.50", "amount_minor": 8750}
+    assert balances["bob"] == {"amount": "17.50", "amount_minor": 1750}
+    assert balances["_issuer"]["amount_minor"] == -10500
+    text = inspect(net)
+    assert text.returncode == 0, text.stderr
+    assert "ledger: connected" in text.stdout
+    assert "paid 1, insufficient_funds 1" in text.stdout
+    assert "sessions: 3 live (alice, bob, carol)" in text.stdout
+
+
 # --- without a network ------------------------------------------------------------------
 
 
@@ -251,3 +284,12 @@ def test_router_refuses_an_out_of_range_port(offline: Network) -> None:
     assert proc.returncode == 2
     assert "out of range" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_router_inspect_without_a_router_exits_1_with_a_hint(offline: Network) -> None:
+    proc = inspect(offline)
+    assert proc.returncode == 1
+    assert "is the router running?" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    bad = inspect(offline, "--admin")  # the option needs a path
+    assert bad.returncode == 2

@@ -1,0 +1,143 @@
+"""`jackpay-router inspect`: the operator's view of a running router, from its admin socket.
+
+    jackpay-router inspect [--config network.toml] [--admin PATH] [--json]
+
+Shows the ledger link (connected, appends sent, re-sends, rows in doubt), how payments
+ended since the router started, the payers with a live session, the payments in flight
+(step and age), open holds and every balance. Read-only. Exit codes: 0 shown, 1 the
+router did not answer (not running, or not at that socket), 2 usage or config error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from common import PROTOCOL_VERSION
+from common.aio import open_unix_channel, run
+from common.config import load_config
+from common.errors import ConfigError, ConnectionLost, RequestFailed
+from common.messages import ADMIN_REPLIES, Hello, Inspect, InspectReply, decoder_for
+from common.money import format_amount
+
+TIMEOUT_S = 5.0
+
+
+class NotAnswering(Exception):
+    """The router's admin socket could not be reached or did not answer."""
+
+
+def _parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="jackpay-router inspect", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=os.environ.get("JACKPAY_CONFIG"),
+                    help="network TOML file (default: $JACKPAY_CONFIG)")
+    ap.add_argument("--admin", metavar="PATH",
+                    help="admin socket (default: [router] admin_socket of the config)")
+    ap.add_argument("--json", action="store_true", help="print one JSON document")
+    return ap.parse_args(argv)
+
+
+async def fetch(path: str, timeout: float = TIMEOUT_S) -> InspectReply:
+    """One `inspect` over the admin socket. Raises NotAnswering."""
+    try:
+        ch = await open_unix_channel(path, decoder_for(ADMIN_REPLIES), name="router-admin",
+                                     connect_timeout=timeout)
+    except (OSError, TimeoutError) as exc:
+        raise NotAnswering(f"cannot reach the router's admin socket {path}: "
+                           f"{getattr(exc, 'strerror', None) or exc or 'timed out'}"
+                           " (is the router running?)") from None
+    try:
+        await ch.request(Hello(id=0, version=PROTOCOL_VERSION, role="admin", peer="inspect"),
+                         timeout=timeout)
+        reply = await ch.request(Inspect(id=0), timeout=timeout)
+    except (ConnectionLost, TimeoutError, RequestFailed) as exc:
+        raise NotAnswering(f"the router at {path} did not answer: "
+                           f"{exc or type(exc).__name__}") from None
+    finally:
+        await ch.aclose()
+    if not isinstance(reply, InspectReply):
+        raise NotAnswering(f"the router answered inspect with {type(reply).__name__}")
+    return reply
+
+
+def as_document(r: InspectReply) -> dict[str, Any]:
+    def money(minor: int) -> dict[str, Any]:
+        return {"amount": format_amount(minor), "amount_minor": minor}
+
+    return {
+        "ledger_connected": r.ledger_connected,
+        "ledger_link": r.ledger_link,
+        "outcomes": r.outcomes,
+        "sessions": r.sessions,
+        "in_flight": [{"tx_id": p.tx_id, "sender": p.sender, "receiver": p.receiver,
+                       **money(p.amount), "step": p.step, "age_ms": p.age_ms}
+                      for p in r.in_flight],
+        "holds": {k: money(v) for k, v in sorted(r.holds.items())},
+        "balances": {k: money(v) for k, v in sorted(r.balances.items())},
+    }
+
+
+def as_text(r: InspectReply, path: str) -> str:
+    link = r.ledger_link
+    lines = [f"router admin socket {path}"]
+    state = "connected" if r.ledger_connected else "NOT CONNECTED"
+    lines.append(f"ledger: {state}; connects {link.get('connects', 0)}, appends sent "
+                 f"{link.get('appends_sent', 0)} ({link.get('rows_sent', 0)} rows), re-sends "
+                 f"{link.get('resends', 0)}, rows in doubt now {link.get('in_doubt_now', 0)}")
+    ended = ", ".join(f"{k} {v}" for k, v in sorted(r.outcomes.items(),
+                                                     key=lambda kv: (kv[0] != "paid", kv[0])))
+    lines.append(f"payments since start: {ended or 'none'}")
+    lines.append(f"sessions: {len(r.sessions)} live" +
+                 (f" ({', '.join(r.sessions)})" if r.sessions else ""))
+    lines.append(f"in flight: {len(r.in_flight)}")
+    for p in sorted(r.in_flight, key=lambda p: -p.age_ms):
+        lines.append(f"  {p.tx_id}  {p.sender} → {p.receiver}  {format_amount(p.amount)}  "
+                     f"step {p.step}, {p.age_ms} ms")
+    lines.append(f"holds: {len(r.holds)}")
+    for k, v in sorted(r.holds.items()):
+        lines.append(f"  {k}  {format_amount(v)}")
+    lines.append(f"balances: {len(r.balances)} accounts")
+    width = max((len(k) for k in r.balances), default=0)
+    for k, v in sorted(r.balances.items()):
+        lines.append(f"  {k:<{width}}  {format_amount(v):>16}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    try:
+        args = _parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else 2
+    if not args.config:
+        print("jackpay-router inspect: --config is required (or set JACKPAY_CONFIG)",
+              file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"jackpay-router inspect: {exc}", file=sys.stderr)
+        return 2
+    path = str(Path(args.admin) if args.admin else cfg.resolve(cfg.router.admin_socket))
+
+    async def go() -> int:
+        try:
+            reply = await fetch(path)
+        except NotAnswering as exc:
+            print(f"jackpay-router inspect: {exc}", file=sys.stderr)
+            return 1
+        print(json.dumps(as_document(reply), indent=2) if args.json else as_text(reply, path))
+        return 0
+
+    return run(go, fast=False)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
+
+
+__all__ = ["NotAnswering", "as_document", "as_text", "fetch", "main"]
