@@ -121,7 +121,8 @@ def measure_fsync(directory: str, seconds: float = 1.0, size: int = 80) -> dict[
     total = sum(lat)
     return {"fsyncs_per_s": round(len(lat) / total, 1) if total else 0.0,
             "p50_ms": round(lat[len(lat) // 2] * 1000, 3),
-            "p99_ms": round(lat[int(len(lat) * 0.99)] * 1000, 3)}
+            "p99_ms": round(lat[int(len(lat) * 0.99)] * 1000, 3),
+            "max_ms": round(lat[-1] * 1000, 3)}
 
 
 def cpu_seconds(pid: int) -> float:

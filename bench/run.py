@@ -356,13 +356,14 @@ def render(report: dict[str, Any]) -> None:
     lt.add_column("rate/s", justify="right")
     lt.add_column("p50 ms", justify="right")
     lt.add_column("p99 ms", justify="right")
+    lt.add_column("max ms", justify="right")
     for e in report.get("echo", []):
         lt.add_row(f"{e['label']} ({report['settings']['echo_connections']} conns)",
-                   f"{e['per_s']:,.0f}", str(e["p50_ms"]), str(e["p99_ms"]))
+                   f"{e['per_s']:,.0f}", str(e["p50_ms"]), str(e["p99_ms"]), str(e["max_ms"]))
     if "fsync" in report:
         f = report["fsync"]
         lt.add_row("80-byte append + fsync", f"{f['fsyncs_per_s']:,.0f}", str(f["p50_ms"]),
-                   str(f["p99_ms"]))
+                   str(f["p99_ms"]), str(f["max_ms"]))
     con.print(lt)
     con.print(f"ratios: {report.get('ratios')}")
     if "sessions" in report:

@@ -42,7 +42,7 @@ from common.messages import (
     decoder_for,
     encode,
 )
-from ledger.store import LedgerStore, WriteFailed
+from ledger.store import SLOW_FSYNC_US, LedgerStore, WriteFailed
 
 log = logging.getLogger("jackpay.ledger")
 
@@ -79,6 +79,8 @@ class LedgerServer:
         self._stopping = False
         self._started = time.monotonic()
         self.appends = 0
+        self._slow_logged_at = -1.0e9  # `slow fsync` lines: at most one a second
+        self._slow_unlogged = 0
 
     # --- lifecycle -----------------------------------------------------------------
 
@@ -248,6 +250,18 @@ class LedgerServer:
             self._writing = asyncio.ensure_future(self._write_batch(batch))
             await self._writing
 
+    def _note_slow_fsync(self, us: int, rows: int) -> None:
+        """A slow disk delays every payment of the batch: say so, at most once a second
+        (with how many more were slow since the last line)."""
+        now = time.monotonic()
+        self._slow_unlogged += 1
+        if now - self._slow_logged_at < 1.0:
+            return
+        log_event(log, "slow fsync", logging.WARNING, ms=round(us / 1000, 1), rows=rows,
+                  slow_since_last_line=self._slow_unlogged)
+        self._slow_logged_at = now
+        self._slow_unlogged = 0
+
     async def _write_batch(self, batch: list[_Queued]) -> None:
         store = self.store
         resolutions, prepared = store.resolve([q.request.rows for q in batch], utc_now_dtg())
@@ -261,6 +275,8 @@ class LedgerServer:
                           rows=len(prepared.rows))
             else:
                 store.commit(prepared)
+                if store.last_fsync_us >= SLOW_FSYNC_US:
+                    self._note_slow_fsync(store.last_fsync_us, len(prepared.rows))
         for q, res in zip(batch, resolutions, strict=True):
             # After a failed write, a request fails if any of its answers names a row of
             # this batch: its own new rows, and also a `duplicate` or `conflict` resolved

@@ -128,6 +128,7 @@ class LedgerStore:
         # (the bench reports them per setting; a slow fsync delays its whole batch).
         self.fsync_us_total = 0
         self.fsync_us_max = 0
+        self.last_fsync_us = 0
         self.slow_fsyncs = 0
         self.truncated_bytes = 0
         self.broken: str | None = None
@@ -251,6 +252,7 @@ class LedgerStore:
             t0 = time.perf_counter_ns()
             os.fsync(self._fd)
             us = (time.perf_counter_ns() - t0) // 1000
+            self.last_fsync_us = us
             self.fsyncs += 1
             self.fsync_us_total += us
             if us > self.fsync_us_max:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -160,3 +161,21 @@ def test_party_reads_page_through_an_accounts_rows(tmp_path: Path) -> None:
     assert store.read(1, 29).more
     assert not store.read(1, 30).more
     assert store.read(1, 10, party="nobody").rows == []
+
+
+async def test_slow_fsyncs_are_logged_at_most_once_a_second(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from ledger.server import LedgerServer
+
+    server = LedgerServer(LedgerStore.open(tmp_path / "l.csv"))
+    with caplog.at_level(logging.WARNING, logger="jackpay.ledger"):
+        for _ in range(3):
+            server._note_slow_fsync(25_000, rows=7)
+        server._slow_logged_at -= 1.5  # a second and a half later
+        server._note_slow_fsync(40_000, rows=9)
+    lines = [r for r in caplog.records if r.getMessage() == "slow fsync"]
+    assert [r.fields for r in lines] == [  # type: ignore[attr-defined]
+        {"ms": 25.0, "rows": 7, "slow_since_last_line": 1},
+        {"ms": 40.0, "rows": 9, "slow_since_last_line": 3},
+    ]
+    server.store.close()
