@@ -279,6 +279,12 @@ class Pipeline:
         except Exception as exc:
             if p.committed:
                 log.exception("payment %s failed after its commit", p.tx_id)
+                rec = p.record  # the money moved: the senders still waiting hear `paid`
+                if rec.state is TxState.PAID and rec.seq is not None:
+                    p.finish(Outcome(p.tx_id, seq=rec.seq, dtg=rec.dtg))
+                else:
+                    p.finish(Outcome(p.tx_id, ErrorCode.INTERNAL_ERROR,
+                                     f"internal error after the commit at step {p.step}"))
                 self._end(p)
             else:
                 log.exception("payment %s failed at step %s", p.tx_id, p.step)
@@ -521,23 +527,27 @@ class Pipeline:
         the failure and tell the sender. Raises InvariantViolation after a commit."""
         if p.committed:
             raise InvariantViolation(f"kill_payment({p.tx_id}) after its commit")
-        if p.held:
-            self.book.accounts.release_hold(p.sender, p.amount)
-            p.held = False
-        if p.offered:
-            self._send_cancel(p, reason)
-        self.book.txs.mark_failed(p.tx_id, reason.value)
-        self._log_failure(p.tx_id, p.params, reason, p.step, message)
-        p.finish(Outcome(p.tx_id, reason, message))
+        try:
+            if p.held:
+                self.book.accounts.release_hold(p.sender, p.amount)
+                p.held = False
+            self.book.txs.mark_failed(p.tx_id, reason.value)
+            self._log_failure(p.tx_id, p.params, reason, p.step, message)
+            if p.offered:
+                self._send_cancel(p, reason)
+        finally:  # whatever failed above, the waiting senders hear why the payment ended
+            p.finish(Outcome(p.tx_id, reason, message))
 
     def _abandon(self, p: Payment) -> None:
         """Cancelled at shutdown before the commit: give the hold back (a restart would
-        forget it anyway) and leave the tx pending; a replay tells its fate later."""
+        forget it anyway) and leave the tx pending; a replay tells its fate later. The
+        waiting senders are told `outcome_pending` (ask `status`, or retry the tx_id)."""
         if p.held:
             self.book.accounts.release_hold(p.sender, p.amount)
             p.held = False
         log_event(log, "payment abandoned at shutdown", logging.WARNING, tx_id=p.tx_id,
                   step=p.step)
+        p.report_pending()
 
     def _send_cancel(self, p: Payment, reason: ErrorCode) -> None:
         session = self.registry.session(p.receiver)

@@ -517,3 +517,30 @@ async def test_sigterm_finishes_in_flight_and_refuses_new(network: Network) -> N
     assert rc == 0
     assert [r["tx_id"] for r in ledger_rows(network)][-1] == "t-before"
     assert_conserved(network)
+
+
+@pytest.mark.slow
+async def test_sigterm_with_a_payment_stuck_at_the_ledger_answers_outcome_pending(
+        network: Network) -> None:
+    """A payment still waiting for the ledger when the grace period ends is abandoned: its
+    sender is told `outcome_pending` (not left with a dropped connection), and the ledger
+    decides its fate: here it writes the row, and the restarted router knows it is paid."""
+    up(network, {"alice": "10.00", "bob": "5.00"}, shutdown_grace_s=0.5,
+       outcome_pending_after_s=30.0)
+    await connect(network, "bob")
+    alice = await connect(network, "alice")
+    ledger, router = network.procs["ledger"], network.procs["router"]
+    ledger.pause()
+    stuck = asyncio.create_task(alice.pay("bob", 100, "t-stuck"))
+    await asyncio.sleep(0.3)  # offered, received, appended: the append is unanswered
+    router.signal(signal.SIGTERM)
+    assert await asyncio.wait_for(stuck, 10) == "outcome_pending"
+    assert await asyncio.to_thread(router.wait, 10) == 0
+    ledger.resume()  # the append was in its socket before the pause: it writes the row
+    await eventually(lambda: any(r["tx_id"] == "t-stuck" for r in ledger_rows(network)))
+    network.start_router()
+    alice = await connect(network, "alice")
+    st = await alice.client.status("t-stuck")
+    assert st.state == "paid"  # the replay tells the new router
+    assert await alice.assert_no_hold() == 900
+    assert_conserved(network)
