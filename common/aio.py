@@ -388,9 +388,12 @@ class Channel(asyncio.Protocol):
 
     def _add_deadline(self, rid: int, timeout: float) -> None:
         deadline = _monotonic() + timeout
-        queue = self._deadlines.get(timeout)
+        # Queues by timeout rounded to the millisecond: callers passing ever-different
+        # timeouts share a few queues (an entry may then time out up to 1 ms late).
+        key = round(timeout, 3)
+        queue = self._deadlines.get(key)
         if queue is None:
-            queue = self._deadlines[timeout] = deque()
+            queue = self._deadlines[key] = deque()
         callbacks, pending = self._callbacks, self._pending
         # Answers mostly come in the order asked: drop the answered entries at the head
         # now, a few at a time, rather than all at once when the sweep comes round (which
@@ -402,7 +405,7 @@ class Channel(asyncio.Protocol):
             # Answers out of order leave entries behind the head until their deadline
             # comes up; drop them now and then, so the queue stays within a few times the
             # requests still waiting (amortised O(1) per request).
-            self._deadlines[timeout] = deque(
+            self._deadlines[key] = deque(
                 e for e in queue if e[1] in callbacks or e[1] in pending)
         if self._sweep_timer is None or deadline < self._sweep_at:
             self._arm_sweep(deadline)
@@ -423,7 +426,7 @@ class Channel(asyncio.Protocol):
         pending = self._pending
         next_at: float | None = None
         # A snapshot: a timed-out callback may send requests (new queues) or close us.
-        for queue in list(self._deadlines.values()):
+        for key, queue in list(self._deadlines.items()):
             while queue and not self._closed:
                 deadline, rid = queue[0]
                 if deadline <= now:
@@ -441,6 +444,8 @@ class Channel(asyncio.Protocol):
                     if next_at is None or deadline < next_at:
                         next_at = deadline
                     break
+            if not queue and self._deadlines.get(key) is queue:
+                del self._deadlines[key]  # nothing waits with this timeout: forget it
         if next_at is not None and not self._closed and (
                 self._sweep_timer is None or next_at < self._sweep_at):
             self._arm_sweep(next_at)

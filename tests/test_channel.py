@@ -148,3 +148,20 @@ async def test_answered_requests_with_long_timeouts_do_not_pile_up(
     queued = sum(len(q) for q in ch._deadlines.values())
     assert queued <= 2048, queued
     assert unanswered == []  # the one still waiting was kept
+
+
+async def test_ever_different_timeouts_do_not_keep_a_queue_each(
+        pair: tuple[Channel, Peer]) -> None:
+    """A caller passing the time it has left as the timeout must not leave one deadline
+    queue per value behind. White-box: counts the channel's deadline queues."""
+    ch, peer = pair
+    peer.answer = True
+    for i in range(300):
+        await ch.request(Ping(id=0), timeout=0.05 + i * 0.0001)  # 0.1 ms apart
+    peer.answer = False
+    timed_out: list[object] = []
+    ch.request_nowait(Ping(id=0), 0.02, timed_out.append)  # its timeout runs a sweep
+    await asyncio.sleep(0.3)
+    assert len(timed_out) == 1
+    assert isinstance(timed_out[0], TimeoutError)
+    assert len(ch._deadlines) == 0, sorted(ch._deadlines)
