@@ -24,6 +24,7 @@ from typing import Any
 from common.aio import Channel, open_channel, open_unix_channel
 from common.config import NetworkConfig, load_config
 from common.messages import (
+    ADMIN_MAX_FRAME_BYTES,
     ADMIN_REPLIES,
     LEDGER_REPLIES,
     Hello,
@@ -72,7 +73,8 @@ async def open_ledger_channel(addr: tuple[str, int], *, role: Role = "router",
 
 async def inspect_router(admin_path: str, timeout: float = 5.0) -> InspectReply:
     """The router's own view (balances, holds, payments in flight) from its admin socket."""
-    ch = await open_unix_channel(admin_path, decoder_for(ADMIN_REPLIES), name="router-admin")
+    ch = await open_unix_channel(admin_path, decoder_for(ADMIN_REPLIES), name="router-admin",
+                                 max_frame_bytes=ADMIN_MAX_FRAME_BYTES)
     try:
         await ch.request(Hello(id=0, version=1, role="admin", peer="harness"), timeout=timeout)
         reply = await ch.request(Inspect(id=0), timeout=timeout)

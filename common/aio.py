@@ -578,8 +578,10 @@ async def open_unix_channel(
     name: str,
     connect_timeout: float = 5.0,
     on_message: OnMessage | None = None,
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
 ) -> Channel:
-    ch = Channel(None, None, decoder, name=name, on_message=on_message)
+    ch = Channel(None, None, decoder, name=name, on_message=on_message,
+                 max_frame_bytes=max_frame_bytes)
     async with asyncio.timeout(connect_timeout):
         await asyncio.get_running_loop().create_unix_connection(lambda: ch, path)
     ch.start()

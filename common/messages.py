@@ -359,6 +359,9 @@ PAYER_INBOUND = (Welcome, Pong, Ping, Paid, BalanceReply, HistoryReply, StatusRe
                  Settled, Cancel, Error)
 ADMIN_REQUESTS = (Hello, Ping, Inspect)
 ADMIN_REPLIES = (Welcome, Pong, InspectReply, Error)
+# The admin socket's frame limit: an `inspect_ok` lists every balance and payment in flight
+# (~100 bytes each), far more than a payer frame; the socket is local and owner-only.
+ADMIN_MAX_FRAME_BYTES = 4 * 1024 * 1024
 CONTROL_REQUESTS = (Hello, Ping, Send, GetBalance, History, Status, Watch)
 CONTROL_REPLIES = (Welcome, Pong, Paid, BalanceReply, HistoryReply, StatusReply, Ack, Event,
                    Error)

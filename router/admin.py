@@ -24,6 +24,7 @@ from common.aio import Channel, start_channel_server
 from common.errors import ErrorCode
 from common.logs import log_event
 from common.messages import (
+    ADMIN_MAX_FRAME_BYTES,
     ADMIN_REQUESTS,
     Hello,
     InFlight,
@@ -60,7 +61,7 @@ class AdminServer:
         try:
             self._server = await start_channel_server(
                 self._on_connect, _DECODER, path=str(self.path), name="admin",
-                max_frame_bytes=self.service.cfg.router.max_frame_bytes)
+                max_frame_bytes=ADMIN_MAX_FRAME_BYTES)
         finally:
             os.umask(old_umask)
         os.chmod(self.path, 0o600)

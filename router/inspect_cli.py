@@ -21,7 +21,14 @@ from common import PROTOCOL_VERSION
 from common.aio import open_unix_channel, run
 from common.config import load_config
 from common.errors import ConfigError, ConnectionLost, RequestFailed
-from common.messages import ADMIN_REPLIES, Hello, Inspect, InspectReply, decoder_for
+from common.messages import (
+    ADMIN_MAX_FRAME_BYTES,
+    ADMIN_REPLIES,
+    Hello,
+    Inspect,
+    InspectReply,
+    decoder_for,
+)
 from common.money import format_amount
 
 TIMEOUT_S = 5.0
@@ -37,7 +44,8 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--config", default=os.environ.get("JACKPAY_CONFIG"),
                     help="network TOML file (default: $JACKPAY_CONFIG)")
     ap.add_argument("--admin", metavar="PATH",
-                    help="admin socket (default: [router] admin_socket of the config)")
+                    help="admin socket (default: [router] admin_socket of the config; with "
+                         "--admin no config is read)")
     ap.add_argument("--json", action="store_true", help="print one JSON document")
     return ap.parse_args(argv)
 
@@ -46,7 +54,8 @@ async def fetch(path: str, timeout: float = TIMEOUT_S) -> InspectReply:
     """One `inspect` over the admin socket. Raises NotAnswering."""
     try:
         ch = await open_unix_channel(path, decoder_for(ADMIN_REPLIES), name="router-admin",
-                                     connect_timeout=timeout)
+                                     connect_timeout=timeout,
+                                     max_frame_bytes=ADMIN_MAX_FRAME_BYTES)
     except (OSError, TimeoutError) as exc:
         raise NotAnswering(f"cannot reach the router's admin socket {path}: "
                            f"{getattr(exc, 'strerror', None) or exc or 'timed out'}"
@@ -113,16 +122,19 @@ def main(argv: list[str]) -> int:
         args = _parse_args(argv)
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else 2
-    if not args.config:
-        print("jackpay-router inspect: --config is required (or set JACKPAY_CONFIG)",
-              file=sys.stderr)
+    if args.admin:
+        path = str(Path(args.admin))
+    elif not args.config:
+        print("jackpay-router inspect: --config (or JACKPAY_CONFIG, or --admin PATH) is "
+              "required", file=sys.stderr)
         return 2
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        print(f"jackpay-router inspect: {exc}", file=sys.stderr)
-        return 2
-    path = str(Path(args.admin) if args.admin else cfg.resolve(cfg.router.admin_socket))
+    else:
+        try:
+            cfg = load_config(args.config)
+        except ConfigError as exc:
+            print(f"jackpay-router inspect: {exc}", file=sys.stderr)
+            return 2
+        path = str(cfg.resolve(cfg.router.admin_socket))
 
     async def go() -> int:
         try:

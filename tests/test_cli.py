@@ -293,3 +293,20 @@ def test_router_inspect_without_a_router_exits_1_with_a_hint(offline: Network) -
     assert "Traceback" not in proc.stderr
     bad = inspect(offline, "--admin")  # the option needs a path
     assert bad.returncode == 2
+
+
+@needs_network
+def test_router_inspect_reads_a_reply_larger_than_a_payer_frame(network: Network) -> None:
+    # ids of 30 characters: ~128 KiB of balances in one `inspect_ok` frame
+    network.participants.update({f"participant-with-a-long-id-{i:04d}": "1.00" for i in range(4000)})
+    network.write_config()
+    network.start_ledger()
+    network.start_router()
+    proc = subprocess.run([sys.executable, "-m", "router", "inspect", "--json", "--admin",
+                           network.admin_path], capture_output=True, text=True,
+                          env=network.env(), timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout) > 64 * 1024
+    balances = as_json(proc)["balances"]
+    assert isinstance(balances, dict)
+    assert len(balances) == 4001  # every payer and `_issuer`
