@@ -15,6 +15,7 @@ import asyncio
 import signal
 import sys
 
+from common import PROTOCOL_VERSION
 from common.aio import Channel, open_channel, run, start_channel_server
 from common.messages import Hello, Message, Ping, Pong, Welcome, decoder_for
 from common.procs import print_ready
@@ -27,11 +28,11 @@ async def serve(host: str, port: int, upstream: tuple[str, int] | None) -> int:
     up: Channel | None = None
     if upstream is not None:
         up = await open_channel(*upstream, _REPLIES, name="upstream")
-        await up.request(Hello(id=0, version=1, role="client", peer="middle"))
+        await up.request(Hello(id=0, version=PROTOCOL_VERSION, role="client", peer="middle"))
 
     def on_message(ch: Channel, msg: Message) -> object:
         if isinstance(msg, Hello):
-            ch.send_nowait(Welcome(re=msg.id, version=1, server="echo"))
+            ch.send_nowait(Welcome(re=msg.id, version=PROTOCOL_VERSION, server="echo"))
             return None
         if isinstance(msg, Ping):
             if up is None:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.load import Result, closed_loop, cpu_seconds, measure_fsync, open_loop, rss_kib
+from common import PROTOCOL_VERSION
 from common.aio import Channel, open_channel, run
 from common.errors import JackPayError
 from common.messages import (
@@ -132,7 +133,7 @@ class Bench:
         chans: list[Channel] = []
         for _ in range(self.s.echo_connections):
             ch = await open_channel(*addr, dec, name="echo")
-            await ch.request(Hello(id=0, version=1, role="client"))
+            await ch.request(Hello(id=0, version=PROTOCOL_VERSION, role="client"))
             chans.append(ch)
 
         async def op(i: int) -> bool:
@@ -150,7 +151,7 @@ class Bench:
         payers = [f"p{i:04d}" for i in range(self.s.payers)]
         ledger, router, _ = self.start_network("pay", payers)
         lch = await open_channel(*ledger.addr, decoder_for(LEDGER_REPLIES), name="ledger")
-        await lch.request(Hello(id=0, version=1, role="admin", peer="bench"))
+        await lch.request(Hello(id=0, version=PROTOCOL_VERSION, role="admin", peer="bench"))
         clients = [PayerClient(*router.addr, p, request_timeout_s=60) for p in payers]
         for c in clients:
             await c.connect()

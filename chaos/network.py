@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common import PROTOCOL_VERSION
 from common.aio import Channel, open_channel, open_unix_channel
 from common.config import NetworkConfig, load_config
 from common.messages import (
@@ -60,7 +61,7 @@ async def open_ledger_channel(addr: tuple[str, int], *, role: Role = "router",
     ch = await open_channel(*addr, decoder_for(LEDGER_REPLIES), name="ledger",
                             connect_timeout=timeout)
     try:
-        reply = await ch.request(Hello(id=0, version=1, role=role,
+        reply = await ch.request(Hello(id=0, version=PROTOCOL_VERSION, role=role,
                                        peer=peer or f"harness-{id(ch)}"), timeout=timeout)
     except BaseException:
         await ch.aclose()
@@ -76,7 +77,7 @@ async def inspect_router(admin_path: str, timeout: float = 5.0) -> InspectReply:
     ch = await open_unix_channel(admin_path, decoder_for(ADMIN_REPLIES), name="router-admin",
                                  max_frame_bytes=ADMIN_MAX_FRAME_BYTES)
     try:
-        await ch.request(Hello(id=0, version=1, role="admin", peer="harness"), timeout=timeout)
+        await ch.request(Hello(id=0, version=PROTOCOL_VERSION, role="admin", peer="harness"), timeout=timeout)
         reply = await ch.request(Inspect(id=0), timeout=timeout)
     finally:
         await ch.aclose()

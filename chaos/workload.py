@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chaos.checker import Attempt, Operation
+from common import PROTOCOL_VERSION
 from common.aio import Channel, open_unix_channel
 from common.errors import ConnectionLost, RequestFailed
 from common.messages import CONTROL_REPLIES, Hello, Paid, Send, decoder_for
@@ -51,7 +52,7 @@ class Workload:
         if ch is None or ch.closed:
             ch = await open_unix_channel(str(self.control_socket[payer]), _DECODER,
                                          name=f"control({payer})", connect_timeout=2.0)
-            await ch.request(Hello(id=0, version=1, role="cli", peer="chaos"), timeout=2.0)
+            await ch.request(Hello(id=0, version=PROTOCOL_VERSION, role="cli", peer="chaos"), timeout=2.0)
             self._channels[payer] = ch
         return ch
 

@@ -135,6 +135,11 @@ class _ControlSession:
     async def handle(self, ch: Channel, msg: Message) -> None:
         rid: int | None = getattr(msg, "id", None)
         if not self.greeted:
+            if isinstance(msg, Hello) and msg.role == "cli" and msg.version != PROTOCOL_VERSION:
+                ch.reply_error(rid, ErrorCode.UNSUPPORTED_VERSION,
+                               f"this payer daemon speaks protocol version {PROTOCOL_VERSION}")
+                ch.close()
+                return
             if isinstance(msg, Hello) and msg.role == "cli":
                 self.greeted = True
                 view = self.daemon.client.balance if self.daemon.client else None

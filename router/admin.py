@@ -94,6 +94,11 @@ class AdminServer:
                                    "the first frame must be hello with role admin")
                     ch.close()
                     return
+                if msg.version != PROTOCOL_VERSION:
+                    ch.reply_error(rid, ErrorCode.UNSUPPORTED_VERSION,
+                                   f"this router speaks protocol version {PROTOCOL_VERSION}")
+                    ch.close()
+                    return
                 greeted = True
                 ch.send_nowait(Welcome(re=msg.id, version=PROTOCOL_VERSION,
                                        server="jackpay-router-admin"))

@@ -26,6 +26,7 @@ from test_payments import Peer, connect, eventually, inspect, ledger_rows
 
 from chaos.checker import Attempt, Operation, RouterView, check
 from chaos.proxy import FaultProxy
+from common import PROTOCOL_VERSION
 from common.aio import Channel, open_unix_channel
 from common.errors import ConnectionLost, RequestFailed
 from common.messages import (
@@ -158,7 +159,7 @@ class Control:
             str(net.config.control_socket(payer_id)), decoder_for(CONTROL_REPLIES),
             name=f"control({payer_id})",
             on_message=lambda c, m: events.append(m) if isinstance(m, Event) else None)
-        welcome = await ch.request(Hello(id=0, version=1, role="cli", peer="test"), timeout=5)
+        welcome = await ch.request(Hello(id=0, version=PROTOCOL_VERSION, role="cli", peer="test"), timeout=5)
         assert isinstance(welcome, Welcome)
         ctl = cls(ch, welcome)
         ctl.events = events

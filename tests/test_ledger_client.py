@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
+from common import PROTOCOL_VERSION
 from common.aio import Channel
 from common.messages import (
     Append,
@@ -30,7 +31,7 @@ async def scripted_ledger(script: Script) -> tuple[asyncio.Server, list[Append]]
 
     def on_message(ch: Channel, msg: Message) -> None:
         if isinstance(msg, Hello):
-            ch.send_nowait(Welcome(re=msg.id, version=1, server="scripted"))
+            ch.send_nowait(Welcome(re=msg.id, version=PROTOCOL_VERSION, server="scripted"))
         elif isinstance(msg, Append):
             seen.append(msg)
             answer = script(len(seen), msg)

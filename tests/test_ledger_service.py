@@ -14,6 +14,7 @@ import msgspec
 import pytest
 from netkit import Network, fsize_limit, open_ledger_channel
 
+from common import PROTOCOL_VERSION
 from common.aio import Channel
 from common.errors import ConnectionLost, RequestFailed
 from common.framing import encode_frame
@@ -166,7 +167,8 @@ def read_frames(s: socket.socket) -> list[object]:
 
 
 def hello_frame() -> bytes:
-    return encode_frame(msgspec.msgpack.encode({"t": "hello", "id": 1, "version": 1, "role": "router"}))
+    return encode_frame(msgspec.msgpack.encode({"t": "hello", "id": 1, "version": PROTOCOL_VERSION,
+                                                "role": "router"}))
 
 
 @pytest.mark.parametrize(("name", "payload", "expect"), [

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from netkit import Network, fsize_limit
 
+from common import PROTOCOL_VERSION
 from common.aio import open_channel
 from common.errors import ConnectionLost, RequestFailed
 from common.framing import encode_frame
@@ -477,15 +478,25 @@ async def test_session_rules(network: Network) -> None:
     # unknown payer
     ch = await open_channel(host, port, INBOUND, name="t")
     with pytest.raises(RequestFailed) as info:
-        await ch.request(Hello(id=0, version=1, role="payer", peer="mallory"), timeout=2)
+        await ch.request(Hello(id=0, version=PROTOCOL_VERSION, role="payer", peer="mallory"), timeout=2)
     assert info.value.code == "unknown_payer"
     await asyncio.wait_for(ch.wait_closed(), 2)
+    # a payer speaking an older protocol version: refused and closed, at the router and
+    # at the ledger (an old peer could not decode fields added since)
+    for addr, role in ((network.procs["router"].addr, "payer"),
+                       (network.procs["ledger"].addr, "router")):
+        ch = await open_channel(*addr, INBOUND, name="t")
+        with pytest.raises(RequestFailed) as info:
+            await ch.request(Hello(id=0, version=PROTOCOL_VERSION - 1, role=role, peer="alice"),
+                             timeout=2)
+        assert info.value.code == "unsupported_version"
+        await asyncio.wait_for(ch.wait_closed(), 2)
     # a bad frame gets bad_request, the session goes on
     old_errors: list[Error] = []
     ch = await open_channel(host, port, INBOUND, name="t",
                             on_message=lambda c, m: old_errors.append(m)  # type: ignore[arg-type]
                             if isinstance(m, Error) else None)
-    assert isinstance(await ch.request(Hello(id=0, version=1, role="payer", peer="alice"),
+    assert isinstance(await ch.request(Hello(id=0, version=PROTOCOL_VERSION, role="payer", peer="alice"),
                                        timeout=2), Welcome)
     ch._writer.write(encode_frame(b"\x81\xa1t\xa3pay"))  # a pay with no fields
     await eventually(lambda: any(e.code == "bad_request" for e in old_errors))

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from common import PROTOCOL_VERSION
 from common.aio import Channel
 from common.errors import InvariantViolation
 from common.messages import (
@@ -232,7 +233,7 @@ class FakeLedger:
 
     def _on_message(self, ch: Channel, msg: Message) -> None:
         if isinstance(msg, Hello):
-            ch.send_nowait(Welcome(re=msg.id, version=1, server="fake"))
+            ch.send_nowait(Welcome(re=msg.id, version=PROTOCOL_VERSION, server="fake"))
         elif isinstance(msg, Append):
             self.appends.append(msg)
             reply = self.behaviour(msg, len(self.appends))
