@@ -4,8 +4,9 @@ Rules: the first frame is `hello {role: "admin"}` (anything else: an error, then
 then `ping` → `pong` and `inspect` → `inspect_ok` with every balance, every open hold,
 every payment in flight (its step and age), the payers with a live session, whether the
 ledger is connected, the ledger client's counters and how payments ended since start
-(`jackpay-router inspect` prints it). Read-only: nothing on this socket changes money. A stale socket
-file left by a killed router is replaced at start; the file is removed at shutdown.
+(`jackpay-router inspect` prints it). Read-only: nothing on this socket changes money. A
+stale socket file left by a killed router is replaced at start; the file is removed at
+shutdown.
 """
 
 from __future__ import annotations

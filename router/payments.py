@@ -449,7 +449,8 @@ class Pipeline:
             if fut.done() or p.ended:
                 continue
             log_event(log, "payment outcome pending", logging.WARNING, tx_id=p.tx_id,
-                      sender=p.sender, receiver=p.receiver, amount=p.amount, step="append")
+                      sender=p.sender, receiver=p.receiver, amount=format_amount(p.amount),
+                      step="append")
             p.report_pending()
         if queue:
             self._pending_timer = asyncio.get_running_loop().call_later(
@@ -489,7 +490,7 @@ class Pipeline:
         counts = self.counts
         counts["paid"] = counts.get("paid", 0) + 1
         log_event(log, "payment", tx_id=p.tx_id, sender=p.sender, receiver=p.receiver,
-                  amount=p.amount, outcome="paid", seq=seq,
+                  amount=format_amount(p.amount), outcome="paid", seq=seq,
                   ms=round((time.monotonic() - p.started) * 1000, 1))
         p.finish(Outcome(p.tx_id, seq=seq, dtg=dtg))
 
@@ -601,5 +602,5 @@ class Pipeline:
         counts = self.counts
         counts[key] = counts.get(key, 0) + 1
         log_event(log, "payment", tx_id=tx_id, sender=params.sender, receiver=params.receiver,
-                  amount=params.amount, outcome="failed", code=key, step=step,
+                  amount=format_amount(params.amount), outcome="failed", code=key, step=step,
                   reason=message or None)

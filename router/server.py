@@ -49,6 +49,7 @@ from common.messages import (
     decoder_for,
     encode,
 )
+from common.money import format_amount
 from router.admin import AdminServer
 from router.book import Book, Opening
 from router.ledger_client import LedgerClient, LedgerRefused, LedgerUnavailable, durable_row
@@ -177,7 +178,8 @@ class RouterService:
                     raise StartupFailed(f"ledger holds {row_in.tx_id} for another payment")
                 self.book.replay(durable_row(row_in, res))
                 log_event(log, "opening balance issued", tx_id=row_in.tx_id,
-                          receiver=row_in.receiver, amount=row_in.amount, seq=res.seq)
+                          receiver=row_in.receiver, amount=format_amount(row_in.amount),
+                          seq=res.seq)
             if self.book.missing_openings(openings):
                 await asyncio.sleep(0.1)
                 await self.ledger.wait_connected()
