@@ -13,7 +13,7 @@ import os
 import signal
 import stat
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import msgspec
@@ -38,6 +38,7 @@ from common.messages import (
     Pay,
     Ping,
     Pong,
+    Receipt,
     Reject,
     Settled,
     Status,
@@ -73,6 +74,8 @@ class FakeRouter:
         self.pays_seen: list[str] = []
         self.drop_reply_after_commit = False
         self.hold_pays = False  # never answer `pay` (the ledger-in-doubt case)
+        # Runs before a `status` is answered (e.g. to send an offer first).
+        self.before_status: Callable[[Channel, Status], Awaitable[None]] | None = None
         self._server: asyncio.AbstractServer | None = None
         self.port = 0
 
@@ -120,6 +123,8 @@ class FakeRouter:
                 rows = [r for r in self.rows if me in (r.sender, r.receiver)]
                 ch.send_nowait(HistoryReply(re=rid, rows=rows, next_seq=len(self.rows) + 1))
             case Status(id=rid, tx_id=tx):
+                if self.before_status is not None:
+                    await self.before_status(ch, msg)
                 out = self.outcomes.get(tx)
                 if isinstance(out, Paid):
                     ch.send_nowait(StatusReply(re=rid, tx_id=tx, state="paid", seq=out.seq))
@@ -454,6 +459,44 @@ async def test_daemon_reports_outcome_pending_and_keeps_trying(tmp_path: Path) -
         await alice.stop()
         await bob.stop()
         await fake.stop()
+
+
+async def test_daemon_resync_keeps_a_fresh_offer_for_the_same_tx_id(tmp_path: Path) -> None:
+    """Bob holds an offer when his session drops. On reconnect the daemon asks `status`;
+    before the answer (`unknown`: the old run never committed) a fresh offer for the same
+    tx_id arrives, as when the sender re-sends it to a restarted router. The answer was
+    about the old offer: the fresh one must stay, and its `settled` names its sender."""
+    fake = await FakeRouter({"alice": 10_000, "bob": 0, "carol": 0}).start()
+    config = write_config(tmp_path, fake.port)
+    bob = await Daemon.start(config, "bob")
+    try:
+        first = fake.sessions["bob"]
+        offer = Offer(id=0, tx_id="x1", sender="alice", amount=100, memo="")
+        assert isinstance(await first.request(offer, timeout=5), Receipt)
+        asked: list[str] = []
+
+        async def fresh_offer_first(ch: Channel, msg: Status) -> None:
+            if msg.tx_id == "x1" and not asked:
+                asked.append(msg.tx_id)
+                assert isinstance(await ch.request(offer, timeout=5), Receipt)
+
+        fake.before_status = fresh_offer_first
+        first.close()  # the router "died" before `settled`
+        for _ in range(100):
+            if asked:
+                break
+            await asyncio.sleep(0.05)
+        assert asked == ["x1"]
+        await asyncio.sleep(0.2)  # the `unknown` answer reaches the daemon
+        await fake.sessions["bob"].request(Settled(id=0, tx_id="x1", seq=1, balance=100),
+                                           timeout=5)
+    finally:
+        assert await bob.stop() == 0
+        await fake.stop()
+    lines = (tmp_path / "bob.log").read_text().splitlines()
+    assert not [ln for ln in lines if "offer cancelled" in ln and "x1" in ln], lines
+    assert [ln for ln in lines if "payment received" in ln and "tx_id=x1" in ln
+            and "sender=alice" in ln and "amount=1.00" in ln], lines
 
 
 async def test_daemon_waits_for_router_then_ready(tmp_path: Path) -> None:
