@@ -325,3 +325,38 @@ def test_failures_remembered_are_bounded_oldest_forgotten_first() -> None:
     assert [t for t in ("f0", "f1", "f2", "f3", "f4") if txs.get(t) is not None] == ["f2", "f3", "f4"]
     assert txs.get("paid") is not None  # paid records are never dropped
     assert txs.lookup("f0", params) is None  # an old failure simply runs again
+
+
+async def test_openings_split_over_appends_are_replayed_in_seq_order(  # type: ignore[no-untyped-def]
+        fake_ledger, tmp_path) -> None:
+    """300 participants: the openings go out as two appends (256 + 44 rows). Here the
+    ledger wrote the second one first (as after a re-sent first append), so the answers
+    come back out of seq order; the router must replay them by seq, not as answered."""
+    from common.config import load_config
+    from router.server import RouterService
+
+    def answer(msg: Append, n: int) -> Appended:
+        first_seq = 45 if n == 1 else 1  # the 44 rows of the second append hold seqs 1-44
+        return Appended(re=msg.id, results=[
+            AppendResult(status="written", seq=first_seq + i, dtg="d", hash="h")
+            for i in range(len(msg.rows))])
+
+    fl = await fake_ledger(answer)
+    lines = ["[ledger]", 'host = "127.0.0.1"', f"port = {fl.port}", "", "[router]",
+             'host = "127.0.0.1"', "port = 0"]
+    for i in range(300):
+        lines += ["", "[[participants]]", f'id = "p{i:03d}"', 'opening_balance = "1.00"']
+    (tmp_path / "net.toml").write_text("\n".join(lines) + "\n")
+    svc = RouterService(load_config(tmp_path / "net.toml"), host="127.0.0.1", port=0,
+                        ledger_host="127.0.0.1", ledger_port=fl.port,
+                        admin_path=tmp_path / "admin.sock")
+    svc.ledger.start()
+    try:
+        assert await svc.ledger.wait_connected(5)
+        await asyncio.wait_for(svc.issue_openings(), 10)
+    finally:
+        await svc.ledger.aclose()
+    assert [len(a.rows) for a in fl.appends] == [256, 44]
+    assert svc.book.last_seq == 300
+    assert all(svc.book.accounts.balance(f"p{i:03d}") == 100 for i in range(300))
+    assert svc.book.accounts.total() == 0
