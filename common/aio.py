@@ -28,9 +28,10 @@ from typing import Any, cast
 
 import msgspec
 
+from common import PROTOCOL_VERSION
 from common.errors import ConnectionLost, ErrorCode, FrameTooLarge, RequestFailed
 from common.framing import DEFAULT_MAX_FRAME_BYTES, HEADER, HEADER_SIZE, FrameDecoder
-from common.messages import Error, Message, describe_decode_error, salvage_request_id
+from common.messages import Error, Hello, Message, describe_decode_error, salvage_request_id
 
 log = logging.getLogger("jackpay.channel")
 
@@ -542,6 +543,26 @@ class Channel(asyncio.Protocol):
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("handler task on %s failed", self.name, exc_info=task.exception())
+
+
+def accept_hello(ch: Channel, msg: Message, roles: tuple[str, ...], speaker: str) -> Hello | None:
+    """Every server's first-frame rule: a `hello` from one of `roles` in this protocol
+    version. Returns it; otherwise answers what is wrong — `hello_required` (not a hello),
+    `bad_request` (another role), `unsupported_version` — closes the connection and
+    returns None. `speaker` names the server in the messages ("this ledger")."""
+    rid = getattr(msg, "id", None)
+    if not isinstance(msg, Hello):
+        ch.reply_error(rid, ErrorCode.HELLO_REQUIRED, "the first frame must be hello")
+    elif msg.role not in roles:
+        ch.reply_error(rid, ErrorCode.BAD_REQUEST,
+                       f"{speaker} takes hello with role {' or '.join(roles)} only")
+    elif msg.version != PROTOCOL_VERSION:
+        ch.reply_error(rid, ErrorCode.UNSUPPORTED_VERSION,
+                       f"{speaker} speaks protocol version {PROTOCOL_VERSION}")
+    else:
+        return msg
+    ch.close()
+    return None
 
 
 def _call_back(on_reply: OnReply, result: Message | BaseException) -> None:

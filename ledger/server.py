@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from common import PROTOCOL_VERSION
-from common.aio import Channel, start_channel_server
+from common.aio import Channel, accept_hello, start_channel_server
 from common.errors import ConnectionLost, ErrorCode, FrameTooLarge
 from common.framing import HEADER_SIZE
 from common.logs import log_event
@@ -45,6 +45,10 @@ from common.messages import (
 from ledger.store import SLOW_FSYNC_US, LedgerStore, WriteFailed
 
 log = logging.getLogger("jackpay.ledger")
+
+# Who may say hello: the router, operators and tools (admin), and plain clients (tests,
+# the bench's probes).
+LEDGER_ROLES = ("router", "admin", "client")
 
 _DECODER = decoder_for(LEDGER_REQUESTS)
 # Upper bound of one encoded AppendResult, to refuse appends whose reply could not be sent.
@@ -131,20 +135,13 @@ class LedgerServer:
 
     def _on_message(self, ch: Channel, msg: Message) -> None:
         if ch not in self._greeted:
-            if not isinstance(msg, Hello):
-                ch.reply_error(getattr(msg, "id", None), ErrorCode.HELLO_REQUIRED,
-                               "the first frame must be hello")
-                ch.close()
-                return
-            if msg.version != PROTOCOL_VERSION:
-                ch.reply_error(msg.id, ErrorCode.UNSUPPORTED_VERSION,
-                               f"this ledger speaks protocol version {PROTOCOL_VERSION}")
-                ch.close()
+            hello = accept_hello(ch, msg, LEDGER_ROLES, "this ledger")
+            if hello is None:
                 return
             self._greeted.add(ch)
-            ch.name = f"{msg.role}:{msg.peer or ch.peername}"
-            welcome = Welcome(re=msg.id, version=PROTOCOL_VERSION, server="jackpay-ledger")
-            if msg.role == "router" and msg.peer:
+            ch.name = f"{hello.role}:{hello.peer or ch.peername}"
+            welcome = Welcome(re=hello.id, version=PROTOCOL_VERSION, server="jackpay-ledger")
+            if hello.role == "router" and hello.peer:
                 self._fence(ch)
                 writing = self._writing
                 if writing is not None and not writing.done():

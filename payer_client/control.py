@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from common import PROTOCOL_VERSION
-from common.aio import Channel, start_channel_server
+from common.aio import Channel, accept_hello, start_channel_server
 from common.errors import ConfigError, ConnectionLost, ErrorCode, RequestFailed
 from common.messages import (
     CONTROL_REQUESTS,
@@ -135,23 +135,15 @@ class _ControlSession:
     async def handle(self, ch: Channel, msg: Message) -> None:
         rid: int | None = getattr(msg, "id", None)
         if not self.greeted:
-            if isinstance(msg, Hello) and msg.role == "cli" and msg.version != PROTOCOL_VERSION:
-                ch.reply_error(rid, ErrorCode.UNSUPPORTED_VERSION,
-                               f"this payer daemon speaks protocol version {PROTOCOL_VERSION}")
-                ch.close()
-                return
-            if isinstance(msg, Hello) and msg.role == "cli":
+            hello = accept_hello(ch, msg, ("cli",), "this payer daemon")
+            if hello is not None:
                 self.greeted = True
                 view = self.daemon.client.balance if self.daemon.client else None
-                ch.send_nowait(Welcome(re=msg.id, version=PROTOCOL_VERSION,
+                ch.send_nowait(Welcome(re=hello.id, version=PROTOCOL_VERSION,
                                        server=f"jackpay-payer {self.daemon.payer_id}",
                                        balance=view.balance if view else None,
                                        available=view.available if view else None,
                                        last_tx_time=view.last_tx_time if view else None))
-            else:
-                ch.reply_error(rid, ErrorCode.HELLO_REQUIRED,
-                               "say hello with role 'cli' first")
-                ch.close()
             return
         if rid is None:
             return

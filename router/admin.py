@@ -21,13 +21,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from common import PROTOCOL_VERSION
-from common.aio import Channel, start_channel_server
+from common.aio import Channel, accept_hello, start_channel_server
 from common.errors import ErrorCode
 from common.logs import log_event
 from common.messages import (
     ADMIN_MAX_FRAME_BYTES,
     ADMIN_REQUESTS,
-    Hello,
     InFlight,
     Inspect,
     InspectReply,
@@ -90,19 +89,11 @@ class AdminServer:
             nonlocal greeted
             rid = getattr(msg, "id", None)
             if not greeted:
-                if not isinstance(msg, Hello) or msg.role != "admin":
-                    ch.reply_error(rid, ErrorCode.HELLO_REQUIRED,
-                                   "the first frame must be hello with role admin")
-                    ch.close()
-                    return
-                if msg.version != PROTOCOL_VERSION:
-                    ch.reply_error(rid, ErrorCode.UNSUPPORTED_VERSION,
-                                   f"this router speaks protocol version {PROTOCOL_VERSION}")
-                    ch.close()
-                    return
-                greeted = True
-                ch.send_nowait(Welcome(re=msg.id, version=PROTOCOL_VERSION,
-                                       server="jackpay-router-admin"))
+                hello = accept_hello(ch, msg, ("admin",), "the router's admin socket")
+                if hello is not None:
+                    greeted = True
+                    ch.send_nowait(Welcome(re=hello.id, version=PROTOCOL_VERSION,
+                                           server="jackpay-router-admin"))
                 return
             match msg:
                 case Inspect(id=i):

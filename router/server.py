@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from common import PROTOCOL_VERSION
-from common.aio import Channel, start_channel_server
+from common.aio import Channel, accept_hello, start_channel_server
 from common.config import NetworkConfig
 from common.errors import ConnectionLost, ErrorCode, InvariantViolation, JackPayError
 from common.logs import log_event
@@ -279,24 +279,13 @@ class PayerConnection:
                 log.debug("unexpected %s from %s ignored", type(msg).__name__, session.payer_id)
         return None
 
-    def _first_frame(self, ch: Channel, msg: Message) -> None:
-        rid = getattr(msg, "id", None)
-        if not isinstance(msg, Hello):
-            log_event(log, "first frame was not hello; closing", peer=ch.peername,
-                      t=type(msg).__name__)
-            ch.reply_error(rid, ErrorCode.HELLO_REQUIRED, "the first frame must be `hello`")
-            ch.close()
+    def _first_frame(self, ch: Channel, first: Message) -> None:
+        msg = accept_hello(ch, first, ("payer",), "this router")
+        if msg is None:
+            log_event(log, "hello refused; closing", peer=ch.peername, t=type(first).__name__)
             return
+        rid = msg.id
         registry = self.service.registry
-        if msg.role != "payer":
-            ch.reply_error(rid, ErrorCode.BAD_REQUEST, "the router takes hello from payers only")
-            ch.close()
-            return
-        if msg.version != PROTOCOL_VERSION:
-            ch.reply_error(rid, ErrorCode.UNSUPPORTED_VERSION,
-                           f"this router speaks protocol version {PROTOCOL_VERSION}")
-            ch.close()
-            return
         if not registry.receiver_exists(msg.peer):
             log_event(log, "hello from unknown payer refused", peer=ch.peername, payer=msg.peer)
             ch.reply_error(rid, ErrorCode.UNKNOWN_PAYER,

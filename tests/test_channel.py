@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from common.aio import Channel, open_channel, start_channel_server
-from common.errors import ConnectionLost
-from common.messages import Message, Ping, Pong, decoder_for
+from common import PROTOCOL_VERSION
+from common.aio import Channel, accept_hello, open_channel, start_channel_server
+from common.errors import ConnectionLost, RequestFailed
+from common.messages import Error, Hello, Message, Ping, Pong, Welcome, decoder_for
 
 DECODER = decoder_for((Ping, Pong))
 
@@ -165,3 +166,44 @@ async def test_ever_different_timeouts_do_not_keep_a_queue_each(
     assert len(timed_out) == 1
     assert isinstance(timed_out[0], TimeoutError)
     assert len(ch._deadlines) == 0, sorted(ch._deadlines)
+
+
+@pytest.mark.parametrize(("first", "code"), [
+    (Ping(id=0), "hello_required"),
+    (Hello(id=0, version=PROTOCOL_VERSION, role="payer"), "bad_request"),
+    (Hello(id=0, version=PROTOCOL_VERSION - 1, role="admin"), "unsupported_version"),
+    (Hello(id=0, version=PROTOCOL_VERSION, role="admin"), None),
+])
+async def test_accept_hello_answers_what_is_wrong_and_closes(first: Message,
+                                                             code: str | None) -> None:
+    """The first-frame rule every server shares (router, its admin socket, ledger, payer
+    daemon): one refusal code per fault, then close; a good hello keeps the connection."""
+    accepted: list[Hello | None] = []
+
+    def accept(ch: Channel) -> None:
+        def on_message(c: Channel, msg: Message) -> None:
+            hello = accept_hello(c, msg, ("admin",), "the test server")
+            accepted.append(hello)
+            if hello is not None:
+                c.send_nowait(Welcome(re=hello.id, version=PROTOCOL_VERSION, server="t"))
+        ch.on_message = on_message
+        ch.start()
+
+    server = await start_channel_server(accept, decoder_for((Hello, Ping)), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    ch = await open_channel("127.0.0.1", port, decoder_for((Welcome, Error)), name="t")
+    try:
+        if code is None:
+            assert isinstance(await ch.request(first, timeout=2), Welcome)
+            assert [h.role if h else None for h in accepted] == ["admin"]
+            assert not ch.closed
+        else:
+            with pytest.raises(RequestFailed) as info:
+                await ch.request(first, timeout=2)
+            assert info.value.code == code
+            await asyncio.wait_for(ch.wait_closed(), 2)  # and the server closed it
+            assert accepted == [None]
+    finally:
+        ch.close()
+        server.close()
+        await server.wait_closed()
