@@ -116,8 +116,6 @@ class Channel(asyncio.Protocol):
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         self.last_seen = _monotonic()
-        self.frames_in = 0
-        self.frames_out = 0
         if writer is not None:
             self._adopt(reader, writer)
 
@@ -286,7 +284,6 @@ class Channel(asyncio.Protocol):
             del buf[start:]
             raise FrameTooLarge(size, self._max_frame_bytes)
         _pack_header(buf, start, size)
-        self.frames_out += 1
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
@@ -366,16 +363,14 @@ class Channel(asyncio.Protocol):
 
     def request_nowait(self, msg: Message, timeout: float, on_reply: OnReply) -> None:
         """`request` without a future, a timer or an await, for requests whose answer
-        only needs noting (`settled`, `cancel`): `on_reply` is called exactly once, with
+        only needs noting (a ping, `settled`): `on_reply` is called exactly once, with
         the reply, or with the exception `request` would raise (RequestFailed for an
         `error` reply, ConnectionLost, TimeoutError after `timeout` seconds; the late
         reply is then dropped). The deadlines of all such requests share one timer.
         Raises ConnectionLost at once if the channel is closed."""
-        rid = self._next_id
-        self._next_id = rid + 1
+        rid = self.next_id()
         self.send_nowait(_replace(msg, id=rid))
-        self._callbacks[rid] = on_reply
-        self._add_deadline(rid, timeout)
+        self.expect_reply(rid, timeout, on_reply)
 
     def expect_reply(self, rid: int, timeout: float, on_reply: OnReply) -> None:
         """`request_nowait` for a request already sent with `id=rid` from `next_id()`
@@ -499,7 +494,6 @@ class Channel(asyncio.Protocol):
         self.close(exc)
 
     def _dispatch(self, payload: bytes) -> None:
-        self.frames_in += 1
         try:
             msg = self._decode(payload)
         except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:

@@ -75,10 +75,6 @@ class Outcome(msgspec.Struct, frozen=True, gc=False):
     seq: int | None = None
     dtg: str | None = None
 
-    @property
-    def ok(self) -> bool:
-        return self.code is None
-
 
 # How a `pay` request is answered: called once with its outcome (or `outcome_pending`).
 Reply = Callable[[Outcome], None]
