@@ -230,6 +230,11 @@ async def test_ledger_ack_lost_after_fsync_is_resent_and_ends_paid_once(
         assert await alice.balance() == (1000, 750)  # held, not moved
         assert await bob.balance() == (500, 500)
         assert bob.cancels == []
+        # A retry of the same tx_id joins the payment still in doubt: it waits its own
+        # `outcome_pending_after_s` and is told `outcome_pending` again (not left hanging,
+        # not run a second time).
+        assert await attempt(op, alice.client) == Attempt("indeterminate", "outcome_pending")
+        assert [o.tx_id for o in bob.offers] == [op.tx_id]
 
         proxy.heal()  # the router reconnects and re-sends the same append: a duplicate
         await until(lambda: [s.tx_id for s in bob.settled] == [op.tx_id])
