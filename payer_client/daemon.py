@@ -173,13 +173,9 @@ class PayerDaemon:
             self._announced = True
             print_ready("payer", id=self.payer_id, control=self.control.path)
         self._spawn(self._resync(client), "resync")
-        closed = asyncio.ensure_future(client.wait_closed())
-        stopping = asyncio.ensure_future(self._stopping.wait())
         try:
-            await asyncio.wait({closed, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            await self._until_stopping(client.wait_closed())
         finally:
-            closed.cancel()
-            stopping.cancel()
             self._session_up.clear()
             self.client = None
         if not self._stopping.is_set():
@@ -194,15 +190,20 @@ class PayerDaemon:
             client = self.client
             if client is not None and client.connected:
                 return client
-            up = asyncio.ensure_future(self._session_up.wait())
-            stopping = asyncio.ensure_future(self._stopping.wait())
-            try:
-                await asyncio.wait({up, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                up.cancel()
-                stopping.cancel()
+            await self._until_stopping(self._session_up.wait())
             await asyncio.sleep(0)
         return None
+
+    async def _until_stopping(self, waiting: Coroutine[Any, Any, object]) -> None:
+        """Wait for `waiting` or for the daemon to start stopping, whichever comes first
+        (the other is cancelled)."""
+        done = asyncio.ensure_future(waiting)
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({done, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            done.cancel()
+            stopping.cancel()
 
     async def _resync(self, client: PayerClient) -> None:
         """After a (re)connect: settle or forget the offers we were left holding."""
