@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 from netkit import Network, open_ledger_channel
-from test_payments import Peer, connect, eventually, inspect, ledger_rows
+from test_payments import Decide, Peer, connect, eventually, inspect, ledger_rows
 
 from chaos.checker import Attempt, Operation, RouterView, check
 from chaos.proxy import FaultProxy
@@ -113,6 +113,20 @@ async def wait_step(net: Network, tx_id: str, step: str, timeout: float = 10.0) 
         if time.monotonic() > deadline:
             raise AssertionError(f"{tx_id} never reached step {step}")
         await asyncio.sleep(0.01)
+
+
+async def router_killed_at_append(net: Network, op: Operation,
+                                  bob_on_offer: Decide) -> tuple[Peer, Peer]:
+    """alice pays bob (`bob_on_offer` runs when bob is offered it: it sets the ledger
+    link's fault); once the payment waits at the `append` step the router is SIGKILLed.
+    Returns (alice, bob) after alice's attempt ended without an answer."""
+    bob = await connect(net, "bob", bob_on_offer)
+    alice = await connect(net, "alice")
+    sending = asyncio.create_task(attempt(op, alice.client))
+    await wait_step(net, op.tx_id, "append")
+    net.procs["router"].kill()
+    assert await sending == Attempt("indeterminate", "no_answer")
+    return alice, bob
 
 
 async def assert_paid_everywhere(net: Network, op: Operation, sender: PayerClient,
@@ -299,13 +313,8 @@ async def test_router_killed_before_append_arrives_then_retry_runs_once(
         async def swallow_ledger_link(offer: Offer) -> None:
             proxy.set_blackhole(True)  # the append never reaches the ledger
 
-        bob = await connect(network, "bob", swallow_ledger_link)
-        alice = await connect(network, "alice")
         op = Operation("t-router-killed-early", "alice", "bob", 300)
-        sending = asyncio.create_task(attempt(op, alice.client))
-        await wait_step(network, op.tx_id, "append")
-        network.procs["router"].kill()
-        assert await sending == Attempt("indeterminate", "no_answer")
+        alice, bob = await router_killed_at_append(network, op, swallow_ledger_link)
         proxy.heal()
         assert rows_for(network, op.tx_id) == []
 
@@ -481,13 +490,8 @@ async def test_append_from_a_killed_router_never_lands_after_restart_replay(
         async def slow_ledger_link(offer: Offer) -> None:
             proxy.set_latency(2.0)  # the append is on the wire for 2 s
 
-        bob = await connect(network, "bob", slow_ledger_link)
-        alice = await connect(network, "alice")
         op = Operation("t-stale-append", "alice", "bob", 300)
-        sending = asyncio.create_task(attempt(op, alice.client))
-        await wait_step(network, op.tx_id, "append")
-        network.procs["router"].kill()
-        assert await sending == Attempt("indeterminate", "no_answer")
+        alice, bob = await router_killed_at_append(network, op, slow_ledger_link)
         proxy.heal()  # new connections are clean; the held append is still delivered
         await asyncio.to_thread(network.restart, "router")
         assert rows_for(network, op.tx_id) == []
