@@ -265,15 +265,15 @@ class LedgerServer:
         failure: str | None = None
         if prepared.rows:
             try:
-                store.write_durably(prepared)  # blocking: see the module docstring
+                fsync_us = store.write_durably(prepared)  # blocking: see the docstring
             except WriteFailed as exc:
                 failure = str(exc)
                 log_event(log, "write failed; file restored", logging.ERROR, reason=failure,
                           rows=len(prepared.rows))
             else:
                 store.commit(prepared)
-                if store.last_fsync_us >= SLOW_FSYNC_US:
-                    self._note_slow_fsync(store.last_fsync_us, len(prepared.rows))
+                if fsync_us >= SLOW_FSYNC_US:
+                    self._note_slow_fsync(fsync_us, len(prepared.rows))
         for q, res in zip(batch, resolutions, strict=True):
             # After a failed write, a request fails if any of its answers names a row of
             # this batch: its own new rows, and also a `duplicate` or `conflict` resolved

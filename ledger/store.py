@@ -128,7 +128,6 @@ class LedgerStore:
         # (the bench reports them per setting; a slow fsync delays its whole batch).
         self.fsync_us_total = 0
         self.fsync_us_max = 0
-        self.last_fsync_us = 0
         self.slow_fsyncs = 0
         self.truncated_bytes = 0
         self.broken: str | None = None
@@ -238,12 +237,13 @@ class LedgerStore:
         data = "".join(format_line(r) for r in new_rows).encode()
         return resolutions, PreparedBatch(new_rows, data, self._size)
 
-    def write_durably(self, batch: PreparedBatch) -> None:
-        """write + fsync (blocking). On failure: restore and raise WriteFailed."""
+    def write_durably(self, batch: PreparedBatch) -> int:
+        """write + fsync (blocking); returns how long the fsync took, in microseconds (0:
+        nothing to write). On failure: restore and raise WriteFailed."""
         if self.broken:
             raise WriteFailed(self.broken)
         if not batch.data:
-            return
+            return 0
         try:
             view = memoryview(batch.data)
             while view:
@@ -252,7 +252,6 @@ class LedgerStore:
             t0 = time.perf_counter_ns()
             os.fsync(self._fd)
             us = (time.perf_counter_ns() - t0) // 1000
-            self.last_fsync_us = us
             self.fsyncs += 1
             self.fsync_us_total += us
             if us > self.fsync_us_max:
@@ -269,6 +268,7 @@ class LedgerStore:
                                "refusing writes until restart")
                 raise WriteFailed(self.broken) from exc2
             raise WriteFailed(reason) from exc
+        return us
 
     def commit(self, batch: PreparedBatch) -> None:
         """Make a durably written batch visible. Call only after write_durably returned."""

@@ -21,7 +21,11 @@ def row(i: int, amount: int = 100, memo: str = "") -> RowIn:
 
 def append(store: LedgerStore, *reqs: list[RowIn]) -> list[list[str]]:
     res, batch = store.resolve(list(reqs), DTG)
-    store.write_durably(batch)
+    total_before = store.fsync_us_total
+    fsync_us = store.write_durably(batch)
+    assert store.fsync_us_total - total_before == fsync_us  # returned and counted
+    if not batch.data:
+        assert fsync_us == 0
     store.commit(batch)
     return [r.status for r in res]
 
