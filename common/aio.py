@@ -21,15 +21,18 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import os
+import stat
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
 from typing import Any, cast
 
 import msgspec
 
 from common import PROTOCOL_VERSION
-from common.errors import ConnectionLost, ErrorCode, FrameTooLarge, RequestFailed
+from common.errors import ConfigError, ConnectionLost, ErrorCode, FrameTooLarge, RequestFailed
 from common.framing import DEFAULT_MAX_FRAME_BYTES, HEADER, HEADER_SIZE, FrameDecoder
 from common.messages import Error, Hello, Message, describe_decode_error, salvage_request_id
 
@@ -614,9 +617,10 @@ async def start_channel_server(
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
     max_buffered_bytes: int = MAX_BUFFERED_BYTES,
 ) -> asyncio.Server:
-    """Listen on TCP `host:port` (or the Unix socket `path`); each connection is a Channel
-    handed to `accept` as soon as it is made. `accept` sets `on_message`/`on_close` and
-    calls `start()` (bytes that arrive before are kept)."""
+    """Listen on TCP `host:port` (or the Unix socket `path`, created mode 0600: only its
+    owner may connect; see `claim_unix_path`); each connection is a Channel handed to
+    `accept` as soon as it is made. `accept` sets `on_message`/`on_close` and calls
+    `start()` (bytes that arrive before are kept)."""
     loop = asyncio.get_running_loop()
 
     def factory() -> Channel:
@@ -626,8 +630,36 @@ async def start_channel_server(
         return ch
 
     if path is not None:
-        return await loop.create_unix_server(factory, path)
+        old_umask = os.umask(0o177)  # no moment when the socket file is open to others
+        try:
+            server = await loop.create_unix_server(factory, path)
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, 0o600)
+        return server
     return await loop.create_server(factory, host, port)
+
+
+async def claim_unix_path(path: Path, what: str) -> None:
+    """Make `path` free for a new Unix socket. A socket file nobody answers on (left by a
+    killed process) is removed. Raises ConfigError if `path` is something else, or if a
+    live process serves it (`what` names who that would be: "another payer daemon for
+    alice")."""
+    try:
+        mode = os.lstat(path).st_mode  # a local stat: not worth a thread
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError(f"{path} exists and is not a socket; remove it or choose another path")
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), 2.0)
+    except (OSError, TimeoutError):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        log.info("replaced stale socket %s", path)
+        return
+    writer.close()
+    raise ConfigError(f"{what} already serves {path}; stop it first")
 
 
 def loop_factory(fast: bool = True) -> Callable[[], asyncio.AbstractEventLoop] | None:

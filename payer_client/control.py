@@ -19,14 +19,13 @@ import asyncio
 import contextlib
 import logging
 import os
-import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import msgspec
 
 from common import PROTOCOL_VERSION
-from common.aio import Channel, accept_hello, start_channel_server
+from common.aio import Channel, accept_hello, claim_unix_path, start_channel_server
 from common.errors import ConfigError, ConnectionLost, ErrorCode, RequestFailed
 from common.messages import (
     CONTROL_REQUESTS,
@@ -71,35 +70,13 @@ class ControlServer:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:
             raise ConfigError(f"cannot create {self.path.parent}: {exc.strerror}") from None
-        await self._clear_stale()
-        old_umask = os.umask(0o177)
+        await claim_unix_path(self.path, f"another payer daemon for {self.daemon.payer_id}")
         try:
             self._server = await start_channel_server(self._accept, _DECODER,
                                                       path=str(self.path), name="cli")
         except OSError as exc:
             raise ConfigError(f"cannot listen on {self.path}: {exc.strerror}") from None
-        finally:
-            os.umask(old_umask)
-        os.chmod(self.path, 0o600)
         log.info("control socket listening on %s", self.path)
-
-    async def _clear_stale(self) -> None:
-        try:
-            mode = self.path.lstat().st_mode
-        except FileNotFoundError:
-            return
-        if not stat.S_ISSOCK(mode):
-            raise ConfigError(f"{self.path} exists and is not a socket; remove it or choose "
-                              "another [payer] control_dir")
-        try:
-            _r, w = await asyncio.wait_for(asyncio.open_unix_connection(str(self.path)), 2.0)
-        except (OSError, TimeoutError):
-            self.path.unlink(missing_ok=True)
-            log.info("replaced stale control socket %s", self.path)
-            return
-        w.close()
-        raise ConfigError(f"another payer daemon for {self.daemon.payer_id} already serves "
-                          f"{self.path}; stop it first")
 
     async def stop_accepting(self) -> None:
         if self._server is not None:
@@ -110,8 +87,9 @@ class ControlServer:
         for ch in list(self._channels):
             ch.close()
         self._channels.clear()
-        with contextlib.suppress(OSError):
-            self.path.unlink()
+        if self._server is not None:  # only the socket we made: the path may be another's
+            with contextlib.suppress(OSError):
+                self.path.unlink()
 
     def _accept(self, ch: Channel) -> None:
         session = _ControlSession(self.daemon)

@@ -15,13 +15,12 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from common import PROTOCOL_VERSION
-from common.aio import Channel, accept_hello, start_channel_server
+from common.aio import Channel, accept_hello, claim_unix_path, start_channel_server
 from common.errors import ErrorCode
 from common.logs import log_event
 from common.messages import (
@@ -52,19 +51,13 @@ class AdminServer:
         self._channels: set[Channel] = set()
 
     async def start(self) -> None:
-        """Listen on the socket path. Raises OSError if it cannot."""
+        """Listen on the socket path (mode 0600). Raises OSError if it cannot, ConfigError
+        if another live router serves it (RouterService.start checks that first)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            if self.path.is_socket():
-                self.path.unlink()
-        old_umask = os.umask(0o177)  # created 0600: only the owner may connect
-        try:
-            self._server = await start_channel_server(
-                self._on_connect, _DECODER, path=str(self.path), name="admin",
-                max_frame_bytes=ADMIN_MAX_FRAME_BYTES)
-        finally:
-            os.umask(old_umask)
-        os.chmod(self.path, 0o600)
+        await claim_unix_path(self.path, "another router")
+        self._server = await start_channel_server(
+            self._on_connect, _DECODER, path=str(self.path), name="admin",
+            max_frame_bytes=ADMIN_MAX_FRAME_BYTES)
 
     def inspect(self, rid: int) -> InspectReply:
         svc = self.service
@@ -109,10 +102,11 @@ class AdminServer:
         ch.start()
 
     async def aclose(self) -> None:
-        if self._server is not None:
-            self._server.close()
         for ch in list(self._channels):
             ch.close()
+        if self._server is None:  # never listened: the path may be another router's
+            return
+        self._server.close()
         with contextlib.suppress(OSError):
             self.path.unlink()
         log_event(log, "admin socket closed", path=str(self.path))

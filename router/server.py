@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from common import PROTOCOL_VERSION
-from common.aio import Channel, accept_hello, start_channel_server
+from common.aio import Channel, accept_hello, claim_unix_path, start_channel_server
 from common.config import NetworkConfig
-from common.errors import ConnectionLost, ErrorCode, InvariantViolation, JackPayError
+from common.errors import ConfigError, ConnectionLost, ErrorCode, InvariantViolation, JackPayError
 from common.logs import log_event
 from common.messages import (
     ROUTER_REQUESTS,
@@ -91,6 +91,12 @@ class RouterService:
 
     async def start(self) -> None:
         """Connect, replay, issue openings, listen. Raises StartupFailed."""
+        try:
+            # Before the ledger hears from us: a second router for the same network would
+            # fence the live one's ledger session at hello.
+            await claim_unix_path(self.admin.path, "another router")
+        except ConfigError as exc:
+            raise StartupFailed(str(exc)) from None
         self.ledger.start()
         log_event(log, "waiting for the ledger", ledger=self.ledger.address)
         await self.ledger.wait_connected()
@@ -103,7 +109,7 @@ class RouterService:
         self.addr = (sock[0], sock[1])
         try:
             await self.admin.start()
-        except OSError as exc:  # payments do not need it; say so and go on
+        except (OSError, ConfigError) as exc:  # payments do not need it; say so, go on
             log_event(log, "admin socket unavailable", logging.ERROR, path=str(self.admin.path),
                       error=str(exc))
         log_event(log, "listening", addr=f"{self.addr[0]}:{self.addr[1]}",

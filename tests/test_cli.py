@@ -158,6 +158,8 @@ def test_daemon_lifecycle_socket_and_second_daemon(net: Network) -> None:
         check=False)
     assert second.returncode == 2
     assert "already serves" in second.stderr
+    assert path.exists()  # the refused daemon left the live one's socket alone
+    assert cli(net, "alice", "balance").returncode == 0
     assert net.procs["alice"].stop() == 0
     assert not path.exists()
     # a stale socket file (daemon killed) is replaced on the next start
@@ -199,6 +201,21 @@ def test_router_inspect_shows_the_operators_view(net: Network) -> None:
     assert "ledger: connected" in text.stdout
     assert "paid 1, insufficient_funds 1" in text.stdout
     assert "sessions: 3 live (alice, bob, carol)" in text.stdout
+
+
+@needs_network
+def test_a_second_router_for_the_same_network_refuses_to_start(net: Network) -> None:
+    """It finds the live router's admin socket and stops before saying hello to the ledger
+    (which would fence the live router's ledger session); the live router is untouched."""
+    second = subprocess.run([sys.executable, "-m", "router", "--config", str(net.config_path),
+                             "--port", "0"], capture_output=True, text=True, env=net.env(),
+                            timeout=60, check=False)
+    assert second.returncode == 1
+    assert "another router already serves" in second.stderr
+    assert cli(net, "alice", "send", "bob", "1.00").returncode == 0
+    link = as_json(inspect(net, "--json"))["ledger_link"]
+    assert isinstance(link, dict)
+    assert link["connects"] == 1  # never fenced, never reconnected
 
 
 # --- without a network ------------------------------------------------------------------
