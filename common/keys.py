@@ -1,0 +1,169 @@
+"""Where a network's keys and certificates live, and how they are loaded. No sockets.
+
+One folder per network (`[network] keys_dir`, default `keys/` beside the config), so the
+keys outlive every run and every tool finds them from the config alone:
+
+    keys/public/ca.crt                 the network CA (every client pins it)
+    keys/public/router.crt             TLS server certificate, DNS name router.<network id>
+    keys/public/ledger.crt             TLS server certificate, DNS name ledger.<network id>
+    keys/public/router-client.crt      the router's client certificate at the ledger (CN router)
+    keys/public/auditor.crt            a read-only client certificate at the ledger (CN auditor)
+    keys/public/payers/<id>.pub        each participant's Ed25519 public key (PEM)
+    keys/private/ca.key                ... and the private halves, mode 0600
+    keys/private/<name>.key
+    keys/private/payers/<id>.key
+
+Rules:
+- a private key file readable or writable by anyone but its owner is refused, with the
+  `chmod` that fixes it (ssh's rule); so is a missing one, naming `jackpay-keys`;
+- only public keys and certificates are under `public/`: that folder can be handed out;
+- nothing here writes a file (`common.keygen` does).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from common.config import NetworkConfig
+from common.errors import ConfigError
+
+# TLS identities. Servers: the DNS name in the certificate is `<name>.<network id>`.
+TLS_SERVERS = ("router", "ledger")
+# Clients at the ledger: the certificate's common name is the identity the ledger sees.
+TLS_CLIENTS = {"router-client": "router", "auditor": "auditor"}
+ROUTER_IDENTITY = "router"
+
+
+class KeyFileError(ConfigError):
+    """A key or certificate is missing, unreadable, malformed or too open."""
+
+
+def check_private_file(path: Path) -> None:
+    """Raises KeyFileError unless `path` exists and only its owner may read or write it."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise KeyFileError(f"{path} is missing; run `jackpay-keys CONFIG` to create the "
+                           "network's keys") from None
+    except OSError as exc:
+        raise KeyFileError(f"cannot read {path}: {exc.strerror or exc}") from None
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077:
+        raise KeyFileError(f"{path} is readable by others (mode {mode:04o}); a private key "
+                           f"must be yours alone: run  chmod 600 {path}")
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise KeyFileError(f"{path} is missing; run `jackpay-keys CONFIG` to create the "
+                           "network's keys") from None
+    except OSError as exc:
+        raise KeyFileError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyStore:
+    """The paths of one network's keys, and loaders that check them."""
+
+    root: Path
+    network_id: str
+
+    @classmethod
+    def for_config(cls, cfg: NetworkConfig) -> KeyStore:
+        return cls(cfg.keys_dir, cfg.network.id)
+
+    # --- layout --------------------------------------------------------------------
+
+    @property
+    def public_dir(self) -> Path:
+        return self.root / "public"
+
+    @property
+    def private_dir(self) -> Path:
+        return self.root / "private"
+
+    @property
+    def payers_public_dir(self) -> Path:
+        return self.public_dir / "payers"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.public_dir / "ca.crt"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.private_dir / "ca.key"
+
+    def cert(self, name: str) -> Path:
+        """The certificate of a TLS identity (`router`, `ledger`, `router-client`, ...)."""
+        return self.public_dir / f"{name}.crt"
+
+    def key(self, name: str) -> Path:
+        return self.private_dir / f"{name}.key"
+
+    def payer_public(self, payer_id: str) -> Path:
+        return self.payers_public_dir / f"{payer_id}.pub"
+
+    def payer_private(self, payer_id: str) -> Path:
+        return self.private_dir / "payers" / f"{payer_id}.key"
+
+    def server_name(self, server: str) -> str:
+        """The DNS name in a server's certificate: what clients verify and what payers
+        sign (`router.<network id>`)."""
+        return f"{server}.{self.network_id}"
+
+    # --- loading -------------------------------------------------------------------
+
+    def private_key_path(self, name: str) -> Path:
+        """The checked path of a TLS identity's private key (for ssl.load_cert_chain).
+        Raises KeyFileError."""
+        path = self.key(name)
+        check_private_file(path)
+        return path
+
+    def load_payer_key(self, payer_id: str) -> Ed25519PrivateKey:
+        """A participant's signing key. Raises KeyFileError (missing, too open, not an
+        Ed25519 private key)."""
+        path = self.payer_private(payer_id)
+        check_private_file(path)
+        try:
+            key = serialization.load_pem_private_key(_read(path), password=None)
+        except (ValueError, TypeError) as exc:
+            raise KeyFileError(f"{path} is not a PEM private key: {exc}") from None
+        if not isinstance(key, Ed25519PrivateKey):
+            raise KeyFileError(f"{path} is not an Ed25519 private key")
+        return key
+
+    def load_payer_public(self, payer_id: str) -> Ed25519PublicKey:
+        """A participant's public key. Raises KeyFileError."""
+        path = self.payer_public(payer_id)
+        return load_public_key(_read(path), str(path))
+
+
+def load_public_key(data: bytes, source: str) -> Ed25519PublicKey:
+    """An Ed25519 public key from PEM bytes. Raises KeyFileError naming `source`."""
+    try:
+        key = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError) as exc:
+        raise KeyFileError(f"{source} is not a PEM public key: {exc}") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise KeyFileError(f"{source} is not an Ed25519 public key")
+    return key
+
+
+def public_pem(key: Ed25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.PEM,
+                            serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def raw_public(key: Ed25519PublicKey) -> bytes:
+    """The 32 raw bytes of a public key (what other-language clients usually hold)."""
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
