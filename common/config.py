@@ -21,10 +21,23 @@ from common.money import AmountError, parse_amount
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=3600)]
 Kind = Literal["corporation", "individual", "party", "software", "other"]
+Count = Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
+# A network id is one DNS label: it names the servers' certificates (`router.<id>`) and
+# goes into every signed transcript, so it must be printable the same way everywhere.
+NETWORK_ID_PATTERN = r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$"
+NetworkId = Annotated[str, msgspec.Meta(pattern=NETWORK_ID_PATTERN)]
 
 
 class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pass
+
+
+class NetworkSection(_Section):
+    """Who this network is: its id (in every certificate name and signed transcript) and
+    where its keys live (relative to the config file's folder)."""
+
+    id: NetworkId
+    keys_dir: str = "keys"
 
 
 class LedgerConfig(_Section):
@@ -33,6 +46,13 @@ class LedgerConfig(_Section):
     path: str = "ledger.csv"
     max_frame_bytes: Annotated[int, msgspec.Meta(ge=1024, le=16 * 1024 * 1024)] = DEFAULT_MAX_FRAME_BYTES
     max_batch_rows: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 4096
+    # A connection must finish TLS and `hello` within this time, or it is closed.
+    handshake_timeout_s: Seconds = 10.0
+    max_connections: Count = 256
+    max_connections_per_address: Count = 64
+    # Client-certificate names (CN) granted read access (`read`, `stats`); the router's
+    # certificate (CN "router") may also append. Nobody else gets past `hello`.
+    auditors: list[str] = msgspec.field(default_factory=lambda: ["auditor"])
 
 
 class RouterConfig(_Section):
@@ -48,6 +68,17 @@ class RouterConfig(_Section):
     outcome_pending_after_s: Seconds = 5.0
     ledger_retry_max_s: Seconds = 2.0
     shutdown_grace_s: Seconds = 10.0
+    # A connection must finish TLS, `hello` and `auth` within this time, or it is closed.
+    handshake_timeout_s: Seconds = 10.0
+    max_connections: Count = 10_000
+    max_connections_per_address: Count = 1024
+    # Per payer: payments in flight at once, and requests per second (a bucket that
+    # holds one second's worth); above either the request is answered `rate_limited`.
+    payer_max_in_flight: Count = 256
+    payer_requests_per_s: Annotated[float, msgspec.Meta(gt=0, le=1_000_000)] = 2000.0
+    # Failed logins per source address in one minute before its logins are refused
+    # (`rate_limited`, no signature checked) for the rest of that minute.
+    failed_logins_per_minute: Count = 60
 
 
 class PayerConfig(_Section):
@@ -83,6 +114,7 @@ class Participant(_Section):
 
 
 class NetworkConfig(_Section):
+    network: NetworkSection
     ledger: LedgerConfig = msgspec.field(default_factory=LedgerConfig)
     router: RouterConfig = msgspec.field(default_factory=RouterConfig)
     payer: PayerConfig = msgspec.field(default_factory=PayerConfig)
@@ -110,6 +142,11 @@ class NetworkConfig(_Section):
     def control_socket(self, payer_id: str) -> Path:
         return self.resolve(self.payer.control_dir) / f"{payer_id}.sock"
 
+    @property
+    def keys_dir(self) -> Path:
+        """The folder of this network's keys and certificates (`[network] keys_dir`)."""
+        return self.resolve(self.network.keys_dir)
+
 
 _FLOAT_AMOUNT = re.compile(r"Expected `str`, got `(float|int)` - at `\$\.participants\[\d+\]\.(opening_balance|max_incoming)`")
 
@@ -131,6 +168,12 @@ def parse_config(data: bytes | str, *, source: str = "<config>", base_dir: str =
         hint = ""
         if _FLOAT_AMOUNT.search(str(exc)):
             hint = ' (write amounts as quoted decimal strings, e.g. "100.00")'
+        elif "missing required field `network`" in str(exc):
+            hint = (' (add a [network] section with the network\'s id, e.g.\n  [network]\n'
+                    '  id = "acme-pay"\nit names the certificates and goes into every signature)')
+        elif "$.network.id" in str(exc):
+            hint = (" (a network id is lowercase letters, digits and `-`, at most 63, "
+                    "e.g. \"acme-pay\")")
         raise ConfigError(f"{source}: {exc}{hint}") from None
     except msgspec.DecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
