@@ -12,7 +12,13 @@ Rules the owner can rely on:
 - a declared length above the limit gets `error frame_too_large` and the connection is
   closed (the stream has lost its framing);
 - a peer that stops reading while more than `max_buffered_bytes` wait to be written is
-  disconnected rather than allowed to grow our memory.
+  disconnected rather than allowed to grow our memory;
+- a frame that repeats a key in any map gets `bad_request` (common.strict);
+- with TLS (common.tls) the Channel runs the TLS session itself over a plain transport:
+  a server refuses a connection over its caps before any TLS work, hands it to its owner
+  only once the handshake is done, and closes any connection whose owner has not called
+  `handshake_complete()` (after `hello`, and `auth` where there is one) within the
+  server's `handshake_timeout_s` from accept: TLS, hello and auth share one deadline.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import contextlib
 import inspect
 import logging
 import os
+import ssl
 import stat
 import time
 from collections import deque
@@ -32,9 +39,19 @@ from typing import Any, cast
 import msgspec
 
 from common import PROTOCOL_VERSION
-from common.errors import ConfigError, ConnectionLost, ErrorCode, FrameTooLarge, RequestFailed
+from common.errors import (
+    ConfigError,
+    ConnectionLost,
+    ErrorCode,
+    FrameTooLarge,
+    ProtocolError,
+    RequestFailed,
+)
 from common.framing import DEFAULT_MAX_FRAME_BYTES, HEADER, HEADER_SIZE, FrameDecoder
+from common.limits import ConnectionCaps, Throttle
 from common.messages import Error, Hello, Message, describe_decode_error, salvage_request_id
+from common.strict import has_duplicate_keys
+from common.tls import ClientTls, TlsFailed, TlsSession
 
 log = logging.getLogger("jackpay.channel")
 
@@ -49,7 +66,9 @@ MAX_BUFFERED_BYTES = 8 * 1024 * 1024
 _DEFAULT_HIGH_WATER = 64 * 1024
 
 # Same settings as common.messages.encode (msgspec defaults): identical bytes.
-_encode_into = msgspec.msgpack.Encoder().encode_into
+_encoder = msgspec.msgpack.Encoder()
+_encode_into = _encoder.encode_into
+_reencode = _encoder.encode
 _HEADER_PLACEHOLDER = bytes(HEADER_SIZE)
 _unpack_header = HEADER.unpack_from
 _pack_header = HEADER.pack_into
@@ -119,8 +138,35 @@ class Channel(asyncio.Protocol):
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         self.last_seen = _monotonic()
+        # TLS (None: plain). A client sets `_client_tls`; a server's factory sets
+        # `_server`, which admits the connection and holds its TLS context.
+        self._tls: TlsSession | None = None
+        self._client_tls: ClientTls | None = None
+        self._tls_ready: asyncio.Future[None] | None = None
+        self._server: _ServerSide | None = None
+        self._admitted = False
+        self._deadline: asyncio.TimerHandle | None = None
+        self.address = ""  # the peer's IP address (empty for Unix sockets)
+        self.peer_identity: str | None = None  # the CN of a verified client certificate
         if writer is not None:
             self._adopt(reader, writer)
+
+    @property
+    def max_frame_bytes(self) -> int:
+        return self._max_frame_bytes
+
+    @max_frame_bytes.setter
+    def max_frame_bytes(self, value: int) -> None:
+        """Change the largest frame accepted from now on (e.g. small until login)."""
+        self._max_frame_bytes = value
+        self._frames.max_frame_bytes = value
+
+    def handshake_complete(self) -> None:
+        """The owner accepted the peer's `hello` (and `auth`): the handshake deadline no
+        longer applies."""
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
 
     # --- lifecycle -----------------------------------------------------------------
 
@@ -156,12 +202,26 @@ class Channel(asyncio.Protocol):
         self._closed = True
         self._close_reason = reason
         self._closed_event.set()
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        if self._admitted:
+            self._admitted = False
+            assert self._server is not None
+            self._server.caps.release(self.address)
         transport = self._transport
         if transport is not None:
             with contextlib.suppress(Exception):
+                if self._tls is not None and not transport.is_closing():
+                    transport.write(self._tls.close())
                 transport.close()
-        err = ConnectionLost(f"connection to {self.name} closed")
+        detail = f": {reason}" if isinstance(reason, ProtocolError) else ""
+        err = ConnectionLost(f"connection to {self.name} closed{detail}")
         err.__cause__ = reason
+        ready = self._tls_ready
+        if ready is not None and not ready.done():
+            ready.set_exception(reason if isinstance(reason, TlsFailed) else err)
+            ready.exception()  # retrieved: a caller that gave up must not log it
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(err)
@@ -193,6 +253,35 @@ class Channel(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._set_transport(cast(asyncio.Transport, transport))
+        server = self._server
+        if server is not None:
+            refused = server.admit(self)
+            if refused:
+                self._closed = True
+                self._closed_event.set()
+                transport.abort()  # type: ignore[attr-defined]
+                return
+            self._admitted = True
+            if server.handshake_timeout_s is not None:
+                self._deadline = self._loop.call_later(server.handshake_timeout_s,
+                                                       self._handshake_overdue)
+            if server.tls is not None:
+                self._tls = TlsSession(server.tls, server_side=True)
+                return  # the owner gets the connection once the TLS handshake is done
+        elif self._client_tls is not None:
+            tls = self._client_tls
+            self._tls = TlsSession(tls.context, server_side=False, server_name=tls.server_name)
+            self._tls_ready = self._loop.create_future()
+            try:
+                hello = self._tls.start()
+            except TlsFailed as exc:
+                self.close(exc)
+                return
+            cast(asyncio.Transport, transport).write(hello)
+            return
+        self._call_accept()
+
+    def _call_accept(self) -> None:
         accept, self._accept = self._accept, None
         if accept is not None:
             try:
@@ -201,12 +290,69 @@ class Channel(asyncio.Protocol):
                 log.exception("accepting a connection from %s failed", self._peername)
                 self.close()
 
+    def _handshake_overdue(self) -> None:
+        self._deadline = None
+        if self._closed:
+            return
+        assert self._server is not None
+        timeout = self._server.handshake_timeout_s
+        log.info("%s (%s) did not complete its handshake within %gs; closing", self.name,
+                 self._peername, timeout)
+        if self._started:
+            self.reply_error(None, ErrorCode.HELLO_REQUIRED,
+                             f"complete hello within {timeout:g}s of connecting")
+        self.close(ConnectionLost("handshake not completed in time"))
+
     def data_received(self, data: bytes) -> None:
         self.last_seen = _monotonic()
+        tls = self._tls
+        if tls is not None:
+            if self._closed:
+                return
+            was_done = tls.handshake_done
+            try:
+                data, out, eof = tls.receive(data)
+            except TlsFailed as exc:
+                self._tls_failed(tls, exc)
+                return
+            if out and self._transport is not None:
+                self._transport.write(out)
+            if not was_done and tls.handshake_done:
+                self._tls_established(tls)
+                if self._closed:
+                    return
+            if data:
+                if self._started:
+                    self._receive(data)
+                else:
+                    self._early.append(data)
+            if eof:
+                self._end(ConnectionLost(f"{self.name} closed the connection"))
+            return
         if self._started:
             self._receive(data)
         else:
             self._early.append(bytes(data))
+
+    def _tls_established(self, tls: TlsSession) -> None:
+        self.peer_identity = tls.peer_common_name()
+        if self._tls_ready is not None:  # a client: open_channel goes on
+            if not self._tls_ready.done():
+                self._tls_ready.set_result(None)
+        else:
+            self._call_accept()
+        if self._wbuf:
+            self._flush()
+
+    def _tls_failed(self, tls: TlsSession, exc: TlsFailed) -> None:
+        """A handshake or record failed: send the alert that says why, log one line
+        (never a traceback: it is the peer's doing), close."""
+        with contextlib.suppress(Exception):
+            alert = tls.pending_output()
+            if alert and self._transport is not None:
+                self._transport.write(alert)
+        log.info("%s (%s): %s; closing", self.name, self._peername, exc)
+        self.close(exc)
 
     def eof_received(self) -> bool | None:
         self._end(ConnectionLost(f"{self.name} closed the connection"))
@@ -228,7 +374,7 @@ class Channel(asyncio.Protocol):
     def _end(self, reason: BaseException) -> None:
         if self._closed:
             return
-        if self._started:
+        if self._started or (self._tls is not None and not self._tls.handshake_done):
             self.close(reason)
         elif self._early_end is None:
             self._early_end = reason
@@ -240,6 +386,7 @@ class Channel(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             self._peername = f"{peer[0]}:{peer[1]}"
+            self.address = str(peer[0])
         else:
             self._peername = str(peer or "local")
 
@@ -291,6 +438,16 @@ class Channel(asyncio.Protocol):
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
+    def send_raw(self, data: bytes) -> None:
+        """Queue bytes as they are (no framing, no encoding): for tests and tools that
+        must send what a broken or hostile peer would. Encrypted like any frame."""
+        if self._closed:
+            raise ConnectionLost(f"connection to {self.name} is closed")
+        self._wbuf += data
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
     async def send(self, msg: Message) -> None:
         """Queue one message and wait until the transport accepts more (backpressure)."""
         self.send_nowait(msg)
@@ -317,16 +474,24 @@ class Channel(asyncio.Protocol):
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        data = self._wbuf
+        data: bytes | bytearray = self._wbuf
         transport = self._transport
         if not data or transport is None:
             return
+        tls = self._tls
+        if tls is not None and not tls.handshake_done:
+            return  # sent once the handshake is done (_tls_established)
         # A fresh buffer rather than clear(): the transport may keep a view of `data`.
         self._wbuf = bytearray()
         if self._closed or transport.is_closing():
             return
         try:
+            if tls is not None:
+                data = tls.send(data)
             transport.write(data)
+        except TlsFailed as exc:
+            self.close(exc)
+            return
         except (ConnectionError, RuntimeError) as exc:
             self.close(exc)
             return
@@ -506,6 +671,13 @@ class Channel(asyncio.Protocol):
             log.info("bad frame from %s (%s): %s", self.name, self._peername, reason)
             self.reply_error(rid, ErrorCode.BAD_REQUEST, f"invalid frame: {reason}")
             return
+        if _reencode(msg) != payload and has_duplicate_keys(payload):
+            rid = salvage_request_id(payload)
+            log.info("frame with a duplicate key from %s (%s) refused", self.name,
+                     self._peername)
+            self.reply_error(rid, ErrorCode.BAD_REQUEST,
+                             "invalid frame: a map repeats a key; send each field once")
+            return
         re = getattr(msg, "re", None)
         if re is not None:
             fut = self._pending.get(re)
@@ -575,16 +747,28 @@ async def open_channel(
     decoder: msgspec.msgpack.Decoder[Any],
     *,
     name: str,
+    tls: ClientTls | None,
     connect_timeout: float = 5.0,
     on_message: OnMessage | None = None,
     on_close: OnClose | None = None,
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    local_addr: tuple[str, int] | None = None,
 ) -> Channel:
-    """Connect over TCP and start a Channel. Raises OSError/TimeoutError if unreachable."""
+    """Connect over TCP (with `tls`: a TLS 1.3 session pinned to the network CA; None
+    only for the plain benchmark) and start a Channel. Raises OSError/TimeoutError if
+    unreachable, TlsFailed if the server's certificate or the handshake is refused."""
     ch = Channel(None, None, decoder, name=name, on_message=on_message,
                  on_close=on_close, max_frame_bytes=max_frame_bytes)
-    async with asyncio.timeout(connect_timeout):
-        await asyncio.get_running_loop().create_connection(lambda: ch, host, port)
+    ch._client_tls = tls
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(connect_timeout):
+            await loop.create_connection(lambda: ch, host, port, local_addr=local_addr)
+            if ch._tls_ready is not None:
+                await ch._tls_ready
+    except BaseException:
+        ch.close()
+        raise
     ch.start()
     return ch
 
@@ -598,12 +782,36 @@ async def open_unix_channel(
     on_message: OnMessage | None = None,
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
 ) -> Channel:
+    """Connect to a local Unix socket (the payer daemon's control socket, the router's
+    admin socket: owner-only files, so no TLS)."""
     ch = Channel(None, None, decoder, name=name, on_message=on_message,
                  max_frame_bytes=max_frame_bytes)
     async with asyncio.timeout(connect_timeout):
         await asyncio.get_running_loop().create_unix_connection(lambda: ch, path)
     ch.start()
     return ch
+
+
+class _ServerSide:
+    """What a server's connections share: its TLS context, its handshake deadline and
+    the caps on open connections (refusals logged at most once a second)."""
+
+    def __init__(self, name: str, tls: ssl.SSLContext | None, handshake_timeout_s: float | None,
+                 caps: ConnectionCaps | None) -> None:
+        self.name = name
+        self.tls = tls
+        self.handshake_timeout_s = handshake_timeout_s
+        self.caps = caps if caps is not None else ConnectionCaps(2**62, 2**62)
+        self._throttle = Throttle()
+
+    def admit(self, ch: Channel) -> str | None:
+        refused = self.caps.admit(ch.address)
+        if refused is not None:
+            held = self._throttle.allow(_monotonic())
+            if held is not None:
+                log.warning("%s connection from %s refused: %s%s", self.name, ch.peername,
+                            refused, f" ({held} more refused since the last line)" if held else "")
+        return refused
 
 
 async def start_channel_server(
@@ -616,17 +824,27 @@ async def start_channel_server(
     name: str = "peer",
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
     max_buffered_bytes: int = MAX_BUFFERED_BYTES,
+    tls: ssl.SSLContext | None = None,
+    handshake_timeout_s: float | None = None,
+    caps: ConnectionCaps | None = None,
 ) -> asyncio.Server:
     """Listen on TCP `host:port` (or the Unix socket `path`, created mode 0600: only its
     owner may connect; see `claim_unix_path`); each connection is a Channel handed to
-    `accept` as soon as it is made. `accept` sets `on_message`/`on_close` and calls
-    `start()` (bytes that arrive before are kept)."""
+    `accept` once it is usable. `accept` sets `on_message`/`on_close` and calls `start()`
+    (bytes that arrive before are kept).
+
+    TCP servers: `caps` refuses connections over the limits at once (no TLS work spent);
+    with `tls` the TLS handshake runs first and `accept` sees the connection after it;
+    with `handshake_timeout_s` a connection is closed unless its owner calls
+    `handshake_complete()` within that time of the accept."""
     loop = asyncio.get_running_loop()
+    side = _ServerSide(name, tls, handshake_timeout_s, caps) if path is None else None
 
     def factory() -> Channel:
         ch = Channel(None, None, decoder, name=name, max_frame_bytes=max_frame_bytes,
                      max_buffered_bytes=max_buffered_bytes)
         ch._accept = accept
+        ch._server = side
         return ch
 
     if path is not None:
