@@ -47,6 +47,9 @@ class ErrorCode(enum.StrEnum):
     SHUTTING_DOWN = "shutting_down"
     ROUTER_UNAVAILABLE = "router_unavailable"
     INTERNAL_ERROR = "internal_error"
+    AUTH_FAILED = "auth_failed"
+    FORBIDDEN = "forbidden"
+    RATE_LIMITED = "rate_limited"
 
     @property
     def retriable(self) -> bool:
@@ -62,7 +65,7 @@ _INFO: dict[ErrorCode, _CodeInfo] = {
     ErrorCode.HELLO_REQUIRED: _CodeInfo(False, "the first frame on a connection must be `hello`"),
     ErrorCode.UNSUPPORTED_VERSION: _CodeInfo(False, "protocol version in `hello` not spoken"),
     ErrorCode.FRAME_TOO_LARGE: _CodeInfo(False, "declared frame length above the limit"),
-    ErrorCode.UNKNOWN_PAYER: _CodeInfo(False, "`hello` names a payer not in the registry"),
+    ErrorCode.UNKNOWN_PAYER: _CodeInfo(False, "not sent since protocol 3: an unknown payer gets `auth_failed`"),
     ErrorCode.SESSION_REPLACED: _CodeInfo(False, "a newer session for this payer took over"),
     ErrorCode.NOT_FOUND: _CodeInfo(False, "no such transaction or row"),
     ErrorCode.TX_ID_CONFLICT: _CodeInfo(False, "tx_id reused with different parameters"),
@@ -77,6 +80,11 @@ _INFO: dict[ErrorCode, _CodeInfo] = {
     ErrorCode.SHUTTING_DOWN: _CodeInfo(True, "the service is stopping; try again later"),
     ErrorCode.ROUTER_UNAVAILABLE: _CodeInfo(True, "the payer daemon has no session with the router"),
     ErrorCode.INTERNAL_ERROR: _CodeInfo(True, "unexpected server fault (a bug); logged server-side"),
+    ErrorCode.AUTH_FAILED: _CodeInfo(False, "login refused (unknown id, wrong key, bad signature); "
+                                            "the reason is in the server's log; connection closed"),
+    ErrorCode.FORBIDDEN: _CodeInfo(False, "the authenticated identity may not make this request"),
+    ErrorCode.RATE_LIMITED: _CodeInfo(True, "too many requests, payments in flight or failed "
+                                            "logins; retry after a moment"),
 }
 
 # Refuse an incomplete registry at import time rather than at the first error.

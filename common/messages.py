@@ -33,6 +33,8 @@ Seq = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
 Memo = Annotated[str, msgspec.Meta(max_length=256)]
 Limit = Annotated[int, msgspec.Meta(ge=1, le=1000)]
 Role = Literal["payer", "router", "cli", "admin", "client"]
+Nonce = Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
+Signature = Annotated[bytes, msgspec.Meta(min_length=64, max_length=64)]
 
 ISSUER = "_issuer"
 # Bounded so that the reply (about 150 bytes per row) always fits the default frame limit.
@@ -52,12 +54,31 @@ class Record(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 
 class Hello(Message, tag="hello", frozen=True):
-    """First frame on every connection. `peer` is the payer id for role `payer`."""
+    """First frame on every connection. `peer` is the payer id for role `payer`, who
+    also sends a fresh `nonce` and is answered `challenge` (common.auth)."""
 
     id: ReqId
     version: int
     role: Role
     peer: Annotated[str, msgspec.Meta(max_length=128)] = ""
+    nonce: Nonce | None = None
+
+
+class Challenge(Message, tag="challenge", frozen=True):
+    """Router → payer, the answer to `hello`: sign the login transcript (common.auth)
+    with this `nonce`, for the server named `server` (the name in its certificate)."""
+
+    re: ReqId
+    nonce: Nonce
+    server: Annotated[str, msgspec.Meta(max_length=255)]
+
+
+class Auth(Message, tag="auth", frozen=True):
+    """Payer → router: the Ed25519 signature of the login transcript; `welcome` or
+    `auth_failed` follows."""
+
+    id: ReqId
+    sig: Signature
 
 
 class Welcome(Message, tag="welcome", frozen=True):
@@ -224,8 +245,12 @@ class HistoryReply(Message, tag="history_ok", frozen=True):
 
 
 class Status(Message, tag="status", frozen=True):
+    """A payment is named by its sender and tx_id: `sender` is the caller unless given
+    (a receiver asking about a payment it was offered names who sent it)."""
+
     id: ReqId
     tx_id: TxId
+    sender: AccountId | None = None
 
 
 TxState = Literal["paid", "failed", "pending", "unknown"]
@@ -266,19 +291,22 @@ class Reject(Message, tag="reject", frozen=True):
 
 
 class Settled(Message, tag="settled", frozen=True):
-    """Router → receiver: the payment is in the ledger; `balance` is the receiver's now."""
+    """Router → receiver: the payment (`from`, `tx_id`) is in the ledger; `balance` is
+    the receiver's now."""
 
     id: ReqId
     tx_id: TxId
+    sender: AccountId = msgspec.field(name="from")
     seq: Seq
     balance: Balance
 
 
 class Cancel(Message, tag="cancel", frozen=True):
-    """Router → receiver: forget the offer `tx_id`; it will not be paid."""
+    """Router → receiver: forget the offer (`from`, `tx_id`); it will not be paid."""
 
     id: ReqId
     tx_id: TxId
+    sender: AccountId = msgspec.field(name="from")
     code: str
 
 
@@ -354,9 +382,10 @@ encode = _encoder.encode
 
 LEDGER_REQUESTS = (Hello, Ping, Append, Read, Stats)
 LEDGER_REPLIES = (Welcome, Pong, Appended, Rows, StatsReply, Error)
-ROUTER_REQUESTS = (Hello, Ping, Pay, GetBalance, History, Status, Receipt, Reject, Ack, Pong, Error)
-PAYER_INBOUND = (Welcome, Pong, Ping, Paid, BalanceReply, HistoryReply, StatusReply, Offer,
-                 Settled, Cancel, Error)
+ROUTER_REQUESTS = (Hello, Auth, Ping, Pay, GetBalance, History, Status, Receipt, Reject, Ack,
+                   Pong, Error)
+PAYER_INBOUND = (Welcome, Challenge, Pong, Ping, Paid, BalanceReply, HistoryReply, StatusReply,
+                 Offer, Settled, Cancel, Error)
 ADMIN_REQUESTS = (Hello, Ping, Inspect)
 ADMIN_REPLIES = (Welcome, Pong, InspectReply, Error)
 # The admin socket's frame limit: an `inspect_ok` lists every balance and payment in flight
