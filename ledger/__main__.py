@@ -3,9 +3,11 @@
     jackpay-ledger --config network.toml [--host H] [--port P] [--path CSV] [--log-json]
     jackpay-ledger verify ledger.csv
 
+Serves TLS 1.3 with its certificate from the network's keys (`jackpay-keys CONFIG`) and
+demands a client certificate from the network CA (ledger/server.py says who may do what).
 Prints `READY ledger addr=HOST:PORT rows=N` on stdout once it serves; stops on SIGTERM
-or SIGINT after writing every append already received (exit 0). Exit 2: bad config or
-a ledger file it refuses to trust (the message says which line and why).
+or SIGINT after writing every append already received (exit 0). Exit 2: bad config,
+missing or unsafe keys, or a ledger file it refuses to trust (the message says why).
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from pathlib import Path
 from common.aio import run
 from common.config import LedgerConfig, NetworkConfig, load_config
 from common.errors import ConfigError
+from common.keys import KeyStore
 from common.logs import log_event, setup_logging
 from common.procs import print_ready
-from ledger.server import LedgerServer
+from common.tls import server_context
+from ledger.server import LedgerAccess, LedgerServer
 from ledger.store import LedgerCorrupt, LedgerStore
 from ledger.verify import verify_file
 
@@ -31,13 +35,25 @@ log = logging.getLogger("jackpay.ledger")
 
 def _serve_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jackpay-ledger", description="Run the JackPay ledger.")
-    p.add_argument("--config", help="network TOML file (its [ledger] section)")
+    p.add_argument("--config", required=True,
+                   help="network TOML file (its [ledger] section; keys from [network] keys_dir)")
     p.add_argument("--host", help="address to listen on (overrides the config)")
     p.add_argument("--port", type=int, help="port to listen on; 0 picks a free one")
     p.add_argument("--path", help="ledger CSV file (overrides the config)")
     p.add_argument("--log-json", action="store_true", help="log JSON lines instead of text")
     p.add_argument("--log-level", default="INFO")
+    # No TLS, no client certificates: for the benchmark's comparison run only.
+    p.add_argument("--plain-benchmark-only", action="store_true", help=argparse.SUPPRESS)
     return p
+
+
+def ledger_access(cfg: NetworkConfig, *, plain: bool = False) -> LedgerAccess:
+    """The ledger's TLS context and who it admits. Raises ConfigError (KeyFileError)."""
+    lc = cfg.ledger
+    tls = None if plain else server_context(KeyStore.for_config(cfg), "ledger",
+                                            client_certs=True)
+    return LedgerAccess(tls, frozenset(lc.auditors), lc.handshake_timeout_s,
+                        lc.max_connections, lc.max_connections_per_address)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,10 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     args = _serve_parser().parse_args(args_list)
     setup_logging(json_lines=args.log_json, level=args.log_level)
     try:
-        cfg = load_config(args.config) if args.config else NetworkConfig()
+        cfg = load_config(args.config)
+        access = ledger_access(cfg, plain=args.plain_benchmark_only)
     except ConfigError as exc:
         print(f"jackpay-ledger: {exc}", file=sys.stderr)
         return 2
+    if access.tls is None:
+        log_event(log, "PLAIN TCP, NO CLIENT CERTIFICATES: benchmark comparison only, "
+                  "never a network", logging.WARNING)
     lc: LedgerConfig = cfg.ledger
     host = args.host or lc.host
     port = lc.port if args.port is None else args.port
@@ -64,10 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= port <= 65535:
         print(f"jackpay-ledger: port {port} is out of range 0-65535", file=sys.stderr)
         return 2
-    return run(lambda: serve(path, host, port, lc))
+    return run(lambda: serve(path, host, port, lc, access))
 
 
-async def serve(path: Path, host: str, port: int, lc: LedgerConfig) -> int:
+async def serve(path: Path, host: str, port: int, lc: LedgerConfig, access: LedgerAccess) -> int:
     try:
         store = LedgerStore.open(path)
     except LedgerCorrupt as exc:
@@ -79,7 +99,7 @@ async def serve(path: Path, host: str, port: int, lc: LedgerConfig) -> int:
     if store.truncated_bytes:
         log_event(log, "cut off a torn last line", logging.WARNING, path=str(path),
                   bytes=store.truncated_bytes)
-    server = LedgerServer(store, host=host, port=port, max_frame_bytes=lc.max_frame_bytes,
+    server = LedgerServer(store, access, host=host, port=port, max_frame_bytes=lc.max_frame_bytes,
                           max_batch_rows=lc.max_batch_rows)
     try:
         h, p = await server.start()

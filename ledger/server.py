@@ -10,12 +10,19 @@ buffers and all go into the next batch, so under load many rows share one fsync;
 and reads wait for the current fsync (well under a millisecond on a healthy disk). A
 request's rows are never split between batches. Batches are strictly sequential (the
 chain needs the previous hash).
+
+Who may do what (SECURITY.md): every TCP connection is TLS 1.3 with a client certificate
+from the network CA (mutual TLS). The certificate's name is the identity: `router` may
+append and read; the names in `[ledger] auditors` may read (`read`, `stats`, `ping`);
+anyone else is refused at `hello` with `auth_failed`. An append from a reader is
+`forbidden`. A connection must finish TLS and `hello` within `handshake_timeout_s`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,6 +31,8 @@ from common import PROTOCOL_VERSION
 from common.aio import Channel, accept_hello, start_channel_server
 from common.errors import ConnectionLost, ErrorCode, FrameTooLarge
 from common.framing import HEADER_SIZE
+from common.keys import ROUTER_IDENTITY
+from common.limits import ConnectionCaps
 from common.logs import log_event
 from common.messages import (
     LEDGER_REQUESTS,
@@ -59,6 +68,18 @@ def utc_now_dtg() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+@dataclass(frozen=True, slots=True)
+class LedgerAccess:
+    """The ledger's side of the security scheme. `tls` None: plain TCP, everyone may do
+    everything — only for the benchmark's comparison run, never a supported network."""
+
+    tls: ssl.SSLContext | None
+    auditors: frozenset[str] = frozenset({"auditor"})
+    handshake_timeout_s: float = 10.0
+    max_connections: int = 256
+    max_connections_per_address: int = 64
+
+
 @dataclass(slots=True)
 class _Queued:
     channel: Channel
@@ -66,16 +87,18 @@ class _Queued:
 
 
 class LedgerServer:
-    def __init__(self, store: LedgerStore, *, host: str = "127.0.0.1", port: int = 0,
-                 max_frame_bytes: int = 64 * 1024, max_batch_rows: int = 4096) -> None:
+    def __init__(self, store: LedgerStore, access: LedgerAccess, *, host: str = "127.0.0.1",
+                 port: int = 0, max_frame_bytes: int = 64 * 1024,
+                 max_batch_rows: int = 4096) -> None:
         self.store = store
+        self.access = access
         self.host = host
         self.port = port
         self.max_frame_bytes = max_frame_bytes
         self.max_batch_rows = max_batch_rows
         self._server: asyncio.Server | None = None
         self._channels: set[Channel] = set()
-        self._greeted: set[Channel] = set()
+        self._greeted: dict[Channel, bool] = {}  # greeted connection -> may append
         self._queue: list[_Queued] = []
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
@@ -89,9 +112,12 @@ class LedgerServer:
     # --- lifecycle -----------------------------------------------------------------
 
     async def start(self) -> tuple[str, int]:
-        self._server = await start_channel_server(self._on_connect, _DECODER, self.host,
-                                                  self.port, name="client",
-                                                  max_frame_bytes=self.max_frame_bytes)
+        access = self.access
+        self._server = await start_channel_server(
+            self._on_connect, _DECODER, self.host, self.port, name="client",
+            max_frame_bytes=self.max_frame_bytes, tls=access.tls,
+            handshake_timeout_s=access.handshake_timeout_s,
+            caps=ConnectionCaps(access.max_connections, access.max_connections_per_address))
         self._writer = asyncio.create_task(self._write_loop(), name="ledger-writer")
         sock = self._server.sockets[0].getsockname()
         self.host, self.port = sock[0], sock[1]
@@ -125,20 +151,45 @@ class LedgerServer:
         ch.on_message = self._on_message
         ch.on_close = self._on_close
         self._channels.add(ch)
-        log_event(log, "connection opened", peer=ch.peername)
+        log_event(log, "connection opened", peer=ch.peername, identity=ch.peer_identity)
         ch.start()
 
     def _on_close(self, ch: Channel) -> None:
         self._channels.discard(ch)
-        self._greeted.discard(ch)
+        self._greeted.pop(ch, None)
         log_event(log, "connection closed", peer=ch.peername, name=ch.name)
+
+    def _grant(self, ch: Channel, hello: Hello) -> bool | None:
+        """What the connection may do: True append and read, False read only, None
+        nothing (refused: `auth_failed`, reason logged, connection closed)."""
+        identity = ch.peer_identity
+        if self.access.tls is None:
+            return True  # the plain benchmark: no identities to check
+        if identity == ROUTER_IDENTITY:
+            return hello.role == "router"
+        if identity in self.access.auditors:
+            if hello.role == "router":
+                reason = f"{identity} said hello as the router"
+            else:
+                return False
+        else:
+            reason = f"certificate {identity!r} is neither the router nor an auditor"
+        log_event(log, "hello refused", logging.WARNING, peer=ch.peername, identity=identity,
+                  role=hello.role, reason=reason)
+        ch.reply_error(hello.id, ErrorCode.AUTH_FAILED, "authentication failed")
+        ch.close()
+        return None
 
     def _on_message(self, ch: Channel, msg: Message) -> None:
         if ch not in self._greeted:
             hello = accept_hello(ch, msg, LEDGER_ROLES, "this ledger")
             if hello is None:
                 return
-            self._greeted.add(ch)
+            may_append = self._grant(ch, hello)
+            if may_append is None:
+                return
+            self._greeted[ch] = may_append
+            ch.handshake_complete()
             ch.name = f"{hello.role}:{hello.peer or ch.peername}"
             welcome = Welcome(re=hello.id, version=PROTOCOL_VERSION, server="jackpay-ledger")
             if hello.role == "router" and hello.peer:
@@ -153,6 +204,11 @@ class LedgerServer:
             return
         match msg:
             case Append():
+                if not self._greeted.get(ch):
+                    log_event(log, "append refused", logging.WARNING, peer=ch.peername,
+                              identity=ch.peer_identity, code="forbidden")
+                    ch.reply_error(msg.id, ErrorCode.FORBIDDEN, "only the router may append")
+                    return
                 if self._stopping:
                     ch.reply_error(msg.id, ErrorCode.SHUTTING_DOWN, "the ledger is stopping")
                     return

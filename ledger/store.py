@@ -10,6 +10,8 @@ Rules:
   raise LedgerCorrupt and leaves the file untouched.
 - The server (ledger/server.py) serialises batches: `resolve`, `write_durably` and
   `commit` run one batch at a time, in that order.
+- A payment is named by (sender, tx_id): appends are idempotent by that pair, and two
+  senders may use the same tx_id.
 """
 
 from __future__ import annotations
@@ -118,7 +120,7 @@ class LedgerStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.rows: list[LedgerRow] = []
-        self.by_tx: dict[str, LedgerRow] = {}
+        self.by_tx: dict[tuple[str, str], LedgerRow] = {}  # by (sender, tx_id)
         # seqs of the rows each account sent or received, ascending: `read(party=…)` is
         # a binary search, not a scan of the whole ledger on the event loop.
         self.by_party: dict[str, list[int]] = {}
@@ -168,7 +170,7 @@ class LedgerStore:
         self._fd = fd
         self._size = good
         self.rows = rows
-        self.by_tx = {r.tx_id: r for r in rows}
+        self.by_tx = {(r.sender, r.tx_id): r for r in rows}
         for r in rows:
             self._index_party(r)
 
@@ -210,17 +212,18 @@ class LedgerStore:
         """Decide each row of a group of append requests and serialise the new ones.
 
         Pure with respect to the file: nothing is written and the index is not changed.
-        A tx_id repeated inside the group resolves against its first occurrence.
+        A (sender, tx_id) repeated inside the group resolves against its first occurrence.
         """
         new_rows: list[LedgerRow] = []
-        pending: dict[str, LedgerRow] = {}
+        pending: dict[tuple[str, str], LedgerRow] = {}
         prev_hash = self.last_hash
         seq = self.last_seq
         resolutions = []
         for rows_in in requests:
             res = Resolution()
             for r in rows_in:
-                existing = self.by_tx.get(r.tx_id) or pending.get(r.tx_id)
+                key = (r.sender, r.tx_id)
+                existing = self.by_tx.get(key) or pending.get(key)
                 if existing is not None:
                     same = same_payment(existing, r.sender, r.receiver, r.amount, r.memo)
                     res.status.append("duplicate" if same else "conflict")
@@ -229,7 +232,7 @@ class LedgerStore:
                 seq += 1
                 row = make_row(prev_hash, seq, dtg, r.sender, r.receiver, r.amount, r.tx_id, r.memo)
                 prev_hash = row.hash
-                pending[r.tx_id] = row
+                pending[key] = row
                 new_rows.append(row)
                 res.status.append("written")
                 res.rows.append(row)
@@ -276,5 +279,5 @@ class LedgerStore:
         self.batches += 1
         for row in batch.rows:
             self.rows.append(row)
-            self.by_tx[row.tx_id] = row
+            self.by_tx[(row.sender, row.tx_id)] = row
             self._index_party(row)

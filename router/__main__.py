@@ -3,9 +3,11 @@
     python -m router --config network.toml [--host H] [--port P] [--ledger H:P] [--log-json]
     python -m router inspect --config network.toml [--json]   # a running router's state
 
+Serves payers over TLS 1.3 and logs them in with their Ed25519 keys; reaches the ledger
+over mutual TLS. The keys come from the config's key folder (`jackpay-keys CONFIG`).
 Prints `READY router addr=H:P admin=PATH` on stdout once it serves payers. Exit codes:
 0 after SIGTERM/SIGINT (in-flight payments finished within the grace period), 1 when it
-cannot start, 2 for an unusable config or argument.
+cannot start, 2 for an unusable config, argument or key.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from common.config import NetworkConfig, load_config
 from common.errors import ConfigError
 from common.logs import log_event, setup_logging
 from common.procs import print_ready
-from router.server import RouterService, StartupFailed
+from router.server import RouterSecurity, RouterService, StartupFailed
 
 log = logging.getLogger("jackpay.router")
 
@@ -35,6 +37,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--ledger", metavar="HOST:PORT", help="ledger address (default: [ledger])")
     ap.add_argument("--log-json", action="store_true", help="log JSON lines on stderr")
     ap.add_argument("--log-level", default="INFO")
+    # No TLS and no login: for the benchmark's comparison run only.
+    ap.add_argument("--plain-benchmark-only", action="store_true", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
 
@@ -58,15 +62,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config)
         ledger_host, ledger_port = _ledger_address(args, cfg)
+        security = RouterSecurity.from_config(cfg, plain=args.plain_benchmark_only)
     except ConfigError as exc:
         print(f"jackpay-router: {exc}", file=sys.stderr)
         return 2
     if args.port is not None and not 0 <= args.port <= 65535:
         print(f"jackpay-router: --port {args.port} is out of range 0-65535", file=sys.stderr)
         return 2
+    if security.tls is None:
+        log_event(log, "PLAIN TCP, NO LOGIN: benchmark comparison only, never a network",
+                  logging.WARNING)
     admin = cfg.resolve(cfg.router.admin_socket)
     service = RouterService(
         cfg,
+        security,
         admin_path=admin,
         host=args.host or cfg.router.host,
         port=cfg.router.port if args.port is None else args.port,

@@ -39,7 +39,7 @@ class Book:
         """Apply one durable row read back from the ledger. Rows already known (same
         tx_id and seq) are skipped. Raises InvariantViolation on a row that breaks the
         book's rules (out of order, or a payer going negative)."""
-        known = self.txs.get(row.tx_id)
+        known = self.txs.get(row.sender, row.tx_id)
         if known is not None and known.seq == row.seq:
             return
         if row.seq <= self.last_seq:
@@ -53,7 +53,7 @@ class Book:
         """The ledger just acked row `seq` for a payment that holds `amount` on its
         sender: move the money, release the hold, mark the tx paid."""
         self.accounts.apply(sender, receiver, amount, held=True, tx_time=dtg)
-        self.txs.mark_paid(tx_id, seq, dtg)
+        self.txs.mark_paid(sender, tx_id, seq, dtg)
         if seq > self.last_seq:
             self.last_seq = seq
 
@@ -65,7 +65,7 @@ class Book:
             if o.amount <= 0:
                 continue
             tx_id = opening_tx_id(o.payer_id)
-            if self.txs.get(tx_id) is None:
+            if self.txs.get(ISSUER, tx_id) is None:
                 rows.append(RowIn(tx_id=tx_id, sender=ISSUER, receiver=o.payer_id,
                                   amount=o.amount, memo=OPENING_MEMO))
         return rows

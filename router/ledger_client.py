@@ -1,8 +1,10 @@
 """The router's ledger client (the seed's `ledgerData`): address, connection, appends.
 
 Rules:
-- one connection, opened with `hello(role="router")` and re-opened after any loss with
-  capped exponential backoff (`retry_max_s`); connects, losses and retries are logged;
+- one connection: TLS 1.3 with the router's client certificate (mutual TLS: the ledger
+  accepts appends from that identity alone), then `hello(role="router")`; re-opened
+  after any loss with capped exponential backoff (`retry_max_s`); connects, losses and
+  retries are logged;
 - `append(row)` is synchronous and returns a future. Rows queued in the same event-loop
   turn go out as one `append` frame (split only to stay under the frame limit); many
   appends may be in flight at once;
@@ -44,6 +46,7 @@ from common.messages import (
     Welcome,
     decoder_for,
 )
+from common.tls import ClientTls
 
 log = logging.getLogger("jackpay.router.ledger")
 
@@ -79,11 +82,12 @@ class LedgerStats:
 class LedgerClient:
     """The seed's `ledgerData`: one reconnecting session with the ledger."""
 
-    def __init__(self, host: str, port: int, *, timeout_s: float = 2.0,
+    def __init__(self, host: str, port: int, *, tls: ClientTls | None, timeout_s: float = 2.0,
                  retry_max_s: float = 2.0,
                  max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
         self.host = host
         self.port = port
+        self.tls = tls
         self.timeout_s = timeout_s
         self.retry_max_s = retry_max_s
         self.max_frame_bytes = max_frame_bytes
@@ -153,7 +157,7 @@ class LedgerClient:
                           ledger=self.address)
 
     async def _connect(self) -> Channel:
-        ch = await open_channel(self.host, self.port, _DECODER, name="ledger",
+        ch = await open_channel(self.host, self.port, _DECODER, name="ledger", tls=self.tls,
                                 connect_timeout=self.timeout_s,
                                 max_frame_bytes=self.max_frame_bytes)
         try:

@@ -19,6 +19,9 @@ Rules:
 - a payment runs on its own (the offer's reply and the append's answer drive it): the
   sender's connection dropping does not stop it.
   A retry of the same tx_id joins the run in flight or gets the recorded outcome;
+- a payment is named by (sender, tx_id): two payers may use the same tx_id;
+- a sender has at most `payer_max_in_flight` payments running; a new one above that is
+  answered `rate_limited` and leaves no trace (a retry of the same tx_id simply runs);
 - every decision is logged once, with tx_id, sender, receiver, amount, outcome, code and
   the step that failed.
 """
@@ -187,7 +190,8 @@ class Pipeline:
         self.ledger = ledger
         self.cfg = cfg
         self.shutting_down = False
-        self.inflight: dict[str, Payment] = {}
+        self.inflight: dict[tuple[str, str], Payment] = {}  # by (sender, tx_id)
+        self.running_by_sender: dict[str, int] = {}
         self._idle: asyncio.Event | None = None  # set when `inflight` empties (drain)
         # Appends awaiting the ledger, by `outcome_pending` deadline; one timer for all.
         self._appending: deque[tuple[float, Payment, asyncio.Future[AppendResult]]] = deque()
@@ -219,8 +223,14 @@ class Pipeline:
             self._log_failure(tx_id, params, ErrorCode.SHUTTING_DOWN, "validate", "")
             return Outcome(tx_id, ErrorCode.SHUTTING_DOWN,
                            "the router is stopping; retry the same tx_id later")
+        running = self.running_by_sender.get(sender, 0)
+        if running >= self.cfg.payer_max_in_flight:
+            return Outcome(tx_id, ErrorCode.RATE_LIMITED,
+                           f"{running} payments of yours are in flight (the limit); retry "
+                           "the same tx_id when one has ended")
+        self.running_by_sender[sender] = running + 1
         payment = Payment(self.book.txs.begin(tx_id, params))
-        self.inflight[tx_id] = payment
+        self.inflight[(sender, tx_id)] = payment
         payment._replies.append(reply)
         self._guard(payment, self.steps)
         return None
@@ -231,7 +241,7 @@ class Pipeline:
         if record.state is TxState.FAILED:
             code = ErrorCode(record.code or ErrorCode.INTERNAL_ERROR)
             return Outcome(record.tx_id, code, f"tx_id {record.tx_id} already failed: {code.doc}")
-        payment = self.inflight.get(record.tx_id)
+        payment = self.inflight.get((record.params.sender, record.tx_id))
         if payment is None:  # pending but not running: only while shutting down
             return pending_outcome(record.tx_id)
         payment.add_reply(reply, self.cfg.outcome_pending_after_s)
@@ -294,9 +304,17 @@ class Pipeline:
             self._end(p)
 
     def _end(self, p: Payment) -> None:
+        if p.ended:
+            return
         p.ended = True
         inflight = self.inflight
-        inflight.pop(p.tx_id, None)
+        if inflight.pop((p.sender, p.tx_id), None) is not None:
+            running = self.running_by_sender
+            n = running[p.sender] - 1
+            if n:
+                running[p.sender] = n
+            else:
+                del running[p.sender]
         if not inflight and self._idle is not None:
             self._idle.set()
 
@@ -512,7 +530,7 @@ class Pipeline:
                           receiver=receiver, error=str(reply) or type(reply).__name__)
 
         rid = ch.next_id()
-        ch.send_nowait(Settled(id=rid, tx_id=tx_id, seq=seq,
+        ch.send_nowait(Settled(id=rid, tx_id=tx_id, sender=p.sender, seq=seq,
                                balance=self.book.accounts.balance(receiver)))
         self._unacked += 1
         ch.expect_reply(rid, self.cfg.settle_timeout_s, acked)
@@ -528,7 +546,7 @@ class Pipeline:
             if p.held:
                 self.book.accounts.release_hold(p.sender, p.amount)
                 p.held = False
-            self.book.txs.mark_failed(p.tx_id, reason.value)
+            self.book.txs.mark_failed(p.sender, p.tx_id, reason.value)
             self._log_failure(p.tx_id, p.params, reason, p.step, message)
             if p.offered:
                 self._send_cancel(p, reason)
@@ -555,7 +573,8 @@ class Pipeline:
 
         async def send() -> None:
             try:
-                await channel.request(Cancel(id=0, tx_id=p.tx_id, code=reason.value),
+                await channel.request(Cancel(id=0, tx_id=p.tx_id, sender=p.sender,
+                                             code=reason.value),
                                       timeout=self.cfg.settle_timeout_s)
             except (TimeoutError, ConnectionLost, RequestFailed) as exc:
                 log_event(log, "receiver did not ack cancel", tx_id=p.tx_id,

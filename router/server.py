@@ -8,10 +8,18 @@ Lifecycle (each step logged):
 5. on shutdown: stop accepting, refuse new payments (`shutting_down`), let in-flight
    ones finish within `shutdown_grace_s`, cancel the rest, close sessions and the ledger.
 
-Sessions: the first frame on a connection must be `hello` (role `payer`, our protocol
-version, a registered payer id); anything else is answered with an error and the
-connection is closed. Bad frames after that get `bad_request` from the Channel and the
+Sessions: every connection is TLS 1.3 with the router's certificate. Its first frames
+must be the login (router/login.py): `hello` (role `payer`, our protocol version, a
+nonce), answered `challenge`, then `auth` signed with the participant's key; anything
+else, or a refused login, is answered with an error and the connection is closed. TLS,
+hello and auth must be done within `handshake_timeout_s` of connecting, and frames before
+login are at most PRE_LOGIN_MAX_FRAME_BYTES. The proven identity is the sender of every
+payment on the session. Bad frames after that get `bad_request` from the Channel and the
 session goes on. A peer's bad input is logged as one line, never a traceback.
+
+Bounds: connections in total and per source address (refused before any TLS work), one
+request budget per payer (`payer_requests_per_s`) and `payer_max_in_flight` payments at
+once: above either, `rate_limited`.
 """
 
 from __future__ import annotations
@@ -20,7 +28,11 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import resource
+import ssl
+import time
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +40,13 @@ from common import PROTOCOL_VERSION
 from common.aio import Channel, accept_hello, claim_unix_path, start_channel_server
 from common.config import NetworkConfig
 from common.errors import ConfigError, ConnectionLost, ErrorCode, InvariantViolation, JackPayError
+from common.keys import KeyStore
+from common.limits import ConnectionCaps, FailedLogins
 from common.logs import log_event
 from common.messages import (
     ROUTER_REQUESTS,
+    Ack,
+    Auth,
     BalanceReply,
     Error,
     GetBalance,
@@ -42,6 +58,8 @@ from common.messages import (
     Pay,
     Ping,
     Pong,
+    Receipt,
+    Reject,
     Rows,
     Status,
     StatusReply,
@@ -50,9 +68,12 @@ from common.messages import (
     encode,
 )
 from common.money import format_amount
+from common.tls import ClientTls, client_tls, server_context
 from router.admin import AdminServer
 from router.book import Book, Opening
+from router.keyring import PayerKeys
 from router.ledger_client import LedgerClient, LedgerRefused, LedgerUnavailable, durable_row
+from router.login import Login, LoginPolicy, LoginRefused
 from router.payments import Outcome, Pipeline
 from router.sessions import Registry, Session
 
@@ -62,7 +83,47 @@ _DECODER = decoder_for(ROUTER_REQUESTS)
 SERVER_NAME = "jackpay-router"
 REPLAY_PAGE_ROWS = 1000  # the ledger sends fewer when they would not fit one frame
 HISTORY_MAX_ROWS = 100
-HELLO_TIMEOUT_S = 10.0
+# A hello or an auth is under 200 bytes: nothing larger is read before login.
+PRE_LOGIN_MAX_FRAME_BYTES = 1024
+KEY_CHECK_S = 1.0  # how often the participants' key folder is looked at (rotation)
+_monotonic = time.monotonic
+
+
+@dataclass(frozen=True, slots=True)
+class RouterSecurity:
+    """The router's side of the security scheme. All None: plain TCP and no login, for
+    the benchmark's comparison run only — never a supported network."""
+
+    tls: ssl.SSLContext | None  # the payer port's server context
+    ledger_tls: ClientTls | None  # to the ledger, with the router's client certificate
+    keys: PayerKeys | None
+    network_id: str
+    server_id: str
+
+    @classmethod
+    def from_config(cls, cfg: NetworkConfig, *, plain: bool = False) -> RouterSecurity:
+        """Raises ConfigError (KeyFileError) for a missing or unsafe key."""
+        store = KeyStore.for_config(cfg)
+        server_id = store.server_name("router")
+        if plain:
+            return cls(None, None, None, cfg.network.id, server_id)
+        return cls(server_context(store, "router"),
+                   client_tls(store, "ledger", identity="router-client"),
+                   PayerKeys(store, [p.id for p in cfg.participants]), cfg.network.id,
+                   server_id)
+
+
+def connection_budget(wanted: int) -> int:
+    """`wanted` connections, or fewer if this process may not open that many files (a
+    cap we cannot honour would turn into failed accepts for everyone)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard and soft < wanted + 64:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    if soft != resource.RLIM_INFINITY and soft - 64 < wanted:
+        return max(1, soft - 64)
+    return wanted
 
 
 class StartupFailed(JackPayError):
@@ -70,20 +131,29 @@ class StartupFailed(JackPayError):
 
 
 class RouterService:
-    def __init__(self, cfg: NetworkConfig, *, host: str, port: int, ledger_host: str,
-                 ledger_port: int, admin_path: Path | None = None) -> None:
+    def __init__(self, cfg: NetworkConfig, security: RouterSecurity, *, host: str, port: int,
+                 ledger_host: str, ledger_port: int, admin_path: Path | None = None) -> None:
         self.cfg = cfg
+        self.security = security
         self.host = host
         self.port = port
         rc = cfg.router
-        self.ledger = LedgerClient(ledger_host, ledger_port, timeout_s=rc.ledger_timeout_s,
+        self.ledger = LedgerClient(ledger_host, ledger_port, tls=security.ledger_tls,
+                                   timeout_s=rc.ledger_timeout_s,
                                    retry_max_s=rc.ledger_retry_max_s,
                                    max_frame_bytes=cfg.ledger.max_frame_bytes)
         self.book = Book()
-        self.registry = Registry(cfg.participants)
+        self.registry = Registry(cfg.participants, rc.payer_requests_per_s)
         self.pipeline = Pipeline(self.book, self.registry, self.ledger, rc)
+        self.login_policy: LoginPolicy | None = None
+        if security.keys is not None:
+            self.login_policy = LoginPolicy(security.network_id, security.server_id,
+                                            security.keys,
+                                            FailedLogins(rc.failed_logins_per_minute))
+        self.refused_logins = 0
         self._server: asyncio.Server | None = None
         self._connections: set[Channel] = set()
+        self._key_watch: asyncio.TimerHandle | None = None
         self.addr: tuple[str, int] = (host, port)
         self.admin = AdminServer(self, admin_path or cfg.resolve(rc.admin_socket))
 
@@ -102,9 +172,21 @@ class RouterService:
         await self.ledger.wait_connected()
         await self.replay()
         await self.issue_openings()
+        keys = self.security.keys
+        if keys is not None:
+            keys.load()
+            self._key_watch = asyncio.get_running_loop().call_later(KEY_CHECK_S,
+                                                                    self._check_keys)
+        rc = self.cfg.router
+        max_connections = connection_budget(rc.max_connections)
+        if max_connections < rc.max_connections:
+            log_event(log, "max_connections lowered to the open-file limit", logging.WARNING,
+                      configured=rc.max_connections, allowed=max_connections)
         self._server = await start_channel_server(
             self._on_connect, _DECODER, self.host, self.port, name="payer",
-            max_frame_bytes=self.cfg.router.max_frame_bytes)
+            max_frame_bytes=rc.max_frame_bytes, tls=self.security.tls,
+            handshake_timeout_s=rc.handshake_timeout_s,
+            caps=ConnectionCaps(max_connections, rc.max_connections_per_address))
         sock = self._server.sockets[0].getsockname()
         self.addr = (sock[0], sock[1])
         try:
@@ -113,7 +195,9 @@ class RouterService:
             log_event(log, "admin socket unavailable", logging.ERROR, path=str(self.admin.path),
                       error=str(exc))
         log_event(log, "listening", addr=f"{self.addr[0]}:{self.addr[1]}",
-                  admin=str(self.admin.path), participants=len(self.registry.participants))
+                  admin=str(self.admin.path), participants=len(self.registry.participants),
+                  tls=self.security.tls is not None,
+                  keys=len(keys) if keys is not None else None)
 
     async def replay(self) -> None:
         """Rebuild the book from every ledger row, page by page (retrying on loss).
@@ -196,10 +280,25 @@ class RouterService:
         conn = PayerConnection(self)
         ch.on_message = conn.on_message
         ch.on_close = conn.on_close
+        ch.max_frame_bytes = PRE_LOGIN_MAX_FRAME_BYTES
         conn.channel = ch
         self._connections.add(ch)
         ch.start()
-        conn.arm_hello_timeout()
+
+    def _check_keys(self) -> None:
+        """Rotation: a participant whose key changed loses its session (proven with the
+        old key); its daemon logs in again with the new one."""
+        keys = self.security.keys
+        assert keys is not None
+        self._key_watch = asyncio.get_running_loop().call_later(KEY_CHECK_S, self._check_keys)
+        keys.refresh()
+        for payer_id in keys.take_changed():
+            session = self.registry.session(payer_id)
+            if session is not None:
+                log_event(log, "key changed; session closed", payer=payer_id)
+                session.channel.reply_error(None, ErrorCode.AUTH_FAILED,
+                                            "your key was replaced; log in again")
+                session.channel.close()
 
     def forget_connection(self, ch: Channel) -> None:
         self._connections.discard(ch)
@@ -210,6 +309,8 @@ class RouterService:
         """Stop accepting, drain payments within the grace period, close everything."""
         grace = self.cfg.router.shutdown_grace_s
         log_event(log, "shutting down", inflight=len(self.pipeline.inflight), grace_s=grace)
+        if self._key_watch is not None:
+            self._key_watch.cancel()
         if self._server is not None:
             self._server.close()
         cancelled = await self.pipeline.drain(grace)
@@ -222,6 +323,8 @@ class RouterService:
 
     async def aclose(self) -> None:
         """Close without draining (startup was interrupted)."""
+        if self._key_watch is not None:
+            self._key_watch.cancel()
         if self._server is not None:
             self._server.close()
         await self.admin.aclose()
@@ -229,37 +332,41 @@ class RouterService:
 
 
 class PayerConnection:
-    """One TCP connection from a payer: hello first, then its requests."""
+    """One TCP connection from a payer: the login (hello, challenge, auth), then its
+    requests, each paid for from the payer's request budget."""
 
     def __init__(self, service: RouterService) -> None:
         self.service = service
         self.channel: Channel | None = None
         self.session: Session | None = None
-        self._hello_timer: asyncio.TimerHandle | None = None
-
-    def arm_hello_timeout(self) -> None:
-        self._hello_timer = asyncio.get_running_loop().call_later(HELLO_TIMEOUT_S,
-                                                                  self._hello_overdue)
-
-    def _hello_overdue(self) -> None:
-        if self.session is None and self.channel is not None and not self.channel.closed:
-            log_event(log, "no hello in time; closing", peer=self.channel.peername)
-            self.channel.reply_error(None, ErrorCode.HELLO_REQUIRED,
-                                     f"say hello within {HELLO_TIMEOUT_S:g}s")
-            self.channel.close()
+        self.login: Login | None = None  # set after a hello that was answered `challenge`
 
     def on_close(self, ch: Channel) -> None:
-        if self._hello_timer is not None:
-            self._hello_timer.cancel()
         self.service.forget_connection(ch)
         if self.session is not None and self.service.registry.detach(self.session):
             log_event(log, "payer disconnected", payer=self.session.payer_id)
 
     def on_message(self, ch: Channel, msg: Message) -> Coroutine[Any, Any, None] | None:
-        if self.session is None:
-            self._first_frame(ch, msg)
-            return None
         session = self.session
+        if session is None:
+            self._handshake(ch, msg)
+            return None
+        match msg:
+            case Receipt() | Reject() | Ack() | Pong():
+                # Late replies (their request already timed out): nothing to do.
+                log.debug("unexpected %s from %s ignored", type(msg).__name__, session.payer_id)
+                return None
+            case Error(code=code, message=text):
+                log_event(log, "payer sent an error", payer=session.payer_id, code=code,
+                          reason=text)
+                return None
+        rid = getattr(msg, "id", None)
+        if not self.service.registry.budget(session.payer_id, _monotonic()).take(_monotonic()):
+            ch.reply_error(rid, ErrorCode.RATE_LIMITED,
+                           f"more than {self.service.registry.requests_per_s:g} requests a "
+                           "second; slow down and retry",
+                           tx_id=getattr(msg, "tx_id", None))
+            return None
         match msg:
             case Pay():
                 self._pay(session, ch, msg)
@@ -275,45 +382,71 @@ class PayerConnection:
                 return self._history(session, ch, msg)
             case Status():
                 ch.send_nowait(self._status(session, msg))
-            case Hello(id=rid):
-                ch.reply_error(rid, ErrorCode.BAD_REQUEST, "this session already said hello")
-            case Error(code=code, message=text):
-                log_event(log, "payer sent an error", payer=session.payer_id, code=code,
-                          reason=text)
-            case _:
-                # Late replies (receipt, ack, pong) whose request already timed out.
-                log.debug("unexpected %s from %s ignored", type(msg).__name__, session.payer_id)
+            case Hello(id=rid) | Auth(id=rid):
+                ch.reply_error(rid, ErrorCode.BAD_REQUEST, "this session already logged in")
         return None
 
-    def _first_frame(self, ch: Channel, first: Message) -> None:
-        msg = accept_hello(ch, first, ("payer",), "this router")
-        if msg is None:
-            log_event(log, "hello refused; closing", peer=ch.peername, t=type(first).__name__)
+    # --- login -------------------------------------------------------------------------
+
+    def _handshake(self, ch: Channel, msg: Message) -> None:
+        """Before login only `hello` and then `auth` are accepted; anything else, or a
+        refused login, closes the connection."""
+        service = self.service
+        if self.login is None:
+            hello = accept_hello(ch, msg, ("payer",), "this router")
+            if hello is None:
+                log_event(log, "hello refused; closing", peer=ch.peername, t=type(msg).__name__)
+                return
+            policy = service.login_policy
+            if policy is None:  # the plain benchmark: no authentication
+                self._open_session(ch, hello.id, hello.peer)
+                return
+            self.login = Login(policy, ch.address)
+            try:
+                ch.send_nowait(self.login.on_hello(hello, _monotonic()))
+            except LoginRefused as refused:
+                self._refuse(ch, hello.id, refused)
             return
-        rid = msg.id
+        try:
+            payer_id = self.login.on_auth(msg, _monotonic())
+        except LoginRefused as refused:
+            self._refuse(ch, getattr(msg, "id", None), refused)
+            return
+        self._open_session(ch, msg.id if isinstance(msg, Auth) else 0, payer_id)
+
+    def _refuse(self, ch: Channel, rid: int | None, refused: LoginRefused) -> None:
+        claimed = self.login.claimed if self.login is not None else None
+        log_event(log, "login refused", logging.WARNING, peer=ch.peername, payer=claimed,
+                  code=refused.code.value, reason=refused.reason)
+        self.service.refused_logins += 1
+        ch.reply_error(rid, refused.code, refused.message)
+        ch.close()
+
+    def _open_session(self, ch: Channel, rid: int, payer_id: str) -> None:
         registry = self.service.registry
-        if not registry.receiver_exists(msg.peer):
-            log_event(log, "hello from unknown payer refused", peer=ch.peername, payer=msg.peer)
-            ch.reply_error(rid, ErrorCode.UNKNOWN_PAYER,
-                           f"{msg.peer!r} is not a participant of this network")
+        if not registry.receiver_exists(payer_id):  # only without authentication
+            log_event(log, "hello from unknown payer refused", peer=ch.peername, payer=payer_id)
+            ch.reply_error(rid, ErrorCode.AUTH_FAILED, "authentication failed")
             ch.close()
             return
-        session, old = registry.attach(msg.peer, ch)
+        session, old = registry.attach(payer_id, ch)
         self.session = session
-        if self._hello_timer is not None:
-            self._hello_timer.cancel()
-        ch.name = f"payer:{msg.peer}"
+        ch.handshake_complete()
+        ch.max_frame_bytes = self.service.cfg.router.max_frame_bytes
+        ch.name = f"payer:{payer_id}"
         if old is not None:
-            log_event(log, "session replaced", payer=msg.peer)
+            log_event(log, "session replaced", payer=payer_id)
             old.channel.reply_error(None, ErrorCode.SESSION_REPLACED,
                                     "a newer session for this payer took over")
             old.channel.close()
         accounts = self.service.book.accounts
-        ch.send_nowait(Welcome(re=msg.id, version=PROTOCOL_VERSION, server=SERVER_NAME,
-                               balance=accounts.balance(msg.peer),
-                               available=accounts.available(msg.peer),
-                               last_tx_time=accounts.last_tx_time(msg.peer)))
-        log_event(log, "payer connected", payer=msg.peer, peer=ch.peername)
+        ch.send_nowait(Welcome(re=rid, version=PROTOCOL_VERSION, server=SERVER_NAME,
+                               balance=accounts.balance(payer_id),
+                               available=accounts.available(payer_id),
+                               last_tx_time=accounts.last_tx_time(payer_id)))
+        log_event(log, "payer connected", payer=payer_id, peer=ch.peername)
+
+    # --- requests ------------------------------------------------------------------
 
     def _pay(self, session: Session, ch: Channel, pay: Pay) -> None:
         """Start (or join) the payment; the reply goes out from a callback when its
@@ -361,8 +494,10 @@ class PayerConnection:
             ch.send_nowait(reply)
 
     def _status(self, session: Session, msg: Status) -> StatusReply:
-        rec = self.service.book.txs.get(msg.tx_id)
+        """Only about a payment the caller sent or received: anything else is `unknown`,
+        exactly like a payment that does not exist."""
         me = session.payer_id
+        rec = self.service.book.txs.get(msg.sender or me, msg.tx_id)
         if rec is None or me not in (rec.params.sender, rec.params.receiver):
             return StatusReply(re=msg.id, tx_id=msg.tx_id, state="unknown")
         return StatusReply(re=msg.id, tx_id=msg.tx_id, state=rec.state.value, code=rec.code,

@@ -5,7 +5,9 @@ Rules:
 - a payer has at most one live session. A new hello for the same payer replaces the old
   session: the old one is told `session_replaced` and closed (by the caller);
 - a session leaves the registry when its connection closes, but only if it is still the
-  current one (a replaced session's late close must not remove its successor).
+  current one (a replaced session's late close must not remove its successor);
+- each payer has one request budget (a TokenBucket), kept across its sessions, so
+  reconnecting does not refill it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 
 from common.aio import Channel
 from common.config import Participant
+from common.limits import TokenBucket
 from router.accounts import is_reserved
 
 
@@ -28,9 +31,18 @@ class Session:
 
 
 class Registry:
-    def __init__(self, participants: list[Participant]) -> None:
+    def __init__(self, participants: list[Participant], requests_per_s: float = 2000.0) -> None:
         self._participants = {p.id: p for p in participants}
         self._sessions: dict[str, Session] = {}
+        self.requests_per_s = requests_per_s
+        self._buckets: dict[str, TokenBucket] = {}
+
+    def budget(self, payer_id: str, now: float) -> TokenBucket:
+        """The payer's request budget (made full on first use)."""
+        bucket = self._buckets.get(payer_id)
+        if bucket is None:
+            bucket = self._buckets[payer_id] = TokenBucket(self.requests_per_s, now)
+        return bucket
 
     def receiver_exists(self, payer_id: str) -> bool:
         """The seed's receiverExists: is `payer_id` a participant of this network?"""

@@ -1,9 +1,11 @@
 """The transaction table: what the router knows about each `tx_id`. Pure, no I/O.
 
 Rules (DESIGN §1.3, exactly once):
-- a `tx_id` names one payment: (sender, receiver, amount, memo). Asking again with the
-  same parameters gets the same payment (its outcome, or the in-flight run to join);
-  other parameters raise TxIdConflict and change nothing;
+- a payment is named by its sender and its `tx_id`: alice's `inv-1` and bob's `inv-1`
+  are two payments (a payer cannot squat another's ids). (sender, tx_id) names one
+  payment: (receiver, amount, memo). Asking again with the same parameters gets the same
+  payment (its outcome, or the in-flight run to join); other parameters raise
+  TxIdConflict and change nothing;
 - states move only forward: pending → paid | failed. `paid` carries the ledger row's
   seq and dtg; `failed` carries the error code. An illegal move raises
   InvariantViolation and changes nothing;
@@ -73,79 +75,86 @@ _ALLOWED = {
 MAX_FAILED_REMEMBERED = 100_000
 
 
+TxKey = tuple[str, str]  # (sender, tx_id)
+
+
 class TxTable:
-    """Every tx_id the router has seen, keyed by tx_id."""
+    """Every payment the router has seen, keyed by (sender, tx_id)."""
 
     def __init__(self, max_failed: int = MAX_FAILED_REMEMBERED) -> None:
         self.max_failed = max_failed
-        self._failed: deque[str] = deque()
+        self._failed: deque[TxKey] = deque()
         # A replayed row is kept as the LedgerRow itself (no objects made per row while
         # replaying a large ledger); `get` turns it into a TxRecord when first asked.
-        self._records: dict[str, TxRecord | LedgerRow] = {}
+        self._records: dict[TxKey, TxRecord | LedgerRow] = {}
 
     def __len__(self) -> int:
         return len(self._records)
 
-    def get(self, tx_id: str) -> TxRecord | None:
-        rec = self._records.get(tx_id)
+    def get(self, sender: str, tx_id: str) -> TxRecord | None:
+        key = (sender, tx_id)
+        rec = self._records.get(key)
         if rec is None or isinstance(rec, TxRecord):
             return rec
         full = TxRecord(rec.tx_id, TxParams(rec.sender, rec.receiver, rec.amount, rec.memo),
                         TxState.PAID, seq=rec.seq, dtg=rec.dtg)
-        self._records[tx_id] = full
+        self._records[key] = full
         return full
 
     def lookup(self, tx_id: str, params: TxParams) -> TxRecord | None:
-        """The record for tx_id, or None if unknown. Raises TxIdConflict if known with
-        other parameters."""
-        rec = self.get(tx_id)
+        """The record of params.sender's tx_id, or None if unknown. Raises TxIdConflict
+        if known with other parameters."""
+        rec = self.get(params.sender, tx_id)
         if rec is not None and rec.params != params:
             raise TxIdConflict(rec)
         return rec
 
     def begin(self, tx_id: str, params: TxParams) -> TxRecord:
-        """Start a new pending payment. Raises InvariantViolation if tx_id is known."""
-        if tx_id in self._records:
-            raise InvariantViolation(f"tx_id {tx_id} begun twice")
+        """Start a new pending payment. Raises InvariantViolation if it is known."""
+        key = (params.sender, tx_id)
+        if key in self._records:
+            raise InvariantViolation(f"tx_id {tx_id} of {params.sender} begun twice")
         rec = TxRecord(tx_id, params)
-        self._records[tx_id] = rec
+        self._records[key] = rec
         return rec
 
-    def mark_paid(self, tx_id: str, seq: int, dtg: str) -> TxRecord:
-        rec = self._move(tx_id, TxState.PAID)
+    def mark_paid(self, sender: str, tx_id: str, seq: int, dtg: str) -> TxRecord:
+        rec = self._move(sender, tx_id, TxState.PAID)
         rec.seq, rec.dtg = seq, dtg
         return rec
 
-    def mark_failed(self, tx_id: str, code: str) -> TxRecord:
-        rec = self._move(tx_id, TxState.FAILED)
+    def mark_failed(self, sender: str, tx_id: str, code: str) -> TxRecord:
+        rec = self._move(sender, tx_id, TxState.FAILED)
         rec.code = code
-        self._failed.append(tx_id)
+        self._failed.append((sender, tx_id))
         while len(self._failed) > self.max_failed:
-            old = self._records.get(self._failed.popleft())
+            key = self._failed.popleft()
+            old = self._records.get(key)
             if isinstance(old, TxRecord) and old.state is TxState.FAILED:
-                del self._records[old.tx_id]
+                del self._records[key]
         return rec
 
     def record_row(self, row: LedgerRow) -> None:
         """A durable ledger row (replay): known as paid from now on. Raises
-        InvariantViolation if the tx_id is already known as another payment."""
-        if row.tx_id not in self._records:  # the common case: nothing to check
-            self._records[row.tx_id] = row
+        InvariantViolation if (sender, tx_id) is already known as another payment."""
+        key = (row.sender, row.tx_id)
+        if key not in self._records:  # the common case: nothing to check
+            self._records[key] = row
             return
         params = TxParams(row.sender, row.receiver, row.amount, row.memo)
-        rec = self.get(row.tx_id)
+        rec = self.get(row.sender, row.tx_id)
         if rec is not None:
             if rec.params != params or (rec.state is TxState.PAID and rec.seq != row.seq):
-                raise InvariantViolation(f"ledger has tx_id {row.tx_id} twice")
+                raise InvariantViolation(f"ledger has tx_id {row.tx_id} of {row.sender} twice")
             if rec.state is TxState.PAID:
                 return
-        self._records[row.tx_id] = TxRecord(row.tx_id, params, TxState.PAID, seq=row.seq,
-                                            dtg=row.dtg)
+        self._records[key] = TxRecord(row.tx_id, params, TxState.PAID, seq=row.seq,
+                                      dtg=row.dtg)
 
-    def _move(self, tx_id: str, new: TxState) -> TxRecord:
-        rec = self.get(tx_id)
+    def _move(self, sender: str, tx_id: str, new: TxState) -> TxRecord:
+        rec = self.get(sender, tx_id)
         if rec is None:
-            raise InvariantViolation(f"unknown tx_id {tx_id}")
+            raise InvariantViolation(f"unknown tx_id {tx_id} of {sender}")
         if (rec.state, new) not in _ALLOWED:
             raise InvariantViolation(f"tx {tx_id}: {rec.state} -> {new} is not allowed")
         rec.state = new
