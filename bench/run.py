@@ -5,7 +5,12 @@ machine's limits measured in the same run and JackPay's figures shown as ratios 
     scripts/bench --quick         # under a minute: smaller settings, no 1M-row rebuild
     scripts/bench --json          # one JSON document on stdout instead of tables
 
-Every payment is fsync'd by the ledger before the sender is told `paid`.
+Every payment is fsync'd by the ledger before the sender is told `paid`. Security is on,
+as in every network: TLS 1.3 on every link, payers logged in with their keys, the router
+a mutual-TLS client of the ledger. For comparison only, the same closed-loop settings
+(and the same offered rates) then run on a network started with TLS and login off —
+labelled `plain`, never a supported way to run a network — and the report gives
+secure / plain.
 """
 
 from __future__ import annotations
@@ -28,7 +33,10 @@ from typing import Any
 from bench.load import Result, closed_loop, cpu_seconds, measure_fsync, open_loop, rss_kib
 from common import PROTOCOL_VERSION
 from common.aio import Channel, open_channel, run
+from common.config import load_config
 from common.errors import JackPayError
+from common.keygen import ensure_keys
+from common.keys import KeyStore
 from common.messages import (
     LEDGER_REPLIES,
     Hello,
@@ -40,8 +48,11 @@ from common.messages import (
     decoder_for,
 )
 from common.procs import Proc, python_module
+from common.tls import ClientTls, client_tls
 from ledger.rows import GENESIS_HASH, HEADER_LINE, format_line, make_row
-from payer_client.client import PayerClient
+from payer_client.client import PayerClient, PayerCredentials
+
+PLAIN_FLAG = "--plain-benchmark-only"
 
 
 @dataclass
@@ -93,7 +104,8 @@ class Bench:
 
     def write_config(self, path: Path, payers: list[str], ledger_port: int, csv: str,
                      opening: str = "1000000.00") -> None:
-        lines = ["[ledger]", 'host = "127.0.0.1"', f"port = {ledger_port}", f'path = "{csv}"',
+        lines = ["[network]", 'id = "bench"', f'keys_dir = "keys-{path.stem}"', "",
+                 "[ledger]", 'host = "127.0.0.1"', f"port = {ledger_port}", f'path = "{csv}"',
                  "", "[router]", 'host = "127.0.0.1"', "port = 0",
                  'admin_socket = "router-admin.sock"', "offer_timeout_s = 10.0",
                  "ledger_timeout_s = 10.0", "outcome_pending_after_s = 30.0"]
@@ -101,38 +113,58 @@ class Bench:
             lines += ["", "[[participants]]", f'id = "{p}"', 'kind = "software"',
                       f'opening_balance = "{opening}"']
         path.write_text("\n".join(lines) + "\n")
+        ensure_keys(load_config(path))
 
-    def start_network(self, tag: str, payers: list[str], csv: str = "ledger.csv") -> tuple[Proc, Proc, Path]:
+    def start_network(self, tag: str, payers: list[str], csv: str = "ledger.csv", *,
+                      plain: bool = False) -> tuple[Proc, Proc, Path]:
         cfg = self.root / f"{tag}.toml"
+        flag = [PLAIN_FLAG] if plain else []
         self.write_config(cfg, payers, 0, csv)
-        ledger = self.start(f"{tag}-ledger", python_module("ledger", "--config", str(cfg)))
+        ledger = self.start(f"{tag}-ledger", python_module("ledger", "--config", str(cfg),
+                                                           *flag))
         self.write_config(cfg, payers, ledger.addr[1], csv)
-        router = self.start(f"{tag}-router", python_module("router", "--config", str(cfg)))
+        router = self.start(f"{tag}-router", python_module("router", "--config", str(cfg),
+                                                           *flag))
         return ledger, router, cfg
+
+    def clients(self, cfg: Path, router: Proc, payers: list[str], *, plain: bool = False,
+                **kw: Any) -> list[PayerClient]:
+        """One client per payer; logged in with its key unless `plain`."""
+        config = load_config(cfg)
+        return [PayerClient(*router.addr, p, credentials=None if plain else
+                            PayerCredentials.from_config(config, p), **kw) for p in payers]
 
     # --- limits --------------------------------------------------------------------
 
     async def limits(self) -> None:
-        task = self.progress.add_task("machine limits", total=3)
+        task = self.progress.add_task("machine limits", total=5)
         self.report["fsync"] = await asyncio.to_thread(measure_fsync, str(self.root), 2.0)
         self.progress.advance(task)
-        echo = self.start("echo", python_module("bench.echo"))
-        one = await self.echo_rate("echo 1 hop", echo.addr)
-        self.progress.advance(task)
-        recv = self.start("echo-recv", python_module("bench.echo"))
-        mid = self.start("echo-mid", python_module("bench.echo", "--upstream",
-                                                   "{}:{}".format(*recv.addr)))
-        three = await self.echo_rate("echo 3 hops", mid.addr)
-        self.progress.advance(task)
-        self.report["echo"] = [one.summary(), three.summary()]
-        for p in (echo, recv, mid):
-            p.stop()
+        cfg = self.root / "echo.toml"
+        self.write_config(cfg, [], 0, "unused.csv")
+        store = KeyStore.for_config(load_config(cfg))
+        self.report["echo"] = []
+        for tls in (False, True):
+            extra = ["--tls", str(cfg)] if tls else []
+            client = client_tls(store, "router") if tls else None
+            kind = "TLS" if tls else "plain"
+            echo = self.start(f"echo-{kind}", python_module("bench.echo", *extra))
+            one = await self.echo_rate(f"echo 1 hop {kind}", echo.addr, client)
+            self.progress.advance(task)
+            recv = self.start(f"echo-recv-{kind}", python_module("bench.echo", *extra))
+            mid = self.start(f"echo-mid-{kind}", python_module(
+                "bench.echo", "--upstream", "{}:{}".format(*recv.addr), *extra))
+            three = await self.echo_rate(f"echo 3 hops {kind}", mid.addr, client)
+            self.progress.advance(task)
+            self.report["echo"] += [one.summary(), three.summary()]
+            for p in (echo, recv, mid):
+                p.stop()
 
-    async def echo_rate(self, label: str, addr: tuple[str, int]) -> Result:
+    async def echo_rate(self, label: str, addr: tuple[str, int], tls: ClientTls | None) -> Result:
         dec = decoder_for((Welcome, Pong))
         chans: list[Channel] = []
         for _ in range(self.s.echo_connections):
-            ch = await open_channel(*addr, dec, name="echo")
+            ch = await open_channel(*addr, dec, name="echo", tls=tls)
             await ch.request(Hello(id=0, version=PROTOCOL_VERSION, role="client"))
             chans.append(ch)
 
@@ -147,12 +179,19 @@ class Bench:
 
     # --- payments ------------------------------------------------------------------
 
-    async def payments(self) -> None:
+    async def payments(self, *, plain: bool = False, open_rates: tuple[float, ...] = ()
+                       ) -> list[float]:
+        """Closed-loop settings, then open loop at half the peak and at `open_rates` (or
+        the settings' rates). Returns the open-loop rates it offered."""
+        tag = "plain" if plain else "pay"
         payers = [f"p{i:04d}" for i in range(self.s.payers)]
-        ledger, router, _ = self.start_network("pay", payers)
-        lch = await open_channel(*ledger.addr, decoder_for(LEDGER_REPLIES), name="ledger")
+        ledger, router, cfg = self.start_network(tag, payers, f"{tag}.csv", plain=plain)
+        auditor = None if plain else client_tls(KeyStore.for_config(load_config(cfg)),
+                                                 "ledger", identity="auditor")
+        lch = await open_channel(*ledger.addr, decoder_for(LEDGER_REPLIES), name="ledger",
+                                 tls=auditor)
         await lch.request(Hello(id=0, version=PROTOCOL_VERSION, role="admin", peer="bench"))
-        clients = [PayerClient(*router.addr, p, request_timeout_s=60) for p in payers]
+        clients = self.clients(cfg, router, payers, plain=plain, request_timeout_s=60)
         for c in clients:
             await c.connect()
         # As the router does after start: the driver's full collections then skip
@@ -174,8 +213,10 @@ class Bench:
             return True
 
         results = []
-        task = self.progress.add_task("payments", total=len(self.s.concurrency) + 1
-                                      + len(self.s.open_rates))
+        rates = open_rates or self.s.open_rates
+        prefix = "plain " if plain else ""
+        task = self.progress.add_task(f"{prefix}payments", total=len(self.s.concurrency) + 1
+                                      + len(rates))
 
         async def measured(load: Awaitable[Result]) -> Result:
             """Run one setting; add rows per fsync and CPU seconds per process to it."""
@@ -191,19 +232,22 @@ class Bench:
 
         peak = 0.0
         for conc in self.s.concurrency:
-            res = await measured(closed_loop(f"closed C={conc}", op, conc, self.s.seconds))
+            res = await measured(closed_loop(f"{prefix}closed C={conc}", op, conc,
+                                             self.s.seconds))
             peak = max(peak, res.rate)
-        rate = max(1.0, peak / 2)
-        await measured(open_loop(f"open {rate:.0f}/s", op, rate, self.s.open_loop_s))
-        for rate in self.s.open_rates:
-            await measured(open_loop(f"open {rate:.0f}/s", op, rate, self.s.open_loop_s))
-        self.report["payments"] = results
-        self.report["peak_payments_per_s"] = round(peak, 1)
+        offered = list(open_rates) if open_rates else [max(1.0, peak / 2), *rates]
+        for rate in offered:
+            await measured(open_loop(f"{prefix}open {rate:.0f}/s", op, rate,
+                                     self.s.open_loop_s))
+        key = "plain_" if plain else ""
+        self.report[f"{key}payments"] = results
+        self.report[f"{key}peak_payments_per_s"] = round(peak, 1)
         for c in clients:
             await c.close()
         lch.close()
         router.stop()
         ledger.stop()
+        return offered
 
     @staticmethod
     async def ledger_stats(ch: Channel) -> StatsReply:
@@ -231,12 +275,11 @@ class Bench:
     async def sessions(self) -> None:
         n = self.s.idle_sessions
         payers = [f"s{i:05d}" for i in range(n)]
-        _, router, _ = self.start_network("idle", payers)
+        _, router, cfg = self.start_network("idle", payers)
         task = self.progress.add_task("idle sessions", total=n)
         clients: list[PayerClient] = []
         rss: dict[int, int] = {}
-        for i, p in enumerate(payers):
-            c = PayerClient(*router.addr, p)
+        for i, c in enumerate(self.clients(cfg, router, payers)):
             await c.connect()
             clients.append(c)
             if i + 1 in (10, n):
@@ -316,12 +359,25 @@ def machine() -> dict[str, Any]:
 
 def ratios(report: dict[str, Any]) -> dict[str, Any]:
     peak = report.get("peak_payments_per_s", 0.0)
+    plain_peak = report.get("plain_peak_payments_per_s")
     out: dict[str, Any] = {}
-    if "echo" in report:
-        out["vs_echo_1_hop"] = round(peak / report["echo"][0]["per_s"], 3)
-        out["vs_echo_3_hops"] = round(peak / report["echo"][1]["per_s"], 3)
+    echo = {e["label"]: e["per_s"] for e in report.get("echo", [])}
+    if echo:
+        # The secure network against TLS echoes; the plain one against plain echoes.
+        out["vs_echo_1_hop_tls"] = round(peak / echo["echo 1 hop TLS"], 3)
+        out["vs_echo_3_hops_tls"] = round(peak / echo["echo 3 hops TLS"], 3)
+        if plain_peak:
+            out["plain_vs_echo_3_hops_plain"] = round(plain_peak / echo["echo 3 hops plain"], 3)
     if "fsync" in report:
         out["vs_single_fsync_rate"] = round(peak / report["fsync"]["fsyncs_per_s"], 2)
+    if plain_peak:
+        out["secure_vs_plain_peak"] = round(peak / plain_peak, 3)
+        plain_p99 = {r["offered_per_s"]: r["p99_ms"] for r in report.get("plain_payments", [])
+                     if "offered_per_s" in r}
+        out["secure_vs_plain_p99_at_same_rate"] = {
+            f"{r['offered_per_s']:.0f}/s": round(r["p99_ms"] / plain_p99[r["offered_per_s"]], 2)
+            for r in report.get("payments", [])
+            if r.get("offered_per_s") in plain_p99 and plain_p99[r["offered_per_s"]]}
     return out
 
 
@@ -385,7 +441,9 @@ async def amain(args: argparse.Namespace) -> int:
         bench = Bench(Path(tmp), settings, progress)
         try:
             await bench.limits()
-            await bench.payments()
+            offered = await bench.payments()
+            if not args.secure_only:
+                await bench.payments(plain=True, open_rates=tuple(offered))
             if not args.skip_scale:
                 await bench.sessions()
                 await bench.rebuild()
@@ -407,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON report on stdout")
     p.add_argument("--payers", type=int, help="payer sessions (default 50)")
     p.add_argument("--skip-scale", action="store_true", help="skip memory and rebuild checks")
+    p.add_argument("--secure-only", action="store_true",
+                   help="skip the plain (TLS and login off) comparison run")
     args = p.parse_args(argv)
     return run(lambda: amain(args))
 

@@ -126,18 +126,19 @@ def check(
         violations.append(Violation("money_not_conserved",
                                     f"ledger balances sum to {sum(balances.values())}"))
 
-    by_tx: dict[str, list[LedgerRow]] = defaultdict(list)
+    # A payment is named by (sender, tx_id): two payers may use the same tx_id.
+    by_tx: dict[tuple[str, str], list[LedgerRow]] = defaultdict(list)
     for r in rows:
-        by_tx[r.tx_id].append(r)
-    for tx, rs in by_tx.items():
+        by_tx[(r.sender, r.tx_id)].append(r)
+    for (sender, tx), rs in by_tx.items():
         if len(rs) > 1:
             violations.append(Violation("duplicate_row",
-                                        f"{tx} recorded {len(rs)} times: "
+                                        f"{tx} of {sender} recorded {len(rs)} times: "
                                         + "; ".join(_fmt_row(r) for r in rs)))
 
     counts: Counter[str] = Counter()
     for op in history:
-        recorded = by_tx.get(op.tx_id, [])
+        recorded = by_tx.get((op.sender, op.tx_id), [])
         oks = [a for a in op.attempts if a.kind == "ok"]
         fails = [a for a in op.attempts if a.kind == "failed"]
         final = op.final

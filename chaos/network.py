@@ -6,7 +6,9 @@
     net.stop_all()
 
 Every process is a real OS process started with this interpreter; logs land in
-`tmp_path/logs/<name>.log` and are printed by the fixture when a test fails.
+`tmp_path/logs/<name>.log` and are printed by the fixture when a test fails. Security is
+on as in any network: `write_config` makes the network's keys (`keys/` beside the
+config, common.keygen) for every participant, so daemons, clients and tools log in.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from typing import Any
 from common import PROTOCOL_VERSION
 from common.aio import Channel, open_channel, open_unix_channel
 from common.config import NetworkConfig, load_config
+from common.keygen import ensure_keys
+from common.keys import KeyStore
 from common.messages import (
     ADMIN_MAX_FRAME_BYTES,
     ADMIN_REPLIES,
@@ -36,6 +40,8 @@ from common.messages import (
     decoder_for,
 )
 from common.procs import Proc, python_module
+from common.tls import ClientTls, client_tls
+from payer_client.client import PayerClient
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,12 +59,14 @@ def fsize_limit(limit: int) -> Callable[[], None]:
     return preexec
 
 
-async def open_ledger_channel(addr: tuple[str, int], *, role: Role = "router",
-                              peer: str | None = None, timeout: float = 5.0) -> Channel:
-    """A greeted connection to a ledger (or to a proxy in front of one). Each gets its own
-    `peer` name unless one is given: the ledger fences a router's older connections when
-    the same name says hello again."""
-    ch = await open_channel(*addr, decoder_for(LEDGER_REPLIES), name="ledger",
+async def open_ledger_channel(addr: tuple[str, int], *, tls: ClientTls | None,
+                              role: Role = "router", peer: str | None = None,
+                              timeout: float = 5.0) -> Channel:
+    """A greeted connection to a ledger (or to a proxy in front of one), over `tls` (a
+    client certificate: `Network.ledger_tls`). Each gets its own `peer` name unless one is
+    given: the ledger fences a router's older connections when the same name says hello
+    again."""
+    ch = await open_channel(*addr, decoder_for(LEDGER_REPLIES), name="ledger", tls=tls,
                             connect_timeout=timeout)
     try:
         reply = await ch.request(Hello(id=0, version=PROTOCOL_VERSION, role=role,
@@ -115,6 +123,7 @@ class Network:
     ledger_settings: dict[str, Any] = field(default_factory=dict)
     payer_settings: dict[str, Any] = field(default_factory=dict)
     procs: dict[str, Proc] = field(default_factory=dict)
+    network_id: str = "testnet"
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -125,7 +134,8 @@ class Network:
 
     def write_config(self, ledger_port: int = 0) -> None:
         """(Re)write network.toml; the router learns the ledger's real port from it."""
-        lines = ["[ledger]", 'host = "127.0.0.1"', f"port = {ledger_port}", 'path = "ledger.csv"']
+        lines = ["[network]", f'id = "{self.network_id}"', "",
+                 "[ledger]", 'host = "127.0.0.1"', f"port = {ledger_port}", 'path = "ledger.csv"']
         lines += [f"{k} = {_toml_value(v)}" for k, v in self.ledger_settings.items()]
         lines += ["", "[router]", 'host = "127.0.0.1"', "port = 0", 'admin_socket = "router-admin.sock"']
         fast = {"freshness_window_s": 0.5, "ping_timeout_s": 0.5, "offer_timeout_s": 1.5,
@@ -142,6 +152,33 @@ class Network:
                 lines.append(f'max_incoming = "{self.max_incoming[pid]}"')
         self.config_path.write_text("\n".join(lines) + "\n")
         (self.root / "ctl").mkdir(exist_ok=True)
+        ensure_keys(self.config)
+
+    @property
+    def keys(self) -> KeyStore:
+        return KeyStore.for_config(self.config)
+
+    def router_tls(self) -> ClientTls:
+        """TLS to the router as any payer or tool has it (the network CA pinned)."""
+        return client_tls(self.keys, "router")
+
+    def ledger_tls(self, identity: str = "router-client") -> ClientTls:
+        """TLS to the ledger with a client certificate of the network (`router-client`
+        may append; `auditor` may read)."""
+        return client_tls(self.keys, "ledger", identity=identity)
+
+    async def ledger_channel(self, addr: tuple[str, int] | None = None, *,
+                             identity: str = "router-client", role: Role = "router",
+                             peer: str | None = None) -> Channel:
+        """A greeted connection to the ledger (or to `addr`, e.g. a proxy)."""
+        return await open_ledger_channel(addr or self.procs["ledger"].addr,
+                                         tls=self.ledger_tls(identity), role=role, peer=peer)
+
+    def client(self, payer_id: str, *, router: tuple[str, int] | None = None,
+               **kw: Any) -> PayerClient:
+        """An importable client for `payer_id`, logged in with its key (not yet connected)."""
+        host, port = router if router is not None else self.procs["router"].addr
+        return PayerClient.from_config(self.config, payer_id, host=host, port=port, **kw)
 
     @property
     def config(self) -> NetworkConfig:

@@ -4,13 +4,15 @@
     host, port = await proxy.start()        # point the router at (host, port)
     proxy.set_latency(0.2)                   # every chunk, each direction, 200 ms later
     proxy.set_trickle(True)                  # forward one byte at a time
-    proxy.set_blackhole(True)                # swallow everything, answer nothing
+    proxy.set_blackhole(True)                # a partition: nothing passes until heal()
     proxy.cut_after(40, "up")                # close each connection once 40 more bytes went up
     proxy.reset_all()                        # RST every open connection now
     proxy.heal()                             # back to a clean pipe
     await proxy.stop()
 
-Faults apply to open connections at once and to new ones. "up" is client → upstream,
+Faults apply to open connections at once and to new ones. A black hole holds bytes back
+(as TCP does across a partition) rather than dropping part of a stream, which no real
+network does and which TLS would rightly refuse. "up" is client → upstream,
 "down" is upstream → client. With `cut_after(n, "up")` a request can reach the server
 while its reply is lost: the in-doubt window the router must survive.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import struct
 from dataclasses import dataclass, field
@@ -46,6 +49,26 @@ class _Conn:
             w.transport.abort()
 
 
+def _peer_gone(w: asyncio.StreamWriter) -> bool:
+    """Has the other end of this socket closed or reset it? (The kernel knows at once,
+    before the event loop has read the news.)"""
+    sock = w.get_extra_info("socket")
+    if sock is None:
+        return True
+    try:
+        probe = socket.socket(fileno=os.dup(sock.fileno()))
+    except OSError:
+        return True
+    try:
+        return probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    finally:
+        probe.close()
+
+
 class FaultProxy:
     def __init__(self, upstream: tuple[str, int], host: str = "127.0.0.1", port: int = 0) -> None:
         self.upstream = upstream
@@ -54,6 +77,8 @@ class FaultProxy:
         self.latency_s = 0.0
         self.trickle = False
         self.blackhole = False
+        self._open = asyncio.Event()  # set while no black hole holds traffic back
+        self._open.set()
         self._cut: dict[str, int | None] = {"up": None, "down": None}
         self._conns: set[_Conn] = set()
         self._server: asyncio.Server | None = None
@@ -69,6 +94,10 @@ class FaultProxy:
 
     def set_blackhole(self, on: bool) -> None:
         self.blackhole = on
+        if on:
+            self._open.clear()
+        else:
+            self._open.set()
 
     def cut_after(self, n_bytes: int, direction: Direction = "up") -> None:
         """Close each connection once `n_bytes` more bytes have gone `direction`."""
@@ -84,7 +113,7 @@ class FaultProxy:
     def heal(self) -> None:
         self.latency_s = 0.0
         self.trickle = False
-        self.blackhole = False
+        self.set_blackhole(False)
         self._cut = {"up": None, "down": None}
         for c in self._conns:
             c.cut_at = {"up": None, "down": None}
@@ -142,8 +171,12 @@ class FaultProxy:
                 data = await src.read(65536)
                 if not data:
                     break
+                # A partition: nothing passes until it heals (what TCP does: it cannot drop
+                # part of a stream); a sender that died meanwhile takes its bytes with it.
                 if self.blackhole:
-                    continue
+                    await self._open.wait()
+                    if _peer_gone(conn.client if direction == "up" else conn.upstream):
+                        return
                 if self.latency_s:
                     await asyncio.sleep(self.latency_s)
                 limit = conn.cut_at[direction]

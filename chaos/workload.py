@@ -25,7 +25,7 @@ _DECODER = decoder_for(CONTROL_REPLIES)
 GHOST = "nobody-here"
 # Answers that leave the payment undecided: ask again with the same tx_id.
 INDETERMINATE_CODES = frozenset({"outcome_pending", "router_unavailable", "shutting_down",
-                                 "internal_error"})
+                                 "internal_error", "rate_limited"})
 
 
 @dataclass

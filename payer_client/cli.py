@@ -41,7 +41,7 @@ from common.messages import (
 )
 from common.money import AmountError, parse_amount
 from payer_client import render
-from payer_client.client import new_tx_id
+from payer_client.client import PayerCredentials, new_tx_id
 from payer_client.ctl import ControlClient, DaemonNotRunning
 
 EXIT_OK = 0
@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     hist.add_argument("--limit", type=int, default=100, help="rows per page, 1..1000")
     st = add("status", "what happened to a payment", output)
     st.add_argument("tx_id", help="the payment's tx_id")
+    st.add_argument("--from", dest="sender", metavar="SENDER",
+                    help="ask about a payment SENDER sent you (default: one you sent)")
     add("ping", "test the link to the router (through the daemon)", output)
     add("watch", "print payments as they arrive and settle (Ctrl-C to stop)", output)
     return parser
@@ -169,6 +171,8 @@ def _run_daemon(args: argparse.Namespace, config: NetworkConfig) -> int:
             raise UsageError(f"--router: {exc}") from None
     else:
         router = (config.router.host, config.router.port)
+    # Fail now, not at the first login, when the key is missing or readable by others.
+    PayerCredentials.from_config(config, args.payer_id)
     setup_logging(json_lines=args.log_json)
     return aio.run(lambda: serve(config, args.payer_id, router))
 
@@ -196,7 +200,10 @@ def _prepare(args: argparse.Namespace) -> Action:
     if args.command == "status":
         if not _TX_ID.fullmatch(args.tx_id):
             raise UsageError(f"{args.tx_id!r} is not a tx_id")
-        return lambda c: _ask(c, Status(id=0, tx_id=args.tx_id), StatusReply, render.status,
+        if args.sender is not None and not _PAYER_ID.fullmatch(args.sender):
+            raise UsageError(f"--from {args.sender!r} is not a payer id")
+        return lambda c: _ask(c, Status(id=0, tx_id=args.tx_id, sender=args.sender),
+                              StatusReply, render.status,
                               as_json)
     if args.command == "ping":
         return lambda c: _do_ping(c, as_json)

@@ -2,8 +2,10 @@
 router, send payments and receive them (the seed's "software using our API", DESIGN §8).
 
 Rules:
-- one TCP session per client; `connect()` says `hello` (role `payer`) and returns the
-  router's `welcome`; the session is not re-opened here (the daemon owns reconnects);
+- one TLS session per client, pinned to the network CA and the router's name; `connect()`
+  logs in (hello with a nonce, the router's challenge, auth signed with the payer's
+  Ed25519 key: common.auth) and returns the router's `welcome`; the session is not
+  re-opened here (the daemon owns reconnects);
 - the router's `ping` is answered with `pong`, `offer` with `receipt` or `reject` (the
   `on_offer` callback decides; default accept), `settled` and `cancel` with `ack`;
 - the balance view is read-only and refreshed only from router messages (welcome, paid,
@@ -23,18 +25,24 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from common import PROTOCOL_VERSION
 from common.aio import Channel, open_channel
+from common.auth import new_nonce, sign_login
+from common.config import NetworkConfig
 from common.errors import ConnectionLost, ErrorCode, JackPayError
+from common.keys import KeyStore
 from common.messages import (
     PAYER_INBOUND,
     Ack,
+    Auth,
     BalanceReply,
     Cancel,
+    Challenge,
     Error,
     GetBalance,
     Hello,
@@ -54,6 +62,7 @@ from common.messages import (
     Welcome,
     decoder_for,
 )
+from common.tls import ClientTls, client_tls
 
 log = logging.getLogger("jackpay.payer.client")
 
@@ -77,6 +86,23 @@ class BalanceView:
     balance: int | None = None
     available: int | None = None
     last_tx_time: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PayerCredentials:
+    """What a payer needs to log in: the network's id, its Ed25519 signing key, and TLS
+    settings that pin the network CA and the router's certificate name."""
+
+    network_id: str
+    key: Ed25519PrivateKey
+    tls: ClientTls
+
+    @classmethod
+    def from_config(cls, cfg: NetworkConfig, payer_id: str) -> PayerCredentials:
+        """From the network's key folder. Raises KeyFileError (a ConfigError): missing
+        key, or one readable by others."""
+        store = KeyStore.for_config(cfg)
+        return cls(cfg.network.id, store.load_payer_key(payer_id), client_tls(store, "router"))
 
 
 def new_tx_id() -> str:
@@ -116,7 +142,10 @@ def make_pay(to: str, amount_minor: int, memo: str = "", tx_id: str | None = Non
 
 
 class PayerClient:
-    """One authenticated session with the router for `payer_id`."""
+    """One authenticated session with the router for `payer_id`.
+
+    `credentials` None means plain TCP and no login: only the benchmark's comparison
+    against a router started that way; a real router refuses it."""
 
     def __init__(
         self,
@@ -124,42 +153,57 @@ class PayerClient:
         port: int,
         payer_id: str,
         *,
+        credentials: PayerCredentials | None,
         on_offer: OnOffer | None = None,
         on_settled: OnSettled | None = None,
         on_cancel: OnCancel | None = None,
         on_disconnect: Callable[[PayerClient], None] | None = None,
+        on_error: Callable[[Error], None] | None = None,
         request_timeout_s: float = 20.0,
         connect_timeout_s: float = 5.0,
+        local_addr: tuple[str, int] | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.payer_id = payer_id
+        self.credentials = credentials
         self.on_offer = on_offer
         self.on_settled = on_settled
         self.on_cancel = on_cancel
         self.on_disconnect = on_disconnect
+        self.on_error = on_error  # errors the router sends unasked (session_replaced, ...)
         self.request_timeout_s = request_timeout_s
         self.connect_timeout_s = connect_timeout_s
+        self.local_addr = local_addr  # the source address to connect from (None: any)
         self._channel: Channel | None = None
         self._view = BalanceView()
         self.welcome: Welcome | None = None
 
+    @classmethod
+    def from_config(cls, cfg: NetworkConfig, payer_id: str, *, host: str | None = None,
+                    port: int | None = None, **kw: Any) -> PayerClient:
+        """A client for `payer_id` of the network `cfg` (the router's address from the
+        config unless given; the key and CA from its key folder). Raises KeyFileError."""
+        return cls(host or cfg.router.host, cfg.router.port if port is None else port,
+                   payer_id, credentials=PayerCredentials.from_config(cfg, payer_id), **kw)
+
     # --- lifecycle -----------------------------------------------------------------
 
     async def connect(self) -> Welcome:
-        """Open the session. Raises OSError/TimeoutError if the router is not reachable,
-        RequestFailed (e.g. `unknown_payer`) if it refuses us; the client is then closed."""
+        """Open the session and log in. Raises OSError/TimeoutError if the router is not
+        reachable, TlsFailed if its certificate is not this network's, RequestFailed
+        (`auth_failed`, `rate_limited`) if it refuses us; the client is then closed."""
         if self._channel is not None and not self._channel.closed:
             raise JackPayError(f"{self.payer_id} is already connected")
+        creds = self.credentials
         ch = await open_channel(self.host, self.port, _DECODER, name=f"router({self.payer_id})",
+                                tls=creds.tls if creds is not None else None,
                                 connect_timeout=self.connect_timeout_s,
-                                on_message=self._on_message, on_close=self._on_close)
+                                on_message=self._on_message, on_close=self._on_close,
+                                local_addr=self.local_addr)
         self._channel = ch
         try:
-            reply = await ch.request(
-                Hello(id=0, version=PROTOCOL_VERSION, role="payer", peer=self.payer_id),
-                timeout=self.connect_timeout_s,
-            )
+            reply = await self._log_in(ch, creds)
         except BaseException:
             ch.close()
             raise
@@ -169,6 +213,23 @@ class PayerClient:
         self.welcome = reply
         self._view = BalanceView(reply.balance, reply.available, reply.last_tx_time)
         return reply
+
+    async def _log_in(self, ch: Channel, creds: PayerCredentials | None) -> Message:
+        timeout = self.connect_timeout_s
+        if creds is None:
+            return await ch.request(Hello(id=0, version=PROTOCOL_VERSION, role="payer",
+                                          peer=self.payer_id), timeout=timeout)
+        client_nonce = new_nonce()
+        challenge = await ch.request(Hello(id=0, version=PROTOCOL_VERSION, role="payer",
+                                           peer=self.payer_id, nonce=client_nonce),
+                                     timeout=timeout)
+        if not isinstance(challenge, Challenge):
+            raise ConnectionLost(f"router answered hello with {type(challenge).__name__}")
+        # The server id signed is the name the TLS handshake verified, not the one the
+        # server announces: a signature is only ever good for the server we checked.
+        sig = sign_login(creds.key, creds.network_id, creds.tls.server_name, challenge.nonce,
+                         client_nonce, self.payer_id)
+        return await ch.request(Auth(id=0, sig=sig), timeout=timeout)
 
     async def close(self) -> None:
         """Close the session; idempotent. Pending calls fail with ConnectionLost."""
@@ -250,9 +311,11 @@ class PayerClient:
         """This payer's ledger rows from `from_seq`, oldest first (a page; see next_seq)."""
         return await self._request(History(id=0, from_seq=from_seq, limit=limit), HistoryReply)
 
-    async def status(self, tx_id: str) -> StatusReply:
-        """What the router knows of `tx_id`: paid, failed, pending or unknown."""
-        return await self._request(Status(id=0, tx_id=tx_id), StatusReply)
+    async def status(self, tx_id: str, sender: str | None = None) -> StatusReply:
+        """What the router knows of the payment (`sender`, `tx_id`) — by default one this
+        payer sent; name the sender to ask about one it was offered: paid, failed,
+        pending or unknown."""
+        return await self._request(Status(id=0, tx_id=tx_id, sender=sender), StatusReply)
 
     async def _request(self, msg: Message, expect: type[M], timeout: float | None = None) -> M:
         ch = self._channel
@@ -288,6 +351,11 @@ class PayerClient:
                 return self._ack_after(ch, msg, self.on_cancel)
             case Error(code=code, message=text):
                 log.warning("router says %s: %s", code, text)
+                if self.on_error is not None:
+                    try:
+                        self.on_error(msg)
+                    except Exception:
+                        log.exception("on_error callback failed")
                 if code == ErrorCode.SESSION_REPLACED:
                     ch.close(ConnectionLost("session replaced by a newer one"))
             case _:
@@ -334,4 +402,4 @@ def _send_quietly(ch: Channel, msg: Message) -> None:
         pass
 
 
-__all__ = ["BalanceView", "PayerClient", "make_pay", "new_tx_id"]
+__all__ = ["BalanceView", "PayerClient", "PayerCredentials", "make_pay", "new_tx_id"]

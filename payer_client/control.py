@@ -155,7 +155,7 @@ class _ControlSession:
             case History():
                 return _re(await self._client().history(msg.from_seq, msg.limit), rid)
             case Status():
-                reply = await self._client().status(msg.tx_id)
+                reply = await self._client().status(msg.tx_id, msg.sender)
                 if reply.state == "unknown" and msg.tx_id in d.outbox:
                     # Not at the router yet, but this daemon will (re-)send it.
                     reply = msgspec.structs.replace(reply, state="pending",

@@ -30,12 +30,13 @@ from typing import Any
 
 from common.aio import Channel
 from common.config import NetworkConfig
-from common.errors import ConnectionLost, ErrorCode, RequestFailed
+from common.errors import ConfigError, ConnectionLost, ErrorCode, RequestFailed
 from common.logs import log_event
 from common.messages import Cancel, Event, Message, Offer, Paid, Pay, Settled
 from common.money import format_amount
 from common.procs import print_ready
-from payer_client.client import PayerClient
+from common.tls import TlsFailed
+from payer_client.client import PayerClient, PayerCredentials
 from payer_client.control import ControlServer
 from payer_client.policy import AcceptancePolicy
 
@@ -44,7 +45,12 @@ log = logging.getLogger("jackpay.payer")
 INITIAL_BACKOFF_S = 0.1
 PENDING_RETRY_S = 0.5
 SHUTDOWN_GRACE_S = 5.0
-RETRY_CODES = frozenset({ErrorCode.OUTCOME_PENDING, ErrorCode.SHUTTING_DOWN})
+RETRY_CODES = frozenset({ErrorCode.OUTCOME_PENDING, ErrorCode.SHUTTING_DOWN,
+                         ErrorCode.RATE_LIMITED})
+# Refusals that a quick retry will not change (a key that does not match, a config that
+# does not name us): wait the longest backoff between tries.
+SLOW_RETRY_CODES = frozenset({ErrorCode.UNKNOWN_PAYER, ErrorCode.AUTH_FAILED,
+                              ErrorCode.RATE_LIMITED})
 
 
 @dataclass
@@ -79,7 +85,7 @@ class PayerDaemon:
         self.control = ControlServer(self, config.control_socket(payer_id))
         self.client: PayerClient | None = None
         self.outbox: dict[str, Outgoing] = {}
-        self.offers: dict[str, Offer] = {}
+        self.offers: dict[tuple[str, str], Offer] = {}  # by (sender, tx_id)
         self.watchers: set[Channel] = set()
         self._session_up = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -137,18 +143,30 @@ class PayerDaemon:
         delay = INITIAL_BACKOFF_S
         cap = self.config.payer.reconnect_max_s
         while not self._stopping.is_set():
-            client = PayerClient(
-                self.router_host, self.router_port, self.payer_id,
-                on_offer=self._on_offer, on_settled=self._on_settled, on_cancel=self._on_cancel,
-                request_timeout_s=self.config.payer.request_timeout_s,
-            )
             try:
+                # Read the key at every login: after `jackpay-keys --rotate` the next
+                # session proves the new one.
+                client = PayerClient(
+                    self.router_host, self.router_port, self.payer_id,
+                    credentials=PayerCredentials.from_config(self.config, self.payer_id),
+                    on_offer=self._on_offer, on_settled=self._on_settled,
+                    on_cancel=self._on_cancel,
+                    request_timeout_s=self.config.payer.request_timeout_s,
+                )
                 welcome = await client.connect()
+            except ConfigError as exc:
+                log_event(log, "cannot log in", logging.ERROR, payer=self.payer_id,
+                          error=str(exc))
+                delay = cap
             except RequestFailed as exc:
                 log_event(log, "router refused the session", logging.WARNING,
                           router=self.router_addr, code=str(exc.code), reason=exc.message)
-                if exc.code == ErrorCode.UNKNOWN_PAYER:
-                    delay = cap  # a config mismatch; retrying fast will not help
+                if exc.code in SLOW_RETRY_CODES:
+                    delay = cap  # a key or config mismatch; retrying fast will not help
+            except TlsFailed as exc:
+                log_event(log, "router not trusted", logging.ERROR, router=self.router_addr,
+                          error=str(exc))
+                delay = cap
             except (OSError, TimeoutError, ConnectionLost) as exc:
                 log_event(log, "router not reachable", logging.WARNING,
                           router=self.router_addr, error=str(exc) or type(exc).__name__)
@@ -207,9 +225,10 @@ class PayerDaemon:
 
     async def _resync(self, client: PayerClient) -> None:
         """After a (re)connect: settle or forget the offers we were left holding."""
-        for tx_id, asked_about in list(self.offers.items()):
+        for key, asked_about in list(self.offers.items()):
+            sender, tx_id = key
             try:
-                st = await client.status(tx_id)
+                st = await client.status(tx_id, sender=sender)
             except RequestFailed as exc:
                 if exc.code != ErrorCode.NOT_FOUND:
                     continue
@@ -218,12 +237,12 @@ class PayerDaemon:
                 return
             else:
                 state, code = st.state, st.code
-            offer = self.offers.get(tx_id)
+            offer = self.offers.get(key)
             # A fresh offer for the same tx_id may have arrived while we asked (the sender
             # re-sent it to a restarted router): the answer was about the old one.
             if offer is None or offer is not asked_about or state == "pending":
                 continue
-            del self.offers[tx_id]
+            del self.offers[key]
             if state == "paid":
                 log_event(log, "payment received", tx_id=tx_id, sender=offer.sender,
                           amount=format_amount(offer.amount), outcome="paid", via="status")
@@ -247,7 +266,7 @@ class PayerDaemon:
             self.emit(Event(kind="cancel", tx_id=offer.tx_id, peer=offer.sender,
                             amount=offer.amount, memo=offer.memo, code="receiver_rejected"))
             return reason
-        self.offers[offer.tx_id] = offer
+        self.offers[(offer.sender, offer.tx_id)] = offer
         log_event(log, "offer accepted", tx_id=offer.tx_id, sender=offer.sender,
                   amount=format_amount(offer.amount), outcome="receipt")
         self.emit(Event(kind="offer", tx_id=offer.tx_id, peer=offer.sender,
@@ -255,21 +274,20 @@ class PayerDaemon:
         return None
 
     async def _on_settled(self, msg: Settled) -> None:
-        offer = self.offers.pop(msg.tx_id, None)
-        sender = offer.sender if offer else ""
+        offer = self.offers.pop((msg.sender, msg.tx_id), None)
+        sender = msg.sender
         amount = offer.amount if offer else 0
-        log_event(log, "payment received", tx_id=msg.tx_id, sender=sender or None,
+        log_event(log, "payment received", tx_id=msg.tx_id, sender=sender,
                   amount=format_amount(amount) if offer else None, outcome="settled",
                   seq=msg.seq, balance=format_amount(msg.balance))
         self.emit(Event(kind="settled", tx_id=msg.tx_id, peer=sender, amount=amount,
                         memo=offer.memo if offer else "", balance=msg.balance, seq=msg.seq))
 
     async def _on_cancel(self, msg: Cancel) -> None:
-        offer = self.offers.pop(msg.tx_id, None)
-        log_event(log, "offer cancelled", tx_id=msg.tx_id,
-                  sender=offer.sender if offer else None,
+        offer = self.offers.pop((msg.sender, msg.tx_id), None)
+        log_event(log, "offer cancelled", tx_id=msg.tx_id, sender=msg.sender,
                   amount=format_amount(offer.amount) if offer else None, code=msg.code)
-        self.emit(Event(kind="cancel", tx_id=msg.tx_id, peer=offer.sender if offer else "",
+        self.emit(Event(kind="cancel", tx_id=msg.tx_id, peer=msg.sender,
                         amount=offer.amount if offer else 0, code=msg.code))
 
     # --- outgoing ------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """The JackPay demo (what `scripts/demo` runs): a three-payer network in a temp folder.
 
-It starts ledger, router and the daemons of alice, bob and carol on ephemeral ports,
-then drives the real CLI (`python -m payer_client ... --json`) through payments that
-succeed and payments that hit each failure path a person can provoke from the CLI,
+It makes the network's keys, starts ledger, router and the daemons of alice, bob and
+carol on ephemeral ports, then drives the real CLI (`python -m payer_client ... --json`)
+through payments that succeed and payments that hit each failure path a person can
+provoke from the CLI, shows a stranger who knows alice's name failing to pay as alice,
 prints every outcome, the balances and the ledger, runs `python -m ledger verify`, and
 stops everything. Exit 0 only if every outcome was the expected one, the ledger verifies
 and the balances add up; 1 otherwise.
@@ -11,6 +12,7 @@ and the balances add up; 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import csv
 import json
 import os
@@ -22,17 +24,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from common import PROTOCOL_VERSION
+from common.config import load_config
+from common.errors import ConnectionLost, RequestFailed
+from common.framing import encode_frame
+from common.keys import KeyStore
+from common.messages import Hello, encode
 from common.money import format_amount, parse_amount
 from common.procs import ProcessFailed
+from common.tls import client_tls
+from payer_client.client import PayerClient, PayerCredentials
 from payer_client.launch import REPO_ROOT, LocalNetwork
 from payer_client.render import printable
 
 OPENING = {"alice": "1000.00", "bob": "50.00", "carol": "20.00"}
 CONFIG = """\
+[network]
+id = "demo"
+
 [ledger]
 host = "127.0.0.1"
 port = 0
@@ -147,10 +161,27 @@ class Demo:
         self.console.print("[dim]starting bob's daemon again …[/]")
         self.net.start_payer("bob")
         self.step(Step("to bob once he is back", "alice", ["bob", "5.00"], "paid"))
+        self.stranger()
         self.show_balances()
         self.show_ledger()
         self.verify()
         return 0
+
+    def stranger(self) -> None:
+        """Someone who knows alice's name and can reach the router's port tries to pay as
+        alice: in plain TCP, then over TLS with a key of their own. Both get nothing."""
+        self.console.rule("a stranger tries to pay as alice")
+        host, port = self.net.router_addr.rsplit(":", 1)
+        plain, signed = asyncio.run(_stranger(self.net.config_path, host, int(port)))
+        for title, got, expect in (
+                ("hello as alice in plain TCP (no TLS)", plain, "closed"),
+                ("TLS, hello as alice, signed with the stranger's own key", signed,
+                 "auth_failed")):
+            ok = got == expect
+            self.console.print(f"{'[green]✔[/]' if ok else '[red]✘[/]'} {title}\n    → "
+                               f"[bold]{got}[/]", highlight=False)
+            if not ok:
+                self.failures.append(f"stranger, {title}: expected {expect}, got {got}")
 
     def show_balances(self) -> None:
         self.console.rule("balances")
@@ -204,6 +235,36 @@ class Demo:
         self.console.print((proc.stdout + proc.stderr).strip(), highlight=False)
         if proc.returncode != 0:
             self.failures.append(f"ledger verify exited {proc.returncode}")
+
+
+async def _stranger(config_path: Path, host: str, port: int) -> tuple[str, str]:
+    """What a stranger gets: (plain TCP hello as alice, TLS login as alice with another
+    key). `closed` means the router closed the connection without a frame."""
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(encode_frame(encode(Hello(id=1, version=PROTOCOL_VERSION, role="payer",
+                                           peer="alice"))))
+    try:
+        answer = await asyncio.wait_for(reader.read(1024), 5.0)
+        plain = "answered" if answer.startswith(b"\x00") else "closed"
+    except (ConnectionError, TimeoutError):
+        plain = "closed"
+    finally:
+        writer.close()
+    cfg = load_config(config_path)
+    forged = PayerCredentials(cfg.network.id, Ed25519PrivateKey.generate(),
+                              client_tls(KeyStore.for_config(cfg), "router"))
+    client = PayerClient(host, port, "alice", credentials=forged)
+    try:
+        await client.connect()
+        await client.send_payment("bob", 100)
+        signed = "paid"
+    except RequestFailed as exc:
+        signed = str(exc.code)
+    except (ConnectionLost, OSError, TimeoutError) as exc:
+        signed = type(exc).__name__
+    finally:
+        await client.close()
+    return plain, signed
 
 
 def main(argv: list[str] | None = None) -> int:

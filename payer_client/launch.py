@@ -2,7 +2,9 @@
 
     python -m payer_client.launch [CONFIG] [--run-dir DIR] [--ephemeral]
 
-Order: the ledger first, then the router (told the ledger's real address with
+First the network's keys: `jackpay-keys` (common.keygen) creates whatever is missing
+(never replacing a key), so a new network needs no set-up step. Then the ledger, then
+the router (told the ledger's real address with
 `--ledger`), then one payer daemon per participant (told the router's with `--router`).
 Each process is waited for until it prints its READY line; its stderr goes to
 `<run-dir>/<name>.log` and its pid to `<run-dir>/<name>.pid`. `--ephemeral` binds ledger
@@ -27,6 +29,7 @@ from rich.table import Table
 
 from common.config import NetworkConfig, load_config
 from common.errors import ConfigError
+from common.keygen import ensure_keys
 from common.procs import Proc, ProcessFailed, python_module
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -40,9 +43,11 @@ class LocalNetwork:
     run_dir: Path
     ephemeral: bool = False
     procs: dict[str, Proc] = field(default_factory=dict)
+    created_keys: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.config: NetworkConfig = load_config(self.config_path)
+        self.created_keys = ensure_keys(self.config)  # raises ConfigError
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.config.resolve(self.config.ledger.path).parent.mkdir(parents=True, exist_ok=True)
         self.config.resolve(self.config.payer.control_dir).mkdir(parents=True, exist_ok=True)
@@ -152,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     except ProcessFailed as exc:
         print(f"scripts/up: {exc}", file=sys.stderr)
         return 1
+    if net.created_keys:
+        console.print("keys made for this network (kept for the next runs):\n  "
+                      + "\n  ".join(net.created_keys), highlight=False)
     console.print(net.table())
     first = net.config.participants[0].id if net.config.participants else "alice"
     console.print(f"logs and pids in {run_dir}\ntry:  jackpay-payer balance --config "
