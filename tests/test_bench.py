@@ -18,7 +18,12 @@ def test_bench_quick_reports_every_figure() -> None:
     report = json.loads(proc.stdout)
     payments = report["payments"]
     assert [p["label"].split()[0] for p in payments] == ["closed", "closed", "open"]
-    for p in payments:
+    plain = report["plain_payments"]  # TLS and login off, for comparison: labelled so
+    assert [p["label"].split()[:2] for p in plain] == [
+        ["plain", "closed"], ["plain", "closed"], ["plain", "open"]]
+    # the plain run is offered the same open-loop rate as the secure one
+    assert plain[-1]["offered_per_s"] == payments[-1]["offered_per_s"]
+    for p in payments + plain:
         assert p["ok"] > 0, p
         assert p["failed"] == 0, p
         assert p["p50_ms"] <= p["p99_ms"] <= p["max_ms"]
@@ -26,9 +31,19 @@ def test_bench_quick_reports_every_figure() -> None:
         assert p["fsync_ms_avg"] > 0
         assert 0 <= p["slow_fsyncs"] <= p["ok"]
         assert set(p["cpu_s"]) == {"ledger", "router", "bench"}
-    assert [e["label"] for e in report["echo"]] == ["echo 1 hop", "echo 3 hops"]
+    assert [e["label"] for e in report["echo"]] == [
+        "echo 1 hop plain", "echo 3 hops plain", "echo 1 hop TLS", "echo 3 hops TLS"]
     assert all(e["per_s"] > 0 for e in report["echo"])
     assert report["fsync"]["fsyncs_per_s"] > 0
     assert report["sessions"]["kib_per_idle_session"] is not None
     assert list(report["rebuild_s"]) == ["20000"]
-    assert set(report["ratios"]) == {"vs_echo_1_hop", "vs_echo_3_hops", "vs_single_fsync_rate"}
+    assert report["peak_payments_per_s"] > 0
+    assert report["plain_peak_payments_per_s"] > 0
+    ratios = report["ratios"]
+    assert set(ratios) == {"vs_echo_1_hop_tls", "vs_echo_3_hops_tls", "plain_vs_echo_3_hops_plain",
+                           "vs_single_fsync_rate", "secure_vs_plain_peak",
+                           "secure_vs_plain_p99_at_same_rate"}
+    assert ratios["secure_vs_plain_peak"] == round(
+        report["peak_payments_per_s"] / report["plain_peak_payments_per_s"], 3)
+    assert list(ratios["secure_vs_plain_p99_at_same_rate"]) == [
+        f"{payments[-1]['offered_per_s']:.0f}/s"]

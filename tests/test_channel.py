@@ -43,7 +43,7 @@ async def pair() -> AsyncIterator[tuple[Channel, Peer]]:
     peer = Peer()
     server = await start_channel_server(peer.accept, DECODER, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    ch = await open_channel("127.0.0.1", port, DECODER, name="test")
+    ch = await open_channel("127.0.0.1", port, DECODER, name="test", tls=None)
     yield ch, peer
     ch.close()
     server.close()
@@ -191,7 +191,8 @@ async def test_accept_hello_answers_what_is_wrong_and_closes(first: Message,
 
     server = await start_channel_server(accept, decoder_for((Hello, Ping)), "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    ch = await open_channel("127.0.0.1", port, decoder_for((Welcome, Error)), name="t")
+    ch = await open_channel("127.0.0.1", port, decoder_for((Welcome, Error)), name="t",
+                            tls=None)
     try:
         if code is None:
             assert isinstance(await ch.request(first, timeout=2), Welcome)

@@ -57,6 +57,16 @@ def test_duplicated_row() -> None:
     assert "duplicate_row" in kinds(check(ledger(doctored), history()))
 
 
+def test_the_same_tx_id_from_two_senders_is_two_payments() -> None:
+    entries = [*BASE, ("p1", "bob", "alice", 50)]  # bob's own p1, not alice's again
+    ops = [*history(), Operation("p1", "bob", "alice", 50, attempts=[Attempt("ok", seq=5)])]
+    report = check(ledger(entries), ops, router_view(entries))
+    assert report.ok, report.violations
+    # ... and alice's p1 told paid but missing is still caught when only bob's is there
+    only_bobs = [e for e in entries if (e[0], e[1]) != ("p1", "alice")]
+    assert "acked_missing" in kinds(check(ledger(only_bobs), ops))
+
+
 def test_dropped_acked_row() -> None:
     doctored = [e for e in BASE if e[0] != "p2"]
     report = check(ledger(doctored), history())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from netkit import Network, open_ledger_channel
+from netkit import Network
 
 from chaos.proxy import FaultProxy
 from common.aio import Channel
@@ -25,8 +25,8 @@ from common.messages import (
 DECODER = decoder_for(LEDGER_REPLIES)
 
 
-async def via(proxy_addr: tuple[str, int]) -> Channel:
-    return await open_ledger_channel(proxy_addr)
+async def via(proxy_addr: tuple[str, int], net: Network) -> Channel:
+    return await net.ledger_channel(proxy_addr)
 
 
 def row(i: int) -> RowIn:
@@ -38,13 +38,13 @@ async def proxied(network: Network):  # type: ignore[no-untyped-def]
     network.start_ledger()
     proxy = FaultProxy(network.procs["ledger"].addr)
     addr = await proxy.start()
-    yield proxy, addr
+    yield proxy, addr, network
     await proxy.stop()
 
 
 async def test_clean_pipe_and_latency(proxied) -> None:  # type: ignore[no-untyped-def]
-    proxy, addr = proxied
-    ch = await via(addr)
+    proxy, addr, net = proxied
+    ch = await via(addr, net)
     assert isinstance(await ch.request(Ping(id=0), timeout=2), Pong)
     proxy.set_latency(0.2)
     t0 = time.monotonic()
@@ -53,17 +53,17 @@ async def test_clean_pipe_and_latency(proxied) -> None:  # type: ignore[no-untyp
 
 
 async def test_trickle_one_byte_at_a_time_still_decodes(proxied) -> None:  # type: ignore[no-untyped-def]
-    proxy, addr = proxied
+    proxy, addr, net = proxied
     proxy.set_trickle(True)
-    ch = await via(addr)
+    ch = await via(addr, net)
     reply = await ch.request(Append(id=0, rows=[row(1)]), timeout=10)
     assert isinstance(reply, Appended)
     assert reply.results[0].status == "written"
 
 
-async def test_blackhole_swallows_requests(proxied) -> None:  # type: ignore[no-untyped-def]
-    proxy, addr = proxied
-    ch = await via(addr)
+async def test_blackhole_holds_traffic_until_healed(proxied) -> None:  # type: ignore[no-untyped-def]
+    proxy, addr, net = proxied
+    ch = await via(addr, net)
     proxy.set_blackhole(True)
     with pytest.raises(TimeoutError):
         await ch.request(Ping(id=0), timeout=0.5)
@@ -72,13 +72,13 @@ async def test_blackhole_swallows_requests(proxied) -> None:  # type: ignore[no-
 
 
 async def test_cut_after_request_loses_the_reply_but_not_the_write(proxied) -> None:  # type: ignore[no-untyped-def]
-    proxy, addr = proxied
-    ch = await via(addr)
+    proxy, addr, net = proxied
+    ch = await via(addr, net)
     proxy.cut_after(0, "down")  # the next reply byte kills the connection
     with pytest.raises(ConnectionLost):
         await ch.request(Append(id=0, rows=[row(7)]), timeout=5)
     proxy.heal()
-    ch2 = await via(addr)
+    ch2 = await via(addr, net)
     again = await ch2.request(Append(id=0, rows=[row(7)]), timeout=5)
     assert isinstance(again, Appended)
     assert again.results[0].status == "duplicate"  # the first append did reach the disk
@@ -88,12 +88,12 @@ async def test_cut_after_request_loses_the_reply_but_not_the_write(proxied) -> N
 
 
 async def test_reset_all_breaks_open_connections(proxied) -> None:  # type: ignore[no-untyped-def]
-    proxy, addr = proxied
-    ch = await via(addr)
+    proxy, addr, net = proxied
+    ch = await via(addr, net)
     assert proxy.open_connections == 1
     proxy.reset_all()
     await ch.wait_closed()
     with pytest.raises(ConnectionLost):
         await ch.request(Ping(id=0), timeout=2)
-    ch2 = await via(addr)
+    ch2 = await via(addr, net)
     assert isinstance(await ch2.request(Ping(id=0), timeout=2), Pong)

@@ -21,7 +21,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 import pytest
-from netkit import Network, open_ledger_channel
+from netkit import Network
 from test_payments import Decide, Peer, connect, eventually, inspect, ledger_rows
 
 from chaos.checker import Attempt, Operation, RouterView, check
@@ -140,7 +140,7 @@ async def assert_paid_everywhere(net: Network, op: Operation, sender: PayerClien
     for who in (sender, receiver):
         if who is None:
             continue
-        st = await who.status(op.tx_id)
+        st = await who.status(op.tx_id, op.sender)
         assert (st.state, st.seq, st.code) == ("paid", seq, None), (who.payer_id, st)
     assert await attempt(op, sender) == Attempt("ok", seq=seq)
     assert op.final == Attempt("ok", seq=seq)
@@ -149,7 +149,7 @@ async def assert_paid_everywhere(net: Network, op: Operation, sender: PayerClien
 
 async def ledger_appends(net: Network) -> int:
     """How many `append` requests the ledger has received (straight, not via a proxy)."""
-    ch = await open_ledger_channel(net.procs["ledger"].addr, role="client")
+    ch = await net.ledger_channel(identity="auditor", role="client")
     try:
         reply = await ch.request(Stats(id=0), timeout=2)
     finally:
@@ -195,8 +195,8 @@ class Control:
         op.attempts.append(result)
         return result
 
-    async def status(self, tx_id: str) -> StatusReply:
-        reply = await self.ch.request(Status(id=0, tx_id=tx_id), timeout=5)
+    async def status(self, tx_id: str, sender: str | None = None) -> StatusReply:
+        reply = await self.ch.request(Status(id=0, tx_id=tx_id, sender=sender), timeout=5)
         assert isinstance(reply, StatusReply)
         return reply
 
@@ -239,7 +239,7 @@ async def test_ledger_ack_lost_after_fsync_is_resent_and_ends_paid_once(
         await until(lambda: len(rows_for(network, op.tx_id)) == 1)
         assert await step_of(network, op.tx_id) == "append"
         for who in (alice, bob):
-            st = await who.client.status(op.tx_id)
+            st = await who.client.status(op.tx_id, op.sender)
             assert st.state == "pending", st
         assert await alice.balance() == (1000, 750)  # held, not moved
         assert await bob.balance() == (500, 500)
@@ -358,7 +358,7 @@ async def test_receiver_killed_between_receipt_and_settled(network: Network) -> 
         try:
             assert bob.welcome.balance == 900  # the daemon's view on reconnect
             assert (await bob.balance()).balance == 900
-            st = await bob.status(op.tx_id)
+            st = await bob.status(op.tx_id, op.sender)
             assert (st.state, st.seq) == ("paid", result.seq)
             assert await assert_paid_everywhere(network, op, alice.client, None) == result.seq
         finally:
@@ -399,7 +399,7 @@ async def test_receiver_link_lost_between_receipt_and_settled_resyncs(
                                     for e in bob.events))
             ev = next(e for e in bob.events if e.kind == "settled")
             assert ev.seq == result.seq
-            st = await bob.status(op.tx_id)
+            st = await bob.status(op.tx_id, op.sender)
             assert (st.state, st.seq) == ("paid", result.seq)
             assert (await bob.balance()).balance == 900
             assert await assert_paid_everywhere(network, op, alice.client, None) == result.seq
@@ -468,7 +468,7 @@ async def test_sender_daemon_killed_mid_payment_then_resent(
     assert (st.state, st.seq) == ("paid", result.seq)
     assert await alice.send(op) == Attempt("ok", seq=result.seq)
     assert (await alice.balance()).balance == 800
-    bst = await bob.client.status(op.tx_id)
+    bst = await bob.client.status(op.tx_id, op.sender)
     assert (bst.state, bst.seq) == ("paid", result.seq)
     assert await bob.assert_no_hold() == 700
     alice.close()

@@ -56,7 +56,7 @@ def appended(req: Append, status: str = "duplicate") -> Appended:
 async def run_client(script: Script) -> tuple[AppendResult | Exception, list[Append]]:
     server, seen = await scripted_ledger(script)
     port = server.sockets[0].getsockname()[1]
-    client = LedgerClient("127.0.0.1", port, timeout_s=0.2, retry_max_s=0.2)
+    client = LedgerClient("127.0.0.1", port, tls=None, timeout_s=0.2, retry_max_s=0.2)
     client.start()
     try:
         assert await client.wait_connected(5)

@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
 
 import msgspec
 import pytest
-from netkit import Network, fsize_limit, open_ledger_channel
+from netkit import Network, fsize_limit
 
 from common import PROTOCOL_VERSION
 from common.aio import Channel
@@ -37,7 +38,7 @@ DECODER = decoder_for(LEDGER_REPLIES)
 
 
 async def connect(net: Network) -> Channel:
-    return await open_ledger_channel(net.procs["ledger"].addr)
+    return await net.ledger_channel()
 
 
 def row(i: int, amount: int = 100, memo: str = "", receiver: str = "alice") -> RowIn:
@@ -145,8 +146,11 @@ async def test_sigkill_mid_stream_loses_no_acked_row(network: Network) -> None:
 
 
 def raw_socket(net: Network) -> socket.socket:
+    """A blocking TLS socket to the ledger with the router's certificate: what a buggy or
+    hostile router would have."""
+    tls = net.ledger_tls()
     s = socket.create_connection(net.procs["ledger"].addr, timeout=5)
-    return s
+    return tls.context.wrap_socket(s, server_hostname=tls.server_name)
 
 
 def read_frames(s: socket.socket) -> list[object]:
@@ -156,7 +160,7 @@ def read_frames(s: socket.socket) -> list[object]:
     try:
         while chunk := s.recv(65536):
             data += chunk
-    except TimeoutError:
+    except (TimeoutError, ssl.SSLError, ConnectionError):
         pass
     out = []
     while len(data) >= 4:

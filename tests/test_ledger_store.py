@@ -49,7 +49,7 @@ def test_reopen_rebuilds_index(tmp_path: Path) -> None:
     path = fresh(tmp_path)
     store = LedgerStore.open(path)
     assert store.last_seq == 3
-    assert set(store.by_tx) == {"tx1", "tx2", "tx3"}
+    assert {tx for _, tx in store.by_tx} == {"tx1", "tx2", "tx3"}
     assert append(store, [row(2, memo="m2")], [row(2, amount=5)]) == [["duplicate"], ["conflict"]]
     assert store.last_seq == 3
 
@@ -169,9 +169,9 @@ def test_party_reads_page_through_an_accounts_rows(tmp_path: Path) -> None:
 
 async def test_slow_fsyncs_are_logged_at_most_once_a_second(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from ledger.server import LedgerServer
+    from ledger.server import LedgerAccess, LedgerServer
 
-    server = LedgerServer(LedgerStore.open(tmp_path / "l.csv"))
+    server = LedgerServer(LedgerStore.open(tmp_path / "l.csv"), LedgerAccess(tls=None))
     with caplog.at_level(logging.WARNING, logger="jackpay.ledger"):
         for _ in range(3):
             server._note_slow_fsync(25_000, rows=7)

@@ -12,6 +12,9 @@ from common.errors import ErrorCode
 
 EXAMPLES: list[m.Message] = [
     m.Hello(id=1, version=1, role="payer", peer="alice"),
+    m.Hello(id=1, version=3, role="payer", peer="alice", nonce=b"n" * 32),
+    m.Challenge(re=1, nonce=b"s" * 32, server="router.testnet"),
+    m.Auth(id=2, sig=b"x" * 64),
     m.Welcome(re=1, version=1, server="router", balance=100, available=90, last_tx_time=None),
     m.Ping(id=2), m.Pong(re=2),
     m.Error(re=3, code="insufficient_funds", message="no", tx_id="t1"),
@@ -29,10 +32,11 @@ EXAMPLES: list[m.Message] = [
     m.Paid(re=7, tx_id="t2", seq=9, dtg="2026-01-01T00:00:00.000000Z", balance=10),
     m.GetBalance(id=8), m.BalanceReply(re=8, balance=1, available=1),
     m.History(id=9), m.HistoryReply(re=9, rows=[], next_seq=1),
-    m.Status(id=10, tx_id="t2"), m.StatusReply(re=10, tx_id="t2", state="paid", seq=9),
+    m.Status(id=10, tx_id="t2"), m.Status(id=10, tx_id="t2", sender="alice"), m.StatusReply(re=10, tx_id="t2", state="paid", seq=9),
     m.Offer(id=11, tx_id="t2", sender="alice", amount=1250, memo="lunch"),
     m.Receipt(re=11, tx_id="t2"), m.Reject(re=11, tx_id="t2", reason="too much"),
-    m.Settled(id=12, tx_id="t2", seq=9, balance=1250), m.Cancel(id=13, tx_id="t2", code="x"),
+    m.Settled(id=12, tx_id="t2", sender="alice", seq=9, balance=1250),
+    m.Cancel(id=13, tx_id="t2", sender="alice", code="x"),
     m.Ack(re=12), m.Send(id=14, to="bob", amount=5), m.Watch(id=15),
     m.Event(kind="paid", tx_id="t2"),
     m.Inspect(id=16),
@@ -56,10 +60,23 @@ def test_every_message_type_has_an_example() -> None:
     assert defined == set(ALL_TYPES)
 
 
-def test_offer_uses_from_on_the_wire() -> None:
-    raw = msgspec.msgpack.decode(m.encode(m.Offer(id=1, tx_id="t", sender="alice", amount=1)))
+@pytest.mark.parametrize("msg", [
+    m.Offer(id=1, tx_id="t", sender="alice", amount=1),
+    m.Settled(id=1, tx_id="t", sender="alice", seq=1, balance=1),
+    m.Cancel(id=1, tx_id="t", sender="alice", code="x")], ids=lambda x: type(x).__name__)
+def test_the_receiver_is_told_the_sender_as_from(msg: m.Message) -> None:
+    raw = msgspec.msgpack.decode(m.encode(msg))
     assert raw["from"] == "alice"
     assert "sender" not in raw
+
+
+def test_nonces_and_signatures_are_binary_of_exact_length() -> None:
+    for frame in ({"t": "hello", "id": 1, "version": 3, "role": "payer", "nonce": b"n" * 31},
+                  {"t": "hello", "id": 1, "version": 3, "role": "payer", "nonce": "n" * 32},
+                  {"t": "auth", "id": 1, "sig": b"x" * 63}, {"t": "auth", "id": 1, "sig": "x" * 64},
+                  {"t": "auth", "id": 1}):
+        with pytest.raises(msgspec.ValidationError):
+            DECODER.decode(msgspec.msgpack.encode(frame))
 
 
 def _pay(**over: Any) -> dict[str, Any]:

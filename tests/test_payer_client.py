@@ -1,7 +1,8 @@
 """The importable PayerClient and the payer daemon.
 
 Tier 1 runs against `FakeRouter`, a tiny in-test router built on common.aio.Channel over
-real loopback TCP (no mocked sockets): enough of the router contract to exercise the
+real loopback TLS with the network's keys (no mocked sockets), logging payers in with the
+router's own login code (router.login): enough of the router contract to exercise the
 client's offer/settled/cancel handling and the daemon's retry with the same tx_id.
 Tier 2 runs against the real network (ledger + router processes) once router/ exists.
 """
@@ -18,10 +19,15 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from common import PROTOCOL_VERSION
-from common.aio import Channel
+from common.aio import Channel, start_channel_server
+from common.config import load_config
 from common.errors import ConnectionLost, ErrorCode, RequestFailed
+from common.keygen import ensure_keys
+from common.keys import KeyStore
+from common.limits import FailedLogins
 from common.messages import (
     ROUTER_REQUESTS,
     BalanceReply,
@@ -46,7 +52,10 @@ from common.messages import (
     Welcome,
     decoder_for,
 )
-from payer_client import PayerClient
+from common.tls import server_context
+from payer_client import PayerClient, PayerCredentials
+from router.keyring import PayerKeys
+from router.login import Login, LoginPolicy, LoginRefused
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HAVE_ROUTER = (REPO_ROOT / "router" / "__main__.py").exists()
@@ -65,7 +74,8 @@ class FakeRouter:
     instead of answering (the in-doubt case the payer must retry with the same tx_id).
     """
 
-    def __init__(self, balances: dict[str, int]) -> None:
+    def __init__(self, balances: dict[str, int], root: Path) -> None:
+        self.root = root
         self.balances = dict(balances)
         self.sessions: dict[str, Channel] = {}
         self.outcomes: dict[str, Message] = {}
@@ -79,8 +89,17 @@ class FakeRouter:
         self._server: asyncio.AbstractServer | None = None
         self.port = 0
 
-    async def start(self) -> FakeRouter:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+    async def start(self, port: int = 0) -> FakeRouter:
+        if not (self.root / "network.toml").exists():
+            write_config(self.root, 0)
+        store = KeyStore.for_config(load_config(self.root / "network.toml"))
+        keys = PayerKeys(store, list(self.balances))
+        keys.load()
+        self.policy = LoginPolicy(store.network_id, store.server_name("router"), keys,
+                                  FailedLogins(100))
+        self._server = await start_channel_server(
+            self._accept, decoder_for(ROUTER_REQUESTS), "127.0.0.1", port, name="payer",
+            tls=server_context(store, "router"))
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -90,28 +109,36 @@ class FakeRouter:
         for ch in list(self.sessions.values()):
             ch.close()
 
-    async def _accept(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    def _accept(self, ch: Channel) -> None:
         state: dict[str, str] = {}
-        ch = Channel(r, w, decoder_for(ROUTER_REQUESTS), name="payer")
-        ch.on_message = lambda c, m: self._handle(c, m, state)
+        login = Login(self.policy, ch.address)
+        ch.on_message = lambda c, m: self._handle(c, m, state, login)
         ch.start()
 
-    async def _handle(self, ch: Channel, msg: Message, state: dict[str, str]) -> None:
+    async def _handle(self, ch: Channel, msg: Message, state: dict[str, str],
+                      login: Login) -> None:
         me = state.get("peer")
-        match msg:
-            case Hello(id=rid, peer=peer):
-                if peer not in self.balances:
-                    ch.send_nowait(Error(re=rid, code="unknown_payer", message=f"no {peer}"))
-                    ch.close()
+        if me is None:
+            try:
+                if isinstance(msg, Hello) and login.claimed is None:
+                    ch.send_nowait(login.on_hello(msg, 0.0))
                     return
-                old = self.sessions.get(peer)
-                if old is not None:
-                    old.close()
-                state["peer"] = peer
-                self.sessions[peer] = ch
-                bal = self.balances[peer]
-                ch.send_nowait(Welcome(re=rid, version=PROTOCOL_VERSION, server="fake",
-                                       balance=bal, available=bal))
+                peer = login.on_auth(msg, 0.0)
+            except LoginRefused as refused:
+                ch.reply_error(getattr(msg, "id", None), refused.code, refused.message)
+                ch.close()
+                return
+            old = self.sessions.get(peer)
+            if old is not None:
+                old.close()
+            state["peer"] = peer
+            self.sessions[peer] = ch
+            ch.handshake_complete()
+            bal = self.balances[peer]
+            ch.send_nowait(Welcome(re=getattr(msg, "id", 0), version=PROTOCOL_VERSION,
+                                   server="fake", balance=bal, available=bal))
+            return
+        match msg:
             case Ping(id=rid):
                 ch.send_nowait(Pong(re=rid))
             case Pay() if me is not None:
@@ -169,7 +196,8 @@ class FakeRouter:
             answer = await recv.request(Offer(id=0, tx_id=pay.tx_id, sender=me,
                                               amount=pay.amount, memo=pay.memo), timeout=2.0)
         except (TimeoutError, ConnectionLost):
-            recv.send_nowait(Cancel(id=recv.next_id(), tx_id=pay.tx_id, code="receiver_timeout"))
+            recv.send_nowait(Cancel(id=recv.next_id(), tx_id=pay.tx_id, sender=me,
+                                    code="receiver_timeout"))
             return fail("receiver_timeout", "no answer")
         if isinstance(answer, Reject):
             return fail("receiver_rejected", answer.reason)
@@ -180,7 +208,7 @@ class FakeRouter:
                                    receiver=pay.to, amount=pay.amount, tx_id=pay.tx_id,
                                    memo=pay.memo, hash="x"))
         try:
-            await recv.request(Settled(id=0, tx_id=pay.tx_id, seq=seq,
+            await recv.request(Settled(id=0, tx_id=pay.tx_id, sender=me, seq=seq,
                                        balance=self.balances[pay.to]), timeout=2.0)
         except (TimeoutError, ConnectionLost, RequestFailed):
             pass
@@ -189,14 +217,22 @@ class FakeRouter:
 
 
 @pytest.fixture
-async def fake() -> AsyncIterator[FakeRouter]:
-    router = await FakeRouter({"alice": 10_000, "bob": 500, "carol": 0}).start()
+async def fake(tmp_path: Path) -> AsyncIterator[FakeRouter]:
+    router = await FakeRouter({"alice": 10_000, "bob": 500, "carol": 0}, tmp_path).start()
     yield router
     await router.stop()
 
 
 def client(router: FakeRouter, who: str, **kw: object) -> PayerClient:
-    return PayerClient("127.0.0.1", router.port, who, **kw)  # type: ignore[arg-type]
+    """`who` logged in with its own key (a stranger such as mallory gets a fresh one)."""
+    cfg = load_config(router.root / "network.toml")
+    try:
+        creds = PayerCredentials.from_config(cfg, who)
+    except Exception:
+        creds = PayerCredentials.from_config(cfg, "alice")
+        creds = PayerCredentials(creds.network_id, Ed25519PrivateKey.generate(), creds.tls)
+    return PayerClient("127.0.0.1", router.port, who, credentials=creds,
+                       **kw)  # type: ignore[arg-type]
 
 
 # --- the client against the fake router -----------------------------------------------
@@ -214,7 +250,7 @@ async def test_unknown_payer_is_refused(fake: FakeRouter) -> None:
     mallory = client(fake, "mallory")
     with pytest.raises(RequestFailed) as info:
         await mallory.connect()
-    assert info.value.code == ErrorCode.UNKNOWN_PAYER
+    assert info.value.code == ErrorCode.AUTH_FAILED
     assert not mallory.connected
 
 
@@ -294,7 +330,7 @@ async def test_cancel_is_acked_and_reported(fake: FakeRouter) -> None:
 
 
 async def test_create_payment_validates() -> None:
-    c = PayerClient("127.0.0.1", 1, "alice")
+    c = PayerClient("127.0.0.1", 1, "alice", credentials=None)
     for bad in (0, -5, 10**16):
         with pytest.raises(ValueError, match="amount"):
             c.create_payment("bob", bad)
@@ -323,7 +359,7 @@ async def test_connection_loss_fails_pending_calls(fake: FakeRouter) -> None:
 
 
 async def test_not_connected_raises_connection_lost() -> None:
-    c = PayerClient("127.0.0.1", 1, "alice")
+    c = PayerClient("127.0.0.1", 1, "alice", credentials=None)
     with pytest.raises(ConnectionLost):
         await c.query_balance()
     with pytest.raises(ConnectionRefusedError):
@@ -335,7 +371,7 @@ async def test_not_connected_raises_connection_lost() -> None:
 
 def write_config(root: Path, port: int, *, max_incoming: dict[str, str] | None = None,
                  request_timeout_s: float = 5.0) -> Path:
-    lines = ["[router]", 'host = "127.0.0.1"', f"port = {port}", "",
+    lines = ["[network]", 'id = "fake"', "", "[router]", 'host = "127.0.0.1"', f"port = {port}", "",
              "[payer]", 'control_dir = "ctl"', "reconnect_max_s = 0.3",
              f"request_timeout_s = {request_timeout_s}"]
     for pid in ("alice", "bob", "carol"):
@@ -344,6 +380,7 @@ def write_config(root: Path, port: int, *, max_incoming: dict[str, str] | None =
             lines.append(f'max_incoming = "{max_incoming[pid]}"')
     path = root / "network.toml"
     path.write_text("\n".join(lines) + "\n")
+    ensure_keys(load_config(path))
     return path
 
 
@@ -384,7 +421,7 @@ async def cli(config: Path, who: str, *args: str) -> tuple[int, str, str]:
 
 
 async def test_daemon_serves_cli_and_applies_policy(tmp_path: Path) -> None:
-    fake = await FakeRouter({"alice": 10_000, "bob": 0, "carol": 0}).start()
+    fake = await FakeRouter({"alice": 10_000, "bob": 0, "carol": 0}, tmp_path).start()
     config = write_config(tmp_path, fake.port, max_incoming={"bob": "20.00"})
     alice = await Daemon.start(config, "alice")
     bob = await Daemon.start(config, "bob")
@@ -415,7 +452,7 @@ async def test_daemon_serves_cli_and_applies_policy(tmp_path: Path) -> None:
 
 
 async def test_daemon_resends_same_tx_id_after_lost_reply(tmp_path: Path) -> None:
-    fake = await FakeRouter({"alice": 10_000, "bob": 0, "carol": 0}).start()
+    fake = await FakeRouter({"alice": 10_000, "bob": 0, "carol": 0}, tmp_path).start()
     config = write_config(tmp_path, fake.port)
     alice = await Daemon.start(config, "alice")
     bob = await Daemon.start(config, "bob")
@@ -435,7 +472,7 @@ async def test_daemon_resends_same_tx_id_after_lost_reply(tmp_path: Path) -> Non
 
 
 async def test_daemon_reports_outcome_pending_and_keeps_trying(tmp_path: Path) -> None:
-    fake = await FakeRouter({"alice": 10_000, "bob": 0, "carol": 0}).start()
+    fake = await FakeRouter({"alice": 10_000, "bob": 0, "carol": 0}, tmp_path).start()
     config = write_config(tmp_path, fake.port, request_timeout_s=1.0)
     alice = await Daemon.start(config, "alice")
     bob = await Daemon.start(config, "bob")
@@ -466,7 +503,7 @@ async def test_daemon_resync_keeps_a_fresh_offer_for_the_same_tx_id(tmp_path: Pa
     before the answer (`unknown`: the old run never committed) a fresh offer for the same
     tx_id arrives, as when the sender re-sends it to a restarted router. The answer was
     about the old offer: the fresh one must stay, and its `settled` names its sender."""
-    fake = await FakeRouter({"alice": 10_000, "bob": 0, "carol": 0}).start()
+    fake = await FakeRouter({"alice": 10_000, "bob": 0, "carol": 0}, tmp_path).start()
     config = write_config(tmp_path, fake.port)
     bob = await Daemon.start(config, "bob")
     try:
@@ -488,8 +525,8 @@ async def test_daemon_resync_keeps_a_fresh_offer_for_the_same_tx_id(tmp_path: Pa
             await asyncio.sleep(0.05)
         assert asked == ["x1"]
         await asyncio.sleep(0.2)  # the `unknown` answer reaches the daemon
-        await fake.sessions["bob"].request(Settled(id=0, tx_id="x1", seq=1, balance=100),
-                                           timeout=5)
+        await fake.sessions["bob"].request(Settled(id=0, tx_id="x1", sender="alice", seq=1,
+                                                   balance=100), timeout=5)
     finally:
         assert await bob.stop() == 0
         await fake.stop()
@@ -509,8 +546,7 @@ async def test_daemon_waits_for_router_then_ready(tmp_path: Path) -> None:
     start = asyncio.create_task(Daemon.start(config, "alice", timeout=15))
     await asyncio.sleep(1.0)
     assert not start.done()
-    fake = FakeRouter({"alice": 100, "bob": 0, "carol": 0})
-    fake._server = await asyncio.start_server(fake._accept, "127.0.0.1", port)
+    fake = await FakeRouter({"alice": 100, "bob": 0, "carol": 0}, tmp_path).start(port)
     alice = await start
     try:
         rc, out, _ = await cli(config, "alice", "balance")
@@ -533,12 +569,12 @@ def test_program_sends_and_receives_without_daemon(network: object) -> None:
     network.write_config()
     network.start_ledger()
     router = network.start_router()
-    host, port = router.addr
+    _host, _port = router.addr
 
     async def program() -> None:
         got: list[Settled] = []
-        async with PayerClient(host, port, "bob", on_settled=got.append) as bob, \
-                PayerClient(host, port, "alice") as alice:
+        async with network.client("bob", on_settled=got.append) as bob, \
+                network.client("alice") as alice:
             assert alice.balance.balance == 10_000
             paid = await alice.send_payment("bob", 1250, memo="api")
             assert paid.balance == 8750

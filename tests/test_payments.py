@@ -39,7 +39,6 @@ from common.messages import (
     Ping,
     Pong,
     Settled,
-    Welcome,
     decoder_for,
 )
 from common.money import parse_amount
@@ -82,8 +81,8 @@ def assert_conserved(net: Network) -> dict[str, int]:
     bal = replay(net)
     assert sum(bal.values()) == 0, bal
     assert all(v >= 0 for k, v in bal.items() if k != ISSUER), bal
-    tx_ids = [r["tx_id"] for r in ledger_rows(net)]
-    assert len(tx_ids) == len(set(tx_ids)), "a tx_id is in the ledger twice"
+    keys = [(r["sender"], r["tx_id"]) for r in ledger_rows(net)]
+    assert len(keys) == len(set(keys)), "a (sender, tx_id) is in the ledger twice"
     return bal
 
 
@@ -139,9 +138,9 @@ async def connect(net: Network, payer_id: str, decide: Decide | None = None) -> 
         peer.offers.append(offer)
         return None if decide is None else await decide(offer)
 
-    client = PayerClient(host, port, payer_id, on_offer=on_offer,
-                         on_settled=lambda m: peer.settled.append(m),
-                         on_cancel=lambda m: peer.cancels.append(m), request_timeout_s=15)
+    client = net.client(payer_id, router=(host, port), on_offer=on_offer,
+                        on_settled=lambda m: peer.settled.append(m),
+                        on_cancel=lambda m: peer.cancels.append(m), request_timeout_s=15)
     peer = Peer(client)
     await client.connect()
     return peer
@@ -345,8 +344,16 @@ async def test_same_tx_id_same_outcome_and_conflict(network: Network) -> None:
     assert len(ledger_rows(network)) == 3
     assert await alice.assert_no_hold() == 700
     assert len(bob.settled) == 1
-    # a tx_id is global: bob cannot reuse alice's
-    assert await bob.pay("alice", 300, "t-same", "x") == "tx_id_conflict"
+    # tx_ids are scoped by sender: bob's t-same is his own payment, alice's is untouched
+    assert await bob.pay("alice", 300, "t-same", "x") == "paid"
+    rows = [(r["sender"], r["tx_id"]) for r in ledger_rows(network)]
+    assert rows.count(("alice", "t-same")) == rows.count(("bob", "t-same")) == 1
+    st = await alice.client.status("t-same")
+    assert (st.sender, st.receiver, st.amount, st.seq) == ("alice", "bob", 300, first.seq)
+    st = await alice.client.status("t-same", sender="bob")  # received from bob
+    assert (st.state, st.sender, st.receiver) == ("paid", "bob", "alice")
+    # and a payment between two others is none of alice's business
+    assert (await alice.client.status("_open:bob", sender="_issuer")).state == "unknown"
     assert_conserved(network)
 
 
@@ -469,23 +476,25 @@ async def test_sender_disconnect_does_not_abort_payment(network: Network) -> Non
 async def test_session_rules(network: Network) -> None:
     up(network, {"alice": "10.00", "bob": "5.00"})
     host, port = network.procs["router"].addr
+    tls = network.router_tls()
     # first frame not hello: refused and closed
-    ch = await open_channel(host, port, INBOUND, name="t")
+    ch = await open_channel(host, port, INBOUND, name="t", tls=tls)
     with pytest.raises(RequestFailed) as info:
         await ch.request(GetBalance(id=0), timeout=2)
     assert info.value.code == "hello_required"
     await asyncio.wait_for(ch.wait_closed(), 2)
-    # unknown payer
-    ch = await open_channel(host, port, INBOUND, name="t")
+    # a payer's hello without a nonce (protocol 2's login): refused and closed
+    ch = await open_channel(host, port, INBOUND, name="t", tls=tls)
     with pytest.raises(RequestFailed) as info:
-        await ch.request(Hello(id=0, version=PROTOCOL_VERSION, role="payer", peer="mallory"), timeout=2)
-    assert info.value.code == "unknown_payer"
+        await ch.request(Hello(id=0, version=PROTOCOL_VERSION, role="payer", peer="alice"),
+                         timeout=2)
+    assert info.value.code == "bad_request"
     await asyncio.wait_for(ch.wait_closed(), 2)
     # a payer speaking an older protocol version: refused and closed, at the router and
     # at the ledger (an old peer could not decode fields added since)
-    for addr, role in ((network.procs["router"].addr, "payer"),
-                       (network.procs["ledger"].addr, "router")):
-        ch = await open_channel(*addr, INBOUND, name="t")
+    for addr, role, link in ((network.procs["router"].addr, "payer", tls),
+                             (network.procs["ledger"].addr, "router", network.ledger_tls())):
+        ch = await open_channel(*addr, INBOUND, name="t", tls=link)
         with pytest.raises(RequestFailed) as info:
             await ch.request(Hello(id=0, version=PROTOCOL_VERSION - 1, role=role, peer="alice"),
                              timeout=2)
@@ -493,15 +502,14 @@ async def test_session_rules(network: Network) -> None:
         await asyncio.wait_for(ch.wait_closed(), 2)
     # a bad frame gets bad_request, the session goes on
     old_errors: list[Error] = []
-    ch = await open_channel(host, port, INBOUND, name="t",
-                            on_message=lambda c, m: old_errors.append(m)  # type: ignore[arg-type]
-                            if isinstance(m, Error) else None)
-    assert isinstance(await ch.request(Hello(id=0, version=PROTOCOL_VERSION, role="payer", peer="alice"),
-                                       timeout=2), Welcome)
-    ch._writer.write(encode_frame(b"\x81\xa1t\xa3pay"))  # a pay with no fields
+    old = network.client("alice", on_error=old_errors.append)
+    await old.connect()
+    ch = old._channel
+    assert ch is not None
+    ch.send_raw(encode_frame(b"\x81\xa1t\xa3pay"))  # a pay with no fields
     await eventually(lambda: any(e.code == "bad_request" for e in old_errors))
     assert isinstance(await ch.request(Ping(id=0), timeout=2), Pong)
-    # a second hello for alice replaces this session
+    # a second login for alice replaces this session
     alice = await connect(network, "alice")
     await asyncio.wait_for(ch.wait_closed(), 2)
     assert any(e.code == "session_replaced" for e in old_errors)

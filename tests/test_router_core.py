@@ -132,17 +132,33 @@ def test_tx_lookup_same_params_and_conflict() -> None:
     assert rec.state is TxState.PENDING
     with pytest.raises(TxIdConflict):
         txs.lookup("t1", TxParams("alice", "bob", 11, "m"))
-    with pytest.raises(TxIdConflict):
-        txs.lookup("t1", TxParams("carol", "bob", 10, "m"))
+
+
+def test_tx_ids_are_scoped_by_sender() -> None:
+    """carol's t1 is another payment than alice's t1: she cannot squat alice's ids."""
+    txs = TxTable()
+    alice = TxParams("alice", "bob", 10, "m")
+    carol = TxParams("carol", "bob", 99, "other")
+    txs.begin("t1", alice)
+    assert txs.lookup("t1", carol) is None
+    txs.begin("t1", carol)
+    txs.mark_failed("carol", "t1", "insufficient_funds")
+    alice_rec = txs.get("alice", "t1")
+    carol_rec = txs.get("carol", "t1")
+    assert alice_rec is not None
+    assert carol_rec is not None
+    assert alice_rec.state is TxState.PENDING
+    assert carol_rec.state is TxState.FAILED
+    assert txs.get("bob", "t1") is None
 
 
 def test_tx_states_only_move_forward() -> None:
     txs = TxTable()
     txs.begin("t1", TxParams("a", "b", 1, ""))
-    txs.mark_failed("t1", "receiver_timeout")
+    txs.mark_failed("a", "t1", "receiver_timeout")
     with pytest.raises(InvariantViolation):
-        txs.mark_paid("t1", 3, "dtg")
-    rec = txs.get("t1")
+        txs.mark_paid("a", "t1", 3, "dtg")
+    rec = txs.get("a", "t1")
     assert rec is not None
     assert rec.state is TxState.FAILED
     assert rec.seq is None
@@ -186,9 +202,10 @@ def test_tx_records_are_not_tracked_by_the_garbage_collector() -> None:
     book.replay(row(1, ISSUER, "alice", 100, "_open:alice"))
     book.replay(row(2, "alice", "bob", 10, "t0"))
     book.txs.begin("t1", TxParams("alice", "bob", 40, "m"))
-    book.txs.mark_failed("t1", "receiver_rejected")
+    book.txs.mark_failed("alice", "t1", "receiver_rejected")
     book.txs.begin("t2", TxParams("alice", "bob", 5, ""))
-    records = [book.txs.get(t) for t in ("_open:alice", "t0", "t1", "t2")]
+    records = [book.txs.get(s, t) for s, t in (
+        (ISSUER, "_open:alice"), ("alice", "t0"), ("alice", "t1"), ("alice", "t2"))]
     assert all(r is not None for r in records)
     for r in records:
         assert r is not None
@@ -204,7 +221,7 @@ def test_commit_releases_hold_and_marks_paid() -> None:
     r = row(2, "alice", "bob", 40, "t1")
     book.commit(r.tx_id, r.sender, r.receiver, r.amount, r.seq, r.dtg)
     assert book.accounts.available("alice") == book.accounts.balance("alice") == 60
-    rec = book.txs.get("t1")
+    rec = book.txs.get("alice", "t1")
     assert rec is not None
     assert rec.state is TxState.PAID
     assert rec.seq == 2
@@ -269,7 +286,7 @@ def rin(tx_id: str) -> RowIn:
 
 async def test_rows_queued_in_one_turn_go_as_one_append(fake_ledger) -> None:  # type: ignore[no-untyped-def]
     fl = await fake_ledger(lambda msg, n: ok_reply(msg))
-    client = LedgerClient("127.0.0.1", fl.port, timeout_s=1.0)
+    client = LedgerClient("127.0.0.1", fl.port, tls=None, timeout_s=1.0)
     client.start()
     assert await client.wait_connected(2.0)
     futs = [client.append(rin(f"t{i}")) for i in range(50)]
@@ -282,7 +299,7 @@ async def test_rows_queued_in_one_turn_go_as_one_append(fake_ledger) -> None:  #
 async def test_lost_answer_is_resent_until_answered(fake_ledger) -> None:  # type: ignore[no-untyped-def]
     # The first two appends are "lost" (no answer); the third gets a duplicate answer.
     fl = await fake_ledger(lambda msg, n: None if n < 3 else ok_reply(msg, "duplicate"))
-    client = LedgerClient("127.0.0.1", fl.port, timeout_s=0.2)
+    client = LedgerClient("127.0.0.1", fl.port, tls=None, timeout_s=0.2)
     client.start()
     assert await client.wait_connected(2.0)
     result = await asyncio.wait_for(client.append(rin("t1")), 5.0)
@@ -295,7 +312,7 @@ async def test_lost_answer_is_resent_until_answered(fake_ledger) -> None:  # typ
 async def test_error_answer_is_definite(fake_ledger) -> None:  # type: ignore[no-untyped-def]
     fl = await fake_ledger(lambda msg, n: Error(re=msg.id, code="ledger_write_failed",
                                                 message="disk full"))
-    client = LedgerClient("127.0.0.1", fl.port, timeout_s=1.0)
+    client = LedgerClient("127.0.0.1", fl.port, tls=None, timeout_s=1.0)
     client.start()
     assert await client.wait_connected(2.0)
     with pytest.raises(LedgerRefused) as info:
@@ -306,7 +323,7 @@ async def test_error_answer_is_definite(fake_ledger) -> None:  # type: ignore[no
 
 
 async def test_no_connection_means_unavailable() -> None:
-    client = LedgerClient("127.0.0.1", 1, timeout_s=0.2, retry_max_s=0.1)
+    client = LedgerClient("127.0.0.1", 1, tls=None, timeout_s=0.2, retry_max_s=0.1)
     client.start()
     with pytest.raises(LedgerUnavailable):
         await client.append(rin("t1"))
@@ -319,11 +336,12 @@ def test_failures_remembered_are_bounded_oldest_forgotten_first() -> None:
     params = TxParams("alice", "bob", 5, "")
     for i in range(5):
         txs.begin(f"f{i}", params)
-        txs.mark_failed(f"f{i}", "insufficient_funds")
+        txs.mark_failed(params.sender, f"f{i}", "insufficient_funds")
     txs.begin("paid", params)
-    txs.mark_paid("paid", 1, "2026-11-27T10:00:00.000000Z")
-    assert [t for t in ("f0", "f1", "f2", "f3", "f4") if txs.get(t) is not None] == ["f2", "f3", "f4"]
-    assert txs.get("paid") is not None  # paid records are never dropped
+    txs.mark_paid(params.sender, "paid", 1, "2026-11-27T10:00:00.000000Z")
+    assert [t for t in ("f0", "f1", "f2", "f3", "f4")
+            if txs.get(params.sender, t) is not None] == ["f2", "f3", "f4"]
+    assert txs.get(params.sender, "paid") is not None  # paid records are never dropped
     assert txs.lookup("f0", params) is None  # an old failure simply runs again
 
 
@@ -333,7 +351,7 @@ async def test_openings_split_over_appends_are_replayed_in_seq_order(  # type: i
     ledger wrote the second one first (as after a re-sent first append), so the answers
     come back out of seq order; the router must replay them by seq, not as answered."""
     from common.config import load_config
-    from router.server import RouterService
+    from router.server import RouterSecurity, RouterService
 
     def answer(msg: Append, n: int) -> Appended:
         first_seq = 45 if n == 1 else 1  # the 44 rows of the second append hold seqs 1-44
@@ -342,12 +360,13 @@ async def test_openings_split_over_appends_are_replayed_in_seq_order(  # type: i
             for i in range(len(msg.rows))])
 
     fl = await fake_ledger(answer)
-    lines = ["[ledger]", 'host = "127.0.0.1"', f"port = {fl.port}", "", "[router]",
-             'host = "127.0.0.1"', "port = 0"]
+    lines = ["[network]", 'id = "t"', "", "[ledger]", 'host = "127.0.0.1"', f"port = {fl.port}",
+             "", "[router]", 'host = "127.0.0.1"', "port = 0"]
     for i in range(300):
         lines += ["", "[[participants]]", f'id = "p{i:03d}"', 'opening_balance = "1.00"']
     (tmp_path / "net.toml").write_text("\n".join(lines) + "\n")
-    svc = RouterService(load_config(tmp_path / "net.toml"), host="127.0.0.1", port=0,
+    cfg = load_config(tmp_path / "net.toml")
+    svc = RouterService(cfg, RouterSecurity.from_config(cfg, plain=True), host="127.0.0.1", port=0,
                         ledger_host="127.0.0.1", ledger_port=fl.port,
                         admin_path=tmp_path / "admin.sock")
     svc.ledger.start()
