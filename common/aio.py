@@ -31,7 +31,7 @@ import os
 import ssl
 import stat
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, cast
@@ -48,7 +48,8 @@ from common.errors import (
     RequestFailed,
 )
 from common.framing import DEFAULT_MAX_FRAME_BYTES, HEADER, HEADER_SIZE, FrameDecoder
-from common.limits import ConnectionCaps, Throttle
+from common.limits import ConnectionCaps, RateByKey, ServerLimits, Throttle, address_key
+from common.logs import printable
 from common.messages import Error, Hello, Message, describe_decode_error, salvage_request_id
 from common.strict import has_duplicate_keys
 from common.tls import ClientTls, TlsFailed, TlsSession
@@ -61,6 +62,10 @@ OnAccept = Callable[["Channel"], None]
 OnReply = Callable[[Message | BaseException], None]
 
 MAX_BUFFERED_BYTES = 8 * 1024 * 1024
+# Before its handshake completes a connection may make us buffer this much for it, at
+# most; a frame that fails decoding ends it; after the handshake, MAX_BAD_FRAMES do.
+PRE_HANDSHAKE_MAX_BUFFERED = 64 * 1024
+MAX_BAD_FRAMES = 100
 # The transport's default high-water mark: above it pause_writing() is called, so the
 # slow-reader check only needs the buffer size while writing is paused.
 _DEFAULT_HIGH_WATER = 64 * 1024
@@ -108,6 +113,7 @@ class Channel(asyncio.Protocol):
         self._max_frame_bytes = max_frame_bytes
         self._max_buffered = max_buffered_bytes
         self._always_check_buffer = max_buffered_bytes < _DEFAULT_HIGH_WATER
+        self._normal_buffering = (self._max_buffered, self._always_check_buffer)
         self.on_message = on_message
         self.on_close = on_close
         self._pending: dict[int, asyncio.Future[Message]] = {}
@@ -147,6 +153,11 @@ class Channel(asyncio.Protocol):
         self._admitted = False
         self._deadline: asyncio.TimerHandle | None = None
         self.address = ""  # the peer's IP address (empty for Unix sockets)
+        self.address_key = ""  # what the server counts it as (IPv6: its /64)
+        # A server's connection is `handshaking` until its owner calls
+        # handshake_complete(): a bad frame then ends it, and it may buffer little.
+        self._handshaking = False
+        self._bad_frames = 0
         self.peer_identity: str | None = None  # the CN of a verified client certificate
         if writer is not None:
             self._adopt(reader, writer)
@@ -162,11 +173,16 @@ class Channel(asyncio.Protocol):
         self._frames.max_frame_bytes = value
 
     def handshake_complete(self) -> None:
-        """The owner accepted the peer's `hello` (and `auth`): the handshake deadline no
-        longer applies."""
+        """The owner accepted the peer's `hello` (and `auth`): the handshake deadline and
+        the handshake's tighter bounds no longer apply."""
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
+        if self._handshaking:
+            self._handshaking = False
+            self._max_buffered, self._always_check_buffer = self._normal_buffering
+            if self._server is not None:
+                self._server.handshaking.pop(self, None)
 
     # --- lifecycle -----------------------------------------------------------------
 
@@ -208,7 +224,8 @@ class Channel(asyncio.Protocol):
         if self._admitted:
             self._admitted = False
             assert self._server is not None
-            self._server.caps.release(self.address)
+            self._server.caps.release(self.address_key)
+            self._server.handshaking.pop(self, None)
         transport = self._transport
         if transport is not None:
             with contextlib.suppress(Exception):
@@ -255,11 +272,15 @@ class Channel(asyncio.Protocol):
         self._set_transport(cast(asyncio.Transport, transport))
         server = self._server
         if server is not None:
+            self._handshaking = True
+            self._max_buffered, self._always_check_buffer = PRE_HANDSHAKE_MAX_BUFFERED, True
             refused = server.admit(self)
             if refused:
                 self._closed = True
                 self._closed_event.set()
                 transport.abort()  # type: ignore[attr-defined]
+                server.note("refused", "connection from %s refused: %s", self._peername,
+                            refused)
                 return
             self._admitted = True
             if server.handshake_timeout_s is not None:
@@ -296,8 +317,8 @@ class Channel(asyncio.Protocol):
             return
         assert self._server is not None
         timeout = self._server.handshake_timeout_s
-        log.info("%s (%s) did not complete its handshake within %gs; closing", self.name,
-                 self._peername, timeout)
+        self._server.note("overdue", "%s did not complete its handshake within %gs; closed",
+                          self._peername, timeout)
         if self._started:
             self.reply_error(None, ErrorCode.HELLO_REQUIRED,
                              f"complete hello within {timeout:g}s of connecting")
@@ -351,7 +372,11 @@ class Channel(asyncio.Protocol):
             alert = tls.pending_output()
             if alert and self._transport is not None:
                 self._transport.write(alert)
-        log.info("%s (%s): %s; closing", self.name, self._peername, exc)
+        if self._server is not None:
+            # one line a second per kind of failure (OpenSSL's reasons are a small set)
+            self._server.note(f"tls:{exc}", "%s: %s; closed", self._peername, exc)
+        else:
+            log.info("%s (%s): %s; closing", self.name, self._peername, exc)
         self.close(exc)
 
     def eof_received(self) -> bool | None:
@@ -387,6 +412,7 @@ class Channel(asyncio.Protocol):
         if isinstance(peer, tuple) and len(peer) >= 2:
             self._peername = f"{peer[0]}:{peer[1]}"
             self.address = str(peer[0])
+            self.address_key = address_key(self.address)
         else:
             self._peername = str(peer or "local")
 
@@ -656,6 +682,18 @@ class Channel(asyncio.Protocol):
             except FrameTooLarge as exc:
                 self._too_large(exc)
 
+    def _bad_frame(self, payload: bytes, reason: str) -> None:
+        """`bad_request` for a frame that failed strict decoding. Logged for the first
+        few of a connection (escaped: it may hold the peer's text); during the handshake,
+        or past MAX_BAD_FRAMES, the connection is closed."""
+        self._bad_frames += 1
+        if self._bad_frames <= 3:
+            log.info("bad frame from %s (%s): %s", self.name, self._peername, printable(reason))
+        self.reply_error(salvage_request_id(payload), ErrorCode.BAD_REQUEST,
+                         f"invalid frame: {reason}")
+        if self._handshaking or self._bad_frames > MAX_BAD_FRAMES:
+            self.close(ProtocolError("bad frames"))
+
     def _too_large(self, exc: FrameTooLarge) -> None:
         log.warning("%s (%s): %s; closing", self.name, self._peername, exc)
         self.reply_error(None, ErrorCode.FRAME_TOO_LARGE, str(exc))
@@ -664,19 +702,11 @@ class Channel(asyncio.Protocol):
     def _dispatch(self, payload: bytes) -> None:
         try:
             msg = self._decode(payload)
-        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
-            # (msgspec raises UnicodeDecodeError for a string that is not UTF-8.)
-            rid = salvage_request_id(payload)
-            reason = describe_decode_error(exc)
-            log.info("bad frame from %s (%s): %s", self.name, self._peername, reason)
-            self.reply_error(rid, ErrorCode.BAD_REQUEST, f"invalid frame: {reason}")
+        except Exception as exc:  # DecodeError, ValidationError, UnicodeDecodeError, …:
+            self._bad_frame(payload, describe_decode_error(exc))  # the peer's doing
             return
         if _reencode(msg) != payload and has_duplicate_keys(payload):
-            rid = salvage_request_id(payload)
-            log.info("frame with a duplicate key from %s (%s) refused", self.name,
-                     self._peername)
-            self.reply_error(rid, ErrorCode.BAD_REQUEST,
-                             "invalid frame: a map repeats a key; send each field once")
+            self._bad_frame(payload, "a map repeats a key; send each field once")
             return
         re = getattr(msg, "re", None)
         if re is not None:
@@ -793,25 +823,64 @@ async def open_unix_channel(
 
 
 class _ServerSide:
-    """What a server's connections share: its TLS context, its handshake deadline and
-    the caps on open connections (refusals logged at most once a second)."""
+    """What a TCP server's connections share: its TLS context, its handshake deadline,
+    and its limits (common.limits.ServerLimits): new connections per address per second,
+    open connections in total and per address, and a pool of connections still in their
+    handshake. When the pool or a cap is full, the oldest connection still in its
+    handshake (from the same address, for the per-address cap) is dropped to make room:
+    idle or slow sockets can delay a client by a handshake at most, never lock it out.
+    Refusals, drops and a peer's failures are logged at most once a second per kind."""
 
     def __init__(self, name: str, tls: ssl.SSLContext | None, handshake_timeout_s: float | None,
-                 caps: ConnectionCaps | None) -> None:
+                 limits: ServerLimits | None) -> None:
         self.name = name
         self.tls = tls
         self.handshake_timeout_s = handshake_timeout_s
-        self.caps = caps if caps is not None else ConnectionCaps(2**62, 2**62)
-        self._throttle = Throttle()
+        big = 2**62
+        self.limits = limits or ServerLimits(big, big, big, float(big))
+        self.caps = ConnectionCaps(self.limits.max_connections,
+                                   self.limits.max_connections_per_address)
+        rate = self.limits.new_connections_per_address_per_s
+        self.arrivals = RateByKey(rate, 5 * rate)
+        self.handshaking: OrderedDict[Channel, None] = OrderedDict()
+        self._throttles: dict[str, Throttle] = {}
+
+    def note(self, kind: str, text: str, *args: object) -> None:
+        """Log a peer's doing at most once a second per `kind`, with the count held back."""
+        throttle = self._throttles.get(kind)
+        if throttle is None:
+            throttle = self._throttles[kind] = Throttle()
+        held = throttle.allow(_monotonic())
+        if held is not None:
+            log.info(f"{self.name}: {text}%s", *args,
+                     f" ({held} more since the last line)" if held else "")
 
     def admit(self, ch: Channel) -> str | None:
-        refused = self.caps.admit(ch.address)
+        """Count `ch` in (dropping an older handshake to make room when needed); returns
+        None, or why it is refused."""
+        key = ch.address_key
+        if not self.arrivals.take(key, _monotonic()):
+            return (f"more than {self.limits.new_connections_per_address_per_s:g} new "
+                    f"connections a second from {key}")
+        full = self.caps.full(key)
+        if full is not None:
+            victim = next((c for c in self.handshaking
+                           if full == "total" or c.address_key == key), None)
+            if victim is None:
+                return self.caps.admit(key)  # the reason, nothing counted
+            self._drop(victim)
+        refused = self.caps.admit(key)
         if refused is not None:
-            held = self._throttle.allow(_monotonic())
-            if held is not None:
-                log.warning("%s connection from %s refused: %s%s", self.name, ch.peername,
-                            refused, f" ({held} more refused since the last line)" if held else "")
-        return refused
+            return refused
+        if len(self.handshaking) >= self.limits.max_handshaking:
+            self._drop(next(iter(self.handshaking)))
+        self.handshaking[ch] = None
+        return None
+
+    def _drop(self, ch: Channel) -> None:
+        self.note("dropped", "dropped the oldest connection still in its handshake (%s) "
+                  "to make room", ch.peername)
+        ch.close(ConnectionLost("dropped: too many connections still in their handshake"))
 
 
 async def start_channel_server(
@@ -826,19 +895,19 @@ async def start_channel_server(
     max_buffered_bytes: int = MAX_BUFFERED_BYTES,
     tls: ssl.SSLContext | None = None,
     handshake_timeout_s: float | None = None,
-    caps: ConnectionCaps | None = None,
+    limits: ServerLimits | None = None,
 ) -> asyncio.Server:
     """Listen on TCP `host:port` (or the Unix socket `path`, created mode 0600: only its
     owner may connect; see `claim_unix_path`); each connection is a Channel handed to
     `accept` once it is usable. `accept` sets `on_message`/`on_close` and calls `start()`
     (bytes that arrive before are kept).
 
-    TCP servers: `caps` refuses connections over the limits at once (no TLS work spent);
+    TCP servers: `limits` refuses connections over them at once (no TLS work spent);
     with `tls` the TLS handshake runs first and `accept` sees the connection after it;
     with `handshake_timeout_s` a connection is closed unless its owner calls
     `handshake_complete()` within that time of the accept."""
     loop = asyncio.get_running_loop()
-    side = _ServerSide(name, tls, handshake_timeout_s, caps) if path is None else None
+    side = _ServerSide(name, tls, handshake_timeout_s, limits) if path is None else None
 
     def factory() -> Channel:
         ch = Channel(None, None, decoder, name=name, max_frame_bytes=max_frame_bytes,

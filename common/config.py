@@ -15,6 +15,7 @@ import msgspec
 
 from common.errors import ConfigError
 from common.framing import DEFAULT_MAX_FRAME_BYTES
+from common.limits import ServerLimits
 from common.messages import PAYER_ID_PATTERN
 from common.money import AmountError, parse_amount
 
@@ -22,6 +23,7 @@ Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=3600)]
 Kind = Literal["corporation", "individual", "party", "software", "other"]
 Count = Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
+PerSecond = Annotated[float, msgspec.Meta(gt=0, le=1_000_000)]
 # A network id is one DNS label: it names the servers' certificates (`router.<id>`) and
 # goes into every signed transcript, so it must be printable the same way everywhere.
 NETWORK_ID_PATTERN = r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$"
@@ -50,6 +52,8 @@ class LedgerConfig(_Section):
     handshake_timeout_s: Seconds = 10.0
     max_connections: Count = 256
     max_connections_per_address: Count = 64
+    max_handshaking: Count = 32  # then the oldest connection still in its handshake goes
+    new_connections_per_address_per_s: PerSecond = 20.0
     # Client-certificate names (CN) granted read access (`read`, `stats`); the router's
     # certificate (CN "router") may also append. Nobody else gets past `hello`.
     auditors: list[str] = msgspec.field(default_factory=lambda: ["auditor"])
@@ -72,10 +76,12 @@ class RouterConfig(_Section):
     handshake_timeout_s: Seconds = 10.0
     max_connections: Count = 10_000
     max_connections_per_address: Count = 1024
+    max_handshaking: Count = 512  # then the oldest connection still in its handshake goes
+    new_connections_per_address_per_s: PerSecond = 200.0  # (a burst of 5 s worth)
     # Per payer: payments in flight at once, and requests per second (a bucket that
     # holds one second's worth); above either the request is answered `rate_limited`.
     payer_max_in_flight: Count = 256
-    payer_requests_per_s: Annotated[float, msgspec.Meta(gt=0, le=1_000_000)] = 2000.0
+    payer_requests_per_s: PerSecond = 2000.0
     # Failed logins per source address in one minute before its logins are refused
     # (`rate_limited`, no signature checked) for the rest of that minute.
     failed_logins_per_minute: Count = 60
@@ -146,6 +152,12 @@ class NetworkConfig(_Section):
     def keys_dir(self) -> Path:
         """The folder of this network's keys and certificates (`[network] keys_dir`)."""
         return self.resolve(self.network.keys_dir)
+
+
+def server_limits(section: LedgerConfig | RouterConfig) -> ServerLimits:
+    """What the server configured by `section` admits (common.limits)."""
+    return ServerLimits(section.max_connections, section.max_connections_per_address,
+                        section.max_handshaking, section.new_connections_per_address_per_s)
 
 
 _FLOAT_AMOUNT = re.compile(r"Expected `str`, got `(float|int)` - at `\$\.participants\[\d+\]\.(opening_balance|max_incoming)`")

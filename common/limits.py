@@ -1,7 +1,11 @@
 """Bounds that keep one peer from starving the others. Pure: no I/O, time passed in.
 
-- `ConnectionCaps`: open connections in total and per source address. A server asks
-  before it spends anything on a connection (no TLS handshake for a refused one);
+- `ServerLimits`: what a TCP server admits: open connections in total and per source
+  address, connections still in their handshake at once, new connections per address
+  per second. A server asks before it spends anything on a connection (no TLS handshake
+  for a refused one); `address_key` groups IPv6 clients by /64 (one host's share);
+- `ConnectionCaps`: the open-connection counts;
+- `RateByKey`: one TokenBucket per key (address), at most `max_keys` remembered;
 - `TokenBucket`: a sustained rate with a burst of one second's worth (per payer);
 - `FailedLogins`: failed logins per source address in a fixed one-minute window; an
   address over the limit is refused before any signature is checked (cheap checks
@@ -12,7 +16,34 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections import OrderedDict
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    max_connections: int
+    max_connections_per_address: int
+    # Connections that have not finished TLS and their login: when this many are open,
+    # the oldest is dropped for a new one, so idle sockets cannot lock anyone out.
+    max_handshaking: int
+    # New connections per address per second (a burst of five seconds' worth).
+    new_connections_per_address_per_s: float
+
+
+def address_key(address: str) -> str:
+    """What one client is counted as: its IPv4 address, or its IPv6 /64 (a host holds a
+    whole /64, so counting single IPv6 addresses would count nothing)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return address
 
 
 class ConnectionCaps:
@@ -52,6 +83,15 @@ class ConnectionCaps:
     def open_from(self, address: str) -> int:
         return self._per_address.get(address, 0)
 
+    def full(self, address: str) -> str | None:
+        """Why a new connection from `address` would be refused: "total", "address" or
+        None (it would be admitted)."""
+        if self.total >= self.max_total:
+            return "total"
+        if self._per_address.get(address, 0) >= self.max_per_address:
+            return "address"
+        return None
+
 
 class TokenBucket:
     """`rate` tokens a second, holding at most `burst` (one second's worth by default)."""
@@ -64,17 +104,40 @@ class TokenBucket:
         self._tokens = self.burst
         self._at = now
 
-    def take(self, now: float) -> bool:
-        """Spend one token if there is one."""
+    def take(self, now: float, cost: float = 1.0) -> bool:
+        """Spend `cost` tokens if there are that many."""
         tokens = self._tokens + (now - self._at) * self.rate
         self._at = now
         if tokens > self.burst:
             tokens = self.burst
-        if tokens < 1.0:
+        if tokens < cost:
             self._tokens = tokens
             return False
-        self._tokens = tokens - 1.0
+        self._tokens = tokens - cost
         return True
+
+
+class RateByKey:
+    """A TokenBucket per key, made full on first use; the least recently used keys are
+    forgotten beyond `max_keys` (memory stays bounded whatever the keys)."""
+
+    __slots__ = ("_buckets", "burst", "max_keys", "rate")
+
+    def __init__(self, rate: float, burst: float, max_keys: int = 100_000) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.max_keys = max_keys
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+
+    def take(self, key: str, now: float) -> bool:
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = TokenBucket(self.rate, now, self.burst)
+            if len(self._buckets) > self.max_keys:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(key)
+        return bucket.take(now)
 
 
 class FailedLogins:

@@ -411,7 +411,7 @@ def salvage_request_id(payload: bytes) -> int | None:
     """Best effort: the `id` of a frame that failed strict decoding, to address the error."""
     try:
         obj = _lenient.decode(payload)
-    except (msgspec.DecodeError, ValueError):
+    except Exception:  # anything a hostile frame can make a decoder raise (RecursionError)
         return None
     if isinstance(obj, dict):
         rid = obj.get("id")

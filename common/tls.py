@@ -17,11 +17,12 @@ Rules:
 
 from __future__ import annotations
 
+import ipaddress
 import ssl
 from dataclasses import dataclass
 from typing import Any
 
-from common.errors import ProtocolError
+from common.errors import ConfigError, ProtocolError
 from common.keys import KeyFileError, KeyStore
 
 _READ_CHUNK = 256 * 1024
@@ -105,6 +106,18 @@ _REASONS = {
     "TLSV1_ALERT_UNKNOWN_CA": "the peer does not trust our certificate's CA",
     "SSLV3_ALERT_BAD_CERTIFICATE": "the peer refused our certificate",
 }
+
+
+def refuse_plain_off_loopback(host: str, who: str) -> None:
+    """The plain benchmark mode (no TLS, no login) listens on loopback only. Raises
+    ConfigError for any other address."""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ConfigError(f"{who}: --plain-benchmark-only listens on a loopback address only "
+                          f"(127.0.0.1), not {host}; it is not a way to run a network")
 
 
 def _describe(exc: ssl.SSLError, server_name: str | None) -> str:

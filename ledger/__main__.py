@@ -20,12 +20,12 @@ import sys
 from pathlib import Path
 
 from common.aio import run
-from common.config import LedgerConfig, NetworkConfig, load_config
+from common.config import LedgerConfig, NetworkConfig, load_config, server_limits
 from common.errors import ConfigError
 from common.keys import KeyStore
 from common.logs import log_event, setup_logging
 from common.procs import print_ready
-from common.tls import server_context
+from common.tls import refuse_plain_off_loopback, server_context
 from ledger.server import LedgerAccess, LedgerServer
 from ledger.store import LedgerCorrupt, LedgerStore
 from ledger.verify import verify_file
@@ -34,7 +34,8 @@ log = logging.getLogger("jackpay.ledger")
 
 
 def _serve_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="jackpay-ledger", description="Run the JackPay ledger.")
+    p = argparse.ArgumentParser(prog="jackpay-ledger", description="Run the JackPay ledger.",
+                                allow_abbrev=False)
     p.add_argument("--config", required=True,
                    help="network TOML file (its [ledger] section; keys from [network] keys_dir)")
     p.add_argument("--host", help="address to listen on (overrides the config)")
@@ -52,8 +53,7 @@ def ledger_access(cfg: NetworkConfig, *, plain: bool = False) -> LedgerAccess:
     lc = cfg.ledger
     tls = None if plain else server_context(KeyStore.for_config(cfg), "ledger",
                                             client_certs=True)
-    return LedgerAccess(tls, frozenset(lc.auditors), lc.handshake_timeout_s,
-                        lc.max_connections, lc.max_connections_per_address)
+    return LedgerAccess(tls, frozenset(lc.auditors), lc.handshake_timeout_s, server_limits(lc))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,11 +74,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"jackpay-ledger: {exc}", file=sys.stderr)
         return 2
-    if access.tls is None:
-        log_event(log, "PLAIN TCP, NO CLIENT CERTIFICATES: benchmark comparison only, "
-                  "never a network", logging.WARNING)
     lc: LedgerConfig = cfg.ledger
     host = args.host or lc.host
+    if access.tls is None:
+        try:
+            refuse_plain_off_loopback(host, "jackpay-ledger")
+        except ConfigError as exc:
+            print(exc, file=sys.stderr)
+            return 2
+        log_event(log, "PLAIN TCP, NO CLIENT CERTIFICATES: benchmark comparison only, "
+                  "never a network", logging.WARNING)
     port = lc.port if args.port is None else args.port
     path = Path(args.path) if args.path else cfg.resolve(lc.path)
     if not 0 <= port <= 65535:

@@ -32,7 +32,7 @@ from common.aio import Channel, accept_hello, start_channel_server
 from common.errors import ConnectionLost, ErrorCode, FrameTooLarge
 from common.framing import HEADER_SIZE
 from common.keys import ROUTER_IDENTITY
-from common.limits import ConnectionCaps
+from common.limits import ServerLimits
 from common.logs import log_event
 from common.messages import (
     LEDGER_REQUESTS,
@@ -76,8 +76,7 @@ class LedgerAccess:
     tls: ssl.SSLContext | None
     auditors: frozenset[str] = frozenset({"auditor"})
     handshake_timeout_s: float = 10.0
-    max_connections: int = 256
-    max_connections_per_address: int = 64
+    limits: ServerLimits | None = None
 
 
 @dataclass(slots=True)
@@ -116,8 +115,7 @@ class LedgerServer:
         self._server = await start_channel_server(
             self._on_connect, _DECODER, self.host, self.port, name="client",
             max_frame_bytes=self.max_frame_bytes, tls=access.tls,
-            handshake_timeout_s=access.handshake_timeout_s,
-            caps=ConnectionCaps(access.max_connections, access.max_connections_per_address))
+            handshake_timeout_s=access.handshake_timeout_s, limits=access.limits)
         self._writer = asyncio.create_task(self._write_loop(), name="ledger-writer")
         sock = self._server.sockets[0].getsockname()
         self.host, self.port = sock[0], sock[1]

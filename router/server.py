@@ -38,10 +38,10 @@ from typing import Any
 
 from common import PROTOCOL_VERSION
 from common.aio import Channel, accept_hello, claim_unix_path, start_channel_server
-from common.config import NetworkConfig
+from common.config import NetworkConfig, server_limits
 from common.errors import ConfigError, ConnectionLost, ErrorCode, InvariantViolation, JackPayError
 from common.keys import KeyStore
-from common.limits import ConnectionCaps, FailedLogins
+from common.limits import FailedLogins
 from common.logs import log_event
 from common.messages import (
     ROUTER_REQUESTS,
@@ -85,7 +85,10 @@ REPLAY_PAGE_ROWS = 1000  # the ledger sends fewer when they would not fit one fr
 HISTORY_MAX_ROWS = 100
 # A hello or an auth is under 200 bytes: nothing larger is read before login.
 PRE_LOGIN_MAX_FRAME_BYTES = 1024
-KEY_CHECK_S = 1.0  # how often the participants' key folder is looked at (rotation)
+KEY_CHECK_S = 1.0  # how often the participants' key files are looked at (rotation)
+# Tokens a request takes from the payer's budget (others: 1). A history page reads the
+# ledger: about a hundred times a ping's work at the router and the ledger together.
+REQUEST_COST: dict[type[Message], int] = {History: 20}
 _monotonic = time.monotonic
 
 
@@ -174,7 +177,10 @@ class RouterService:
         await self.issue_openings()
         keys = self.security.keys
         if keys is not None:
-            keys.load()
+            try:
+                keys.load()
+            except ConfigError as exc:
+                raise StartupFailed(str(exc)) from None
             self._key_watch = asyncio.get_running_loop().call_later(KEY_CHECK_S,
                                                                     self._check_keys)
         rc = self.cfg.router
@@ -186,7 +192,7 @@ class RouterService:
             self._on_connect, _DECODER, self.host, self.port, name="payer",
             max_frame_bytes=rc.max_frame_bytes, tls=self.security.tls,
             handshake_timeout_s=rc.handshake_timeout_s,
-            caps=ConnectionCaps(max_connections, rc.max_connections_per_address))
+            limits=dataclasses.replace(server_limits(rc), max_connections=max_connections))
         sock = self._server.sockets[0].getsockname()
         self.addr = (sock[0], sock[1])
         try:
@@ -351,23 +357,25 @@ class PayerConnection:
         if session is None:
             self._handshake(ch, msg)
             return None
+        # Every frame that reaches us after login is paid for from the payer's budget
+        # (a `history` costs more: it reads the ledger); answers to our own requests
+        # never get here (the Channel matches them).
+        registry = self.service.registry
+        now = _monotonic()
+        if not registry.budget(session.payer_id, now).take(now, REQUEST_COST.get(type(msg), 1)):
+            rid = getattr(msg, "id", None)
+            if rid is not None:
+                ch.reply_error(rid, ErrorCode.RATE_LIMITED,
+                               f"more than {registry.requests_per_s:g} requests a second; "
+                               "slow down and retry", tx_id=getattr(msg, "tx_id", None))
+            return None
         match msg:
             case Receipt() | Reject() | Ack() | Pong():
                 # Late replies (their request already timed out): nothing to do.
                 log.debug("unexpected %s from %s ignored", type(msg).__name__, session.payer_id)
-                return None
             case Error(code=code, message=text):
-                log_event(log, "payer sent an error", payer=session.payer_id, code=code,
-                          reason=text)
-                return None
-        rid = getattr(msg, "id", None)
-        if not self.service.registry.budget(session.payer_id, _monotonic()).take(_monotonic()):
-            ch.reply_error(rid, ErrorCode.RATE_LIMITED,
-                           f"more than {self.service.registry.requests_per_s:g} requests a "
-                           "second; slow down and retry",
-                           tx_id=getattr(msg, "tx_id", None))
-            return None
-        match msg:
+                log_event(log, "payer sent an error", payer=session.payer_id, code=code[:64],
+                          reason=text[:200])
             case Pay():
                 self._pay(session, ch, msg)
             case Ping(id=rid):
