@@ -10,20 +10,24 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import sys
 import time
 from typing import Any, TextIO
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+def printable(text: str) -> str:
+    """A peer's text as it can go into a log line: escaped (repr) when it holds anything
+    that is not printable — newlines, terminal escapes, U+2028, C1 controls."""
+    return text if text.isprintable() else repr(text)
 
 
 def _safe(value: object) -> object:
-    """A peer's text (memo, reject reason) may hold newlines or terminal escapes: shown
-    escaped, it can neither forge a log line nor drive the terminal."""
-    # isprintable() (C, no regex) is true for every string without a control character.
-    if isinstance(value, str) and not value.isprintable() and _CONTROL.search(value):
-        return repr(value)
+    """A field's value in a plain log line (logfmt's rule): a peer's text (memo, reject
+    reason, claimed id) quoted and escaped when it holds a space, `=`, a quote or anything
+    not printable, so it can neither forge a line or a field nor drive the terminal."""
+    if isinstance(value, str) and (not value.isprintable() or " " in value or "=" in value
+                                   or '"' in value):
+        return json.dumps(value, ensure_ascii=not value.isprintable())
     return value
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import pytest
+
 from common.logs import _PlainFormatter
 from common.messages import HistoryReply, LedgerRow
 from payer_client.render import history, printable
@@ -35,7 +37,23 @@ def test_log_fields_cannot_forge_a_line() -> None:
     rec.fields = {"tx_id": "t1", "reason": "no\n12:00:00.000 info forged: line"}
     line = _PlainFormatter().format(rec)
     assert "\n" not in line
-    assert "reason='no\\n12:00:00.000 info forged: line'" in line
+    assert 'reason="no\\n12:00:00.000 info forged: line"' in line
+
+
+@pytest.mark.parametrize(("value", "shown"), [
+    ("alice", "payer=alice"),                                   # plain values stay plain
+    ("alice outcome=paid", 'payer="alice outcome=paid"'),       # cannot forge a field
+    ("a=b", 'payer="a=b"'),
+    ('say "hi"', 'payer="say \\"hi\\""'),
+    ("x\u2028y\x85z", 'payer="x\\u2028y\\u0085z"'),           # not printable: escaped
+    ("Böb's club", 'payer="Böb\'s club"'),                     # printable text stays readable
+])
+def test_log_values_are_quoted_like_logfmt(value: str, shown: str) -> None:
+    rec = logging.LogRecord("jackpay.router", logging.INFO, __file__, 1, "login refused",
+                            None, None)
+    rec.fields = {"payer": value, "n": 1}
+    line = _PlainFormatter().format(rec)
+    assert line.endswith(f"login refused {shown} n=1")
 
 
 
@@ -69,6 +87,6 @@ def test_log_event_fast_path_writes_the_record_path_line(monkeypatch: Any) -> No
         logs._fast_handler = None
     assert out[True, False] == out[False, False]
     assert out[True, True] == out[False, True]
-    assert "reason='no\\n12:00:00.000 info forged'" in out[True, False]
+    assert 'reason="no\\n12:00:00.000 info forged"' in out[True, False]
     assert "hidden" not in out[True, False]
     assert out[True, False].count("\n") == 3
