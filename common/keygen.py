@@ -259,6 +259,10 @@ class _Keys:
                 self.note_no_key(pub, priv, p.id)
             elif not priv.exists():
                 self.new_payer(p.id, "created")
+            elif keys.raw_public(s.load_payer_key(p.id).public_key()) != keys.raw_public(
+                    s.load_payer_public(p.id)):  # e.g. a --rotate cut off between the two
+                self.say(f"warning: {_show(pub)} is not the public half of {_show(priv)}: "
+                         f"{p.id} cannot log in; run  jackpay-keys CONFIG --rotate {p.id}")
         return self.lines
 
     def renew(self, within_days: int) -> list[str]:

@@ -45,7 +45,8 @@ class KeyFileError(ConfigError):
 
 
 def check_private_file(path: Path) -> None:
-    """Raises KeyFileError unless `path` exists and only its owner may read or write it."""
+    """Raises KeyFileError unless `path` exists, belongs to this user and only its owner
+    may read or write it."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -57,6 +58,9 @@ def check_private_file(path: Path) -> None:
     if mode & 0o077:
         raise KeyFileError(f"{path} is readable by others (mode {mode:04o}); a private key "
                            f"must be yours alone: run  chmod 600 {path}")
+    if st.st_uid != os.geteuid():
+        raise KeyFileError(f"{path} belongs to another user (uid {st.st_uid}); a private key "
+                           f"must be yours: run  chown {os.geteuid()} {path}")
 
 
 def _read(path: Path) -> bytes:
@@ -136,7 +140,7 @@ class KeyStore:
         check_private_file(path)
         try:
             key = serialization.load_pem_private_key(_read(path), password=None)
-        except (ValueError, TypeError) as exc:
+        except Exception as exc:  # ValueError, TypeError, UnsupportedAlgorithm, ...
             raise KeyFileError(f"{path} is not a PEM private key: {exc}") from None
         if not isinstance(key, Ed25519PrivateKey):
             raise KeyFileError(f"{path} is not an Ed25519 private key")
@@ -152,7 +156,7 @@ def load_public_key(data: bytes, source: str) -> Ed25519PublicKey:
     """An Ed25519 public key from PEM bytes. Raises KeyFileError naming `source`."""
     try:
         key = serialization.load_pem_public_key(data)
-    except (ValueError, TypeError) as exc:
+    except Exception as exc:  # ValueError, UnsupportedAlgorithm, ...: unusable either way
         raise KeyFileError(f"{source} is not a PEM public key: {exc}") from None
     if not isinstance(key, Ed25519PublicKey):
         raise KeyFileError(f"{source} is not an Ed25519 public key")

@@ -2,19 +2,20 @@
 
 Rules:
 - a participant's key is `<keys>/public/payers/<id>.pub` (common.keys); one without a
-  key file cannot log in (logged once at start, and whenever the files change), but may
-  still be paid;
-- the folder is looked at again (one `stat`) before every login and every second:
-  `jackpay-keys --rotate alice` replaces alice's files atomically, which changes the
-  folder, so the new key is in force from the next login without a restart, and
-  `take_changed` names the participants whose key changed (their live sessions were
-  proven with a key that no longer counts: the router closes them).
+  usable key file (missing, not an Ed25519 key, writable by others) cannot log in — it
+  is logged, and never "keeps the old key" — but may still be paid;
+- each key file is looked at again (one `stat`: inode, size, mtime, ctime) before that
+  participant's every login, and all of them every second: `jackpay-keys --rotate alice`
+  (or a file copied over in place) is in force from the next login without a restart,
+  and `take_changed` names the participants whose key changed or went away (their live
+  sessions were proven with a key that no longer counts: the router closes them).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import stat
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -23,15 +24,19 @@ from common.logs import log_event
 
 log = logging.getLogger("jackpay.router.keys")
 
+_Stamp = tuple[int, int, int, int] | None  # inode, size, mtime, ctime (None: no file)
+
 
 class PayerKeys:
     def __init__(self, store: KeyStore, payer_ids: list[str]) -> None:
         self.store = store
         self.payer_ids = list(payer_ids)
+        self._known = set(payer_ids)
         self._keys: dict[str, Ed25519PublicKey] = {}
         self._raw: dict[str, bytes] = {}
-        self._stamp: int | None = None
+        self._stamps: dict[str, _Stamp] = {}
         self._changed: set[str] = set()
+        self._loaded = False
 
     def get(self, payer_id: str) -> Ed25519PublicKey | None:
         return self._keys.get(payer_id)
@@ -39,48 +44,78 @@ class PayerKeys:
     def __len__(self) -> int:
         return len(self._keys)
 
-    def _folder_stamp(self) -> int:
+    def _stamp(self, payer_id: str) -> _Stamp:
         try:
-            return os.stat(self.store.payers_public_dir).st_mtime_ns
+            st = os.stat(self.store.payer_public(payer_id))
         except OSError:
-            return -1
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
-    def load(self) -> set[str]:
-        """(Re)read every participant's key; returns the ids whose key changed (or went
-        away) since the last load."""
-        self._stamp = self._folder_stamp()
-        keys: dict[str, Ed25519PublicKey] = {}
-        raw: dict[str, bytes] = {}
-        missing: list[str] = []
+    def _load_one(self, payer_id: str, stamp: _Stamp) -> str | None:
+        """Read one key as of `stamp`; returns why it cannot be used, or None."""
+        self._stamps[payer_id] = stamp
+        old = self._raw.get(payer_id)
+        self._keys.pop(payer_id, None)
+        self._raw.pop(payer_id, None)
+        problem = None
+        try:
+            path = self.store.payer_public(payer_id)
+            mode = os.stat(path).st_mode
+            if stat.S_IMODE(mode) & 0o022:
+                raise KeyFileError(f"{path} is writable by others (mode "
+                                   f"{stat.S_IMODE(mode):04o}): run  chmod 644 {path}")
+            key = self.store.load_payer_public(payer_id)
+        except (KeyFileError, OSError) as exc:
+            problem = str(exc)
+        else:
+            self._keys[payer_id] = key
+            self._raw[payer_id] = raw_public(key)
+        if self._loaded and old is not None and self._raw.get(payer_id) != old:
+            self._changed.add(payer_id)
+        return problem
+
+    def load(self) -> None:
+        """Read every participant's key (at start)."""
+        self._check_folder()
+        missing = []
         for pid in self.payer_ids:
-            try:
-                key = self.store.load_payer_public(pid)
-            except KeyFileError as exc:
+            problem = self._load_one(pid, self._stamp(pid))
+            if problem is not None:
                 missing.append(pid)
                 if len(missing) <= 5:
                     log_event(log, "participant cannot log in", logging.WARNING, payer=pid,
-                              reason=str(exc))
-                continue
-            keys[pid] = key
-            raw[pid] = raw_public(key)
+                              reason=problem)
         if len(missing) > 5:
-            log_event(log, "participants without a key", logging.WARNING, count=len(missing),
-                      hint="run jackpay-keys CONFIG")
-        changed = {pid for pid in self._raw if raw.get(pid) != self._raw[pid]}
-        self._keys, self._raw = keys, raw
-        return changed
+            log_event(log, "participants without a usable key", logging.WARNING,
+                      count=len(missing), hint="run jackpay-keys CONFIG")
+        self._loaded = True
 
-    def refresh(self) -> None:
-        """Re-read the keys if their folder changed since the last look (the ids whose
-        key changed are kept for `take_changed`)."""
-        if self._folder_stamp() == self._stamp:
+    def _check_folder(self) -> None:
+        """Raises KeyFileError if anyone but its owner may write the public keys' folder
+        (they could then log in as anyone)."""
+        folder = self.store.payers_public_dir
+        try:
+            mode = stat.S_IMODE(os.stat(folder).st_mode)
+        except OSError:
+            return  # no keys at all: nobody logs in, each participant is logged
+        if mode & 0o022:
+            raise KeyFileError(f"{folder} is writable by others (mode {mode:04o}), so anyone "
+                               f"could replace a participant's key: run  chmod 755 {folder}")
+
+    def refresh(self, payer_id: str | None = None) -> None:
+        """Re-read the keys (or `payer_id`'s) whose file changed since the last look; the
+        ids whose key changed are kept for `take_changed`. An id that is not a
+        participant is not looked up (it names no file)."""
+        if payer_id is not None and payer_id not in self._known:
             return
-        changed = self.load()
-        if changed:
-            log_event(log, "participant keys changed", payers=",".join(sorted(changed)))
-            self._changed |= changed
+        for pid in self.payer_ids if payer_id is None else [payer_id]:
+            stamp = self._stamp(pid)
+            if pid not in self._stamps or stamp != self._stamps[pid]:
+                problem = self._load_one(pid, stamp)
+                log_event(log, "participant key file changed", logging.WARNING
+                          if problem else logging.INFO, payer=pid, problem=problem)
 
     def take_changed(self) -> set[str]:
-        """The ids whose key changed since the last call."""
+        """The ids whose key changed or went away since the last call."""
         changed, self._changed = self._changed, set()
         return changed

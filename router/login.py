@@ -88,7 +88,7 @@ class Login:
             if not isinstance(msg, Auth):
                 raise _auth_failed(f"{type(msg).__name__.lower()} sent instead of auth")
             claimed = self.claimed or ""
-            policy.keys.refresh()  # a key rotated a moment ago is the one that counts
+            policy.keys.refresh(claimed)  # a key rotated a moment ago is the one that counts
             key = policy.keys.get(claimed)
             good = verify_login(key or _DECOY_KEY, msg.sig, policy.network_id,
                                 policy.server_id, self._server_nonce, self._client_nonce,

@@ -163,3 +163,25 @@ def test_throttle_counts_what_it_held_back() -> None:
 @pytest.mark.parametrize("code", ["auth_failed", "forbidden", "rate_limited"])
 def test_new_codes_are_documented(code: str) -> None:
     assert f"`{code}`" in DOC
+
+
+# --- key files -------------------------------------------------------------------------
+
+
+def test_private_keys_must_be_the_users_own(tmp_path: Path) -> None:
+    import os
+
+    from common.keys import KeyFileError, check_private_file
+
+    key = tmp_path / "alice.key"
+    key.write_text("x")
+    key.chmod(0o600)
+    check_private_file(key)
+    key.chmod(0o640)
+    with pytest.raises(KeyFileError, match="chmod 600"):
+        check_private_file(key)
+    key.chmod(0o600)
+    if os.geteuid() == 0:  # only root can give a file away
+        os.chown(key, 4242, -1)
+        with pytest.raises(KeyFileError, match="belongs to another user"):
+            check_private_file(key)

@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.config import NetworkConfig, load_config
 from common.keygen import ensure_keys, main, renew, rotate
-from common.keys import KeyFileError, KeyStore, load_public_key, raw_public
+from common.keys import KeyFileError, KeyStore, load_public_key, public_pem, raw_public
 
 TOML = '[network]\nid = "testnet"\n\n[[participants]]\nid = "alice"\n\n[[participants]]\nid = "bob"\n'
 PRIVATE = ["ca.key", "router.key", "ledger.key", "router-client.key", "auditor.key",
@@ -253,6 +254,18 @@ def test_rotate_a_participant(cfg: NetworkConfig, store: KeyStore) -> None:
     assert raw_public(store.load_payer_key("alice").public_key()) == raw_public(
         store.load_payer_public("alice"))
     assert mode(store.payer_private("alice")) == 0o600
+
+
+def test_a_mismatched_pair_is_reported_not_papered_over(cfg: NetworkConfig,
+                                                        store: KeyStore) -> None:
+    """A --rotate cut off between its two writes leaves halves that do not match: the
+    next run says so and how to repair it, and changes nothing."""
+    other = Ed25519PrivateKey.generate().public_key()
+    store.payer_public("bob").write_bytes(public_pem(other))
+    before = snapshot(store.root)
+    lines = ensure_keys(cfg)
+    assert any("bob" in ln and "--rotate bob" in ln and ln.startswith("warning") for ln in lines)
+    assert snapshot(store.root) == before
 
 
 def test_rotate_a_tls_identity(cfg: NetworkConfig, store: KeyStore) -> None:
