@@ -24,13 +24,15 @@ from common.config import NetworkConfig, load_config
 from common.errors import ConfigError
 from common.logs import log_event, setup_logging
 from common.procs import print_ready
+from common.tls import refuse_plain_off_loopback
 from router.server import RouterSecurity, RouterService, StartupFailed
 
 log = logging.getLogger("jackpay.router")
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="jackpay-router", description="JackPay router")
+    ap = argparse.ArgumentParser(prog="jackpay-router", description="JackPay router",
+                                 allow_abbrev=False)
     ap.add_argument("--config", required=True, help="network TOML file")
     ap.add_argument("--host", help="listen address (default: [router] host)")
     ap.add_argument("--port", type=int, help="listen port, 0 for any (default: [router] port)")
@@ -63,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config)
         ledger_host, ledger_port = _ledger_address(args, cfg)
         security = RouterSecurity.from_config(cfg, plain=args.plain_benchmark_only)
+        if security.tls is None:
+            refuse_plain_off_loopback(args.host or cfg.router.host, "jackpay-router")
     except ConfigError as exc:
         print(f"jackpay-router: {exc}", file=sys.stderr)
         return 2

@@ -12,9 +12,10 @@ Rules (DESIGN §1.3, exactly once):
 - committed rows come from the ledger (replay at start, or an acked append), so after a
   restart every paid `tx_id` is known again; failures live in memory only: after a
   restart a retried `tx_id` that never committed simply runs (DESIGN §2). They are
-  also bounded: only the most recent `max_failed` failures are remembered, so a payer
-  sending refused payments with fresh tx_ids cannot grow the router's memory without
-  end; an older failed `tx_id` retried simply runs again, as after a restart.
+  also bounded per sender: only each sender's most recent `max_failed` failures are
+  remembered, so a payer sending refused payments with fresh tx_ids cannot grow the
+  router's memory without end, nor push anyone else's failures out; an older failed
+  `tx_id` retried simply runs again, as after a restart.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ _ALLOWED = {
 }
 
 
-MAX_FAILED_REMEMBERED = 100_000
+MAX_FAILED_REMEMBERED = 10_000  # per sender
 
 
 TxKey = tuple[str, str]  # (sender, tx_id)
@@ -83,7 +84,7 @@ class TxTable:
 
     def __init__(self, max_failed: int = MAX_FAILED_REMEMBERED) -> None:
         self.max_failed = max_failed
-        self._failed: deque[TxKey] = deque()
+        self._failed: dict[str, deque[TxKey]] = {}  # per sender, oldest first
         # A replayed row is kept as the LedgerRow itself (no objects made per row while
         # replaying a large ledger); `get` turns it into a TxRecord when first asked.
         self._records: dict[TxKey, TxRecord | LedgerRow] = {}
@@ -126,9 +127,12 @@ class TxTable:
     def mark_failed(self, sender: str, tx_id: str, code: str) -> TxRecord:
         rec = self._move(sender, tx_id, TxState.FAILED)
         rec.code = code
-        self._failed.append((sender, tx_id))
-        while len(self._failed) > self.max_failed:
-            key = self._failed.popleft()
+        failed = self._failed.get(sender)
+        if failed is None:
+            failed = self._failed[sender] = deque()
+        failed.append((sender, tx_id))
+        while len(failed) > self.max_failed:
+            key = failed.popleft()
             old = self._records.get(key)
             if isinstance(old, TxRecord) and old.state is TxState.FAILED:
                 del self._records[key]

@@ -104,6 +104,28 @@ def test_verify_ok_and_torn(tmp_path: Path) -> None:
     assert "torn" in verify_file(path).line
 
 
+def test_tx_ids_are_scoped_by_sender_and_verify_refuses_a_payment_twice(tmp_path: Path) -> None:
+    from ledger.rows import GENESIS_HASH, format_line, make_row
+
+    store = LedgerStore.open(tmp_path / "l.csv")
+    same_id = [RowIn(tx_id="inv-1", sender="_issuer", receiver=r, amount=5) for r in ("a", "b")]
+    bobs = RowIn(tx_id="inv-1", sender="b", receiver="a", amount=1)
+    assert append(store, same_id[:1], [bobs]) == [["written"], ["written"]]
+    assert append(store, [bobs], same_id[1:]) == [["duplicate"], ["conflict"]]
+    store.close()
+    assert verify_file(tmp_path / "l.csv").ok
+    # a file holding the same sender's tx_id twice (written by hand, chain recomputed)
+    prev, lines = GENESIS_HASH, [HEADER_LINE]
+    for seq, receiver in ((1, "a"), (2, "b")):
+        r = make_row(prev, seq, "2026-01-01T00:00:00.000000Z", "_issuer", receiver, 5, "x", "")
+        lines.append(format_line(r))
+        prev = r.hash
+    (tmp_path / "twice.csv").write_text("".join(lines))
+    verdict = verify_file(tmp_path / "twice.csv")
+    assert not verdict.ok
+    assert "tx_id x of _issuer is recorded twice (rows 1 and 2)" in verdict.line
+
+
 FAILING_WRITE = """
 import resource, signal, sys
 from common.messages import RowIn

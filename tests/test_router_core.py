@@ -343,6 +343,15 @@ def test_failures_remembered_are_bounded_oldest_forgotten_first() -> None:
             if txs.get(params.sender, t) is not None] == ["f2", "f3", "f4"]
     assert txs.get(params.sender, "paid") is not None  # paid records are never dropped
     assert txs.lookup("f0", params) is None  # an old failure simply runs again
+    # another sender's failures are not pushed out by this one's
+    other = TxParams("mallory", "bob", 1, "")
+    txs.begin("m-keep", TxParams("carol", "bob", 1, ""))
+    txs.mark_failed("carol", "m-keep", "insufficient_funds")
+    for i in range(10):
+        txs.begin(f"m{i}", other)
+        txs.mark_failed("mallory", f"m{i}", "insufficient_funds")
+    assert txs.get("carol", "m-keep") is not None
+    assert [i for i in range(10) if txs.get("mallory", f"m{i}") is not None] == [7, 8, 9]
 
 
 async def test_openings_split_over_appends_are_replayed_in_seq_order(  # type: ignore[no-untyped-def]
