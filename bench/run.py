@@ -395,19 +395,30 @@ def render(report: dict[str, Any]) -> None:
     m = report["machine"]
     con.print(f"[bold]JackPay bench[/bold] — {m.get('cpu', '?')}, {m['cpus']} CPUs, "
               f"Python {m['python']}, uvloop {m['uvloop']}")
-    t = Table(title="payments (every one fsync'd before `paid`; latency in ms)")
+    t = Table(title="payments (security on; every one fsync'd before `paid`; latency in ms)")
     for col in ("setting", "pay/s", "p50", "p95", "p99", "max", "rows/fsync",
                 "fsync ms/≥10ms", "CPU s L/R/B", "failed"):
         t.add_column(col, justify="right")
-    for r in report.get("payments", []):
+    rows = report.get("payments", []) + report.get("plain_payments", [])
+    for i, r in enumerate(rows):
         cpu = r.get("cpu_s", {})
         t.add_row(r["label"], f"{r['per_s']:,.0f}", _ms(r["p50_ms"]), _ms(r["p95_ms"]),
                   _ms(r["p99_ms"]), _ms(r["max_ms"]), str(r.get("rows_per_fsync")),
                   f"{r.get('fsync_ms_avg')}/{r.get('slow_fsyncs')}",
-                  f"{cpu.get('ledger')}/{cpu.get('router')}/{cpu.get('bench')}", str(r["failed"]))
+                  f"{cpu.get('ledger')}/{cpu.get('router')}/{cpu.get('bench')}", str(r["failed"]),
+                  end_section=i == len(report.get("payments", [])) - 1)
     con.print(t)
-    con.print("CPU s L/R/B: CPU seconds of the ledger, the router and the bench in the setting\n"
-              "fsync ms/≥10ms: the ledger's average fsync, and how many took 10 ms or more")
+    con.print("plain: the same settings with TLS and login off, for comparison only (never a "
+              "network)\nCPU s L/R/B: CPU seconds of the ledger, the router and the bench in "
+              "the setting\nfsync ms/≥10ms: the ledger's average fsync, and how many took 10 "
+              "ms or more")
+    ratios = report.get("ratios", {})
+    if "secure_vs_plain_peak" in ratios:
+        con.print(f"[bold]secure / plain[/bold]: peak {report['peak_payments_per_s']:,.0f} / "
+                  f"{report['plain_peak_payments_per_s']:,.0f} payments/s = "
+                  f"{ratios['secure_vs_plain_peak']:.0%}; p99 at the same offered rate: "
+                  + ", ".join(f"{k} {v}x" for k, v in
+                              ratios["secure_vs_plain_p99_at_same_rate"].items()))
     lt = Table(title="limits of this machine, same run")
     lt.add_column("measure")
     lt.add_column("rate/s", justify="right")
