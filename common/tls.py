@@ -25,7 +25,9 @@ from typing import Any
 from common.errors import ConfigError, ProtocolError
 from common.keys import KeyFileError, KeyStore
 
-_READ_CHUNK = 256 * 1024
+# One read returns at most one record, whose plaintext is at most 16 KiB (TLS 1.3). A
+# larger size would make the ssl module allocate (and glibc mmap) that much per read.
+_READ_CHUNK = 16 * 1024
 _WantRead = ssl.SSLWantReadError
 _ZeroReturn = ssl.SSLZeroReturnError
 
