@@ -25,12 +25,12 @@ import resource
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.load import Result, closed_loop, cpu_seconds, measure_fsync, open_loop, rss_kib
+from bench.load import Op, Result, closed_loop, cpu_seconds, measure_fsync, open_loop, rss_kib
 from common import PROTOCOL_VERSION
 from common.aio import Channel, open_channel, run
 from common.config import load_config
@@ -79,6 +79,57 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+@dataclass
+class _PaymentNetwork:
+    """One network under measurement: its processes, a ledger channel for statistics,
+    logged-in clients, the payments it drives and the results of each setting."""
+
+    prefix: str  # "" (secure) or "plain "
+    ledger: Proc
+    router: Proc
+    lch: Channel
+    clients: list[PayerClient]
+    payers: list[str]
+    results: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        rng = random.Random(7)
+        counter = iter(range(10**9))
+        clients, payers = self.clients, self.payers
+
+        async def op(i: int) -> bool:
+            a = rng.randrange(len(clients))  # two distinct payers, cheaper than sample()
+            b = rng.randrange(len(clients) - 1)
+            b += b >= a
+            try:
+                await clients[a].send_payment(payers[b], rng.randint(1, 100),
+                                              tx_id=f"b{next(counter)}")
+            except (JackPayError, TimeoutError):
+                return False
+            return True
+
+        self.op: Op = op
+
+    async def measured(self, load: Awaitable[Result], bench: Bench) -> Result:
+        """Run one setting; add rows per fsync and CPU seconds per process to it."""
+        before = await bench.ledger_stats(self.lch)
+        cpu0 = {n: cpu_seconds(p.pid) for n, p in (("ledger", self.ledger),
+                                                    ("router", self.router))}
+        cpu0["bench"] = time.process_time()
+        res = await load
+        after = await bench.ledger_stats(self.lch)
+        bench.annotate(res, before, after, cpu0, self.ledger, self.router)
+        self.results.append(res.summary())
+        return res
+
+    async def close(self) -> None:
+        for c in self.clients:
+            await c.close()
+        self.lch.close()
+        self.router.stop()
+        self.ledger.stop()
+
+
 class Bench:
     def __init__(self, root: Path, settings: Settings, progress: Any) -> None:
         self.root = root
@@ -107,7 +158,7 @@ class Bench:
         lines = ["[network]", 'id = "bench"', f'keys_dir = "keys-{path.stem}"', "",
                  "[ledger]", 'host = "127.0.0.1"', f"port = {ledger_port}", f'path = "{csv}"',
                  "", "[router]", 'host = "127.0.0.1"', "port = 0",
-                 'admin_socket = "router-admin.sock"', "offer_timeout_s = 10.0",
+                 f'admin_socket = "{path.stem}-admin.sock"', "offer_timeout_s = 10.0",
                  "ledger_timeout_s = 10.0", "outcome_pending_after_s = 30.0"]
         for p in payers:
             lines += ["", "[[participants]]", f'id = "{p}"', 'kind = "software"',
@@ -179,10 +230,8 @@ class Bench:
 
     # --- payments ------------------------------------------------------------------
 
-    async def payments(self, *, plain: bool = False, open_rates: tuple[float, ...] = ()
-                       ) -> list[float]:
-        """Closed-loop settings, then open loop at half the peak and at `open_rates` (or
-        the settings' rates). Returns the open-loop rates it offered."""
+    async def payment_network(self, *, plain: bool) -> _PaymentNetwork:
+        """A running network (ledger, router, `payers` clients logged in) to measure."""
         tag = "plain" if plain else "pay"
         payers = [f"p{i:04d}" for i in range(self.s.payers)]
         ledger, router, cfg = self.start_network(tag, payers, f"{tag}.csv", plain=plain)
@@ -194,60 +243,49 @@ class Bench:
         clients = self.clients(cfg, router, payers, plain=plain, request_timeout_s=60)
         for c in clients:
             await c.connect()
+        return _PaymentNetwork("plain " if plain else "", ledger, router, lch, clients, payers)
+
+    async def payments(self, *, compare_plain: bool = True) -> None:
+        """Every setting on the secure network and then, right after it (so the machine
+        is in the same mood), on the plain one: closed loops, then open loops at half the
+        secure peak and at the settings' fixed rates."""
+        networks = [await self.payment_network(plain=False)]
+        if compare_plain:
+            networks.append(await self.payment_network(plain=True))
         # As the router does after start: the driver's full collections then skip
         # everything made so far, so its pauses are not counted as payment latency.
         gc.collect()
         gc.freeze()
-        rng = random.Random(7)
-        counter = iter(range(10**9))
+        task = self.progress.add_task("payments", total=len(networks) * (
+            len(self.s.concurrency) + 1 + len(self.s.open_rates)))
 
-        async def op(i: int) -> bool:
-            a = rng.randrange(len(clients))  # two distinct payers, cheaper than sample()
-            b = rng.randrange(len(clients) - 1)
-            b += b >= a
-            try:
-                await clients[a].send_payment(payers[b], rng.randint(1, 100),
-                                              tx_id=f"b{next(counter)}")
-            except (JackPayError, TimeoutError):
-                return False
-            return True
+        async def each(label: str, load: Callable[[str, Op], Awaitable[Result]]) -> Result:
+            first: Result | None = None
+            for net in networks:
+                res = await net.measured(load(net.prefix + label, net.op), self)
+                first = first or res
+                self.progress.advance(task)
+            assert first is not None
+            return first
 
-        results = []
-        rates = open_rates or self.s.open_rates
-        prefix = "plain " if plain else ""
-        task = self.progress.add_task(f"{prefix}payments", total=len(self.s.concurrency) + 1
-                                      + len(rates))
+        def closed(conc: int) -> Callable[[str, Op], Awaitable[Result]]:
+            return lambda label, op: closed_loop(label, op, conc, self.s.seconds)
 
-        async def measured(load: Awaitable[Result]) -> Result:
-            """Run one setting; add rows per fsync and CPU seconds per process to it."""
-            before = await self.ledger_stats(lch)
-            cpu0 = {n: cpu_seconds(p.pid) for n, p in (("ledger", ledger), ("router", router))}
-            cpu0["bench"] = time.process_time()
-            res = await load
-            after = await self.ledger_stats(lch)
-            self.annotate(res, before, after, cpu0, ledger, router)
-            results.append(res.summary())
-            self.progress.advance(task)
-            return res
+        def opened(rate: float) -> Callable[[str, Op], Awaitable[Result]]:
+            return lambda label, op: open_loop(label, op, rate, self.s.open_loop_s)
 
         peak = 0.0
         for conc in self.s.concurrency:
-            res = await measured(closed_loop(f"{prefix}closed C={conc}", op, conc,
-                                             self.s.seconds))
+            res = await each(f"closed C={conc}", closed(conc))
             peak = max(peak, res.rate)
-        offered = list(open_rates) if open_rates else [max(1.0, peak / 2), *rates]
-        for rate in offered:
-            await measured(open_loop(f"{prefix}open {rate:.0f}/s", op, rate,
-                                     self.s.open_loop_s))
-        key = "plain_" if plain else ""
-        self.report[f"{key}payments"] = results
-        self.report[f"{key}peak_payments_per_s"] = round(peak, 1)
-        for c in clients:
-            await c.close()
-        lch.close()
-        router.stop()
-        ledger.stop()
-        return offered
+        for rate in (max(1.0, peak / 2), *self.s.open_rates):
+            await each(f"open {rate:.0f}/s", opened(rate))
+        for net in networks:
+            key = "plain_" if net.prefix else ""
+            self.report[f"{key}payments"] = net.results
+            self.report[f"{key}peak_payments_per_s"] = round(
+                max(r["per_s"] for r in net.results if "offered_per_s" not in r), 1)
+            await net.close()
 
     @staticmethod
     async def ledger_stats(ch: Channel) -> StatsReply:
@@ -452,9 +490,7 @@ async def amain(args: argparse.Namespace) -> int:
         bench = Bench(Path(tmp), settings, progress)
         try:
             await bench.limits()
-            offered = await bench.payments()
-            if not args.secure_only:
-                await bench.payments(plain=True, open_rates=tuple(offered))
+            await bench.payments(compare_plain=not args.secure_only)
             if not args.skip_scale:
                 await bench.sessions()
                 await bench.rebuild()
