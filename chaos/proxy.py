@@ -81,6 +81,7 @@ class FaultProxy:
         self._open.set()
         self._cut: dict[str, int | None] = {"up": None, "down": None}
         self._conns: set[_Conn] = set()
+        self._handlers: set[asyncio.Task[object]] = set()  # one per accepted connection
         self._server: asyncio.Server | None = None
         self.connections_total = 0
 
@@ -136,6 +137,11 @@ class FaultProxy:
             c.abort()
             for t in c.tasks:
                 t.cancel()
+        # Let every connection's handler end here, not when the loop is torn down later
+        # (its done-callback would then close a transport of a closed loop).
+        handlers = set(self._handlers)
+        if handlers:
+            await asyncio.wait(handlers, timeout=5)
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
@@ -143,6 +149,10 @@ class FaultProxy:
     # --- pumping -------------------------------------------------------------------
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
         self.connections_total += 1
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.upstream)
