@@ -373,6 +373,8 @@ class InspectReply(Message, tag="inspect_ok", frozen=True):
     outcomes: dict[str, int] = {}
     # The ledger client's counters: connects, appends_sent, rows_sent, resends, in_doubt_now.
     ledger_link: dict[str, int] = {}
+    # Logins refused since start (auth_failed, rate_limited, a hello without a nonce).
+    refused_logins: int = 0
 
 
 # --- decoding helpers ----------------------------------------------------------------

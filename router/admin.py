@@ -73,7 +73,8 @@ class AdminServer:
                             sessions=sorted(s.payer_id for s in svc.registry.live_sessions()),
                             ledger_connected=svc.ledger.connected,
                             outcomes=dict(svc.pipeline.counts),
-                            ledger_link=dataclasses.asdict(svc.ledger.stats))
+                            ledger_link=dataclasses.asdict(svc.ledger.stats),
+                            refused_logins=svc.refused_logins)
 
     def _on_connect(self, ch: Channel) -> None:
         greeted = False

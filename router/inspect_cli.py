@@ -82,6 +82,7 @@ def as_document(r: InspectReply) -> dict[str, Any]:
         "ledger_connected": r.ledger_connected,
         "ledger_link": r.ledger_link,
         "outcomes": r.outcomes,
+        "refused_logins": r.refused_logins,
         "sessions": r.sessions,
         "in_flight": [{"tx_id": p.tx_id, "sender": p.sender, "receiver": p.receiver,
                        **money(p.amount), "step": p.step, "age_ms": p.age_ms}
@@ -102,7 +103,8 @@ def as_text(r: InspectReply, path: str) -> str:
                                                      key=lambda kv: (kv[0] != "paid", kv[0])))
     lines.append(f"payments since start: {ended or 'none'}")
     lines.append(f"sessions: {len(r.sessions)} live" +
-                 (f" ({', '.join(r.sessions)})" if r.sessions else ""))
+                 (f" ({', '.join(r.sessions)})" if r.sessions else "") +
+                 f"; logins refused since start: {r.refused_logins}")
     lines.append(f"in flight: {len(r.in_flight)}")
     for p in sorted(r.in_flight, key=lambda p: -p.age_ms):
         lines.append(f"  {p.tx_id}  {p.sender} → {p.receiver}  {format_amount(p.amount)}  "

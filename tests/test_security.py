@@ -145,6 +145,7 @@ async def test_hello_as_alice_with_a_strangers_key_gets_nothing(network: Network
         await stranger.connect()
     assert info.value.code == ErrorCode.AUTH_FAILED
     await assert_others_served(network, tx_id="after-stranger")
+    assert (await network.inspect()).refused_logins == 2  # the operator sees them
     log = network.procs["router"].log_path.read_text()
     assert "login refused" in log
     assert "signature does not verify with alice's key" in log  # the reason: in the log only
