@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from common.auth import new_nonce, verify_login
-from common.errors import ErrorCode
+from common.errors import ErrorCode, JackPayError
 from common.limits import FailedLogins
 from common.messages import Auth, Challenge, Hello, Message
 from router.keyring import PayerKeys
@@ -30,7 +30,7 @@ from router.keyring import PayerKeys
 _DECOY_KEY = Ed25519PrivateKey.generate().public_key()
 
 
-class LoginRefused(Exception):
+class LoginRefused(JackPayError):
     """The login ends here: answer `code` with `message`, log `reason`, close."""
 
     def __init__(self, code: ErrorCode, message: str, reason: str) -> None:
