@@ -49,7 +49,7 @@ from common.errors import (
 )
 from common.framing import DEFAULT_MAX_FRAME_BYTES, HEADER, HEADER_SIZE, FrameDecoder
 from common.limits import ConnectionCaps, RateByKey, ServerLimits, Throttle, address_key
-from common.logs import printable
+from common.logs import log_event
 from common.messages import Error, Hello, Message, describe_decode_error, salvage_request_id
 from common.strict import has_duplicate_keys
 from common.tls import ClientTls, TlsFailed, TlsSession
@@ -158,6 +158,10 @@ class Channel(asyncio.Protocol):
         # handshake_complete(): a bad frame then ends it, and it may buffer little.
         self._handshaking = False
         self._bad_frames = 0
+        # Owners that charge a peer for every frame (the router) see unmatched replies
+        # too, and hear of each bad frame.
+        self.deliver_unmatched = False
+        self.on_bad_frame: Callable[[Channel], None] | None = None
         self.peer_identity: str | None = None  # the CN of a verified client certificate
         if writer is not None:
             self._adopt(reader, writer)
@@ -182,7 +186,7 @@ class Channel(asyncio.Protocol):
             self._handshaking = False
             self._max_buffered, self._always_check_buffer = self._normal_buffering
             if self._server is not None:
-                self._server.handshaking.pop(self, None)
+                self._server.leave(self)
 
     # --- lifecycle -----------------------------------------------------------------
 
@@ -225,7 +229,7 @@ class Channel(asyncio.Protocol):
             self._admitted = False
             assert self._server is not None
             self._server.caps.release(self.address_key)
-            self._server.handshaking.pop(self, None)
+            self._server.leave(self)
         transport = self._transport
         if transport is not None:
             with contextlib.suppress(Exception):
@@ -357,6 +361,8 @@ class Channel(asyncio.Protocol):
 
     def _tls_established(self, tls: TlsSession) -> None:
         self.peer_identity = tls.peer_common_name()
+        if self._server is not None and self._handshaking:
+            self._server.tls_done(self, verified_client=self.peer_identity is not None)
         if self._tls_ready is not None:  # a client: open_channel goes on
             if not self._tls_ready.done():
                 self._tls_ready.set_result(None)
@@ -687,12 +693,14 @@ class Channel(asyncio.Protocol):
         few of a connection (escaped: it may hold the peer's text); during the handshake,
         or past MAX_BAD_FRAMES, the connection is closed."""
         self._bad_frames += 1
-        if self._bad_frames <= 3:
-            log.info("bad frame from %s (%s): %s", self.name, self._peername, printable(reason))
+        if self._bad_frames <= 3:  # a field: quoted and escaped (it holds the peer's text)
+            log_event(log, "bad frame", name=self.name, peer=self._peername, reason=reason)
         self.reply_error(salvage_request_id(payload), ErrorCode.BAD_REQUEST,
                          f"invalid frame: {reason}")
         if self._handshaking or self._bad_frames > MAX_BAD_FRAMES:
             self.close(ProtocolError("bad frames"))
+        elif self.on_bad_frame is not None:
+            self.on_bad_frame(self)
 
     def _too_large(self, exc: FrameTooLarge) -> None:
         log.warning("%s (%s): %s; closing", self.name, self._peername, exc)
@@ -721,7 +729,7 @@ class Channel(asyncio.Protocol):
                     _call_back(on_reply, RequestFailed(msg.code, msg.message)
                                if isinstance(msg, Error) else msg)
                     return
-            if not isinstance(msg, Error):
+            if not isinstance(msg, Error) and not self.deliver_unmatched:
                 log.debug("late or unmatched reply re=%s from %s dropped", re, self.name)
                 return
         if self.on_message is None:
@@ -826,9 +834,13 @@ class _ServerSide:
     """What a TCP server's connections share: its TLS context, its handshake deadline,
     and its limits (common.limits.ServerLimits): new connections per address per second,
     open connections in total and per address, and a pool of connections still in their
-    handshake. When the pool or a cap is full, the oldest connection still in its
-    handshake (from the same address, for the per-address cap) is dropped to make room:
-    idle or slow sockets can delay a client by a handshake at most, never lock it out.
+    handshake. When the pool or a cap is full, a connection still in its handshake is
+    dropped to make room — the oldest of those that have not finished TLS first (a bare
+    socket costs its sender nothing), then the oldest of those that have (the sender
+    paid for a TLS handshake); for the per-address cap, one from the same address. A
+    connection whose client certificate the TLS handshake verified leaves the pool at
+    once (the ledger knows who it is). So idle or slow sockets cannot lock anyone out,
+    and a flood of new ones has to pay for TLS to push out a client that has.
     Refusals, drops and a peer's failures are logged at most once a second per kind."""
 
     def __init__(self, name: str, tls: ssl.SSLContext | None, handshake_timeout_s: float | None,
@@ -842,7 +854,9 @@ class _ServerSide:
                                    self.limits.max_connections_per_address)
         rate = self.limits.new_connections_per_address_per_s
         self.arrivals = RateByKey(rate, 5 * rate)
-        self.handshaking: OrderedDict[Channel, None] = OrderedDict()
+        # The handshake pool, oldest first: before and after TLS.
+        self.before_tls: OrderedDict[Channel, None] = OrderedDict()
+        self.after_tls: OrderedDict[Channel, None] = OrderedDict()
         self._throttles: dict[str, Throttle] = {}
 
     def note(self, kind: str, text: str, *args: object) -> None:
@@ -856,30 +870,50 @@ class _ServerSide:
                      f" ({held} more since the last line)" if held else "")
 
     def admit(self, ch: Channel) -> str | None:
-        """Count `ch` in (dropping an older handshake to make room when needed); returns
-        None, or why it is refused."""
+        """Count `ch` in (dropping a connection still in its handshake to make room when
+        needed); returns None, or why it is refused."""
         key = ch.address_key
         if not self.arrivals.take(key, _monotonic()):
             return (f"more than {self.limits.new_connections_per_address_per_s:g} new "
                     f"connections a second from {key}")
         full = self.caps.full(key)
         if full is not None:
-            victim = next((c for c in self.handshaking
-                           if full == "total" or c.address_key == key), None)
+            victim = self._victim(None if full == "total" else key)
             if victim is None:
                 return self.caps.admit(key)  # the reason, nothing counted
             self._drop(victim)
         refused = self.caps.admit(key)
         if refused is not None:
             return refused
-        if len(self.handshaking) >= self.limits.max_handshaking:
-            self._drop(next(iter(self.handshaking)))
-        self.handshaking[ch] = None
+        if len(self.before_tls) + len(self.after_tls) >= self.limits.max_handshaking:
+            victim = self._victim(None)
+            if victim is not None:
+                self._drop(victim)
+        self.before_tls[ch] = None
+        return None
+
+    def tls_done(self, ch: Channel, verified_client: bool) -> None:
+        """`ch` finished TLS: it moves to the second tier of the pool, or leaves the pool
+        when its certificate was verified."""
+        was_waiting = ch in self.before_tls
+        self.before_tls.pop(ch, None)
+        if was_waiting and not verified_client:
+            self.after_tls[ch] = None
+
+    def leave(self, ch: Channel) -> None:
+        self.before_tls.pop(ch, None)
+        self.after_tls.pop(ch, None)
+
+    def _victim(self, key: str | None) -> Channel | None:
+        for pool in (self.before_tls, self.after_tls):
+            for c in pool:
+                if key is None or c.address_key == key:
+                    return c
         return None
 
     def _drop(self, ch: Channel) -> None:
-        self.note("dropped", "dropped the oldest connection still in its handshake (%s) "
-                  "to make room", ch.peername)
+        self.note("dropped", "dropped a connection still in its handshake (%s) to make room",
+                  ch.peername)
         ch.close(ConnectionLost("dropped: too many connections still in their handshake"))
 
 

@@ -22,6 +22,7 @@ Rules:
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from dataclasses import dataclass
@@ -147,9 +148,58 @@ class KeyStore:
         return key
 
     def load_payer_public(self, payer_id: str) -> Ed25519PublicKey:
-        """A participant's public key. Raises KeyFileError."""
+        """A participant's public key, from a file the router can trust (see
+        `read_public_file`). Raises KeyFileError."""
         path = self.payer_public(payer_id)
-        return load_public_key(_read(path), str(path))
+        return load_public_key(read_public_file(path), str(path))
+
+    def unsafe_public_folder(self) -> str | None:
+        """Why the public key folders cannot be trusted (writable by group or others:
+        anyone could then put in a key and log in as anyone), or None."""
+        for folder in (self.root, self.public_dir, self.payers_public_dir):
+            try:
+                st = os.stat(folder)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                return f"cannot read {folder}: {exc.strerror or exc}"
+            mode = stat.S_IMODE(st.st_mode)
+            if mode & 0o022:
+                return (f"{folder} is writable by others (mode {mode:04o}), so anyone could "
+                        f"replace a participant's key: run  chmod 755 {folder}")
+        return None
+
+
+PUBLIC_KEY_MAX_BYTES = 4096
+
+
+def read_public_file(path: Path) -> bytes:
+    """The bytes of a public key file as a login may trust them: a regular file (not a
+    symbolic link, not a FIFO that would block), owned by this user or root, writable by
+    its owner only, at most 4 KiB. Raises KeyFileError saying which rule it broke."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise KeyFileError(f"{path} is missing; run `jackpay-keys CONFIG` to create the "
+                           "network's keys") from None
+    except OSError as exc:
+        why = "is a symbolic link" if exc.errno == errno.ELOOP else f"cannot be read: {exc.strerror}"
+        raise KeyFileError(f"{path} {why}; a public key must be a plain file") from None
+    try:
+        st = os.fstat(fd)
+        mode = stat.S_IMODE(st.st_mode)
+        if not stat.S_ISREG(st.st_mode):
+            raise KeyFileError(f"{path} is not a regular file")
+        if st.st_uid not in (os.geteuid(), 0):
+            raise KeyFileError(f"{path} belongs to another user (uid {st.st_uid})")
+        if mode & 0o022:
+            raise KeyFileError(f"{path} is writable by others (mode {mode:04o}): run  "
+                               f"chmod 644 {path}")
+        if st.st_size > PUBLIC_KEY_MAX_BYTES:
+            raise KeyFileError(f"{path} is {st.st_size} bytes, too large for a public key")
+        return os.read(fd, PUBLIC_KEY_MAX_BYTES + 1)
+    finally:
+        os.close(fd)
 
 
 def load_public_key(data: bytes, source: str) -> Ed25519PublicKey:

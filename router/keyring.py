@@ -2,8 +2,11 @@
 
 Rules:
 - a participant's key is `<keys>/public/payers/<id>.pub` (common.keys); one without a
-  usable key file (missing, not an Ed25519 key, writable by others) cannot log in — it
-  is logged, and never "keeps the old key" — but may still be paid;
+  usable key file (missing, not an Ed25519 key, a link, not a plain file, another
+  user's, writable by others) cannot log in — it is logged, and never "keeps the old
+  key" — but may still be paid;
+- a key folder writable by group or others stops the router at start, and while it
+  happens at run time nobody logs in (logged once);
 - each key file is looked at again (one `stat`: inode, size, mtime, ctime) before that
   participant's every login, and all of them every second: `jackpay-keys --rotate alice`
   (or a file copied over in place) is in force from the next login without a restart,
@@ -15,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -37,9 +39,16 @@ class PayerKeys:
         self._stamps: dict[str, _Stamp] = {}
         self._changed: set[str] = set()
         self._loaded = False
+        self.unsafe: str | None = None  # why the key folders cannot be trusted now
 
     def get(self, payer_id: str) -> Ed25519PublicKey | None:
-        return self._keys.get(payer_id)
+        """The participant's key; None when it has none, or while a key folder is
+        writable by others (nobody logs in until that is fixed)."""
+        return None if self.unsafe is not None else self._keys.get(payer_id)
+
+    def raw(self, payer_id: str) -> bytes | None:
+        """The 32 raw bytes of the participant's current key (None: no usable key)."""
+        return None if self.unsafe is not None else self._raw.get(payer_id)
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -59,13 +68,8 @@ class PayerKeys:
         self._raw.pop(payer_id, None)
         problem = None
         try:
-            path = self.store.payer_public(payer_id)
-            mode = os.stat(path).st_mode
-            if stat.S_IMODE(mode) & 0o022:
-                raise KeyFileError(f"{path} is writable by others (mode "
-                                   f"{stat.S_IMODE(mode):04o}): run  chmod 644 {path}")
-            key = self.store.load_payer_public(payer_id)
-        except (KeyFileError, OSError) as exc:
+            key = self.store.load_payer_public(payer_id)  # a plain file, ours, not too open
+        except KeyFileError as exc:
             problem = str(exc)
         else:
             self._keys[payer_id] = key
@@ -91,16 +95,11 @@ class PayerKeys:
         self._loaded = True
 
     def _check_folder(self) -> None:
-        """Raises KeyFileError if anyone but its owner may write the public keys' folder
+        """Raises KeyFileError if anyone but its owner may write the public keys' folders
         (they could then log in as anyone)."""
-        folder = self.store.payers_public_dir
-        try:
-            mode = stat.S_IMODE(os.stat(folder).st_mode)
-        except OSError:
-            return  # no keys at all: nobody logs in, each participant is logged
-        if mode & 0o022:
-            raise KeyFileError(f"{folder} is writable by others (mode {mode:04o}), so anyone "
-                               f"could replace a participant's key: run  chmod 755 {folder}")
+        unsafe = self.store.unsafe_public_folder()
+        if unsafe is not None:
+            raise KeyFileError(unsafe)
 
     def refresh(self, payer_id: str | None = None) -> None:
         """Re-read the keys (or `payer_id`'s) whose file changed since the last look; the
@@ -108,6 +107,14 @@ class PayerKeys:
         participant is not looked up (it names no file)."""
         if payer_id is not None and payer_id not in self._known:
             return
+        unsafe = self.store.unsafe_public_folder()
+        if unsafe != self.unsafe:
+            self.unsafe = unsafe
+            if unsafe is not None:
+                log_event(log, "no logins until the key folders are safe", logging.ERROR,
+                          reason=unsafe)
+            else:
+                log_event(log, "key folders safe again")
         for pid in self.payer_ids if payer_id is None else [payer_id]:
             stamp = self._stamp(pid)
             if pid not in self._stamps or stamp != self._stamps[pid]:

@@ -89,6 +89,7 @@ KEY_CHECK_S = 1.0  # how often the participants' key files are looked at (rotati
 # Tokens a request takes from the payer's budget (others: 1). A history page reads the
 # ledger: about a hundred times a ping's work at the router and the ledger together.
 REQUEST_COST: dict[type[Message], int] = {History: 20}
+BAD_FRAME_COST = 20
 _monotonic = time.monotonic
 
 
@@ -300,7 +301,9 @@ class RouterService:
         keys.refresh()
         for payer_id in keys.take_changed():
             session = self.registry.session(payer_id)
-            if session is not None:
+            # A session proven with the current key (a login right after the rotation)
+            # stays; one proven with a key that no longer counts goes.
+            if session is not None and session.key != keys.raw(payer_id):
                 log_event(log, "key changed; session closed", payer=payer_id)
                 session.channel.reply_error(None, ErrorCode.AUTH_FAILED,
                                             "your key was replaced; log in again")
@@ -409,7 +412,7 @@ class PayerConnection:
             if policy is None:  # the plain benchmark: no authentication
                 self._open_session(ch, hello.id, hello.peer)
                 return
-            self.login = Login(policy, ch.address)
+            self.login = Login(policy, ch.address_key)  # IPv6: failures counted per /64
             try:
                 ch.send_nowait(self.login.on_hello(hello, _monotonic()))
             except LoginRefused as refused:
@@ -420,7 +423,9 @@ class PayerConnection:
         except LoginRefused as refused:
             self._refuse(ch, getattr(msg, "id", None), refused)
             return
-        self._open_session(ch, msg.id if isinstance(msg, Auth) else 0, payer_id)
+        self._open_session(ch, msg.id if isinstance(msg, Auth) else 0, payer_id,
+                           self.service.login_policy.keys.raw(payer_id)
+                           if self.service.login_policy is not None else None)
 
     def _refuse(self, ch: Channel, rid: int | None, refused: LoginRefused) -> None:
         claimed = self.login.claimed if self.login is not None else None
@@ -430,16 +435,21 @@ class PayerConnection:
         ch.reply_error(rid, refused.code, refused.message)
         ch.close()
 
-    def _open_session(self, ch: Channel, rid: int, payer_id: str) -> None:
+    def _open_session(self, ch: Channel, rid: int, payer_id: str,
+                      key: bytes | None = None) -> None:
         registry = self.service.registry
         if not registry.receiver_exists(payer_id):  # only without authentication
             log_event(log, "hello from unknown payer refused", peer=ch.peername, payer=payer_id)
             ch.reply_error(rid, ErrorCode.AUTH_FAILED, "authentication failed")
             ch.close()
             return
-        session, old = registry.attach(payer_id, ch)
+        session, old = registry.attach(payer_id, ch, key)
         self.session = session
         ch.handshake_complete()
+        # From now on every frame is charged to the payer: unmatched replies and bad
+        # frames too.
+        ch.deliver_unmatched = True
+        ch.on_bad_frame = self._charge_bad_frame
         ch.max_frame_bytes = self.service.cfg.router.max_frame_bytes
         ch.name = f"payer:{payer_id}"
         if old is not None:
@@ -453,6 +463,19 @@ class PayerConnection:
                                available=accounts.available(payer_id),
                                last_tx_time=accounts.last_tx_time(payer_id)))
         log_event(log, "payer connected", payer=payer_id, peer=ch.peername)
+
+    def _charge_bad_frame(self, ch: Channel) -> None:
+        """A bad frame after login costs BAD_FRAME_COST tokens; with the budget spent,
+        the connection is closed."""
+        session = self.session
+        if session is None:
+            return
+        now = _monotonic()
+        if not self.service.registry.budget(session.payer_id, now).take(now, BAD_FRAME_COST):
+            log_event(log, "payer closed: bad frames beyond its budget", logging.WARNING,
+                      payer=session.payer_id, peer=ch.peername)
+            ch.reply_error(None, ErrorCode.RATE_LIMITED, "too many bad frames; closing")
+            ch.close()
 
     # --- requests ------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from router.accounts import is_reserved
 class Session:
     payer_id: str
     channel: Channel
+    key: bytes | None = None  # the raw public key the login proved (None: plain benchmark)
 
     @property
     def live(self) -> bool:
@@ -60,10 +61,12 @@ class Registry:
         s = self._sessions.get(payer_id)
         return s if s is not None and s.live else None
 
-    def attach(self, payer_id: str, channel: Channel) -> tuple[Session, Session | None]:
-        """Make `channel` the payer's session; returns (new, replaced-or-None)."""
+    def attach(self, payer_id: str, channel: Channel, key: bytes | None = None
+               ) -> tuple[Session, Session | None]:
+        """Make `channel` the payer's session (proven with `key`); returns (new,
+        replaced-or-None)."""
         old = self._sessions.get(payer_id)
-        new = Session(payer_id, channel)
+        new = Session(payer_id, channel, key)
         self._sessions[payer_id] = new
         return new, (old if old is not None and old.live else None)
 

@@ -12,10 +12,11 @@ Rules (DESIGN §1.3, exactly once):
 - committed rows come from the ledger (replay at start, or an acked append), so after a
   restart every paid `tx_id` is known again; failures live in memory only: after a
   restart a retried `tx_id` that never committed simply runs (DESIGN §2). They are
-  also bounded per sender: only each sender's most recent `max_failed` failures are
-  remembered, so a payer sending refused payments with fresh tx_ids cannot grow the
-  router's memory without end, nor push anyone else's failures out; an older failed
-  `tx_id` retried simply runs again, as after a restart.
+  also bounded: each sender's most recent `max_failed` failures, and `max_failed_total`
+  in all, taken from whoever has the most remembered then — so a payer sending refused
+  payments with fresh tx_ids can grow the router's memory only so far, and pushes out
+  its own failures before anyone else's; an older failed `tx_id` retried simply runs
+  again, as after a restart.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ _ALLOWED = {
 
 
 MAX_FAILED_REMEMBERED = 10_000  # per sender
+MAX_FAILED_TOTAL = 200_000
 
 
 TxKey = tuple[str, str]  # (sender, tx_id)
@@ -82,9 +84,12 @@ TxKey = tuple[str, str]  # (sender, tx_id)
 class TxTable:
     """Every payment the router has seen, keyed by (sender, tx_id)."""
 
-    def __init__(self, max_failed: int = MAX_FAILED_REMEMBERED) -> None:
+    def __init__(self, max_failed: int = MAX_FAILED_REMEMBERED,
+                 max_failed_total: int = MAX_FAILED_TOTAL) -> None:
         self.max_failed = max_failed
+        self.max_failed_total = max_failed_total
         self._failed: dict[str, deque[TxKey]] = {}  # per sender, oldest first
+        self._failed_total = 0
         # A replayed row is kept as the LedgerRow itself (no objects made per row while
         # replaying a large ledger); `get` turns it into a TxRecord when first asked.
         self._records: dict[TxKey, TxRecord | LedgerRow] = {}
@@ -131,12 +136,27 @@ class TxTable:
         if failed is None:
             failed = self._failed[sender] = deque()
         failed.append((sender, tx_id))
+        self._failed_total += 1
         while len(failed) > self.max_failed:
-            key = failed.popleft()
-            old = self._records.get(key)
-            if isinstance(old, TxRecord) and old.state is TxState.FAILED:
-                del self._records[key]
+            self._forget_oldest(sender)
+        if self._failed_total > self.max_failed_total:
+            # From whoever has the most: this sender when it has at least its share
+            # (the usual case, O(1)), else the largest (a scan, only at the cap).
+            if len(failed) * len(self._failed) >= self._failed_total:
+                self._forget_oldest(sender)
+            else:
+                self._forget_oldest(max(self._failed, key=lambda k: len(self._failed[k])))
         return rec
+
+    def _forget_oldest(self, sender: str) -> None:
+        failed = self._failed[sender]
+        key = failed.popleft()
+        self._failed_total -= 1
+        if not failed:
+            del self._failed[sender]
+        old = self._records.get(key)
+        if isinstance(old, TxRecord) and old.state is TxState.FAILED:
+            del self._records[key]
 
     def record_row(self, row: LedgerRow) -> None:
         """A durable ledger row (replay): known as paid from now on. Raises

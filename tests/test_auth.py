@@ -185,3 +185,13 @@ def test_private_keys_must_be_the_users_own(tmp_path: Path) -> None:
         os.chown(key, 4242, -1)
         with pytest.raises(KeyFileError, match="belongs to another user"):
             check_private_file(key)
+
+
+def test_clients_are_counted_per_ipv4_address_and_per_ipv6_64() -> None:
+    from common.limits import address_key
+
+    assert address_key("127.0.0.1") == "127.0.0.1"
+    assert address_key("2001:db8:1:2:aaaa::1") == address_key("2001:db8:1:2:ffff::9")
+    assert address_key("2001:db8:1:2::1") != address_key("2001:db8:1:3::1")
+    assert address_key("::ffff:10.0.0.7") == "10.0.0.7"
+    assert address_key("not an address") == "not an address"

@@ -352,6 +352,15 @@ def test_failures_remembered_are_bounded_oldest_forgotten_first() -> None:
         txs.mark_failed("mallory", f"m{i}", "insufficient_funds")
     assert txs.get("carol", "m-keep") is not None
     assert [i for i in range(10) if txs.get("mallory", f"m{i}") is not None] == [7, 8, 9]
+    # in all at most max_failed_total, taken from whoever has the most
+    small = TxTable(max_failed=100, max_failed_total=6)
+    for who, n in (("carol", 2), ("mallory", 10)):
+        for i in range(n):
+            small.begin(f"{who}{i}", TxParams(who, "bob", 1, ""))
+            small.mark_failed(who, f"{who}{i}", "insufficient_funds")
+    assert [i for i in range(2) if small.get("carol", f"carol{i}") is not None] == [0, 1]
+    assert [i for i in range(10) if small.get("mallory", f"mallory{i}") is not None] == [
+        6, 7, 8, 9]
 
 
 async def test_openings_split_over_appends_are_replayed_in_seq_order(  # type: ignore[no-untyped-def]

@@ -12,6 +12,7 @@ failed logins per address, a payer's rate and payments in flight. And key rotati
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import ssl
 import subprocess
@@ -671,3 +672,117 @@ def test_the_plain_mode_needs_its_whole_flag_and_loopback(network: Network) -> N
                               env=network.env(), timeout=30, check=False)
         assert proc.returncode == 2, proc
         assert why in proc.stderr
+
+
+# --- found by the second review ----------------------------------------------------
+
+
+async def test_a_flood_of_bare_sockets_does_not_push_out_a_client_past_tls(
+        network: Network) -> None:
+    """The handshake pool drops connections that have not finished TLS first: a client
+    that has (or, at the ledger, whose certificate was verified) keeps its place."""
+    network.ledger_settings["max_handshaking"] = 4
+    up(network, max_handshaking=4)
+    payer = await raw_router(network)  # TLS done, login not yet
+    auditor = await open_channel(*network.procs["ledger"].addr, decoder_for((Welcome, Error)),
+                                 name="auditor", tls=network.ledger_tls("auditor"))
+    bare = []
+    for i in range(40):
+        for name in ("router", "ledger"):
+            s = socket.socket()
+            s.bind((f"127.0.{1 + i % 5}.{2 + i}", 0))
+            s.connect(network.procs[name].addr)
+            bare.append(s)
+    await asyncio.sleep(0.3)
+    answer, _, _ = await login(payer, "alice", network.keys.load_payer_key("alice"))
+    assert isinstance(answer, Welcome)
+    assert isinstance(await auditor.request(Hello(id=0, version=PROTOCOL_VERSION,
+                                                  role="client", peer="a"), timeout=5),
+                      Welcome)
+    for s in bare:
+        s.close()
+    await payer.aclose()
+    await auditor.aclose()
+
+
+async def test_unmatched_replies_and_bad_frames_after_login_are_charged(
+        network: Network) -> None:
+    up(network, payer_requests_per_s=20.0)
+    async with network.client("alice") as alice:
+        ch = alice._channel
+        assert ch is not None
+        for i in range(100):
+            ch.send_nowait(Pong(re=10_000 + i))  # answers to nothing
+        with pytest.raises(RequestFailed) as info:
+            await alice.test_router_link()
+        assert info.value.code == ErrorCode.RATE_LIMITED
+    async with network.client("bob") as bob:
+        ch = bob._channel
+        assert ch is not None
+        ch.send_raw(encode_frame(b"\xc1") * 5)  # 20 tokens each: the budget is gone
+        await asyncio.wait_for(bob.wait_closed(), 5)
+    log = network.procs["router"].log_path.read_text()
+    assert "payer closed: bad frames beyond its budget" in log
+
+
+async def test_a_login_with_the_new_key_right_after_rotation_stays(network: Network) -> None:
+    up(network)
+    rotate(network.config, ["alice"])
+    async with network.client("alice") as alice:  # reads the new key
+        await asyncio.sleep(2.2)  # two rounds of the router's key check
+        assert alice.connected
+        assert await alice.test_router_link() > 0
+
+
+async def test_bad_frame_log_lines_quote_the_peers_text(network: Network) -> None:
+    up(network)
+    async with network.client("alice") as alice:
+        ch = alice._channel
+        assert ch is not None
+        ch.send_raw(encode_frame(msgspec.msgpack.encode(
+            {"t": "ping", "id": 5, "x outcome=paid tx_id=T9 sender=alice": 1})))
+        assert await alice.test_router_link() > 0
+    line = next(ln for ln in network.procs["router"].log_path.read_text().splitlines()
+                if "bad frame" in ln)
+    assert ' reason="' in line, line  # one quoted field, not loose key=value pairs
+    assert " outcome=paid" not in line.replace('"', "'").split(" reason=")[0]
+
+
+async def test_public_key_files_must_be_plain_files_in_safe_folders(
+        network: Network, tmp_path: Path) -> None:
+    up(network)
+    keys = network.keys
+    alice_key = keys.load_payer_key("alice")
+    pub = keys.payer_public("alice")
+    # a symbolic link to the same bytes elsewhere: refused (the target could be anyone's)
+    elsewhere = tmp_path / "alice.pub"
+    elsewhere.write_bytes(pub.read_bytes())
+    pub.unlink()
+    pub.symlink_to(elsewhere)
+    ch = await raw_router(network)
+    await assert_refused_and_closed(ch, (await login(ch, "alice", alice_key))[0])
+    # a FIFO: refused at once, the router does not block on it
+    pub.unlink()
+    os.mkfifo(pub)
+    ch = await raw_router(network)
+    await assert_refused_and_closed(ch, (await login(ch, "alice", alice_key))[0])
+    pub.unlink()
+    pub.write_bytes(elsewhere.read_bytes())
+    pub.chmod(0o644)
+    ch = await raw_router(network)
+    assert isinstance((await login(ch, "alice", alice_key))[0], Welcome)
+    await ch.aclose()
+    # a key folder writable by others: nobody logs in until it is fixed
+    keys.payers_public_dir.chmod(0o777)
+    try:
+        ch = await raw_router(network)
+        await assert_refused_and_closed(ch, (await login(ch, "alice", alice_key))[0])
+    finally:
+        keys.payers_public_dir.chmod(0o755)
+    ch = await raw_router(network)
+    assert isinstance((await login(ch, "alice", alice_key))[0], Welcome)
+    await ch.aclose()
+    log = network.procs["router"].log_path.read_text()
+    assert "is a symbolic link" in log
+    assert "no logins until the key folders are safe" in log
+    no_tracebacks(network)
