@@ -15,12 +15,6 @@ import time
 from typing import Any, TextIO
 
 
-def printable(text: str) -> str:
-    """A peer's text as it can go into a log line: escaped (repr) when it holds anything
-    that is not printable — newlines, terminal escapes, U+2028, C1 controls."""
-    return text if text.isprintable() else repr(text)
-
-
 def _safe(value: object) -> object:
     """A field's value in a plain log line (logfmt's rule): a peer's text (memo, reject
     reason, claimed id) quoted and escaped when it holds a space, `=`, a quote or anything

@@ -288,7 +288,6 @@ class RouterService:
         ch.on_message = conn.on_message
         ch.on_close = conn.on_close
         ch.max_frame_bytes = PRE_LOGIN_MAX_FRAME_BYTES
-        conn.channel = ch
         self._connections.add(ch)
         ch.start()
 
@@ -346,7 +345,6 @@ class PayerConnection:
 
     def __init__(self, service: RouterService) -> None:
         self.service = service
-        self.channel: Channel | None = None
         self.session: Session | None = None
         self.login: Login | None = None  # set after a hello that was answered `challenge`
 
