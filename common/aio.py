@@ -880,7 +880,7 @@ class _ServerSide:
         if full is not None:
             victim = self._victim(None if full == "total" else key)
             if victim is None:
-                return self.caps.admit(key)  # the reason, nothing counted
+                return self.caps.describe(full, key)
             self._drop(victim)
         refused = self.caps.admit(key)
         if refused is not None:

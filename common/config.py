@@ -52,7 +52,7 @@ class LedgerConfig(_Section):
     handshake_timeout_s: Seconds = 10.0
     max_connections: Count = 256
     max_connections_per_address: Count = 64
-    max_handshaking: Count = 32  # then the oldest connection still in its handshake goes
+    max_handshaking: Count = 32  # then one still in its handshake is dropped (common.aio)
     new_connections_per_address_per_s: PerSecond = 20.0
     # Client-certificate names (CN) granted read access (`read`, `stats`); the router's
     # certificate (CN "router") may also append. Nobody else gets past `hello`.
@@ -76,7 +76,7 @@ class RouterConfig(_Section):
     handshake_timeout_s: Seconds = 10.0
     max_connections: Count = 10_000
     max_connections_per_address: Count = 1024
-    max_handshaking: Count = 512  # then the oldest connection still in its handshake goes
+    max_handshaking: Count = 512  # then one still in its handshake is dropped (common.aio)
     new_connections_per_address_per_s: PerSecond = 200.0  # (a burst of 5 s worth)
     # Per payer: payments in flight at once, and requests per second (a bucket that
     # holds one second's worth); above either the request is answered `rate_limited`.

@@ -26,7 +26,8 @@ class ServerLimits:
     max_connections: int
     max_connections_per_address: int
     # Connections that have not finished TLS and their login: when this many are open,
-    # the oldest is dropped for a new one, so idle sockets cannot lock anyone out.
+    # one is dropped for a newcomer (common.aio says which), so idle sockets cannot lock
+    # anyone out.
     max_handshaking: int
     # New connections per address per second (a burst of five seconds' worth).
     new_connections_per_address_per_s: float
@@ -60,13 +61,10 @@ class ConnectionCaps:
     def admit(self, address: str) -> str | None:
         """Count a new connection from `address`; returns None if admitted, else why not
         (nothing counted)."""
-        if self.total >= self.max_total:
-            return f"{self.total} connections open (max_connections {self.max_total})"
-        n = self._per_address.get(address, 0)
-        if n >= self.max_per_address:
-            return (f"{n} connections open from {address} "
-                    f"(max_connections_per_address {self.max_per_address})")
-        self._per_address[address] = n + 1
+        full = self.full(address)
+        if full is not None:
+            return self.describe(full, address)
+        self._per_address[address] = self._per_address.get(address, 0) + 1
         self.total += 1
         return None
 
@@ -84,13 +82,20 @@ class ConnectionCaps:
         return self._per_address.get(address, 0)
 
     def full(self, address: str) -> str | None:
-        """Why a new connection from `address` would be refused: "total", "address" or
+        """Which cap a new connection from `address` would break: "total", "address", or
         None (it would be admitted)."""
         if self.total >= self.max_total:
             return "total"
         if self._per_address.get(address, 0) >= self.max_per_address:
             return "address"
         return None
+
+    def describe(self, full: str, address: str) -> str:
+        """The refusal, in words, for the cap `full` names."""
+        if full == "total":
+            return f"{self.total} connections open (max_connections {self.max_total})"
+        return (f"{self.open_from(address)} connections open from {address} "
+                f"(max_connections_per_address {self.max_per_address})")
 
 
 class TokenBucket:
