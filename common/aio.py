@@ -111,9 +111,8 @@ class Channel(asyncio.Protocol):
         self._decode = decoder.decode
         self._frames = FrameDecoder(max_frame_bytes)
         self._max_frame_bytes = max_frame_bytes
-        self._max_buffered = max_buffered_bytes
-        self._always_check_buffer = max_buffered_bytes < _DEFAULT_HIGH_WATER
-        self._normal_buffering = (self._max_buffered, self._always_check_buffer)
+        self._max_buffered_normally = max_buffered_bytes
+        self._set_max_buffered(max_buffered_bytes)
         self.on_message = on_message
         self.on_close = on_close
         self._pending: dict[int, asyncio.Future[Message]] = {}
@@ -176,6 +175,13 @@ class Channel(asyncio.Protocol):
         self._max_frame_bytes = value
         self._frames.max_frame_bytes = value
 
+    def _set_max_buffered(self, limit: int) -> None:
+        """At most `limit` bytes may wait to be written to a peer that does not read."""
+        self._max_buffered = limit
+        # Above the transport's high-water mark it calls pause_writing(), so only a limit
+        # below it needs the buffer checked at every flush.
+        self._always_check_buffer = limit < _DEFAULT_HIGH_WATER
+
     def handshake_complete(self) -> None:
         """The owner accepted the peer's `hello` (and `auth`): the handshake deadline and
         the handshake's tighter bounds no longer apply."""
@@ -184,7 +190,7 @@ class Channel(asyncio.Protocol):
             self._deadline = None
         if self._handshaking:
             self._handshaking = False
-            self._max_buffered, self._always_check_buffer = self._normal_buffering
+            self._set_max_buffered(self._max_buffered_normally)
             if self._server is not None:
                 self._server.leave(self)
 
@@ -277,7 +283,7 @@ class Channel(asyncio.Protocol):
         server = self._server
         if server is not None:
             self._handshaking = True
-            self._max_buffered, self._always_check_buffer = PRE_HANDSHAKE_MAX_BUFFERED, True
+            self._set_max_buffered(PRE_HANDSHAKE_MAX_BUFFERED)
             refused = server.admit(self)
             if refused:
                 self._closed = True
@@ -466,6 +472,10 @@ class Channel(asyncio.Protocol):
             del buf[start:]
             raise FrameTooLarge(size, self._max_frame_bytes)
         _pack_header(buf, start, size)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        """Frames queued in this loop turn go out together, in one write, at its end."""
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
@@ -476,9 +486,7 @@ class Channel(asyncio.Protocol):
         if self._closed:
             raise ConnectionLost(f"connection to {self.name} is closed")
         self._wbuf += data
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+        self._schedule_flush()
 
     async def send(self, msg: Message) -> None:
         """Queue one message and wait until the transport accepts more (backpressure)."""
