@@ -85,17 +85,6 @@ def _private_pem(key: ec.EllipticCurvePrivateKey | Ed25519PrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
-def _load_ec_key(path: Path) -> ec.EllipticCurvePrivateKey:
-    keys.check_private_file(path)
-    try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except (ValueError, TypeError) as exc:
-        raise KeyFileError(f"{path} is not a PEM private key: {exc}") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise KeyFileError(f"{path} is not an ECDSA private key")
-    return key
-
-
 def _load_cert(path: Path) -> x509.Certificate:
     try:
         return x509.load_pem_x509_certificate(path.read_bytes())
@@ -168,7 +157,7 @@ class _Keys:
     def ec_key(self, path: Path, new: bool) -> ec.EllipticCurvePrivateKey:
         """The (checked) key at `path`; a new one if it is missing or `new` (rotate)."""
         if path.exists() and not new:
-            return _load_ec_key(path)
+            return keys.load_ec_private(path)
         key = ec.generate_private_key(ec.SECP256R1())
         self.write(path, _private_pem(key), "rotated" if new else "created")
         return key

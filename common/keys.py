@@ -29,7 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from common.config import NetworkConfig
 from common.errors import ConfigError
@@ -137,15 +139,7 @@ class KeyStore:
     def load_payer_key(self, payer_id: str) -> Ed25519PrivateKey:
         """A participant's signing key. Raises KeyFileError (missing, too open, not an
         Ed25519 private key)."""
-        path = self.payer_private(payer_id)
-        check_private_file(path)
-        try:
-            key = serialization.load_pem_private_key(_read(path), password=None)
-        except Exception as exc:  # ValueError, TypeError, UnsupportedAlgorithm, ...
-            raise KeyFileError(f"{path} is not a PEM private key: {exc}") from None
-        if not isinstance(key, Ed25519PrivateKey):
-            raise KeyFileError(f"{path} is not an Ed25519 private key")
-        return key
+        return load_ed25519_private(self.payer_private(payer_id))
 
     def load_payer_public(self, payer_id: str) -> Ed25519PublicKey:
         """A participant's public key, from a file the router can trust (see
@@ -168,6 +162,31 @@ class KeyStore:
                 return (f"{folder} is writable by others (mode {mode:04o}), so anyone could "
                         f"replace a participant's key: run  chmod 755 {folder}")
         return None
+
+
+def _load_private(path: Path) -> PrivateKeyTypes:
+    """The private key in PEM file `path`, after `check_private_file`. Raises KeyFileError."""
+    check_private_file(path)
+    try:
+        return serialization.load_pem_private_key(_read(path), password=None)
+    except Exception as exc:  # ValueError, TypeError, UnsupportedAlgorithm, ...
+        raise KeyFileError(f"{path} is not a PEM private key: {exc}") from None
+
+
+def load_ed25519_private(path: Path) -> Ed25519PrivateKey:
+    """A participant's signing key from `path`. Raises KeyFileError."""
+    key = _load_private(path)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise KeyFileError(f"{path} is not an Ed25519 private key")
+    return key
+
+
+def load_ec_private(path: Path) -> ec.EllipticCurvePrivateKey:
+    """A TLS identity's (or the CA's) ECDSA key from `path`. Raises KeyFileError."""
+    key = _load_private(path)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise KeyFileError(f"{path} is not an ECDSA private key")
+    return key
 
 
 PUBLIC_KEY_MAX_BYTES = 4096
