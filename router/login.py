@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from common.auth import new_nonce, verify_login
 from common.errors import ErrorCode, JackPayError
+from common.keys import raw_public
 from common.limits import FailedLogins
 from common.messages import Auth, Challenge, Hello, Message
 from router.keyring import PayerKeys
@@ -42,6 +43,15 @@ class LoginRefused(JackPayError):
 
 def _auth_failed(reason: str) -> LoginRefused:
     return LoginRefused(ErrorCode.AUTH_FAILED, "authentication failed", reason)
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedIn:
+    """What a login proved: who, with which key (its 32 raw bytes), answering `auth` `rid`."""
+
+    payer_id: str
+    key: bytes
+    rid: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,8 +91,8 @@ class Login:
         self._server_nonce = new_nonce()
         return Challenge(re=hello.id, nonce=self._server_nonce, server=self._policy.server_id)
 
-    def on_auth(self, msg: Message, now: float) -> str:
-        """The proven payer id. Raises LoginRefused (auth_failed), counting the failure."""
+    def on_auth(self, msg: Message, now: float) -> LoggedIn:
+        """Who the `auth` proved. Raises LoginRefused (auth_failed), counting the failure."""
         policy = self._policy
         try:
             if not isinstance(msg, Auth):
@@ -97,7 +107,7 @@ class Login:
                 raise _auth_failed(f"{claimed!r} is not a participant with a key")
             if not good:
                 raise _auth_failed(f"signature does not verify with {claimed}'s key")
-            return claimed
+            return LoggedIn(claimed, raw_public(key), msg.id)
         except LoginRefused:
             policy.failed.record_failure(self.address, now)
             raise

@@ -100,21 +100,19 @@ class RouterSecurity:
 
     tls: ssl.SSLContext | None  # the payer port's server context
     ledger_tls: ClientTls | None  # to the ledger, with the router's client certificate
-    keys: PayerKeys | None
-    network_id: str
-    server_id: str
+    login: LoginPolicy | None  # what logins are checked against (the participants' keys)
 
     @classmethod
     def from_config(cls, cfg: NetworkConfig, *, plain: bool = False) -> RouterSecurity:
         """Raises ConfigError (KeyFileError) for a missing or unsafe key."""
-        store = KeyStore.for_config(cfg)
-        server_id = store.server_name("router")
         if plain:
-            return cls(None, None, None, cfg.network.id, server_id)
+            return cls(None, None, None)
+        store = KeyStore.for_config(cfg)
         return cls(server_context(store, "router"),
                    client_tls(store, "ledger", identity="router-client"),
-                   PayerKeys(store, [p.id for p in cfg.participants]), cfg.network.id,
-                   server_id)
+                   LoginPolicy(cfg.network.id, store.server_name("router"),
+                               PayerKeys(store, [p.id for p in cfg.participants]),
+                               FailedLogins(cfg.router.failed_logins_per_minute)))
 
 
 def connection_budget(wanted: int) -> int:
@@ -149,11 +147,7 @@ class RouterService:
         self.book = Book()
         self.registry = Registry(cfg.participants, rc.payer_requests_per_s)
         self.pipeline = Pipeline(self.book, self.registry, self.ledger, rc)
-        self.login_policy: LoginPolicy | None = None
-        if security.keys is not None:
-            self.login_policy = LoginPolicy(security.network_id, security.server_id,
-                                            security.keys,
-                                            FailedLogins(rc.failed_logins_per_minute))
+        self.login_policy = security.login
         self.refused_logins = 0
         self._server: asyncio.Server | None = None
         self._connections: set[Channel] = set()
@@ -176,7 +170,7 @@ class RouterService:
         await self.ledger.wait_connected()
         await self.replay()
         await self.issue_openings()
-        keys = self.security.keys
+        keys = self.login_policy.keys if self.login_policy is not None else None
         if keys is not None:
             try:
                 keys.load()
@@ -294,8 +288,8 @@ class RouterService:
     def _check_keys(self) -> None:
         """Rotation: a participant whose key changed loses its session (proven with the
         old key); its daemon logs in again with the new one."""
-        keys = self.security.keys
-        assert keys is not None
+        assert self.login_policy is not None
+        keys = self.login_policy.keys
         self._key_watch = asyncio.get_running_loop().call_later(KEY_CHECK_S, self._check_keys)
         keys.refresh()
         for payer_id in keys.take_changed():
@@ -417,13 +411,11 @@ class PayerConnection:
                 self._refuse(ch, hello.id, refused)
             return
         try:
-            payer_id = self.login.on_auth(msg, _monotonic())
+            proven = self.login.on_auth(msg, _monotonic())
         except LoginRefused as refused:
             self._refuse(ch, getattr(msg, "id", None), refused)
             return
-        self._open_session(ch, msg.id if isinstance(msg, Auth) else 0, payer_id,
-                           self.service.login_policy.keys.raw(payer_id)
-                           if self.service.login_policy is not None else None)
+        self._open_session(ch, proven.rid, proven.payer_id, proven.key)
 
     def _refuse(self, ch: Channel, rid: int | None, refused: LoginRefused) -> None:
         claimed = self.login.claimed if self.login is not None else None

@@ -123,7 +123,7 @@ class FakeRouter:
                 if isinstance(msg, Hello) and login.claimed is None:
                     ch.send_nowait(login.on_hello(msg, 0.0))
                     return
-                peer = login.on_auth(msg, 0.0)
+                peer = login.on_auth(msg, 0.0).payer_id
             except LoginRefused as refused:
                 ch.reply_error(getattr(msg, "id", None), refused.code, refused.message)
                 ch.close()
