@@ -40,6 +40,7 @@ async def serve(host: str, port: int, upstream: tuple[str, int] | None,
 
     def on_message(ch: Channel, msg: Message) -> object:
         if isinstance(msg, Hello):
+            ch.handshake_complete()  # as every server does after hello (common.aio)
             ch.send_nowait(Welcome(re=msg.id, version=PROTOCOL_VERSION, server="echo"))
             return None
         if isinstance(msg, Ping):
