@@ -164,6 +164,7 @@ def test_router_handshake(net: Network, sent: list[bytes]) -> None:
     types = [f.get("t") for f in got if isinstance(f, dict)]
     assert "welcome" not in types, got  # nobody without alice's key gets in
     assert set(types) <= {"error", "challenge"}, got
+    assert net.procs["router"].alive()
 
 
 @FUZZ
@@ -180,6 +181,7 @@ def test_ledger_handshake_without_a_certificate(net: Network, sent: list[bytes],
 
     got = asyncio.run(exchange(open_conn, sent, {"t": "ping", "id": 999}))
     assert got == [], got  # no TLS, or no certificate: not one frame back
+    assert net.procs["ledger"].alive()
 
 
 @FUZZ
@@ -196,6 +198,7 @@ def test_ledger_handshake_as_an_auditor(net: Network, sent: list[bytes]) -> None
     got = asyncio.run(exchange(open_conn, sent, {"t": "ping", "id": 999}))
     assert not [f for f in got if isinstance(f, dict) and f.get("t") == "appended"], got
     assert net.ledger_path.read_bytes() == rows_before
+    assert net.procs["ledger"].alive()
 
 
 @FUZZ
@@ -207,7 +210,11 @@ def test_local_sockets_survive_garbage(net: Network, sent: list[bytes]) -> None:
         def open_conn(p: str = path) -> Any:
             return asyncio.open_unix_connection(p)
 
-        asyncio.run(exchange(open_conn, sent, {"t": "ping", "id": 999}))
+        got = asyncio.run(exchange(open_conn, sent, {"t": "ping", "id": 999}))
+        # an answer of some kind (welcome, error, pong), or a close: never a crash
+        assert all(isinstance(f, dict) and "t" in f for f in got), got
+    assert net.procs["router"].alive()
+    assert net.procs["bob"].alive()
 
 
 def test_everyone_is_still_served_after_the_fuzzing(net: Network) -> None:

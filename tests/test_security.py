@@ -50,6 +50,7 @@ from common.messages import (
     Welcome,
     decoder_for,
 )
+from common.procs import Proc, python_module
 from common.tls import ClientTls, TlsFailed, client_tls
 from payer_client.client import PayerClient, PayerCredentials
 
@@ -668,6 +669,8 @@ def test_the_plain_mode_needs_its_whole_flag_and_loopback(network: Network) -> N
             (["router", "--config", str(network.config_path), "--plain"], "unrecognized"),
             (["ledger", "--config", str(network.config_path), "--plain"], "unrecognized"),
             (["ledger", "--config", str(network.config_path), "--plain-benchmark-only",
+              "--host", "0.0.0.0"], "loopback address only"),
+            (["router", "--config", str(network.config_path), "--plain-benchmark-only",
               "--host", "0.0.0.0"], "loopback address only")):
         proc = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True,
                               env=network.env(), timeout=30, check=False)
@@ -787,3 +790,53 @@ async def test_public_key_files_must_be_plain_files_in_safe_folders(
     assert "is a symbolic link" in log
     assert "no logins until the key folders are safe" in log
     no_tracebacks(network)
+
+
+async def test_a_daemon_with_an_unusable_key_or_an_untrusted_router_keeps_trying(
+        network: Network, tmp_path: Path) -> None:
+    """The daemon's own failure paths: its key made readable by others after it started
+    (it says so and retries; fixed, it logs in again), and a router whose certificate
+    another CA signed (it says so, sends nothing, keeps trying)."""
+    up(network)
+    network.start_payer("bob")
+    key = network.keys.payer_private("bob")
+    key.chmod(0o644)
+    network.procs["router"].kill()
+    await asyncio.to_thread(network.restart, "router")
+    log = network.procs["bob"].log_path
+    for _ in range(100):
+        if "cannot log in" in log.read_text():
+            break
+        await asyncio.sleep(0.1)
+    assert "chmod 600" in log.read_text()
+    key.chmod(0o600)
+    for _ in range(100):  # reconnect_max_s is 0.5 s in the test network
+        if (await network.inspect()).sessions == ["bob"]:
+            break
+        await asyncio.sleep(0.1)
+    assert (await network.inspect()).sessions == ["bob"]
+    # an impostor router: same network id and names, another CA
+    impostor = other_network_keys(tmp_path)
+    echo = await asyncio.to_thread(Proc("impostor", python_module(
+        "bench.echo", "--tls", str(impostor.config_path)), tmp_path / "impostor.log",
+        env=network.env()).start)
+    alice_log = tmp_path / "alice.log"
+    with alice_log.open("w") as err:
+        daemon = await asyncio.create_subprocess_exec(
+            *python_module("payer_client", "run", "--config", str(network.config_path),
+                           "--id", "alice", "--router", echo.ready["addr"]),
+            stdout=asyncio.subprocess.DEVNULL, stderr=err, env=network.env())
+    try:
+        for _ in range(100):
+            if "router not trusted" in alice_log.read_text():
+                break
+            await asyncio.sleep(0.1)
+        text = alice_log.read_text()
+        assert "router not trusted" in text
+        assert "certificate was refused" in text
+        assert "Traceback" not in text
+        assert daemon.returncode is None  # still running, still trying
+    finally:
+        daemon.terminate()
+        await daemon.wait()
+        await asyncio.to_thread(echo.stop)
