@@ -48,8 +48,8 @@ from common.errors import (
     RequestFailed,
 )
 from common.framing import DEFAULT_MAX_FRAME_BYTES, HEADER, HEADER_SIZE, FrameDecoder
-from common.limits import ConnectionCaps, RateByKey, ServerLimits, Throttle, address_key
-from common.logs import log_event
+from common.limits import ConnectionCaps, RateByKey, ServerLimits, address_key
+from common.logs import ThrottledEvents, log_event
 from common.messages import Error, Hello, Message, describe_decode_error, salvage_request_id
 from common.strict import has_duplicate_keys
 from common.tls import ClientTls, TlsFailed, TlsSession
@@ -289,8 +289,8 @@ class Channel(asyncio.Protocol):
                 self._closed = True
                 self._closed_event.set()
                 transport.abort()  # type: ignore[attr-defined]
-                server.note("refused", "connection from %s refused: %s", self._peername,
-                            refused)
+                server.events.event("refused", "connection refused", name=server.name,
+                                    peer=self._peername, reason=refused)
                 return
             self._admitted = True
             if server.handshake_timeout_s is not None:
@@ -327,8 +327,9 @@ class Channel(asyncio.Protocol):
             return
         assert self._server is not None
         timeout = self._server.handshake_timeout_s
-        self._server.note("overdue", "%s did not complete its handshake within %gs; closed",
-                          self._peername, timeout)
+        self._server.events.event("overdue", "handshake not completed in time; closed",
+                                  name=self._server.name, peer=self._peername,
+                                  timeout_s=timeout)
         if self._started:
             self.reply_error(None, ErrorCode.HELLO_REQUIRED,
                              f"complete hello within {timeout:g}s of connecting")
@@ -386,7 +387,9 @@ class Channel(asyncio.Protocol):
                 self._transport.write(alert)
         if self._server is not None:
             # one line a second per kind of failure (OpenSSL's reasons are a small set)
-            self._server.note(f"tls:{exc}", "%s: %s; closed", self._peername, exc)
+            self._server.events.event(f"tls:{exc}", "TLS failed; closed",
+                                      name=self._server.name, peer=self._peername,
+                                      reason=str(exc))
         else:
             log.info("%s (%s): %s; closing", self.name, self._peername, exc)
         self.close(exc)
@@ -865,17 +868,7 @@ class _ServerSide:
         # The handshake pool, oldest first: before and after TLS.
         self.before_tls: OrderedDict[Channel, None] = OrderedDict()
         self.after_tls: OrderedDict[Channel, None] = OrderedDict()
-        self._throttles: dict[str, Throttle] = {}
-
-    def note(self, kind: str, text: str, *args: object) -> None:
-        """Log a peer's doing at most once a second per `kind`, with the count held back."""
-        throttle = self._throttles.get(kind)
-        if throttle is None:
-            throttle = self._throttles[kind] = Throttle()
-        held = throttle.allow(_monotonic())
-        if held is not None:
-            log.info(f"{self.name}: {text}%s", *args,
-                     f" ({held} more since the last line)" if held else "")
+        self.events = ThrottledEvents(log)
 
     def admit(self, ch: Channel) -> str | None:
         """Count `ch` in (dropping a connection still in its handshake to make room when
@@ -920,8 +913,8 @@ class _ServerSide:
         return None
 
     def _drop(self, ch: Channel) -> None:
-        self.note("dropped", "dropped a connection still in its handshake (%s) to make room",
-                  ch.peername)
+        self.events.event("dropped", "dropped a connection still in its handshake to make room",
+                          name=self.name, peer=ch.peername)
         ch.close(ConnectionLost("dropped: too many connections still in their handshake"))
 
 

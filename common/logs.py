@@ -14,6 +14,8 @@ import sys
 import time
 from typing import Any, TextIO
 
+from common.limits import Throttle
+
 
 def _safe(value: object) -> object:
     """A field's value in a plain log line (logfmt's rule): a peer's text (memo, reject
@@ -211,3 +213,21 @@ def log_event(logger: logging.Logger, msg: str, level: int = logging.INFO, **fie
         handler.emit_event(time.time(), level, logger.name, msg, fields)
         return
     logger.log(level, msg, extra={"fields": fields})
+
+
+class ThrottledEvents:
+    """Events a peer can cause as fast as it likes (refused connections, failed logins,
+    TLS failures): at most one line a second per kind, the next one saying how many were
+    held back (`held_back=N`). Kinds should be a small set (a reason, not a peer)."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._logger = logger
+        self._throttles: dict[str, Throttle] = {}
+
+    def event(self, kind: str, msg: str, level: int = logging.INFO, **fields: Any) -> None:
+        throttle = self._throttles.get(kind)
+        if throttle is None:
+            throttle = self._throttles[kind] = Throttle()
+        held = throttle.allow(time.monotonic())
+        if held is not None:
+            log_event(self._logger, msg, level, **fields, held_back=held or None)

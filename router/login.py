@@ -32,17 +32,19 @@ _DECOY_KEY = Ed25519PrivateKey.generate().public_key()
 
 
 class LoginRefused(JackPayError):
-    """The login ends here: answer `code` with `message`, log `reason`, close."""
+    """The login ends here: answer `code` with `message`, log `reason`, close. `kind`
+    names the reason in a word (a small, fixed set: what log throttling is keyed by)."""
 
-    def __init__(self, code: ErrorCode, message: str, reason: str) -> None:
+    def __init__(self, code: ErrorCode, message: str, reason: str, kind: str) -> None:
         super().__init__(reason)
         self.code = code
         self.message = message
         self.reason = reason
+        self.kind = kind
 
 
-def _auth_failed(reason: str) -> LoginRefused:
-    return LoginRefused(ErrorCode.AUTH_FAILED, "authentication failed", reason)
+def _auth_failed(reason: str, kind: str) -> LoginRefused:
+    return LoginRefused(ErrorCode.AUTH_FAILED, "authentication failed", reason, kind)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,11 +83,12 @@ class Login:
         if self._policy.failed.blocked(self.address, now):
             raise LoginRefused(ErrorCode.RATE_LIMITED,
                                "too many failed logins from your address; try again in a "
-                               "minute", "too many failed logins from this address")
+                               "minute", "too many failed logins from this address",
+                               "blocked")
         if hello.nonce is None:
             raise LoginRefused(ErrorCode.BAD_REQUEST,
                                "a payer's hello carries a 32-byte nonce (protocol 3); "
-                               "see docs/PROTOCOL.md", "hello without a nonce")
+                               "see docs/PROTOCOL.md", "hello without a nonce", "no_nonce")
         self.claimed = hello.peer
         self._client_nonce = hello.nonce
         self._server_nonce = new_nonce()
@@ -96,7 +99,8 @@ class Login:
         policy = self._policy
         try:
             if not isinstance(msg, Auth):
-                raise _auth_failed(f"{type(msg).__name__.lower()} sent instead of auth")
+                raise _auth_failed(f"{type(msg).__name__.lower()} sent instead of auth",
+                                   "not_auth")
             claimed = self.claimed or ""
             policy.keys.refresh(claimed)  # a key rotated a moment ago is the one that counts
             key = policy.keys.get(claimed)
@@ -104,9 +108,10 @@ class Login:
                                 policy.server_id, self._server_nonce, self._client_nonce,
                                 claimed)
             if key is None:
-                raise _auth_failed(f"{claimed!r} is not a participant with a key")
+                raise _auth_failed(f"{claimed!r} is not a participant with a key", "no_key")
             if not good:
-                raise _auth_failed(f"signature does not verify with {claimed}'s key")
+                raise _auth_failed(f"signature does not verify with {claimed}'s key",
+                                   "bad_signature")
             return LoggedIn(claimed, raw_public(key), msg.id)
         except LoginRefused:
             policy.failed.record_failure(self.address, now)

@@ -42,7 +42,7 @@ from common.config import NetworkConfig, server_limits
 from common.errors import ConfigError, ConnectionLost, ErrorCode, InvariantViolation, JackPayError
 from common.keys import KeyStore
 from common.limits import FailedLogins
-from common.logs import log_event
+from common.logs import ThrottledEvents, log_event
 from common.messages import (
     ROUTER_REQUESTS,
     Ack,
@@ -149,6 +149,7 @@ class RouterService:
         self.pipeline = Pipeline(self.book, self.registry, self.ledger, rc)
         self.login_policy = security.login
         self.refused_logins = 0
+        self.refusals = ThrottledEvents(log)  # refused hellos and logins: a peer's doing
         self._server: asyncio.Server | None = None
         self._connections: set[Channel] = set()
         self._key_watch: asyncio.TimerHandle | None = None
@@ -398,7 +399,8 @@ class PayerConnection:
         if self.login is None:
             hello = accept_hello(ch, msg, ("payer",), "this router")
             if hello is None:
-                log_event(log, "hello refused; closing", peer=ch.peername, t=type(msg).__name__)
+                service.refusals.event("hello", "hello refused; closing", peer=ch.peername,
+                                       t=type(msg).__name__)
                 return
             policy = service.login_policy
             if policy is None:  # the plain benchmark: no authentication
@@ -419,8 +421,11 @@ class PayerConnection:
 
     def _refuse(self, ch: Channel, rid: int | None, refused: LoginRefused) -> None:
         claimed = self.login.claimed if self.login is not None else None
-        log_event(log, "login refused", logging.WARNING, peer=ch.peername, payer=claimed,
-                  code=refused.code.value, reason=refused.reason)
+        # One line a second per reason: a blocked address's every hello, a flood of bad
+        # signatures, are counted (held_back) rather than each written.
+        self.service.refusals.event(refused.kind, "login refused", logging.WARNING,
+                                    peer=ch.peername, payer=claimed, code=refused.code.value,
+                                    reason=refused.reason)
         self.service.refused_logins += 1
         ch.reply_error(rid, refused.code, refused.message)
         ch.close()

@@ -476,6 +476,16 @@ async def test_failed_logins_are_limited_per_address(network: Network) -> None:
         await ch.request(Hello(id=0, version=PROTOCOL_VERSION, role="payer", peer="alice",
                                nonce=new_nonce()), timeout=5)
     assert info.value.code == ErrorCode.RATE_LIMITED
+    # ... every one of its hellos: refused and counted, but not a log line each
+    for _ in range(20):
+        ch = await raw_router(network)
+        with pytest.raises(RequestFailed):
+            await ch.request(Hello(id=0, version=PROTOCOL_VERSION, role="payer",
+                                   peer="alice", nonce=new_nonce()), timeout=5)
+    assert (await network.inspect()).refused_logins == 3 + 1 + 20
+    log = network.procs["router"].log_path.read_text()
+    assert sum("login refused" in ln and "code=rate_limited" in ln
+               for ln in log.splitlines()) <= 2
     # another address is not affected
     ch = await raw_router(network, local="127.0.0.3")
     answer, _, _ = await login(ch, "alice", alice_key)
