@@ -131,7 +131,7 @@ class _Keys:
         s = self.store
         private = path.is_relative_to(s.private_dir)
         mode = 0o600 if private else 0o644
-        s.root.mkdir(parents=True, exist_ok=True)
+        s.root.mkdir(mode=0o755, parents=True, exist_ok=True)  # never group/world-writable
         for d in (s.private_dir if private else s.public_dir, path.parent):
             d.mkdir(mode=0o700 if private else 0o755, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")

@@ -134,6 +134,21 @@ def test_public_files_are_0644_and_keys_0600_whatever_the_umask(cfg: NetworkConf
     assert mode(cfg.keys_dir / "private" / "router.key") == 0o600
 
 
+def test_key_folders_are_never_writable_by_others_whatever_the_umask(
+        cfg: NetworkConfig) -> None:
+    """The router refuses key folders others may write (they could swap a payer's key):
+    jackpay-keys must not make one, even under umask 000."""
+    old = os.umask(0)
+    try:
+        ensure_keys(cfg)
+    finally:
+        os.umask(old)
+    store = KeyStore.for_config(cfg)
+    assert store.unsafe_public_folder() is None
+    for folder in (store.root, store.public_dir, store.payers_public_dir):
+        assert not mode(folder) & 0o022, (folder, oct(mode(folder)))
+
+
 def test_certificates_are_signed_by_the_ca_with_the_right_names(store: KeyStore) -> None:
     ca = cert(store.ca_cert)
     assert ca.subject.rfc4514_string() == "CN=JackPay CA testnet"
