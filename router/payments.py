@@ -304,8 +304,6 @@ class Pipeline:
             self._end(p)
 
     def _end(self, p: Payment) -> None:
-        if p.ended:
-            return
         p.ended = True
         inflight = self.inflight
         if inflight.pop((p.sender, p.tx_id), None) is not None:
