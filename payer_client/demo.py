@@ -109,7 +109,8 @@ class Demo:
         proc = subprocess.run(
             [sys.executable, "-m", "payer_client", *args, "--json", "--config",
              str(self.config), "--id", who],
-            capture_output=True, text=True, env=env, timeout=60, check=False)
+            capture_output=True, text=True, env=env, timeout=60, check=False,
+            cwd=self.root)  # not the user's folder: `-m` puts the cwd first on sys.path
         try:
             doc = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.stdout.strip() else {}
         except json.JSONDecodeError:
@@ -231,7 +232,8 @@ class Demo:
         path = self.net.config.resolve(self.net.config.ledger.path)
         self.console.rule("python -m ledger verify")
         proc = subprocess.run([sys.executable, "-m", "ledger", "verify", str(path)],
-                              capture_output=True, text=True, check=False, timeout=60)
+                              capture_output=True, text=True, check=False, timeout=60,
+                              cwd=self.root)
         self.console.print((proc.stdout + proc.stderr).strip(), highlight=False)
         if proc.returncode != 0:
             self.failures.append(f"ledger verify exited {proc.returncode}")

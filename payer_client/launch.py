@@ -33,6 +33,7 @@ from common.keygen import ensure_keys
 from common.procs import Proc, ProcessFailed, python_module
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO_ROOT / "network.example.toml"
 
 
 @dataclass
@@ -133,11 +134,16 @@ class LocalNetwork:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="scripts/up", description=(
         "Start ledger, router and every payer of CONFIG; Ctrl-C stops them all."))
-    ap.add_argument("config", nargs="?", default="network.example.toml")
-    ap.add_argument("--run-dir", type=Path, help="logs and pids (default: run/<timestamp>)")
+    ap.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG),
+                    help="network TOML file, relative to the current folder (default: the "
+                         "repository's network.example.toml)")
+    ap.add_argument("--run-dir", type=Path, help="logs and pids, relative to the current folder "
+                    "(default: <repository>/run/<timestamp>)")
     ap.add_argument("--ephemeral", action="store_true", help="ledger and router on port 0")
     args = ap.parse_args(argv)
-    run_dir = args.run_dir or REPO_ROOT / "run" / time.strftime("%Y%m%d-%H%M%S")
+    # Paths the user typed are relative to the folder they ran us from (scripts/up does
+    # not cd); made absolute here, once, as the processes we start run elsewhere.
+    run_dir = (args.run_dir or REPO_ROOT / "run" / time.strftime("%Y%m%d-%H%M%S")).absolute()
     console = Console(width=None if sys.stdout.isatty() else 200)
     try:
         net = LocalNetwork(Path(args.config).resolve(), run_dir, args.ephemeral)

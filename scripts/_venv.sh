@@ -1,7 +1,7 @@
 # Sourced by scripts: make sure .venv exists with the project and its dev extras.
 # Re-installs when pyproject.toml is newer than the venv's marker file.
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ROOT="$(CDPATH= cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
 PY="${PYTHON:-python3}"
 if [ ! -x "$VENV/bin/python" ]; then
@@ -15,3 +15,11 @@ if [ ! -f "$MARK" ] || [ "$ROOT/pyproject.toml" -nt "$MARK" ]; then
     touch "$MARK"
 fi
 export PATH="$VENV/bin:$PATH"
+
+# `run_module MODULE ARGS...`: exec `python -m MODULE ARGS...` from the caller's folder, so
+# every path a user types (a config, --run-dir, ...) means what it means in their shell.
+# Never `cd "$ROOT"` first. -P keeps the caller's folder off sys.path (a common/ or bench/
+# there must not shadow ours); PYTHONPATH finds this checkout's packages from anywhere.
+run_module() {
+    PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" exec python -P -m "$@"
+}

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
+from pathlib import Path
 
 import pytest
-from netkit import REPO_ROOT
+from netkit import REPO_ROOT, plant_decoys, script_env
 
 
 @pytest.mark.slow
-def test_bench_quick_reports_every_figure() -> None:
-    proc = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--json"],
-                          capture_output=True, text=True, timeout=240, cwd=REPO_ROOT)
+def test_bench_quick_reports_every_figure(tmp_path: Path) -> None:
+    # as a user runs it: from a folder of theirs (one with a bench/ of its own), which it
+    # leaves as it was
+    before = plant_decoys(tmp_path)
+    proc = subprocess.run([str(REPO_ROOT / "scripts" / "bench"), "--quick", "--json"],
+                          capture_output=True, text=True, timeout=240, cwd=tmp_path,
+                          env=script_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {p.name for p in tmp_path.iterdir()} == before
     report = json.loads(proc.stdout)
     payments = report["payments"]
     assert [p["label"].split()[0] for p in payments] == ["closed", "closed", "open"]

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from netkit import REPO_ROOT, Network
+from netkit import REPO_ROOT, Network, plant_decoys, script_env
 
 HAVE_NETWORK = all((REPO_ROOT / pkg / "__main__.py").exists() for pkg in ("router", "ledger"))
 needs_network = pytest.mark.skipif(not HAVE_NETWORK, reason="router/ or ledger/ not built yet")
@@ -286,9 +286,11 @@ def test_help_documents_exit_codes() -> None:
 
 @needs_network
 @pytest.mark.slow
-def test_scripts_demo_end_to_end() -> None:
+def test_scripts_demo_end_to_end(tmp_path: Path) -> None:
+    before = plant_decoys(tmp_path)  # run from a folder of the user's, left as it was
     proc = subprocess.run([str(REPO_ROOT / "scripts" / "demo")], capture_output=True,
-                          text=True, timeout=110, check=False, cwd=REPO_ROOT)
+                          text=True, timeout=110, check=False, cwd=tmp_path, env=script_env())
+    assert {p.name for p in tmp_path.iterdir()} == before
     failed = proc.stdout[proc.stdout.find("demo FAILED"):] if "demo FAILED" in proc.stdout else ""
     assert proc.returncode == 0, failed + proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "demo OK" in proc.stdout
