@@ -48,11 +48,21 @@ EXIT_OK = 0
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_NO_DAEMON = 3
+EXIT_PENDING = 4
+EXIT_UNKNOWN = 5
+# `status TX`: the payment's state as an exit code (0 and 1 as for `send`). `mixed` is a
+# deposit in the mixer whose payout to the payee is not made yet: not decided, like
+# pending. (Replies are decoded strictly: a state reaches us only once
+# common.messages.TxState lists it; tests check every TxState has a code here.)
+STATUS_EXIT = {"paid": EXIT_OK, "failed": EXIT_REFUSED, "pending": EXIT_PENDING,
+               "mixed": EXIT_PENDING, "unknown": EXIT_UNKNOWN}
 EXIT_CODES = """exit codes:
-  0  ok
+  0  ok (status: paid)
   1  the payment (or request) was refused or failed; its error code is printed
   2  usage or config error (bad amount, id, tx_id, config file); nothing was sent
   3  the payer daemon is not reachable (not running, or it went away)
+  4  status: pending (not decided yet; ask again or re-send the same tx_id)
+  5  status: unknown (the router has no record of that payment)
 
 examples:
   jackpay-payer run --config network.example.toml --id alice
@@ -202,9 +212,8 @@ def _prepare(args: argparse.Namespace) -> Action:
             raise UsageError(f"{args.tx_id!r} is not a tx_id")
         if args.sender is not None and not _PAYER_ID.fullmatch(args.sender):
             raise UsageError(f"--from {args.sender!r} is not a payer id")
-        return lambda c: _ask(c, Status(id=0, tx_id=args.tx_id, sender=args.sender),
-                              StatusReply, render.status,
-                              as_json)
+        status = Status(id=0, tx_id=args.tx_id, sender=args.sender)
+        return lambda c: _do_status(c, status, as_json)
     if args.command == "ping":
         return lambda c: _do_ping(c, as_json)
     if args.command == "watch":
@@ -267,6 +276,21 @@ async def _ask(client: ControlClient, req: Message, expect: type[Any],
         return _fail(exc, as_json, getattr(req, "tx_id", None))
     _emit(show(reply, as_json))
     return EXIT_OK
+
+
+def status_exit_code(state: str) -> int:
+    """The exit code of `status` for a payment in `state` (STATUS_EXIT). A state this CLI
+    does not know (a newer daemon's) is not "paid": 1, like any other failed request."""
+    return STATUS_EXIT.get(state, EXIT_REFUSED)
+
+
+async def _do_status(client: ControlClient, req: Status, as_json: bool) -> int:
+    try:
+        reply = await client.request(req, StatusReply)
+    except RequestFailed as exc:
+        return _fail(exc, as_json, req.tx_id)
+    _emit(render.status(reply, as_json))
+    return status_exit_code(reply.state)
 
 
 async def _do_ping(client: ControlClient, as_json: bool) -> int:

@@ -75,7 +75,8 @@ def status(reply: StatusReply, as_json: bool) -> str:
                       "amount": _money(reply.amount), "amount_minor": reply.amount})
     detail = {"paid": f"seq {reply.seq}", "failed": reply.code or "",
               "pending": "not decided yet; ask again or re-send the same tx_id",
-              "unknown": "the router has no record of it"}[reply.state]
+              "mixed": "deposited in the mixer; the payout is not made yet",
+              "unknown": "the router has no record of it"}.get(reply.state, "")
     extra = ""
     if reply.amount is not None:
         extra = f"  {reply.sender} → {reply.receiver} {format_amount(reply.amount)}"

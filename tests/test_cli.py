@@ -1,6 +1,7 @@
 """The payer CLI as a user runs it: subprocesses against a real network (ledger, router
 and payer daemons as OS processes), checking outputs and exit codes (0 ok, 1 refused,
-2 usage/config, 3 daemon not reachable), plus scripts/demo end to end."""
+2 usage/config, 3 daemon not reachable; `status`: 4 pending, 5 unknown), plus
+scripts/demo end to end."""
 
 from __future__ import annotations
 
@@ -12,9 +13,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import ClassVar, get_args
 
 import pytest
 from netkit import REPO_ROOT, Network, plant_decoys, script_env
+
+import payer_client.cli as cli_module
+from common.errors import ErrorCode, RequestFailed
+from common.messages import Status, StatusReply, TxState
 
 HAVE_NETWORK = all((REPO_ROOT / pkg / "__main__.py").exists() for pkg in ("router", "ledger"))
 needs_network = pytest.mark.skipif(not HAVE_NETWORK, reason="router/ or ledger/ not built yet")
@@ -91,6 +97,70 @@ def test_send_balance_history_status_ping(net: Network) -> None:
     ping = cli(net, "alice", "ping")
     assert ping.returncode == 0
     assert "router link ok" in ping.stdout
+
+
+def wait_for_status(net: Network, who: str, tx_id: str, state: str,
+                    seconds: float = 20) -> subprocess.CompletedProcess[str]:
+    deadline = time.monotonic() + seconds
+    while True:
+        proc = cli(net, who, "status", tx_id, "--json")
+        if (proc.stdout and as_json(proc).get("state") == state) or time.monotonic() > deadline:
+            return proc
+        time.sleep(0.2)
+
+
+@needs_network
+def test_status_exit_codes_follow_the_payments_state(net: Network) -> None:
+    """paid 0, failed 1, pending 4, unknown 5; with --json the same codes and `state`."""
+    assert cli(net, "alice", "send", "bob", "1.00", "--tx-id", "st-paid").returncode == 0
+    paid = cli(net, "alice", "status", "st-paid")
+    assert paid.returncode == 0, paid.stderr
+    assert paid.stdout.startswith("st-paid: paid (seq ")
+    doc = cli(net, "alice", "status", "st-paid", "--json")
+    assert doc.returncode == 0
+    assert as_json(doc)["state"] == "paid"
+    assert as_json(doc)["seq"] == 3  # two openings (carol's is zero), then this one
+    received = cli(net, "bob", "status", "st-paid", "--from", "alice", "--json")
+    assert (received.returncode, as_json(received)["state"]) == (0, "paid")
+
+    assert cli(net, "alice", "send", "carol", "10.01", "--tx-id", "st-failed").returncode == 1
+    failed = cli(net, "alice", "status", "st-failed")
+    assert failed.returncode == 1
+    assert "st-failed: failed (receiver_rejected)" in failed.stdout
+    doc = cli(net, "alice", "status", "st-failed", "--json")
+    assert doc.returncode == 1
+    assert (as_json(doc)["state"], as_json(doc)["code"]) == ("failed", "receiver_rejected")
+
+    never = cli(net, "alice", "status", "never-sent")
+    assert never.returncode == 5
+    assert "never-sent: unknown (the router has no record of it)" in never.stdout
+    doc = cli(net, "alice", "status", "never-sent", "--json")
+    assert doc.returncode == 5
+    assert as_json(doc) == {"tx_id": "never-sent", "state": "unknown", "code": None,
+                            "seq": None, "sender": None, "receiver": None, "amount": None,
+                            "amount_minor": None}
+    # bob did not send st-paid (alice did): without --from it is not his, so unknown
+    assert cli(net, "bob", "status", "st-paid").returncode == 5
+    assert cli(net, "carol", "status", "st-paid", "--from", "alice").returncode == 5
+
+    # pending: the router holds the payment until the (stopped) ledger has written it
+    net.procs["ledger"].pause()
+    sender = subprocess.Popen(
+        [sys.executable, "-m", "payer_client", "send", "bob", "2.00", "--tx-id", "st-wait",
+         "--config", str(net.config_path), "--id", "alice"], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env=net.env())
+    try:
+        pending = wait_for_status(net, "alice", "st-wait", "pending")
+        assert pending.returncode == 4, pending.stdout + pending.stderr
+        assert as_json(pending)["state"] == "pending"
+        human = cli(net, "alice", "status", "st-wait")
+        assert human.returncode == 4
+        assert "st-wait: pending (not decided yet" in human.stdout
+    finally:
+        net.procs["ledger"].resume()
+        sender.communicate(timeout=60)
+    done = wait_for_status(net, "alice", "st-wait", "paid")
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 @needs_network
@@ -274,6 +344,76 @@ def test_no_daemon_exits_3_with_hint(offline: Network) -> None:
     assert "no payer daemon for alice" in proc.stderr
     assert "jackpay-payer run --config" in proc.stderr
     assert cli(offline, "alice", "balance").returncode == 3
+    assert cli(offline, "alice", "status", "some-tx").returncode == 3
+    assert cli(offline, "alice", "status", "some-tx", "--json").returncode == 3
+
+
+class FakeDaemon:
+    """Stands in for ControlClient: answers every request with `reply` (or raises it)."""
+
+    reply: object = None
+    asked: ClassVar[list[object]] = []
+
+    def __init__(self, path: Path, payer_id: str, start_hint: str) -> None:
+        self.payer_id = payer_id
+
+    async def connect(self) -> None:
+        pass
+
+    async def request(self, msg: object, expect: type) -> object:
+        FakeDaemon.asked.append(msg)
+        if isinstance(self.reply, Exception):
+            raise self.reply
+        return self.reply
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("state", "exit_code"),
+    [("paid", 0), ("failed", 1), ("pending", 4), ("mixed", 4), ("unknown", 5)],
+)
+def test_status_exit_code_for_each_state(offline: Network, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str], state: str,
+                                         exit_code: int) -> None:
+    """Every state the daemon can answer, in-process (a fake control client), including
+    `mixed`: a deposit in the mixer, not yet paid out."""
+    reply = StatusReply(re=1, tx_id="tx-9", state=state,
+                        code="receiver_rejected" if state == "failed" else None,
+                        seq=7 if state == "paid" else None)
+    monkeypatch.setattr(cli_module, "ControlClient", FakeDaemon)
+    monkeypatch.setattr(FakeDaemon, "reply", reply)
+    argv = ["status", "tx-9", "--config", str(offline.config_path), "--id", "alice"]
+    assert cli_module.main(argv) == exit_code
+    out = capsys.readouterr().out
+    assert out.startswith(f"tx-9: {state} (")
+    assert cli_module.main([*argv, "--from", "bob", "--json"]) == exit_code
+    doc = json.loads(capsys.readouterr().out)
+    assert (doc["tx_id"], doc["state"]) == ("tx-9", state)
+    assert FakeDaemon.asked[-1] == Status(id=0, tx_id="tx-9", sender="bob")
+
+
+def test_status_request_refused_exits_1_without_a_state(
+        offline: Network, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(cli_module, "ControlClient", FakeDaemon)
+    monkeypatch.setattr(FakeDaemon, "reply", RequestFailed(ErrorCode.ROUTER_UNAVAILABLE,
+                                                           "no router link"))
+    argv = ["status", "tx-9", "--config", str(offline.config_path), "--id", "alice", "--json"]
+    assert cli_module.main(argv) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["outcome"] == "failed"
+    assert doc["code"] == "router_unavailable"
+    assert "state" not in doc
+
+
+def test_every_tx_state_has_a_status_exit_code() -> None:
+    """A state added to common.messages.TxState needs its exit code (and README row)."""
+    assert set(get_args(TxState)) <= set(cli_module.STATUS_EXIT)
+    assert cli_module.STATUS_EXIT == {"paid": 0, "failed": 1, "pending": 4, "mixed": 4,
+                                      "unknown": 5}
+    assert cli_module.status_exit_code("something-new") == 1
 
 
 def test_help_documents_exit_codes() -> None:
@@ -282,6 +422,11 @@ def test_help_documents_exit_codes() -> None:
                           env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
     assert proc.returncode == 0
     assert "3  the payer daemon is not reachable" in proc.stdout
+    status = subprocess.run([sys.executable, "-m", "payer_client", "status", "--help"],
+                            capture_output=True, text=True, check=False,
+                            env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+    assert "4  status: pending" in status.stdout
+    assert "5  status: unknown" in status.stdout
 
 
 @needs_network

@@ -483,7 +483,7 @@ async def test_daemon_reports_outcome_pending_and_keeps_trying(tmp_path: Path) -
         assert "outcome_pending" in err
         assert "status held" in err
         rc, out, _ = await cli(config, "alice", "status", "held", "--json")
-        assert rc == 0
+        assert rc == 4  # status: pending
         assert '"state": "pending"' in out
         fake.hold_pays = False  # the daemon's next re-send of `held` goes through
         for _ in range(50):
