@@ -107,6 +107,8 @@ async def wait_router_quiet(admin_path: str, seconds: float = 10.0) -> InspectRe
 
 
 def _toml_value(v: Any) -> str:
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, int | float):
@@ -124,6 +126,8 @@ class Network:
     payer_settings: dict[str, Any] = field(default_factory=dict)
     procs: dict[str, Proc] = field(default_factory=dict)
     network_id: str = "testnet"
+    # `[plugins.<name>]` tables (enable them with router_settings["plugins"]).
+    plugin_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -150,6 +154,9 @@ class Network:
                       f'opening_balance = "{opening}"']
             if pid in self.max_incoming:
                 lines.append(f'max_incoming = "{self.max_incoming[pid]}"')
+        for name, table in self.plugin_settings.items():
+            lines += ["", f"[plugins.{name}]"]
+            lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
         self.config_path.write_text("\n".join(lines) + "\n")
         (self.root / "ctl").mkdir(exist_ok=True)
         ensure_keys(self.config)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -85,6 +85,11 @@ class RouterConfig(_Section):
     # Failed logins per source address in one minute before its logins are refused
     # (`rate_limited`, no signature checked) for the rest of that minute.
     failed_logins_per_minute: Count = 60
+    # Plug-ins to enable, by entry-point name (group `jackpay.plugins`), in the order they
+    # answer `route` and `validate`. Installed but unnamed plug-ins are never loaded.
+    plugins: list[str] = msgspec.field(default_factory=list)
+    plugin_tick_s: Seconds = 0.2  # how often plug-ins may ask for system payments
+    plugin_state_dir: str = "plugins"  # one folder per plug-in for its durable state
 
 
 class PayerConfig(_Section):
@@ -125,6 +130,8 @@ class NetworkConfig(_Section):
     router: RouterConfig = msgspec.field(default_factory=RouterConfig)
     payer: PayerConfig = msgspec.field(default_factory=PayerConfig)
     participants: list[Participant] = msgspec.field(default_factory=list)
+    # One optional table per plug-in (`[plugins.mixer]`), handed to that plug-in alone.
+    plugins: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
     base_dir: str = "."
 
     def __post_init__(self) -> None:
@@ -133,6 +140,10 @@ class NetworkConfig(_Section):
             if p.id in seen:
                 raise ValueError(f"participant id {p.id!r} appears twice")
             seen.add(p.id)
+        for name in self.plugins:
+            if name not in self.router.plugins:
+                raise ValueError(f"[plugins.{name}] is configured but {name!r} is not in "
+                                 "[router] plugins (list it there to enable it)")
 
     def participant(self, payer_id: str) -> Participant:
         for p in self.participants:

@@ -50,6 +50,8 @@ class ErrorCode(enum.StrEnum):
     AUTH_FAILED = "auth_failed"
     FORBIDDEN = "forbidden"
     RATE_LIMITED = "rate_limited"
+    PAYMENT_REFUSED = "payment_refused"
+    PLUGIN_FAILED = "plugin_failed"
 
     @property
     def retriable(self) -> bool:
@@ -85,6 +87,10 @@ _INFO: dict[ErrorCode, _CodeInfo] = {
     ErrorCode.FORBIDDEN: _CodeInfo(False, "the authenticated identity may not make this request"),
     ErrorCode.RATE_LIMITED: _CodeInfo(True, "too many requests, payments in flight or failed "
                                             "logins; retry after a moment"),
+    ErrorCode.PAYMENT_REFUSED: _CodeInfo(False, "a rule of this network (a plug-in) refused the "
+                                                "payment; the message says which and why"),
+    ErrorCode.PLUGIN_FAILED: _CodeInfo(False, "a plug-in failed on this payment (a bug, logged "
+                                              "server-side); nothing moved"),
 }
 
 # Refuse an incomplete registry at import time rather than at the first error.

@@ -24,9 +24,12 @@ ReqId = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 # as `_issuer` do) nor with a character a spreadsheet reads as a formula. CSV-safe.
 PAYER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 ACCOUNT_PATTERN = r"^_?[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # payer ids plus reserved `_...`
-TX_ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}$"
+TX_ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}$"  # what a payer may choose
+# What the router may write: a payer's tx_id inside a derived one (`_leg2:<tx_id>`).
+SYSTEM_TX_ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,159}$"
 AccountId = Annotated[str, msgspec.Meta(pattern=ACCOUNT_PATTERN)]
-TxId = Annotated[str, msgspec.Meta(pattern=TX_ID_PATTERN)]
+PayerTxId = Annotated[str, msgspec.Meta(pattern=TX_ID_PATTERN)]
+TxId = Annotated[str, msgspec.Meta(pattern=SYSTEM_TX_ID_PATTERN)]
 Amount = Annotated[int, msgspec.Meta(gt=0, le=MAX_AMOUNT)]
 Balance = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 Seq = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
@@ -142,6 +145,9 @@ class LedgerRow(Record, frozen=True):
 class Append(Message, tag="append", frozen=True):
     id: ReqId
     rows: Annotated[list[RowIn], msgspec.Meta(min_length=1, max_length=MAX_APPEND_ROWS)]
+    # All rows or none: one payment's legs. A conflict on any row fails every row (none
+    # written); written together in one batch, in this order.
+    atomic: bool = False
 
 
 class AppendResult(Record, frozen=True):
@@ -202,10 +208,11 @@ class StatsReply(Message, tag="stats_ok", frozen=True):
 
 class Pay(Message, tag="pay", frozen=True):
     id: ReqId
-    tx_id: TxId
+    tx_id: PayerTxId
     to: AccountId
     amount: Amount
     memo: Memo = ""
+    mix: bool = False  # through the mixer (a plug-in): the ledger names `_mixer`, not `to`
 
 
 class Paid(Message, tag="paid", frozen=True):
@@ -253,11 +260,14 @@ class Status(Message, tag="status", frozen=True):
     sender: AccountId | None = None
 
 
-TxState = Literal["paid", "failed", "pending", "unknown"]
+# `mixed`: deposited in the mixer (a plug-in), the payout to the payee not yet made.
+TxState = Literal["paid", "failed", "pending", "unknown", "mixed"]
 
 
 class StatusReply(Message, tag="status_ok", frozen=True):
-    """`paid` carries seq; `failed` carries code; `pending` is in flight or in doubt."""
+    """`paid` carries seq; `failed` carries code; `pending` is in flight or in doubt;
+    `mixed` is a deposit in the mixer still waiting for its round. `detail` is a plug-in's
+    word on the caller's own payment (e.g. the payout's rows)."""
 
     re: ReqId
     tx_id: TxId
@@ -267,6 +277,7 @@ class StatusReply(Message, tag="status_ok", frozen=True):
     sender: str | None = None
     receiver: str | None = None
     amount: int | None = None
+    detail: str | None = None
 
 
 class Offer(Message, tag="offer", frozen=True):
@@ -325,6 +336,7 @@ class Send(Message, tag="send", frozen=True):
     amount: Amount
     memo: Memo = ""
     tx_id: TxId | None = None
+    mix: bool = False  # through the network's mixer
 
 
 class Watch(Message, tag="watch", frozen=True):

@@ -24,7 +24,8 @@ import re
 
 import msgspec
 
-from common.messages import ACCOUNT_PATTERN, TX_ID_PATTERN, LedgerRow
+from common.messages import ACCOUNT_PATTERN, LedgerRow
+from common.messages import SYSTEM_TX_ID_PATTERN as TX_ID_PATTERN
 from common.money import MAX_AMOUNT, AmountError, format_amount, parse_amount
 
 HEADER = ["dtg", "sender", "receiver", "amount", "seq", "tx_id", "memo", "hash"]

@@ -315,7 +315,8 @@ class LedgerServer:
 
     async def _write_batch(self, batch: list[_Queued]) -> None:
         store = self.store
-        resolutions, prepared = store.resolve([q.request.rows for q in batch], utc_now_dtg())
+        resolutions, prepared = store.resolve([q.request.rows for q in batch], utc_now_dtg(),
+                                              [q.request.atomic for q in batch])
         failure: str | None = None
         if prepared.rows:
             try:

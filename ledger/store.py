@@ -35,6 +35,9 @@ from ledger.rows import (
     same_payment,
 )
 
+# The tx_ids of a payment's extra legs start so (router.payment_core.leg_tx_id).
+LEG_PREFIX = "_leg"
+
 # An fsync at least this long is counted as slow (`slow_fsyncs` in the `stats` reply).
 SLOW_FSYNC_US = 10_000
 
@@ -80,8 +83,10 @@ def fsync_dir(path: Path) -> None:
 def load_rows(data: bytes, source: str) -> tuple[list[LedgerRow], int]:
     """Parse a whole ledger file. Returns (rows, length of the trusted prefix in bytes).
 
-    A torn last line (no newline) is excluded from the prefix; every other defect raises
-    LedgerCorrupt naming the line.
+    A torn last line (no newline) is excluded from the prefix, and so are the extra legs
+    of a payment whose main row did not make it (`_leg…` rows at the very end: a payment's
+    legs are written before its main row, in one write, and acknowledged only after the
+    fsync of all of them). Every other defect raises LedgerCorrupt naming the line.
     """
     if not data:
         return [], 0
@@ -94,6 +99,7 @@ def load_rows(data: bytes, source: str) -> tuple[list[LedgerRow], int]:
     pos = len(header)
     lineno = 1
     prev: LedgerRow | None = None
+    starts: list[int] = []  # where each row's line begins
     end = len(data)
     while pos < end:
         nl = data.find(b"\n", pos)
@@ -109,8 +115,15 @@ def load_rows(data: bytes, source: str) -> tuple[list[LedgerRow], int]:
         if problem is not None:
             raise LedgerCorrupt(f"{source}: line {lineno}: {problem}")
         rows.append(row)
+        starts.append(pos)
         prev = row
         pos = nl + 1
+    cut = len(rows)
+    while cut and rows[cut - 1].tx_id.startswith(LEG_PREFIX):
+        cut -= 1
+    if cut < len(rows):  # a torn group: never acknowledged, cut off with it
+        pos = starts[cut]
+        del rows[cut:]
     return rows, pos
 
 
@@ -153,7 +166,7 @@ class LedgerStore:
                 data = f.read()
             rows, good = load_rows(data, str(self.path))
             if good < len(data):
-                # Only a torn last line gets here (load_rows raises on anything else).
+                # Only a torn tail gets here (load_rows raises on anything else).
                 os.ftruncate(fd, good)
                 os.fsync(fd)
                 self.truncated_bytes = len(data) - good
@@ -208,18 +221,26 @@ class LedgerStore:
 
     # --- appends -------------------------------------------------------------------
 
-    def resolve(self, requests: list[list[RowIn]], dtg: str) -> tuple[list[Resolution], PreparedBatch]:
+    def resolve(self, requests: list[list[RowIn]], dtg: str,
+                atomic: list[bool] | None = None) -> tuple[list[Resolution], PreparedBatch]:
         """Decide each row of a group of append requests and serialise the new ones.
 
         Pure with respect to the file: nothing is written and the index is not changed.
         A (sender, tx_id) repeated inside the group resolves against its first occurrence.
+        An atomic request (one payment's legs) is all or nothing: a conflict on one row,
+        or some rows new and others already there, answers every row `conflict` and
+        writes none of them.
         """
         new_rows: list[LedgerRow] = []
         pending: dict[tuple[str, str], LedgerRow] = {}
         prev_hash = self.last_hash
         seq = self.last_seq
         resolutions = []
-        for rows_in in requests:
+        for i, rows_in in enumerate(requests):
+            if atomic is not None and atomic[i]:
+                mark = (len(new_rows), seq, prev_hash)
+            else:
+                mark = None
             res = Resolution()
             for r in rows_in:
                 key = (r.sender, r.tx_id)
@@ -236,6 +257,16 @@ class LedgerStore:
                 new_rows.append(row)
                 res.status.append("written")
                 res.rows.append(row)
+            if (mark is not None and "conflict" in res.status) or (
+                    mark is not None and "written" in res.status and "duplicate" in res.status):
+                assert mark is not None
+                undone, seq, prev_hash = mark
+                for row in new_rows[undone:]:
+                    del pending[(row.sender, row.tx_id)]
+                del new_rows[undone:]
+                known = next((r for r, st in zip(res.rows, res.status, strict=True)
+                              if st != "written"), res.rows[0])
+                res = Resolution(["conflict"] * len(rows_in), [known] * len(rows_in))
             resolutions.append(res)
         data = "".join(format_line(r) for r in new_rows).encode()
         return resolutions, PreparedBatch(new_rows, data, self._size)

@@ -7,7 +7,7 @@ Rules (DESIGN §1, §2):
   balance minus holds, and `funds_available` compares against it. The check and
   `place_hold` are plain synchronous calls, so on one event loop two payments can never
   spend the same money (there is no `await` between them);
-- no account but reserved ones (`_issuer`) may go negative: `place_hold` refuses to
+- no account but `_issuer` may go negative (pools such as `_mixer` may not either): `place_hold` refuses to
   reserve more than is available, and `apply` refuses to move unheld money out of a
   payer's account. A refusal raises and changes nothing.
 """
@@ -70,8 +70,9 @@ class Accounts:
     # --- the seed's fundsAvail -----------------------------------------------------
 
     def funds_available(self, sender: str, amount: int) -> bool:
-        """Can `sender` pay `amount` now? Reserved accounts always can (they issue)."""
-        return is_reserved(sender) or self.available(sender) >= amount
+        """Can `sender` pay `amount` now? `_issuer` always can (it issues); every other
+        account, pools such as `_mixer` included, only from what it holds."""
+        return sender == ISSUER or self.available(sender) >= amount
 
     # --- holds -----------------------------------------------------------------------
 
@@ -112,7 +113,7 @@ class Accounts:
         if held and self._held.get(sender, 0) < amount:
             raise InvariantViolation(f"apply without a hold of {amount} on {sender}")
         new_sender = self.balance(sender) - amount
-        if new_sender < 0 and not is_reserved(sender):
+        if new_sender < 0 and sender != ISSUER:
             raise InvariantViolation(f"{sender} would go negative ({new_sender})")
         if held:
             self.release_hold(sender, amount)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from common.errors import InvariantViolation
 from common.messages import ISSUER, LedgerRow, RowIn
 from router.accounts import Accounts
-from router.transactions import TxTable
+from router.transactions import TxParams, TxTable
 
 OPENING_MEMO = "opening balance"
 
@@ -54,6 +54,15 @@ class Book:
         sender: move the money, release the hold, mark the tx paid."""
         self.accounts.apply(sender, receiver, amount, held=True, tx_time=dtg)
         self.txs.mark_paid(sender, tx_id, seq, dtg)
+        if seq > self.last_seq:
+            self.last_seq = seq
+
+    def commit_leg(self, tx_id: str, sender: str, receiver: str, amount: int, memo: str,
+                   seq: int, dtg: str) -> None:
+        """An extra leg of a payment (e.g. a fee) was acked with the payment's main row:
+        move its money, release its hold, remember its row."""
+        self.accounts.apply(sender, receiver, amount, held=True, tx_time=dtg)
+        self.txs.add_paid(tx_id, TxParams(sender, receiver, amount, memo), seq, dtg)
         if seq > self.last_seq:
             self.last_seq = seq
 

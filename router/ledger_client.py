@@ -230,6 +230,21 @@ class LedgerClient:
             loop.call_soon(self._flush)
         return fut
 
+    def append_atomic(self, rows: list[RowIn]) -> list[asyncio.Future[AppendResult]]:
+        """Queue one payment's legs: they go out in an `append` of their own, flagged
+        atomic (the ledger writes all or none). One future per row, resolved together;
+        failures and re-sends as for `append`."""
+        loop = asyncio.get_running_loop()
+        futs: list[asyncio.Future[AppendResult]] = [loop.create_future() for _ in rows]
+        batch = list(zip(rows, futs, strict=True))
+        if not self.connected:
+            _fail(futs, LedgerUnavailable(f"no connection to the ledger at {self.address}"))
+            return futs
+        task = loop.create_task(self._send_batch(batch, atomic=True), name="ledger-append")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return futs
+
     def _flush(self) -> None:
         self._flush_scheduled = False
         queued, self._queue = self._queue, []
@@ -263,7 +278,8 @@ class LedgerClient:
             batches.append(current)
         return batches
 
-    async def _send_batch(self, batch: list[tuple[RowIn, asyncio.Future[AppendResult]]]) -> None:
+    async def _send_batch(self, batch: list[tuple[RowIn, asyncio.Future[AppendResult]]],
+                          atomic: bool = False) -> None:
         rows = [row for row, _ in batch]
         futs = [fut for _, fut in batch]
         attempt = 0
@@ -283,7 +299,8 @@ class LedgerClient:
                 self.stats.appends_sent += 1
                 self.stats.rows_sent += len(rows)
                 try:
-                    reply = await ch.request(Append(id=0, rows=rows), timeout=timeout)
+                    reply = await ch.request(Append(id=0, rows=rows, atomic=atomic),
+                                             timeout=timeout)
                 except RequestFailed as exc:
                     if in_doubt and exc.code != ErrorCode.LEDGER_WRITE_FAILED:
                         # An earlier copy may still be written (a stopping ledger refuses

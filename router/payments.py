@@ -1,29 +1,27 @@
-"""The payment pipeline (DESIGN §2): many payments at once on one loop, each a chain of
-steps driven by callbacks (no task per payment).
+"""The payment pipeline's shell (DESIGN §2): many payments at once on one loop, no task
+per payment. What a payment may do next is decided by the pure core
+(router/payment_core.py); this module feeds it events and carries out its actions.
 
-Each step is its own named function, in this order, so hook points can be added later:
-
-    validate → lookup (tx_id) → funds_available → receiver_exists → check_ledger_link
-    → hold → ping_payer (link test) → offer → write_to_ledger → apply → notify
+    validate → plug-ins validate → route (legs) → lookup (sender, tx_id) → admitted
+    → [core] funds, receiver, ledger link, hold → link test → offer → append → commit
+    → answer → settled
 
 Rules:
-- the funds check and the hold are synchronous and run with no `await` between them,
-  so two payments can never spend the same money;
-- a step that fails raises PaymentKilled(code); `kill_payment` then releases the hold,
-  sends `cancel` to the receiver if it was offered the payment, records the failed
-  outcome and tells every waiting sender request. Nothing is half done: before the
-  ledger has acked, no balance has moved;
-- the ledger append is the commit point. A lost answer is never guessed at (the ledger
-  client re-sends it); if it stays unknown longer than `outcome_pending_after_s`, the
-  waiting senders are told `outcome_pending` and the payment still ends exactly once;
+- the core's checks and the hold run in one call, in one loop turn: two payments can
+  never spend the same money;
+- an action that raises is logged; before the commit the payment then fails with
+  `internal_error` (nothing moved), after it the remaining actions still run (the money
+  moved: the senders hear `paid`);
 - a payment runs on its own (the offer's reply and the append's answer drive it): the
-  sender's connection dropping does not stop it.
-  A retry of the same tx_id joins the run in flight or gets the recorded outcome;
+  sender's connection dropping does not stop it. A retry of the same tx_id joins the run
+  in flight or gets the recorded outcome;
 - a payment is named by (sender, tx_id): two payers may use the same tx_id;
 - a sender has at most `payer_max_in_flight` payments running; a new one above that is
   answered `rate_limited` and leaves no trace (a retry of the same tx_id simply runs);
-- every decision is logged once, with tx_id, sender, receiver, amount, outcome, code and
-  the step that failed.
+- plug-ins (router/plugins.py) veto, route into legs and ask for system payments, which
+  run here like any other; a plug-in that raises fails its payment with `plugin_failed`;
+- every decision is logged once, with tx_id, sender, the main leg's receiver (for a mixed
+  payment the pool, never the payee), amount, outcome, code and the step that failed.
 """
 
 from __future__ import annotations
@@ -36,12 +34,11 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-import msgspec
-
 from common.config import RouterConfig
 from common.errors import ConnectionLost, ErrorCode, InvariantViolation, RequestFailed
 from common.logs import log_event
 from common.messages import (
+    ISSUER,
     AppendResult,
     Cancel,
     Message,
@@ -51,7 +48,6 @@ from common.messages import (
     Pong,
     Receipt,
     Reject,
-    RowIn,
     Settled,
 )
 from common.money import format_amount
@@ -63,28 +59,56 @@ from router.ledger_client import (
     LedgerUnavailable,
     refusal_code,
 )
+from router.payment_core import (
+    Abandon,
+    Action,
+    Answer,
+    AppendRows,
+    Begin,
+    CancelOffer,
+    Commit,
+    Core,
+    Crashed,
+    Done,
+    Event,
+    Hold,
+    IllegalTransition,
+    LedgerAnswer,
+    LedgerAnswered,
+    Leg,
+    Link,
+    OfferAnswer,
+    OfferAnswered,
+    Outcome,
+    PendingDue,
+    Phase,
+    PingAnswered,
+    RecordFailure,
+    Release,
+    ReportPending,
+    SendOffer,
+    SendPing,
+    Settle,
+    StartPendingClock,
+    handle,
+    pending_outcome,
+)
+from router.plugins import PaymentRequest, PluginFailed, Plugins, Route, no_plugins
 from router.sessions import Registry
 from router.transactions import TxIdConflict, TxParams, TxRecord, TxState
 
+__all__ = ["Outcome", "Payment", "Pipeline", "Reply", "pending_outcome"]
+
 log = logging.getLogger("jackpay.router.payments")
-
-
-class Outcome(msgspec.Struct, frozen=True, gc=False):
-    """What a `pay` request is answered with. `code` None means paid."""
-
-    tx_id: str
-    code: ErrorCode | None = None
-    message: str = ""
-    seq: int | None = None
-    dtg: str | None = None
-
 
 # How a `pay` request is answered: called once with its outcome (or `outcome_pending`).
 Reply = Callable[[Outcome], None]
 
+UNLIMITED = 2**62  # what `_issuer` may pay: it issues
+
 
 class PaymentKilled(Exception):
-    """A step refused the payment; carries the wire code."""
+    """A check before the run refused the payment; carries the wire code."""
 
     def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(f"{code}: {message}")
@@ -112,28 +136,32 @@ class _LateJoiner:
 
 
 class Payment:
-    """One payment in flight (the seed's currentSender/currentRecv, per payment): its
-    parameters, how far it got, and the replies waiting for its outcome."""
+    """One payment in flight: its core (phase, legs), the request and route it came from,
+    its transaction record and the replies waiting for its outcome."""
 
-    __slots__ = ("_replies", "amount", "committed", "ended", "held", "memo", "offered",
-                 "pending_reported", "receiver", "record", "sender", "started", "step", "tx_id")
+    __slots__ = ("_replies", "core", "record", "request", "route", "started")
 
-    def __init__(self, record: TxRecord) -> None:
+    def __init__(self, record: TxRecord, request: PaymentRequest, route: Route) -> None:
         self.record = record
-        params = record.params
-        self.tx_id = record.tx_id
-        self.sender = params.sender
-        self.receiver = params.receiver
-        self.amount = params.amount
-        self.memo = params.memo
-        self.step = "start"
-        self.held = False
-        self.offered = False
-        self.committed = False
-        self.pending_reported = False
+        self.request = request
+        self.route = route
+        legs = route.legs
+        main = legs[-1]
+        self.core = Core(record.tx_id, main.sender, main.receiver, main.amount, legs, route.payee)
         self.started = time.monotonic()
-        self.ended = False  # finished, failed or abandoned: late callbacks are ignored
         self._replies: list[Reply] = []
+
+    @property
+    def tx_id(self) -> str:
+        return self.core.tx_id
+
+    @property
+    def sender(self) -> str:
+        return self.core.sender
+
+    @property
+    def ended(self) -> bool:
+        return self.core.phase in (Phase.PAID, Phase.FAILED, Phase.ABANDONED)
 
     @property
     def params(self) -> TxParams:
@@ -145,7 +173,7 @@ class Payment:
         A request that joins after `outcome_pending` was reported waits up to
         `pending_after_s` itself before being told `outcome_pending` again.
         """
-        if not self.pending_reported:
+        if not self.core.pending_reported:
             self._replies.append(reply)
             return
         joiner = _LateJoiner(reply)
@@ -159,14 +187,7 @@ class Payment:
 
         joiner.timer = asyncio.get_running_loop().call_later(pending_after_s, expire)
 
-    def report_pending(self) -> None:
-        self.pending_reported = True
-        self._answer(pending_outcome(self.tx_id))
-
-    def finish(self, outcome: Outcome) -> None:
-        self._answer(outcome)
-
-    def _answer(self, outcome: Outcome) -> None:
+    def answer(self, outcome: Outcome) -> None:
         replies, self._replies = self._replies, []
         for reply in replies:
             try:
@@ -175,33 +196,43 @@ class Payment:
                 log.exception("answering pay %s failed", self.tx_id)
 
 
-def pending_outcome(tx_id: str) -> Outcome:
-    return Outcome(tx_id, ErrorCode.OUTCOME_PENDING,
-                   "the ledger has not answered yet; ask `status` or retry the same tx_id")
+def direct_route(request: PaymentRequest) -> Route:
+    """No plug-in routed it: one leg, offered to the receiver."""
+    return Route((Leg(request.tx_id, request.sender, request.receiver, request.amount,
+                      request.memo),), request.receiver)
 
 
 class Pipeline:
     """Runs payments against the book, the registry of sessions and the ledger."""
 
     def __init__(self, book: Book, registry: Registry, ledger: LedgerClient,
-                 cfg: RouterConfig) -> None:
+                 cfg: RouterConfig, plugins: Plugins | None = None) -> None:
         self.book = book
         self.registry = registry
         self.ledger = ledger
         self.cfg = cfg
+        self.plugins = plugins or no_plugins()
         self.shutting_down = False
         self.inflight: dict[tuple[str, str], Payment] = {}  # by (sender, tx_id)
         self.running_by_sender: dict[str, int] = {}
         self._idle: asyncio.Event | None = None  # set when `inflight` empties (drain)
         # Appends awaiting the ledger, by `outcome_pending` deadline; one timer for all.
-        self._appending: deque[tuple[float, Payment, asyncio.Future[AppendResult]]] = deque()
+        self._appending: deque[tuple[float, Payment]] = deque()
         self._pending_timer: asyncio.TimerHandle | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._unacked = 0  # `settled` frames whose ack has not come (nor failed) yet
         self._all_acked: asyncio.Event | None = None  # made by `drain`
         self.counts: dict[str, int] = {}
+        self._do: dict[type, Callable[[Payment, Any], None]] = {
+            Hold: self._hold, Release: self._release, SendPing: self._send_ping,
+            SendOffer: self._send_offer, AppendRows: self._append,
+            StartPendingClock: self._start_pending_clock, Commit: self._commit,
+            Settle: self._settle, CancelOffer: self._cancel_offer,
+            RecordFailure: self._record_failure, Answer: self._answer,
+            ReportPending: self._report_pending, Done: self._done,
+        }
 
-    # --- entry point ---------------------------------------------------------------
+    # --- entry points ----------------------------------------------------------------
 
     def begin(self, sender: str, pay: Pay, reply: Reply) -> Outcome | None:
         """Run (or join, or look up) the payment `pay` from `sender`.
@@ -210,17 +241,24 @@ class Pipeline:
         once later with the outcome (or `outcome_pending`). A new payment's synchronous
         steps run now; replies and the ledger's answer drive the rest."""
         tx_id = pay.tx_id
-        params = TxParams(sender, pay.to, pay.amount, pay.memo)
+        request = PaymentRequest(sender, tx_id, pay.to, pay.amount, pay.memo, pay.mix)
         try:
-            self.validate(sender, pay)
+            self.validate(request)
+            route = self._route(request)
+        except PaymentKilled as k:
+            self._log_failure(request, pay.to, k.code, "validate", k.message)
+            return Outcome(tx_id, k.code, k.message)
+        main = route.legs[-1]
+        params = TxParams(sender, main.receiver, main.amount, main.memo)
+        try:
             record = self.lookup(tx_id, params)
         except PaymentKilled as k:
-            self._log_failure(tx_id, params, k.code, "validate", k.message)
+            self._log_failure(request, main.receiver, k.code, "validate", k.message)
             return Outcome(tx_id, k.code, k.message)
         if record is not None:
             return self._known(record, reply)
         if self.shutting_down:
-            self._log_failure(tx_id, params, ErrorCode.SHUTTING_DOWN, "validate", "")
+            self._log_failure(request, main.receiver, ErrorCode.SHUTTING_DOWN, "validate", "")
             return Outcome(tx_id, ErrorCode.SHUTTING_DOWN,
                            "the router is stopping; retry the same tx_id later")
         running = self.running_by_sender.get(sender, 0)
@@ -228,12 +266,65 @@ class Pipeline:
             return Outcome(tx_id, ErrorCode.RATE_LIMITED,
                            f"{running} payments of yours are in flight (the limit); retry "
                            "the same tx_id when one has ended")
-        self.running_by_sender[sender] = running + 1
-        payment = Payment(self.book.txs.begin(tx_id, params))
+        return self._run(request, route, params, reply)
+
+    def submit(self, request: PaymentRequest) -> None:
+        """Run a plug-in's system payment. Its outcome reaches the plug-ins through
+        `committed` / `aborted` (also when the tx_id is already known). Raises
+        InvariantViolation for a request no plug-in may make."""
+        if not (request.system and request.sender in self.plugins.system_accounts
+                and request.tx_id.startswith("_") and not is_reserved(request.receiver)):
+            raise InvariantViolation(f"system payment {request.tx_id} from {request.sender} "
+                                     f"to {request.receiver} is not allowed")
+        route = direct_route(request)
+        params = TxParams(request.sender, request.receiver, request.amount, request.memo)
+        try:
+            record = self.lookup(request.tx_id, params)
+        except PaymentKilled as k:
+            self._aborted(request, k.code)
+            return
+        if record is not None:
+            if record.state is TxState.PAID and record.seq is not None:
+                self._committed_hook(request, route, [record.seq])
+            elif record.state is TxState.FAILED:
+                self._aborted(request, ErrorCode(record.code or ErrorCode.INTERNAL_ERROR))
+            return  # pending: the run in flight tells the plug-ins
+        if self.shutting_down:
+            return  # asked again after the restart
+        self._run(request, route, params, None)
+
+    def _run(self, request: PaymentRequest, route: Route, params: TxParams,
+             reply: Reply | None) -> Outcome | None:
+        tx_id = request.tx_id
+        if self.plugins.enabled:
+            try:
+                self.plugins.admitted(request, route)
+            except PluginFailed as exc:
+                return self._plugin_failed(request, exc, "admitted")
+        sender = request.sender
+        if not request.system:
+            self.running_by_sender[sender] = self.running_by_sender.get(sender, 0) + 1
+        payment = Payment(self.book.txs.begin(tx_id, params), request, route)
         self.inflight[(sender, tx_id)] = payment
-        payment._replies.append(reply)
-        self._guard(payment, self.steps)
+        if reply is not None:
+            payment._replies.append(reply)
+        self._feed(payment, self._facts(payment.core))
         return None
+
+    def _facts(self, core: Core) -> Begin:
+        accounts = self.book.accounts
+        available = tuple(UNLIMITED if account == ISSUER else accounts.available(account)
+                          for account, _ in core.debits)
+        receiver = core.receiver
+        known = (receiver in self.plugins.system_accounts
+                 or self.registry.receiver_exists(receiver))
+        link = Link.NONE
+        if core.payee is not None:
+            session = self.registry.session(core.payee)
+            if session is not None:
+                fresh = time.monotonic() - session.channel.last_seen <= self.cfg.freshness_window_s
+                link = Link.FRESH if fresh else Link.STALE
+        return Begin(available, known, self.ledger.connected, link)
 
     def _known(self, record: TxRecord, reply: Reply) -> Outcome | None:
         if record.state is TxState.PAID:
@@ -247,17 +338,54 @@ class Pipeline:
         payment.add_reply(reply, self.cfg.outcome_pending_after_s)
         return None
 
-    # --- step 2: validate and look up ------------------------------------------------
+    # --- before the run: validate, route, look up ------------------------------------
 
-    def validate(self, sender: str, pay: Pay) -> None:
+    def validate(self, request: PaymentRequest) -> None:
         """Raises PaymentKilled: bad_request (to self, reserved tx_id), unknown_receiver
-        (a reserved account such as `_issuer`)."""
-        if pay.to == sender:
+        (a reserved account such as `_issuer`), a plug-in's veto, plugin_failed."""
+        if request.receiver == request.sender:
             raise PaymentKilled(ErrorCode.BAD_REQUEST, "a payer cannot pay itself")
-        if pay.tx_id.startswith("_"):
+        if request.tx_id.startswith("_"):
             raise PaymentKilled(ErrorCode.BAD_REQUEST, "tx_ids starting with `_` are reserved")
-        if is_reserved(pay.to):
-            raise PaymentKilled(ErrorCode.UNKNOWN_RECEIVER, f"{pay.to} is a reserved account")
+        if is_reserved(request.receiver):
+            raise PaymentKilled(ErrorCode.UNKNOWN_RECEIVER,
+                                f"{request.receiver} is a reserved account")
+        if self.plugins.enabled:
+            try:
+                veto = self.plugins.validate(request)
+            except PluginFailed as exc:
+                log.error("%s", exc, exc_info=exc.__cause__)
+                raise PaymentKilled(ErrorCode.PLUGIN_FAILED,
+                                    f"plug-in {exc.plugin} failed on this payment") from None
+            if veto is not None:
+                raise PaymentKilled(veto.code, veto.message)
+
+    def _route(self, request: PaymentRequest) -> Route:
+        """The plug-ins' route, else one direct leg. Raises PaymentKilled."""
+        route = None
+        if self.plugins.enabled:
+            try:
+                route = self.plugins.route(request)
+            except PluginFailed as exc:
+                log.error("%s", exc, exc_info=exc.__cause__)
+                raise PaymentKilled(ErrorCode.PLUGIN_FAILED,
+                                    f"plug-in {exc.plugin} failed on this payment") from None
+        if route is None:
+            if request.mix:
+                raise PaymentKilled(ErrorCode.PAYMENT_REFUSED,
+                                    "this network has no mixer (the `mixer` plug-in is not "
+                                    "enabled); send without --mix")
+            return direct_route(request)
+        main = route.legs[-1] if route.legs else None
+        if (main is None or main.tx_id != request.tx_id or main.sender != request.sender
+                or any(leg.sender != request.sender and leg.sender != ISSUER
+                       and leg.sender not in self.plugins.system_accounts
+                       for leg in route.legs)):
+            log_event(log, "plug-in route refused", logging.ERROR, tx_id=request.tx_id,
+                      reason="the main leg must be last and carry the request's tx_id and "
+                             "sender; other legs must debit the sender or a system account")
+            raise PaymentKilled(ErrorCode.PLUGIN_FAILED, "a plug-in routed this payment wrongly")
+        return route
 
     def lookup(self, tx_id: str, params: TxParams) -> TxRecord | None:
         """The known record for tx_id, if any. Raises PaymentKilled(tx_id_conflict)."""
@@ -267,46 +395,238 @@ class Pipeline:
             raise PaymentKilled(ErrorCode.TX_ID_CONFLICT,
                                 f"tx_id {tx_id} was already used for another payment") from None
 
-    # --- the run ---------------------------------------------------------------------
+    def _plugin_failed(self, request: PaymentRequest, exc: PluginFailed, hook: str) -> Outcome:
+        log.error("%s", exc, exc_info=exc.__cause__)
+        message = f"plug-in {exc.plugin} failed on this payment"
+        self._log_failure(request, request.receiver, ErrorCode.PLUGIN_FAILED, hook, message)
+        return Outcome(request.tx_id, ErrorCode.PLUGIN_FAILED, message)
 
-    # A payment is a chain of steps driven by callbacks (a reply, the append's future),
-    # not a task: `steps` runs the synchronous steps 3-7 and sends the offer; the offer's
-    # answer runs `offer_answered`, which sends the append; the append's answer runs
-    # `appended` (apply, notify). Each runs under `_guard`, which turns PaymentKilled
-    # into `kill_payment` and ends the payment exactly once.
+    # --- the run: events in, actions out ------------------------------------------------
 
-    def _guard(self, p: Payment, step: Callable[..., None], *args: Any) -> None:
-        if p.ended:  # abandoned at shutdown: what comes back now changes nothing
+    def _feed(self, p: Payment, event: Event) -> None:
+        try:
+            actions = handle(p.core, event, time.monotonic())
+        except IllegalTransition:
+            log.exception("payment %s: event ignored", p.tx_id)
+            return
+        self._carry_out(p, actions)
+
+    def _carry_out(self, p: Payment, actions: list[Action]) -> None:
+        do = self._do
+        for i, action in enumerate(actions):
+            try:
+                do[type(action)](p, action)
+            except Exception as exc:
+                core = p.core
+                log.exception("payment %s failed at step %s (%s)", p.tx_id, core.step,
+                              type(action).__name__)
+                if core.phase in (Phase.PAID, Phase.FAILED, Phase.ABANDONED):
+                    # Past the decision: what is left (answer, settled, done) still runs.
+                    self._carry_out(p, actions[i + 1:])
+                else:
+                    self._feed(p, Crashed(type(exc).__name__))
+                return
+
+    def _hold(self, p: Payment, a: Hold) -> None:
+        accounts = self.book.accounts
+        for account, amount in a.debits:
+            accounts.place_hold(account, amount)
+
+    def _release(self, p: Payment, a: Release) -> None:
+        accounts = self.book.accounts
+        for account, amount in a.debits:
+            accounts.release_hold(account, amount)
+
+    def _send_ping(self, p: Payment, a: SendPing) -> None:
+        session = self.registry.session(a.payee)
+
+        def ponged(reply: Message | BaseException) -> None:
+            if isinstance(reply, BaseException) and not isinstance(
+                    reply, TimeoutError | ConnectionLost | RequestFailed):
+                self._feed(p, Crashed(type(reply).__name__))
+                return
+            self._feed(p, PingAnswered(isinstance(reply, Pong)))
+
+        if session is not None:
+            with contextlib.suppress(ConnectionLost):
+                session.channel.request_nowait(Ping(id=0), self.cfg.ping_timeout_s, ponged)
+                return
+        self._feed(p, PingAnswered(False))
+
+    def _send_offer(self, p: Payment, a: SendOffer) -> None:
+        session = self.registry.session(a.payee)
+        if session is None or session.channel.closed:
+            self._feed(p, OfferAnswered(OfferAnswer.GONE))
+            return
+        ch = session.channel
+        core = p.core
+        rid = ch.next_id()
+        ch.send_nowait(Offer(id=rid, tx_id=core.tx_id, sender=core.sender, amount=core.amount,
+                             memo=core.legs[-1].memo))
+        ch.expect_reply(rid, self.cfg.offer_timeout_s,
+                        lambda reply: self._feed(p, self._offer_answer(p, reply)))
+
+    def _offer_answer(self, p: Payment, reply: Message | BaseException) -> Event:
+        if type(reply) is Receipt and reply.tx_id == p.tx_id:  # the common case first
+            return OfferAnswered(OfferAnswer.RECEIPT)
+        payee = p.core.payee
+        if isinstance(reply, TimeoutError):
+            return OfferAnswered(OfferAnswer.TIMEOUT, f"{payee} did not answer the offer in "
+                                                      f"{self.cfg.offer_timeout_s}s")
+        if isinstance(reply, ConnectionLost):
+            return OfferAnswered(OfferAnswer.LOST)
+        if isinstance(reply, RequestFailed):
+            return OfferAnswered(OfferAnswer.REJECTED, f"{payee} answered the offer with {reply}")
+        if isinstance(reply, BaseException):
+            return Crashed(type(reply).__name__)
+        if isinstance(reply, Reject):
+            return OfferAnswered(OfferAnswer.REJECTED,
+                                 reply.reason or f"{payee} rejected the payment")
+        return OfferAnswered(OfferAnswer.WRONG)
+
+    def _append(self, p: Payment, a: AppendRows) -> None:
+        """The commit point: the rows go to the ledger; its answer is fed back. The
+        future is never cancelled by the `outcome_pending` wait."""
+        rows = a.rows
+        if len(rows) == 1:
+            fut = self.ledger.append(rows[0])
+            fut.add_done_callback(lambda f: self._feed(p, _ledger_answer((f,))))
+        else:
+            futs = self.ledger.append_atomic(list(rows))
+            gathered = asyncio.gather(*futs, return_exceptions=True)
+            gathered.add_done_callback(lambda _: self._feed(p, _ledger_answer(futs)))
+
+    def _start_pending_clock(self, p: Payment, a: StartPendingClock) -> None:
+        queue = self._appending
+        while queue and queue[0][1].core.phase is not Phase.APPENDING:
+            queue.popleft()  # answered: keep the queue to the appends still in flight
+        queue.append((time.monotonic() + self.cfg.outcome_pending_after_s, p))
+        if self._pending_timer is None:
+            self._pending_timer = asyncio.get_running_loop().call_later(
+                self.cfg.outcome_pending_after_s, self._check_pending)
+
+    def _check_pending(self) -> None:
+        """Feed `PendingDue` to every append unanswered for `outcome_pending_after_s`.
+        The deadlines are queued in order (one delay), one timer for all."""
+        self._pending_timer = None
+        queue = self._appending
+        now = time.monotonic()
+        while queue and (queue[0][0] <= now or queue[0][1].core.phase is not Phase.APPENDING):
+            _, p = queue.popleft()
+            if p.core.phase is Phase.APPENDING:
+                self._feed(p, PendingDue())
+        if queue:
+            self._pending_timer = asyncio.get_running_loop().call_later(
+                max(0.0, queue[0][0] - now), self._check_pending)
+
+    def _commit(self, p: Payment, a: Commit) -> None:
+        """Move the money of every leg (releasing its hold); the main leg marks the
+        payment paid."""
+        book = self.book
+        core = p.core
+        legs = core.legs
+        last = len(legs) - 1
+        for i, (leg, (seq, dtg)) in enumerate(zip(legs, a.results, strict=True)):
+            if i == last:
+                book.commit(leg.tx_id, leg.sender, leg.receiver, leg.amount, seq, dtg)
+            else:
+                book.commit_leg(leg.tx_id, leg.sender, leg.receiver, leg.amount, leg.memo,
+                                seq, dtg)
+        counts = self.counts
+        counts["paid"] = counts.get("paid", 0) + 1
+        seq = a.results[-1][0]
+        log_event(log, "payment", tx_id=core.tx_id, sender=core.sender, receiver=core.receiver,
+                  amount=format_amount(core.amount), outcome="paid", seq=seq,
+                  legs=len(legs) if len(legs) > 1 else None,
+                  ms=round((time.monotonic() - p.started) * 1000, 1))
+        if self.plugins.enabled:
+            self._committed_hook(p.request, p.route, [s for s, _ in a.results])
+
+    def _committed_hook(self, request: PaymentRequest, route: Route, seqs: list[int]) -> None:
+        try:
+            self.plugins.committed(request, route, seqs)
+        except PluginFailed as exc:  # the money moved: log, go on
+            log.error("%s", exc, exc_info=exc.__cause__)
+
+    def _aborted(self, request: PaymentRequest, code: ErrorCode) -> None:
+        if not self.plugins.enabled:
             return
         try:
-            step(p, *args)
-        except PaymentKilled as k:
-            self._fail(p, k.code, k.message)
-        except Exception as exc:
-            if p.committed:
-                log.exception("payment %s failed after its commit", p.tx_id)
-                rec = p.record  # the money moved: the senders still waiting hear `paid`
-                if rec.state is TxState.PAID and rec.seq is not None:
-                    p.finish(Outcome(p.tx_id, seq=rec.seq, dtg=rec.dtg))
-                else:
-                    p.finish(Outcome(p.tx_id, ErrorCode.INTERNAL_ERROR,
-                                     f"internal error after the commit at step {p.step}"))
-                self._end(p)
-            else:
-                log.exception("payment %s failed at step %s", p.tx_id, p.step)
-                self._fail(p, ErrorCode.INTERNAL_ERROR,
-                           f"internal error at step {p.step}: {type(exc).__name__}")
+            self.plugins.aborted(request, code)
+        except PluginFailed as exc:
+            log.error("%s", exc, exc_info=exc.__cause__)
 
-    def _fail(self, p: Payment, code: ErrorCode, message: str) -> None:
+    def _settle(self, p: Payment, a: Settle) -> None:
+        """`settled` to the payee; its ack is waited for by the channel (a callback and a
+        shared deadline, no future or task). A failure changes nothing: the payment is
+        in the ledger; the payee resyncs later. `drain` waits for the acks outstanding."""
+        payee = a.payee
+        session = self.registry.session(payee)
+        tx_id = p.tx_id
+        if session is None or session.channel.closed:
+            log_event(log, "receiver gone before settled", tx_id=tx_id, receiver=payee)
+            return
+        ch = session.channel
+
+        def acked(reply: Message | BaseException) -> None:
+            self._unacked -= 1
+            if self._unacked == 0 and self._all_acked is not None:
+                self._all_acked.set()
+            if isinstance(reply, BaseException):
+                log_event(log, "receiver did not ack settled", logging.WARNING, tx_id=tx_id,
+                          receiver=payee, error=str(reply) or type(reply).__name__)
+
+        rid = ch.next_id()
+        ch.send_nowait(Settled(id=rid, tx_id=tx_id, sender=p.sender, seq=a.seq,
+                               balance=self.book.accounts.balance(payee)))
+        self._unacked += 1
+        ch.expect_reply(rid, self.cfg.settle_timeout_s, acked)
+
+    def _cancel_offer(self, p: Payment, a: CancelOffer) -> None:
+        session = self.registry.session(a.payee)
+        if session is None:
+            return
+        channel = session.channel
+        tx_id, sender, payee = p.tx_id, p.sender, a.payee
+
+        async def send() -> None:
+            try:
+                await channel.request(Cancel(id=0, tx_id=tx_id, sender=sender,
+                                             code=a.code.value),
+                                      timeout=self.cfg.settle_timeout_s)
+            except (TimeoutError, ConnectionLost, RequestFailed) as exc:
+                log_event(log, "receiver did not ack cancel", tx_id=tx_id,
+                          receiver=payee, error=str(exc) or type(exc).__name__)
+
+        task = asyncio.get_running_loop().create_task(send(), name=f"cancel:{tx_id}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _record_failure(self, p: Payment, a: RecordFailure) -> None:
         try:
-            self.kill_payment(p, code, message)
+            self.book.txs.mark_failed(p.sender, p.tx_id, a.code.value)
+            self._log_failure(p.request, p.core.receiver, a.code, a.step, a.message)
         finally:
-            self._end(p)
+            self._aborted(p.request, a.code)
 
-    def _end(self, p: Payment) -> None:
-        p.ended = True
+    def _answer(self, p: Payment, a: Answer) -> None:
+        p.answer(a.outcome)
+
+    def _report_pending(self, p: Payment, a: ReportPending) -> None:
+        core = p.core
+        if core.phase is Phase.ABANDONED:
+            log_event(log, "payment abandoned", logging.WARNING, tx_id=core.tx_id,
+                      step=core.step)
+        else:
+            log_event(log, "payment outcome pending", logging.WARNING, tx_id=core.tx_id,
+                      sender=core.sender, receiver=core.receiver,
+                      amount=format_amount(core.amount), step=core.step)
+        p.answer(pending_outcome(core.tx_id))
+
+    def _done(self, p: Payment, a: Done) -> None:
         inflight = self.inflight
-        if inflight.pop((p.sender, p.tx_id), None) is not None:
+        key = (p.sender, p.tx_id)
+        if inflight.pop(key, None) is not None and not p.request.system:
             running = self.running_by_sender
             n = running[p.sender] - 1
             if n:
@@ -316,271 +636,22 @@ class Pipeline:
         if not inflight and self._idle is not None:
             self._idle.set()
 
-    def steps(self, p: Payment) -> None:
-        # Steps 3-5 are synchronous: nothing runs between the funds check and the hold.
-        p.step = "funds"
-        self.check_funds(p)
-        p.step = "receiver"
-        self.check_receiver(p)
-        p.step = "ledger_link"
-        self.check_ledger_link(p)
-        p.step = "hold"
-        self.hold(p)
-        p.step = "link"
-        self.ping_payer(p)  # goes on with `offer` (now, or when a ping answers)
+    # --- plug-in timer ---------------------------------------------------------------
 
-    def check_funds(self, p: Payment) -> None:
-        """Step 3 (seed: fundsAvail). Raises PaymentKilled(insufficient_funds)."""
-        accounts = self.book.accounts
-        if not accounts.funds_available(p.sender, p.amount):
-            raise PaymentKilled(ErrorCode.INSUFFICIENT_FUNDS,
-                                f"{p.sender} has {format_amount(accounts.available(p.sender))}"
-                                f" available, below {format_amount(p.amount)}")
-
-    def check_receiver(self, p: Payment) -> None:
-        """Step 4 (seed: receiverExists). Raises PaymentKilled(unknown_receiver)."""
-        if not self.registry.receiver_exists(p.receiver):
-            raise PaymentKilled(ErrorCode.UNKNOWN_RECEIVER,
-                                f"{p.receiver} is not a participant of this network")
-
-    def check_ledger_link(self, p: Payment) -> None:
-        """Refuse early, before anyone is offered anything, while the ledger is away."""
-        if not self.ledger.connected:
-            raise PaymentKilled(ErrorCode.LEDGER_UNAVAILABLE,
-                                f"the ledger at {self.ledger.address} is not reachable")
-
-    def hold(self, p: Payment) -> None:
-        """Step 5: reserve the amount (checked just above, in the same loop turn)."""
-        self.book.accounts.place_hold(p.sender, p.amount)
-        p.held = True
-
-    def ping_payer(self, p: Payment) -> None:
-        """Step 6 (the seed's pingPayer on the receiver): a live session that showed life
-        within the freshness window goes straight on to `offer`; else a ping answered
-        within `ping_timeout_s` does. Raises PaymentKilled(receiver_unreachable)."""
-        session = self.registry.session(p.receiver)
-        if session is not None:
-            ch = session.channel
-            if time.monotonic() - ch.last_seen <= self.cfg.freshness_window_s:
-                p.step = "offer"
-                self.offer(p)
-                return
-
-            def ponged(reply: Message | BaseException) -> None:
-                self._guard(p, self._after_ping, reply)
-
-            with contextlib.suppress(ConnectionLost):
-                ch.request_nowait(Ping(id=0), self.cfg.ping_timeout_s, ponged)
-                return
-        raise PaymentKilled(ErrorCode.RECEIVER_UNREACHABLE,
-                            f"{p.receiver} has no live session or missed a ping")
-
-    def _after_ping(self, p: Payment, reply: Message | BaseException) -> None:
-        if isinstance(reply, BaseException) and not isinstance(
-                reply, TimeoutError | ConnectionLost | RequestFailed):
-            raise reply
-        if not isinstance(reply, Pong):
-            raise PaymentKilled(ErrorCode.RECEIVER_UNREACHABLE,
-                                f"{p.receiver} has no live session or missed a ping")
-        p.step = "offer"
-        self.offer(p)
-
-    def offer(self, p: Payment) -> None:
-        """Step 7: send the offer; its answer (receipt, reject, error, timeout, lost
-        connection) runs `offer_answered`. Raises PaymentKilled(receiver_unreachable)."""
-        session = self.registry.session(p.receiver)
-        if session is None:
-            raise PaymentKilled(ErrorCode.RECEIVER_UNREACHABLE,
-                                f"{p.receiver} disconnected before the offer")
-        ch = session.channel
-        if ch.closed:
-            raise PaymentKilled(ErrorCode.RECEIVER_UNREACHABLE,
-                                f"{p.receiver} disconnected during the offer")
-        rid = ch.next_id()
-        ch.send_nowait(Offer(id=rid, tx_id=p.tx_id, sender=p.sender, amount=p.amount,
-                             memo=p.memo))
-        p.offered = True
-
-        def answered(reply: Message | BaseException) -> None:
-            self._guard(p, self.offer_answered, reply)
-
-        ch.expect_reply(rid, self.cfg.offer_timeout_s, answered)
-
-    def offer_answered(self, p: Payment, reply: Message | BaseException) -> None:
-        """Step 7's answer: a receipt goes on to `write_to_ledger`. Raises PaymentKilled
-        (receiver_timeout | _rejected | _unreachable)."""
-        if type(reply) is Receipt and reply.tx_id == p.tx_id:  # the common case first
-            p.step = "append"
-            self.write_to_ledger(p)
+    def tick(self) -> None:
+        """Ask the plug-ins for system payments, and run them."""
+        if not self.plugins.enabled or self.shutting_down:
             return
-        receiver = p.receiver
-        if isinstance(reply, TimeoutError):
-            raise PaymentKilled(ErrorCode.RECEIVER_TIMEOUT,
-                                f"{receiver} did not answer the offer in "
-                                f"{self.cfg.offer_timeout_s}s")
-        if isinstance(reply, ConnectionLost):
-            raise PaymentKilled(ErrorCode.RECEIVER_UNREACHABLE,
-                                f"{receiver} disconnected during the offer")
-        if isinstance(reply, RequestFailed):
-            raise PaymentKilled(ErrorCode.RECEIVER_REJECTED,
-                                f"{receiver} answered the offer with {reply}")
-        if isinstance(reply, BaseException):
-            raise reply
-        if isinstance(reply, Reject):
-            raise PaymentKilled(ErrorCode.RECEIVER_REJECTED,
-                                reply.reason or f"{receiver} rejected the payment")
-        raise PaymentKilled(ErrorCode.RECEIVER_REJECTED,
-                            f"{receiver} answered the offer with a wrong receipt")
-
-    def write_to_ledger(self, p: Payment) -> None:
-        """Step 8 (seed: writeToLedger), the commit point: queue the row; the ledger's
-        answer runs `appended`. An unknown outcome is waited out: after
-        `outcome_pending_after_s` the waiting senders are told `outcome_pending`, and the
-        payment still ends exactly once, when the ledger answers."""
-        fut = self.ledger.append(RowIn(tx_id=p.tx_id, sender=p.sender, receiver=p.receiver,
-                                       amount=p.amount, memo=p.memo))
-        # The append future is never cancelled by the wait. Its `outcome_pending`
-        # deadline shares one timer with every other append's (`_check_pending`).
-        queue = self._appending
-        while queue and (queue[0][2].done() or queue[0][1].ended):
-            queue.popleft()  # answered: keep the queue to the appends still in flight
-        queue.append((time.monotonic() + self.cfg.outcome_pending_after_s, p, fut))
-        if self._pending_timer is None:
-            self._pending_timer = asyncio.get_running_loop().call_later(
-                self.cfg.outcome_pending_after_s, self._check_pending)
-        fut.add_done_callback(lambda f: self._guard(p, self.appended, f))
-
-    def _check_pending(self) -> None:
-        """Tell the senders of every append unanswered for `outcome_pending_after_s`
-        that its outcome is pending. The deadlines are queued in order (one delay)."""
-        self._pending_timer = None
-        queue = self._appending
-        now = time.monotonic()
-        while queue and (queue[0][0] <= now or queue[0][2].done() or queue[0][1].ended):
-            _, p, fut = queue.popleft()
-            if fut.done() or p.ended:
-                continue
-            log_event(log, "payment outcome pending", logging.WARNING, tx_id=p.tx_id,
-                      sender=p.sender, receiver=p.receiver, amount=format_amount(p.amount),
-                      step="append")
-            p.report_pending()
-        if queue:
-            self._pending_timer = asyncio.get_running_loop().call_later(
-                max(0.0, queue[0][0] - now), self._check_pending)
-
-    def appended(self, p: Payment, fut: asyncio.Future[AppendResult]) -> None:
-        """Step 8's answer. Raises PaymentKilled (ledger_unavailable | ledger_write_failed
-        | tx_id_conflict) only when the ledger definitely did not write the row."""
-        if fut.cancelled():  # the ledger client was closed under it: the outcome is unknown
-            if not p.committed:
-                self._abandon(p)
-            self._end(p)
-            return
-        exc = fut.exception()
-        if exc is not None:
-            if isinstance(exc, LedgerUnavailable):
-                raise PaymentKilled(ErrorCode.LEDGER_UNAVAILABLE, str(exc))
-            if isinstance(exc, LedgerRefused):
-                raise PaymentKilled(refusal_code(exc), f"the ledger refused the row: {exc}")
-            raise exc
-        result = fut.result()
-        if result.status == "conflict":
-            raise PaymentKilled(ErrorCode.TX_ID_CONFLICT,
-                                f"the ledger has tx_id {p.tx_id} for another payment")
-        # `written` or `duplicate`: the row is durable with this seq and dtg.
-        p.step = "apply"
-        self.apply(p, result.seq, result.dtg)
-        p.step = "notify"
-        self.notify(p, result.seq)
-        self._end(p)
-
-    def apply(self, p: Payment, seq: int, dtg: str) -> None:
-        """Step 9: move the money and release the hold; tell the waiting senders."""
-        p.committed = True
-        self.book.commit(p.tx_id, p.sender, p.receiver, p.amount, seq, dtg)
-        p.held = False
-        counts = self.counts
-        counts["paid"] = counts.get("paid", 0) + 1
-        log_event(log, "payment", tx_id=p.tx_id, sender=p.sender, receiver=p.receiver,
-                  amount=format_amount(p.amount), outcome="paid", seq=seq,
-                  ms=round((time.monotonic() - p.started) * 1000, 1))
-        p.finish(Outcome(p.tx_id, seq=seq, dtg=dtg))
-
-    def notify(self, p: Payment, seq: int) -> None:
-        """Step 10: `settled` to the receiver; its ack is waited for by the channel (a
-        callback and a shared deadline, no future or task), so the payment ends here.
-        A failure changes nothing: the payment is in the ledger; the receiver
-        resyncs later. `drain` still waits for the acks outstanding at shutdown."""
-        receiver = p.receiver
-        session = self.registry.session(receiver)
-        if session is None or session.channel.closed:
-            log_event(log, "receiver gone before settled", tx_id=p.tx_id, receiver=receiver)
-            return
-        ch = session.channel
-        tx_id = p.tx_id
-
-        def acked(reply: Message | BaseException) -> None:
-            self._unacked -= 1
-            if self._unacked == 0 and self._all_acked is not None:
-                self._all_acked.set()
-            if isinstance(reply, BaseException):
-                log_event(log, "receiver did not ack settled", logging.WARNING, tx_id=tx_id,
-                          receiver=receiver, error=str(reply) or type(reply).__name__)
-
-        rid = ch.next_id()
-        ch.send_nowait(Settled(id=rid, tx_id=tx_id, sender=p.sender, seq=seq,
-                               balance=self.book.accounts.balance(receiver)))
-        self._unacked += 1
-        ch.expect_reply(rid, self.cfg.settle_timeout_s, acked)
-
-    # --- ending a payment that failed ----------------------------------------------
-
-    def kill_payment(self, p: Payment, reason: ErrorCode, message: str) -> None:
-        """The seed's killPayment: release the hold, cancel the receiver's offer, record
-        the failure and tell the sender. Raises InvariantViolation after a commit."""
-        if p.committed:
-            raise InvariantViolation(f"kill_payment({p.tx_id}) after its commit")
         try:
-            if p.held:
-                self.book.accounts.release_hold(p.sender, p.amount)
-                p.held = False
-            self.book.txs.mark_failed(p.sender, p.tx_id, reason.value)
-            self._log_failure(p.tx_id, p.params, reason, p.step, message)
-            if p.offered:
-                self._send_cancel(p, reason)
-        finally:  # whatever failed above, the waiting senders hear why the payment ended
-            p.finish(Outcome(p.tx_id, reason, message))
-
-    def _abandon(self, p: Payment) -> None:
-        """Cancelled at shutdown before the commit: give the hold back (a restart would
-        forget it anyway) and leave the tx pending; a replay tells its fate later. The
-        waiting senders are told `outcome_pending` (ask `status`, or retry the tx_id)."""
-        if p.held:
-            self.book.accounts.release_hold(p.sender, p.amount)
-            p.held = False
-        log_event(log, "payment abandoned at shutdown", logging.WARNING, tx_id=p.tx_id,
-                  step=p.step)
-        p.report_pending()
-
-    def _send_cancel(self, p: Payment, reason: ErrorCode) -> None:
-        session = self.registry.session(p.receiver)
-        if session is None:
+            requests = self.plugins.tick(time.time())
+        except PluginFailed as exc:
+            log.error("%s", exc, exc_info=exc.__cause__)
             return
-        channel = session.channel
-        receiver = p.receiver
-
-        async def send() -> None:
+        for request in requests:
             try:
-                await channel.request(Cancel(id=0, tx_id=p.tx_id, sender=p.sender,
-                                             code=reason.value),
-                                      timeout=self.cfg.settle_timeout_s)
-            except (TimeoutError, ConnectionLost, RequestFailed) as exc:
-                log_event(log, "receiver did not ack cancel", tx_id=p.tx_id,
-                          receiver=receiver, error=str(exc) or type(exc).__name__)
-
-        task = asyncio.get_running_loop().create_task(send(), name=f"cancel:{p.tx_id}")
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+                self.submit(request)
+            except InvariantViolation:
+                log.exception("plug-in system payment refused")
 
     # --- lifecycle -----------------------------------------------------------------
 
@@ -595,9 +666,9 @@ class Pipeline:
                 await asyncio.wait_for(self._idle.wait(), timeout=grace_s)
         left = [p for p in self.inflight.values() if not p.ended]
         for p in left:
-            if not p.committed:
-                self._abandon(p)
-            self._end(p)
+            self._feed(p, Abandon())
+        for p in list(self.inflight.values()):  # committed, still finishing: let go
+            self._done(p, Done())
         background = set(self._background)
         if background:
             await asyncio.wait(background, timeout=min(grace_s, self.cfg.settle_timeout_s))
@@ -608,12 +679,36 @@ class Pipeline:
                                        timeout=min(grace_s, self.cfg.settle_timeout_s))
         return len(left)
 
-    def _log_failure(self, tx_id: str, params: TxParams, code: ErrorCode, step: str,
+    def _log_failure(self, request: PaymentRequest, receiver: str, code: ErrorCode, step: str,
                      message: str) -> None:
-        """The decision line of a payment that failed (`apply` logs the paid ones)."""
+        """The decision line of a payment that failed (`_commit` logs the paid ones).
+        `receiver` is what the ledger row would name (the pool for a mixed payment)."""
         key = code.value
         counts = self.counts
         counts[key] = counts.get(key, 0) + 1
-        log_event(log, "payment", tx_id=tx_id, sender=params.sender, receiver=params.receiver,
-                  amount=format_amount(params.amount), outcome="failed", code=key, step=step,
+        log_event(log, "payment", tx_id=request.tx_id, sender=request.sender,
+                  receiver=receiver if not request.mix or receiver.startswith("_") else "(mixed)",
+                  amount=format_amount(request.amount), outcome="failed", code=key, step=step,
                   reason=message or None)
+
+
+def _ledger_answer(futs: tuple[asyncio.Future[AppendResult], ...] | list[asyncio.Future[AppendResult]]
+                   ) -> Event:
+    """The ledger's answer to a payment's append (one future per leg), as a core event."""
+    results: list[tuple[int, str]] = []
+    for fut in futs:
+        if fut.cancelled():  # the ledger client was closed under it: the outcome is unknown
+            return LedgerAnswered(LedgerAnswer.CANCELLED)
+        exc = fut.exception()
+        if exc is not None:
+            if isinstance(exc, LedgerUnavailable):
+                return LedgerAnswered(LedgerAnswer.UNAVAILABLE, detail=str(exc))
+            if isinstance(exc, LedgerRefused):
+                return LedgerAnswered(LedgerAnswer.REFUSED, code=refusal_code(exc),
+                                      detail=str(exc))
+            return Crashed(type(exc).__name__)
+        result = fut.result()
+        if result.status == "conflict":
+            return LedgerAnswered(LedgerAnswer.CONFLICT)
+        results.append((result.seq, result.dtg))
+    return LedgerAnswered(LedgerAnswer.WRITTEN, tuple(results))

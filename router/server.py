@@ -53,6 +53,7 @@ from common.messages import (
     Hello,
     History,
     HistoryReply,
+    LedgerRow,
     Message,
     Paid,
     Pay,
@@ -63,6 +64,7 @@ from common.messages import (
     Rows,
     Status,
     StatusReply,
+    TxState,
     Welcome,
     decoder_for,
     encode,
@@ -75,7 +77,9 @@ from router.keyring import PayerKeys
 from router.ledger_client import LedgerClient, LedgerRefused, LedgerUnavailable, durable_row
 from router.login import Login, LoginPolicy, LoginRefused
 from router.payments import Outcome, Pipeline
+from router.plugins import PluginContext, PluginFailed, StartInfo, load_plugins
 from router.sessions import Registry, Session
+from router.transactions import TxState as RecordState
 
 log = logging.getLogger("jackpay.router")
 
@@ -134,7 +138,9 @@ class StartupFailed(JackPayError):
 
 class RouterService:
     def __init__(self, cfg: NetworkConfig, security: RouterSecurity, *, host: str, port: int,
-                 ledger_host: str, ledger_port: int, admin_path: Path | None = None) -> None:
+                 ledger_host: str, ledger_port: int, admin_path: Path | None = None,
+                 plugin_factories: dict[str, Any] | None = None) -> None:
+        """Raises StartupFailed for a plug-in that cannot be loaded."""
         self.cfg = cfg
         self.security = security
         self.host = host
@@ -146,7 +152,17 @@ class RouterService:
                                    max_frame_bytes=cfg.ledger.max_frame_bytes)
         self.book = Book()
         self.registry = Registry(cfg.participants, rc.payer_requests_per_s)
-        self.pipeline = Pipeline(self.book, self.registry, self.ledger, rc)
+        try:
+            self.plugins = load_plugins(
+                rc.plugins, cfg.plugins,
+                PluginContext(cfg.network.id, cfg.resolve(rc.plugin_state_dir),
+                              frozenset(p.id for p in cfg.participants)),
+                factories=plugin_factories)
+        except ConfigError as exc:
+            raise StartupFailed(str(exc)) from None
+        self.pipeline = Pipeline(self.book, self.registry, self.ledger, rc, self.plugins)
+        self._plugin_rows: list[LedgerRow] | None = [] if self.plugins.enabled else None
+        self._plugin_timer: asyncio.TimerHandle | None = None
         self.login_policy = security.login
         self.refused_logins = 0
         self.refusals = ThrottledEvents(log)  # refused hellos and logins: a peer's doing
@@ -171,6 +187,7 @@ class RouterService:
         await self.ledger.wait_connected()
         await self.replay()
         await self.issue_openings()
+        self._start_plugins()
         keys = self.login_policy.keys if self.login_policy is not None else None
         if keys is not None:
             try:
@@ -229,6 +246,10 @@ class RouterService:
                 try:
                     for row in page.rows:
                         self.book.replay(row)
+                    if self._plugin_rows is not None:
+                        mine = self.plugins.system_accounts
+                        self._plugin_rows.extend(r for r in page.rows
+                                                 if r.sender in mine or r.receiver in mine)
                 except InvariantViolation as exc:
                     raise StartupFailed(f"the ledger does not replay cleanly: {exc}; run "
                                         "`jackpay-ledger verify` on its file") from exc
@@ -276,6 +297,25 @@ class RouterService:
                 await asyncio.sleep(0.1)
                 await self.ledger.wait_connected()
 
+    def _start_plugins(self) -> None:
+        """The plug-ins' `start` (the rows of their system accounts, the balances), then
+        their timer. Raises StartupFailed if a plug-in cannot rebuild its state."""
+        if not self.plugins.enabled:
+            return
+        rows, self._plugin_rows = self._plugin_rows or [], None
+        try:
+            self.plugins.start(StartInfo(rows, self.book.accounts, time.time()))
+        except PluginFailed as exc:
+            raise StartupFailed(f"{exc}; see the router's log") from exc
+        log_event(log, "plug-ins started", plugins=",".join(self.plugins.names))
+        self._plugin_timer = asyncio.get_running_loop().call_later(
+            self.cfg.router.plugin_tick_s, self._tick_plugins)
+
+    def _tick_plugins(self) -> None:
+        self._plugin_timer = asyncio.get_running_loop().call_later(
+            self.cfg.router.plugin_tick_s, self._tick_plugins)
+        self.pipeline.tick()
+
     # --- connections -----------------------------------------------------------------
 
     def _on_connect(self, ch: Channel) -> None:
@@ -314,6 +354,8 @@ class RouterService:
         log_event(log, "shutting down", inflight=len(self.pipeline.inflight), grace_s=grace)
         if self._key_watch is not None:
             self._key_watch.cancel()
+        if self._plugin_timer is not None:
+            self._plugin_timer.cancel()
         if self._server is not None:
             self._server.close()
         cancelled = await self.pipeline.drain(grace)
@@ -328,6 +370,8 @@ class RouterService:
         """Close without draining (startup was interrupted)."""
         if self._key_watch is not None:
             self._key_watch.cancel()
+        if self._plugin_timer is not None:
+            self._plugin_timer.cancel()
         if self._server is not None:
             self._server.close()
         await self.admin.aclose()
@@ -526,6 +570,18 @@ class PayerConnection:
         rec = self.service.book.txs.get(msg.sender or me, msg.tx_id)
         if rec is None or me not in (rec.params.sender, rec.params.receiver):
             return StatusReply(re=msg.id, tx_id=msg.tx_id, state="unknown")
-        return StatusReply(re=msg.id, tx_id=msg.tx_id, state=rec.state.value, code=rec.code,
+        state: TxState = rec.state.value
+        detail = None
+        plugins = self.service.plugins
+        if plugins.enabled and rec.params.sender == me and rec.state is RecordState.PAID:
+            try:
+                note = plugins.status(me, msg.tx_id)
+            except PluginFailed as exc:
+                log.error("%s", exc, exc_info=exc.__cause__)
+                note = None
+            if note is not None:
+                state = "mixed" if note.state == "mixed" else state
+                detail = note.detail or None
+        return StatusReply(re=msg.id, tx_id=msg.tx_id, state=state, code=rec.code,
                            seq=rec.seq, sender=rec.params.sender, receiver=rec.params.receiver,
-                           amount=rec.params.amount)
+                           amount=rec.params.amount, detail=detail)

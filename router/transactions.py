@@ -124,6 +124,13 @@ class TxTable:
         self._records[key] = rec
         return rec
 
+    def add_paid(self, tx_id: str, params: TxParams, seq: int, dtg: str) -> TxRecord:
+        """A row the router wrote without a run of its own (a payment's extra leg).
+        Raises InvariantViolation if it is known."""
+        rec = self.begin(tx_id, params)
+        rec.state, rec.seq, rec.dtg = TxState.PAID, seq, dtg
+        return rec
+
     def mark_paid(self, sender: str, tx_id: str, seq: int, dtg: str) -> TxRecord:
         rec = self._move(sender, tx_id, TxState.PAID)
         rec.seq, rec.dtg = seq, dtg

@@ -205,3 +205,49 @@ async def test_slow_fsyncs_are_logged_at_most_once_a_second(
         {"ms": 40.0, "rows": 9, "slow_since_last_line": 3},
     ]
     server.store.close()
+
+
+def legs(tx: str, amount: int = 100) -> list[RowIn]:
+    """One payment's legs as the router sends them: the extra leg first, the main row last."""
+    return [RowIn(tx_id=f"_leg2:{tx}", sender="_issuer", receiver="_fees", amount=5),
+            RowIn(tx_id=tx, sender="_issuer", receiver="alice", amount=amount)]
+
+
+def test_an_atomic_append_writes_all_its_rows_or_none(tmp_path: Path) -> None:
+    store = LedgerStore.open(tmp_path / "ledger.csv")
+    res, batch = store.resolve([legs("a"), legs("b")], DTG, [True, True])
+    store.write_durably(batch)
+    store.commit(batch)
+    assert [r.status for r in res] == [["written", "written"], ["written", "written"]]
+    # b's main row conflicts: its fee leg, new, is not written either; c goes in after it.
+    res, batch = store.resolve([legs("b", amount=999), legs("c")], DTG, [True, True])
+    assert [r.status for r in res] == [["conflict", "conflict"], ["written", "written"]]
+    assert [r.tx_id for r in batch.rows] == ["_leg2:c", "c"]
+    assert batch.rows[0].seq == 5  # no seq was used by the refused group
+    store.write_durably(batch)
+    store.commit(batch)
+    # A re-send of a written group is a duplicate, row for row.
+    res, _ = store.resolve([legs("a")], DTG, [True])
+    assert res[0].status == ["duplicate", "duplicate"]
+    # Half known, half new: refused whole.
+    half = [RowIn(tx_id="_leg2:z", sender="_issuer", receiver="_fees", amount=5), legs("a")[1]]
+    res, batch = store.resolve([half], DTG, [True])
+    assert res[0].status == ["conflict", "conflict"]
+    assert not batch.rows
+    store.close()
+
+
+def test_a_torn_group_at_the_end_of_the_file_is_cut_off_on_open(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.csv"
+    store = LedgerStore.open(path)
+    _, batch = store.resolve([legs("a"), legs("b")], DTG, [True, True])
+    store.write_durably(batch)
+    store.commit(batch)
+    store.close()
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:-1]))  # b's main row never reached the disk
+    store = LedgerStore.open(path)
+    assert [r.tx_id for r in store.rows] == ["_leg2:a", "a"]
+    assert store.truncated_bytes > 0
+    store.close()
+    assert verify_file(path).ok

@@ -1,0 +1,1 @@
+"""Plug-ins shipped with JackPay (each enabled only when the network TOML names it)."""

@@ -1,0 +1,292 @@
+"""Plug-ins: the hook points of the payment pipeline, loaded with pluggy.
+
+A plug-in is a package that registers a factory under the entry-point group
+`jackpay.plugins`; the router enables it *only* when the network TOML names it
+(`[router] plugins = ["mixer"]`), and hands the factory its own table (`[plugins.mixer]`)
+and a `PluginContext`. The object the factory returns implements any of the hooks below
+with `@hookimpl`.
+
+Rules:
+- a plug-in never writes balances. It vetoes (`validate`), rewrites a payment into legs
+  (`route`), and asks for *system payments* (`tick`) with deterministic tx_ids that run
+  through the normal pipeline: every invariant, the ledger's idempotency and the chaos
+  checker hold for them as for any payment;
+- hooks run on the router's event loop, synchronously: keep them short (a journal write
+  with fsync is the most a hook should do);
+- a plug-in that raises fails *its payment* (`plugin_failed`, the plug-in named in the
+  router's log), never the router; a raise in `tick` or `committed` is logged and the
+  router goes on;
+- what the hooks see is a `PaymentRequest`: the sender, tx_id, receiver, amount, memo and
+  options of the request — never a socket or the book.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, Protocol
+
+import msgspec
+import pluggy
+
+from common.errors import ConfigError, ErrorCode
+from common.messages import LedgerRow
+from router.payment_core import Leg
+
+PROJECT = "jackpay"
+ENTRY_POINT_GROUP = "jackpay.plugins"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+log = logging.getLogger("jackpay.router.plugins")
+
+
+class PaymentRequest(msgspec.Struct, frozen=True, gc=False):
+    """A payment as asked for: by a participant (`system` False) or by a plug-in."""
+
+    sender: str
+    tx_id: str
+    receiver: str
+    amount: int
+    memo: str = ""
+    mix: bool = False  # the sender asked for the mixer (`send --mix`)
+    system: bool = False  # asked by a plug-in (its sender is a system account)
+
+
+class Veto(msgspec.Struct, frozen=True):
+    """`validate`'s refusal: the payment ends with `code` and `message`, nothing held."""
+
+    message: str
+    code: ErrorCode = ErrorCode.PAYMENT_REFUSED
+
+
+class Route(msgspec.Struct, frozen=True):
+    """`route`'s answer: the rows the payment commits (the last one carries the request's
+    own tx_id and names the sender), and who is offered it (None: nobody, the money goes
+    to a system account)."""
+
+    legs: tuple[Leg, ...]
+    payee: str | None
+
+
+class StatusNote(msgspec.Struct, frozen=True):
+    """What a plug-in adds to the sender's `status` of its own payment."""
+
+    state: str  # e.g. "mixed"
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class PluginContext:
+    """What a plug-in gets at creation: the network's id, a folder of its own for durable
+    state (created, beside the router's config), and the system accounts it may use."""
+
+    network_id: str
+    state_dir: Path
+    participants: frozenset[str]
+
+
+class Balances(Protocol):
+    def balance(self, account: str) -> int: ...
+
+
+@dataclass(frozen=True)
+class StartInfo:
+    """`start`'s argument: the ledger as replayed (in seq order) and the balances after it."""
+
+    rows: Sequence[LedgerRow]
+    balances: Balances
+    now: float
+
+
+class Specs:
+    """The hook specifications (a plug-in implements any subset)."""
+
+    @hookspec
+    def jackpay_system_accounts(self) -> list[str]:  # type: ignore[empty-body]
+        """Reserved accounts (`_name`) this plug-in owns; the pipeline accepts them as
+        receivers and as senders of its system payments."""
+
+    @hookspec
+    def jackpay_start(self, info: StartInfo) -> None:
+        """Once, after the router replayed the ledger: rebuild state (with the plug-in's
+        own journal) before any payment runs."""
+
+    @hookspec(firstresult=True)
+    def jackpay_validate(self, request: PaymentRequest) -> Veto | None:
+        """Veto a participant's payment (the first veto wins)."""
+
+    @hookspec(firstresult=True)
+    def jackpay_route(self, request: PaymentRequest) -> Route | None:
+        """Rewrite a payment into legs (the first plug-in that answers wins)."""
+
+    @hookspec
+    def jackpay_admitted(self, request: PaymentRequest, route: Route) -> None:
+        """The payment is about to run with this route (its rows are not sent yet): make
+        durable what a crash must not lose. A raise fails the payment, nothing held."""
+
+    @hookspec
+    def jackpay_committed(self, request: PaymentRequest, route: Route, seqs: list[int]) -> None:
+        """The ledger made the payment's rows durable (the money moved): their seqs, one
+        per leg (also for a system payment found already paid)."""
+
+    @hookspec
+    def jackpay_aborted(self, request: PaymentRequest, code: ErrorCode) -> None:
+        """The payment failed with `code`; nothing moved."""
+
+    @hookspec
+    def jackpay_tick(self, now: float) -> list[PaymentRequest]:  # type: ignore[empty-body]
+        """Called about every `plugin_tick_s`: system payments to run now."""
+
+    @hookspec(firstresult=True)
+    def jackpay_status(self, sender: str, tx_id: str) -> StatusNote | None:
+        """Say more about the sender's own payment (e.g. `mixed`)."""
+
+    @hookspec
+    def jackpay_statistics(self) -> dict[str, Any]:  # type: ignore[empty-body]
+        """Figures for `inspect` (no payer next to a payee)."""
+
+
+class PluginFailed(Exception):
+    """A plug-in raised inside a hook; carries the plug-in's name."""
+
+    def __init__(self, plugin: str, hook: str, exc: BaseException) -> None:
+        super().__init__(f"plug-in {plugin} failed in {hook}: {type(exc).__name__}: {exc}")
+        self.plugin = plugin
+
+
+@dataclass
+class Plugins:
+    """The enabled plug-ins, behind one object the pipeline calls."""
+
+    pm: pluggy.PluginManager
+    names: list[str] = field(default_factory=list)
+    system_accounts: frozenset[str] = frozenset()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.names)
+
+    def _call(self, hook: str, **kwargs: Any) -> Any:
+        caller = getattr(self.pm.hook, hook)
+        try:
+            return caller(**kwargs)
+        except Exception as exc:
+            raise PluginFailed(self._culprit(exc), hook, exc) from exc
+
+    def _culprit(self, exc: BaseException) -> str:
+        """The enabled plug-in whose code raised (from the traceback), else all names."""
+        tb = exc.__traceback__
+        modules = {name: type(plugin).__module__.split(".")[0]
+                   for name, plugin in self.pm.list_name_plugin() if plugin is not None}
+        culprit = ",".join(self.names)
+        while tb is not None:
+            mod = tb.tb_frame.f_globals.get("__name__", "")
+            for name, top in modules.items():
+                if mod.split(".")[0] == top and mod != __name__:
+                    culprit = name
+            tb = tb.tb_next
+        return culprit
+
+    def validate(self, request: PaymentRequest) -> Veto | None:
+        result: Veto | None = self._call("jackpay_validate", request=request)
+        return result
+
+    def route(self, request: PaymentRequest) -> Route | None:
+        result: Route | None = self._call("jackpay_route", request=request)
+        return result
+
+    def admitted(self, request: PaymentRequest, route: Route) -> None:
+        self._call("jackpay_admitted", request=request, route=route)
+
+    def committed(self, request: PaymentRequest, route: Route, seqs: list[int]) -> None:
+        self._call("jackpay_committed", request=request, route=route, seqs=seqs)
+
+    def aborted(self, request: PaymentRequest, code: ErrorCode) -> None:
+        self._call("jackpay_aborted", request=request, code=code)
+
+    def start(self, info: StartInfo) -> None:
+        self._call("jackpay_start", info=info)
+
+    def tick(self, now: float) -> list[PaymentRequest]:
+        lists: list[list[PaymentRequest]] = self._call("jackpay_tick", now=now)
+        return [r for batch in lists if batch for r in batch]
+
+    def status(self, sender: str, tx_id: str) -> StatusNote | None:
+        result: StatusNote | None = self._call("jackpay_status", sender=sender, tx_id=tx_id)
+        return result
+
+    def statistics(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for part in self._call("jackpay_statistics"):
+            out.update(part)
+        return out
+
+
+def no_plugins() -> Plugins:
+    pm = pluggy.PluginManager(PROJECT)
+    pm.add_hookspecs(Specs)
+    return Plugins(pm)
+
+
+def available_plugins() -> dict[str, Any]:
+    """Installed plug-ins: name -> entry point (not loaded)."""
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def load_plugins(names: Sequence[str], settings: Mapping[str, Mapping[str, Any]],
+                 context: PluginContext, *, factories: Mapping[str, Any] | None = None
+                 ) -> Plugins:
+    """Create the plug-ins named in the config, in that order (earlier ones answer
+    `route` and `validate` first). `factories` (tests) bypasses the entry points.
+
+    Raises ConfigError naming the plug-in: not installed, settings it does not accept,
+    a factory that raised, or two plug-ins claiming one system account."""
+    plugins = no_plugins()
+    installed = available_plugins() if factories is None else {}
+    owners: dict[str, str] = {}
+    # pluggy calls the last registered first: register in reverse so config order wins.
+    made: list[tuple[str, Any]] = []
+    for name in names:
+        if factories is not None and name in factories:
+            factory = factories[name]
+        elif name in installed:
+            try:
+                factory = installed[name].load()
+            except Exception as exc:
+                raise ConfigError(f"plug-in {name!r} could not be loaded: {exc}") from exc
+        else:
+            known = sorted(installed) if factories is None else sorted(factories)
+            raise ConfigError(f"plug-in {name!r} is not installed (installed: "
+                              f"{', '.join(known) or 'none'})")
+        own = dict(settings.get(name, {}))
+        state_dir = context.state_dir / name
+        ctx = PluginContext(context.network_id, state_dir, context.participants)
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            plugin = factory(own, ctx)
+        except ConfigError as exc:
+            raise ConfigError(f"[plugins.{name}]: {exc}") from None
+        except Exception as exc:
+            raise ConfigError(f"plug-in {name!r} failed to start: {type(exc).__name__}: "
+                              f"{exc}") from exc
+        made.append((name, plugin))
+    for name, plugin in reversed(made):
+        plugins.pm.register(plugin, name=name)
+    for name, plugin in made:
+        hook = getattr(plugin, "jackpay_system_accounts", None)
+        for account in (hook() if hook is not None else []):
+            if not account.startswith("_"):
+                raise ConfigError(f"plug-in {name!r}: system account {account!r} must "
+                                  "start with `_`")
+            if account in owners or account in ("_issuer",):
+                raise ConfigError(f"plug-in {name!r}: system account {account!r} is taken "
+                                  f"by {owners.get(account, 'the network')}")
+            owners[account] = name
+    plugins.names = list(names)
+    plugins.system_accounts = frozenset(owners)
+    return plugins

@@ -1,0 +1,199 @@
+"""Plug-ins with real processes: the allow-list, entry-point discovery, a plug-in that
+vetoes, one that raises (its payment fails, the router serves on), and the fee plug-in's
+two legs committed atomically."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+from netkit import Network
+
+from common.errors import ErrorCode, RequestFailed
+from common.procs import ProcessFailed
+from ledger.store import load_rows
+
+BOOM = textwrap.dedent('''
+    """A test plug-in: vetoes memo "veto", raises on memo "boom"."""
+    from router.plugins import Veto, hookimpl
+
+    class Boom:
+        @hookimpl
+        def jackpay_validate(self, request):
+            if request.memo == "veto":
+                return Veto("vetoed by the test plug-in")
+            if request.memo == "boom":
+                raise RuntimeError("kaboom")
+            return None
+
+    def make(settings, context):
+        if settings.get("refuse_to_start"):
+            raise ValueError("told to refuse")
+        return Boom()
+''')
+
+
+def install_test_plugin(folder: Path) -> Path:
+    """A real distribution on sys.path with a `jackpay.plugins` entry point `boom`."""
+    site = folder / "site"
+    dist = site / "jp_testplugin-1.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: jp-testplugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[jackpay.plugins]\nboom = jp_testplugin:make\n")
+    (site / "jp_testplugin.py").write_text(BOOM)
+    return site
+
+
+def with_site(net: Network, site: Path) -> None:
+    base = net.env
+
+    def env() -> dict[str, str]:
+        e = base()
+        e["PYTHONPATH"] = f"{site}:{e['PYTHONPATH']}"
+        return e
+
+    net.env = env  # type: ignore[method-assign]
+
+
+async def test_a_plugin_not_named_in_the_config_is_never_loaded(tmp_path: Path) -> None:
+    net = Network(tmp_path, participants={"alice": "100.00", "bob": "0.00"},
+                  router_settings={"plugins": ["fee"]})
+    with_site(net, install_test_plugin(tmp_path))
+    net.start_ledger()
+    net.start_router()
+    alice = net.client("alice")
+    bob = net.client("bob")
+    await alice.connect()
+    await bob.connect()
+    try:
+        paid = await alice.send_payment("bob", 1000, memo="veto")  # boom is installed, not named
+        assert paid.seq > 0
+    finally:
+        await alice.close()
+        await bob.close()
+        net.stop_all()
+
+
+async def test_a_veto_and_a_raising_plugin_fail_their_payment_only(tmp_path: Path) -> None:
+    net = Network(tmp_path, participants={"alice": "100.00", "bob": "0.00"},
+                  router_settings={"plugins": ["boom"]})
+    with_site(net, install_test_plugin(tmp_path))
+    net.start_ledger()
+    net.start_router()
+    alice = net.client("alice")
+    bob = net.client("bob")
+    await alice.connect()
+    await bob.connect()
+    try:
+        with pytest.raises(RequestFailed) as vetoed:
+            await alice.send_payment("bob", 1000, memo="veto")
+        assert vetoed.value.code is ErrorCode.PAYMENT_REFUSED
+        assert "vetoed by the test plug-in" in vetoed.value.message
+        with pytest.raises(RequestFailed) as boom:
+            await alice.send_payment("bob", 1000, memo="boom")
+        assert boom.value.code is ErrorCode.PLUGIN_FAILED
+        assert "boom" in boom.value.message  # the plug-in is named
+        paid = await alice.send_payment("bob", 1000, memo="fine")  # the router serves on
+        assert net.procs["router"].alive()
+        rows, _ = load_rows(net.ledger_path.read_bytes(), "ledger")
+        assert [r.memo for r in rows if r.sender == "alice"] == ["fine"]
+        assert paid.balance == 9000
+    finally:
+        await alice.close()
+        await bob.close()
+        logs = net.logs()
+        net.stop_all()
+    assert "kaboom" in logs  # the traceback is in the router's log
+
+
+@pytest.mark.parametrize(("plugins", "settings", "expected"), [
+    (["nosuch"], {}, "plug-in 'nosuch' is not installed"),
+    (["boom"], {"boom": {"refuse_to_start": True}}, "plug-in 'boom' failed to start"),
+    (["fee"], {"fee": {"amount": "-1"}}, "[plugins.fee]"),
+    (["fee"], {"fee": {"colour": "red"}}, "colour"),
+])
+async def test_a_plugin_that_cannot_start_stops_the_router_with_a_clear_message(
+        tmp_path: Path, plugins: list[str], settings: dict[str, dict[str, object]],
+        expected: str) -> None:
+    net = Network(tmp_path, participants={"alice": "1.00"},
+                  router_settings={"plugins": plugins}, plugin_settings=settings)
+    with_site(net, install_test_plugin(tmp_path))
+    net.start_ledger()
+    try:
+        with pytest.raises(ProcessFailed) as failed:
+            net.start_router()
+        assert expected in str(failed.value) + net.logs()
+    finally:
+        net.stop_all()
+
+
+def test_plugin_settings_for_a_plugin_not_enabled_are_refused(tmp_path: Path) -> None:
+    from common.config import load_config
+    from common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"\[plugins.fee\] is configured but 'fee' is not in"):
+        Network(tmp_path, participants={"alice": "1.00"}, plugin_settings={"fee": {}})
+    with pytest.raises(ConfigError, match="is configured but"):
+        load_config(tmp_path / "network.toml")
+
+
+async def test_the_fee_plugin_commits_two_legs_in_one_append(tmp_path: Path) -> None:
+    net = Network(tmp_path, participants={"alice": "10.00", "bob": "0.00"},
+                  router_settings={"plugins": ["fee"]},
+                  plugin_settings={"fee": {"amount": "0.05", "account": "_fees"}})
+    net.start_ledger()
+    net.start_router()
+    alice = net.client("alice")
+    bob = net.client("bob")
+    await alice.connect()
+    await bob.connect()
+    try:
+        paid = await alice.send_payment("bob", 900, tx_id="t-1")
+        assert paid.balance == 1000 - 905
+        with pytest.raises(RequestFailed) as short:  # 0.95 + 0.05 fee > 0.95 left
+            await alice.send_payment("bob", 95, tx_id="t-2")
+        assert short.value.code is ErrorCode.INSUFFICIENT_FUNDS
+        again = await alice.send_payment("bob", 900, tx_id="t-1")  # a retry: no new rows
+        assert again.seq == paid.seq
+        state = await net.inspect()
+        assert state.balances["_fees"] == 5
+        assert state.balances["bob"] == 900
+        assert not state.holds
+    finally:
+        await alice.close()
+        await bob.close()
+        net.stop_all()
+    rows, _ = load_rows(net.ledger_path.read_bytes(), "ledger")
+    fee, main = rows[-2], rows[-1]
+    assert (fee.tx_id, fee.sender, fee.receiver, fee.amount) == ("_leg2:t-1", "alice", "_fees", 5)
+    assert (main.tx_id, main.receiver, main.amount, main.seq) == ("t-1", "bob", 900, paid.seq)
+    assert fee.dtg == main.dtg  # one batch
+    assert len(rows) == 3  # alice's opening (bob's is zero), the fee, the payment
+
+
+async def test_the_router_restarts_on_a_ledger_with_legs(tmp_path: Path) -> None:
+    net = Network(tmp_path, participants={"alice": "10.00", "bob": "0.00"},
+                  router_settings={"plugins": ["fee"]},
+                  plugin_settings={"fee": {"amount": "0.10"}})
+    net.start_ledger()
+    net.start_router()
+    alice = net.client("alice")
+    bob = net.client("bob")
+    await alice.connect()
+    await bob.connect()
+    try:
+        await alice.send_payment("bob", 100, tx_id="t-1")
+        await alice.close()
+        net.procs["router"].stop()
+        net.restart("router")
+        alice = net.client("alice")
+        await alice.connect()
+        again = await alice.send_payment("bob", 100, tx_id="t-1")
+        assert again.balance == 1000 - 110  # the retry found the payment: nothing twice
+        state = await net.inspect()
+        assert state.balances["_fees"] == 10
+    finally:
+        await alice.close()
+        await bob.close()
+        net.stop_all()
