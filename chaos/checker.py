@@ -17,10 +17,12 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from common.messages import ISSUER, LedgerRow
 from common.money import format_amount
+from jackpay_plugins.mixer.pool import POOL as MIXER_POOL
+from jackpay_plugins.mixer.pool import parse_note_tx_id
 from ledger.store import LedgerCorrupt, load_rows
 
 # Failure codes after which the payment must not be in the ledger.
@@ -49,6 +51,7 @@ class Operation:
     receiver: str
     amount: int
     memo: str = ""
+    mix: bool = False  # through the mixer: its row is sender -> _mixer
     attempts: list[Attempt] = field(default_factory=list)
 
     @property
@@ -159,7 +162,8 @@ def check(
             if oks and oks[0].seq is not None and r.seq != oks[0].seq:
                 violations.append(Violation("acked_wrong_seq",
                                             f"{op.tx_id} told seq {oks[0].seq}; ledger {_fmt_row(r)}"))
-            if (r.sender, r.receiver, r.amount) != (op.sender, op.receiver, op.amount):
+            receiver = MIXER_POOL if op.mix else op.receiver
+            if (r.sender, r.receiver, r.amount) != (op.sender, receiver, op.amount):
                 violations.append(Violation("row_differs",
                                             f"{op.tx_id} asked {op.sender}->{op.receiver} "
                                             f"{format_amount(op.amount)}; ledger {_fmt_row(r)}"))
@@ -189,3 +193,64 @@ def check(
         violations.append(Violation("no_progress_after_heal",
                                     "no payment succeeded after the faults were healed"))
     return Report(violations, len(rows), balances, counts)
+
+
+def check_mixer(ledger_bytes: bytes, journal: list[dict[str, Any]]) -> list[Violation]:
+    """The mixer's promises, from the ledger and its journal once the network is quiet:
+    every note of every round paid exactly once, to its payee (or, refunded, to its
+    depositor); every deposit paid out in full; nothing left in the pool."""
+    rows, _ = load_rows(ledger_bytes, "ledger")
+    out: list[Violation] = []
+    notes: dict[tuple[int, int], list[LedgerRow]] = defaultdict(list)
+    for r in rows:
+        if r.sender == MIXER_POOL:
+            parsed = parse_note_tx_id(r.tx_id)
+            if parsed is None:
+                out.append(Violation("mixer_row", f"{_fmt_row(r)} is not a payout note"))
+                continue
+            notes[(parsed[0], parsed[1])].append(r)
+    planned: dict[tuple[int, int], tuple[str, int, str, str]] = {}
+    in_round: set[tuple[str, str]] = set()
+    refunded: set[tuple[int, int]] = set()
+    for e in journal:
+        if e["e"] == "round":
+            for i, (payee, amount, payer, tx, refund) in enumerate(e["notes"]):
+                planned[(e["id"], i)] = (payee, amount, payer, tx)
+                if refund:
+                    refunded.add((e["id"], i))
+            in_round.update((p, t) for p, t in e["deposits"])
+        elif e["e"] == "attempt" and e.get("refund"):
+            refunded.add((e["round"], e["note"]))
+    paid_per_deposit: dict[tuple[str, str], int] = defaultdict(int)
+    for key, rs in sorted(notes.items()):
+        if len(rs) > 1:
+            out.append(Violation("payout_twice", f"note {key} paid {len(rs)} times: "
+                                 + "; ".join(_fmt_row(r) for r in rs)))
+        plan = planned.get(key)
+        if plan is None:
+            out.append(Violation("payout_unplanned", f"{_fmt_row(rs[0])} is in no round"))
+            continue
+        payee, amount, payer, tx = plan
+        allowed = {payee, payer} if key in refunded else {payee}
+        for r in rs:
+            if r.receiver not in allowed or r.amount != amount:
+                out.append(Violation("payout_wrong", f"{_fmt_row(r)}; planned {payee} "
+                                     f"{format_amount(amount)}"))
+        paid_per_deposit[(payer, tx)] += rs[0].amount
+    for key in planned:
+        if key not in notes:
+            out.append(Violation("stranded_deposit", f"note {key} of round {key[0]} was "
+                                 "never paid"))
+    for r in rows:
+        if r.receiver == MIXER_POOL and not r.sender.startswith("_"):
+            dep = (r.sender, r.tx_id)
+            if dep not in in_round:
+                out.append(Violation("stranded_deposit", f"{_fmt_row(r)} is in no round"))
+            elif paid_per_deposit[dep] != r.amount:
+                out.append(Violation("stranded_deposit", f"{_fmt_row(r)}: "
+                                     f"{format_amount(paid_per_deposit[dep])} paid out"))
+    pool = (sum(r.amount for r in rows if r.receiver == MIXER_POOL)
+            - sum(r.amount for r in rows if r.sender == MIXER_POOL))
+    if pool:
+        out.append(Violation("stranded_deposit", f"the pool still holds {format_amount(pool)}"))
+    return out

@@ -1,7 +1,7 @@
 """`scripts/chaos`: random concurrent payments while a seeded schedule of faults hits every
 process and link; then heal, wait for quiescence and judge the whole history.
 
-    scripts/chaos --seconds 30 --seed 7 [--payers 5] [--json]
+    scripts/chaos --seconds 30 --seed 7 [--payers 5] [--mix] [--json]
 
 Topology: ledger ← proxy L ← router ← proxy R ← payer daemons ← workload (control sockets).
 Faults (one at a time, each healed after a short while): SIGKILL + restart of the router,
@@ -9,6 +9,12 @@ the ledger, or a payer daemon; SIGSTOP/SIGCONT of router or ledger; on proxy L o
 latency, trickle, black hole, reset, cut after N bytes (either direction); ledger write
 failures (the ledger restarted under a file-size limit). The same seed gives the same
 schedule. Exit code 0 when the checker finds no violation, 1 otherwise.
+
+`--mix`: the mixer plug-in is on and half the payments are mixed (a few common amounts,
+K = 3 distinct payers a round, short delays), so router and ledger kills land in the
+middle of rounds; after healing the run waits for the pool to empty and the checker also
+judges the mixer (every note paid exactly once, to its payee or back to its depositor;
+no deposit stranded past max wait + grace).
 """
 
 from __future__ import annotations
@@ -26,11 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from chaos.checker import Report, RouterView, check
+from chaos.checker import Report, RouterView, Violation, check, check_mixer
 from chaos.network import Network, fsize_limit
 from chaos.proxy import FaultProxy
 from chaos.workload import Workload
 from common.aio import run
+from jackpay_plugins.mixer.journal import Journal
 
 PROCESS_FAULTS = ["kill_router", "kill_ledger", "kill_payer", "pause_router", "pause_ledger",
                   "ledger_write_failure"]
@@ -69,15 +76,28 @@ def make_schedule(seed: int, seconds: float, payers: list[str]) -> list[Fault]:
 
 
 
+# The mixer's settings under --mix: rounds that fill and close within a run.
+MIX_SETTINGS = {"min_payers": 3, "min_delay_s": 0.3, "max_delay_s": 1.0, "max_wait_s": 8.0,
+                "retry_s": 0.3}
+MIX_GRACE_S = 20.0  # after healing, beyond max_wait_s, for the pool to empty
+
+
 class Chaos:
-    def __init__(self, root: Path, seed: int, seconds: float, payers: int) -> None:
+    def __init__(self, root: Path, seed: int, seconds: float, payers: int,
+                 mix: bool = False) -> None:
         self.root = root
         self.seed = seed
         self.seconds = seconds
+        self.mix = mix
         self.payer_ids = [f"payer{i}" for i in range(payers)]
+        router_settings: dict[str, Any] = {"outcome_pending_after_s": 1.0,
+                                           "offer_timeout_s": 1.0, "ledger_timeout_s": 0.5}
+        plugin_settings: dict[str, dict[str, Any]] = {}
+        if mix:
+            router_settings.update(plugins=["mixer"], plugin_tick_s=0.1)
+            plugin_settings["mixer"] = dict(MIX_SETTINGS)
         self.net = Network(root, participants=dict.fromkeys(self.payer_ids, "50.00"),
-                           router_settings={"outcome_pending_after_s": 1.0,
-                                            "offer_timeout_s": 1.0, "ledger_timeout_s": 0.5})
+                           router_settings=router_settings, plugin_settings=plugin_settings)
         self.schedule = make_schedule(seed, seconds, self.payer_ids)
         self.injected: Counter[str] = Counter()
         self.proxy_l: FaultProxy | None = None
@@ -98,7 +118,7 @@ class Chaos:
         for p in self.payer_ids:
             await self._blocking(net.start_payer, p, router=router_via)
         sockets = {p: net.config.control_socket(p) for p in self.payer_ids}
-        return Workload(self.payer_ids, sockets, self.seed)
+        return Workload(self.payer_ids, sockets, self.seed, mix_share=0.5 if self.mix else 0.0)
 
     async def inject(self, f: Fault) -> None:
         net = self.net
@@ -156,6 +176,15 @@ class Chaos:
             if not proc.alive():
                 await self._blocking(self.net.restart, name)
 
+    async def wait_pool_empty(self, seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            state = await self.net.inspect()
+            if not state.balances.get("_mixer") and not state.in_flight:
+                return True
+            await asyncio.sleep(0.5)
+        return False
+
     async def run(self) -> tuple[Report, Workload, bool]:
         workload = await self.start()
         try:
@@ -166,6 +195,8 @@ class Chaos:
             decided = await workload.settle_undecided(60.0)
             progressed = await workload.probe_success()
             progressed = progressed and workload.last_success_at > healed_at
+            pool_empty = await self.wait_pool_empty(float(MIX_SETTINGS["max_wait_s"])
+                                                    + MIX_GRACE_S) if self.mix else True
             state = await self.net.wait_quiet(20.0)
         finally:
             await workload.close()
@@ -177,9 +208,13 @@ class Chaos:
                           [f.tx_id for f in state.in_flight])
         report = check(self.net.ledger_path.read_bytes(), workload.ops, view,
                        require_success_after_heal=True, succeeded_after_heal=progressed)
+        if self.mix:
+            journal = Journal(self.root / "plugins" / "mixer" / "journal.jsonl").read()
+            report.violations += check_mixer(self.net.ledger_path.read_bytes(), journal)
+            if not pool_empty:
+                report.violations.append(Violation(
+                    "stranded_deposit", "the pool was not empty max_wait + grace after healing"))
         if not decided:
-            from chaos.checker import Violation
-
             report.violations.append(Violation(
                 "undecided", f"{len(workload.undecided)} payments still undecided after healing: "
                 + ", ".join(sorted(workload.undecided)[:10])))
@@ -196,6 +231,7 @@ def summarise(chaos: Chaos, report: Report, workload: Workload) -> dict[str, Any
         first[(final.code or "ok") if final else "undecided"] += 1
     return {
         "seed": chaos.seed, "seconds": chaos.seconds, "payers": len(chaos.payer_ids),
+        "mix": chaos.mix, "mixed_payments": sum(1 for op in workload.ops if op.mix),
         "schedule": [str(f) for f in chaos.schedule],
         "attempted": len(workload.ops), "outcomes": dict(first),
         "indeterminate_then_resolved": resolved, "faults_injected": dict(chaos.injected),
@@ -207,7 +243,7 @@ def summarise(chaos: Chaos, report: Report, workload: Workload) -> dict[str, Any
 async def amain(args: argparse.Namespace) -> int:
     keep = args.keep
     tmp = tempfile.mkdtemp(prefix="jackpay-chaos-")
-    chaos = Chaos(Path(tmp), args.seed, args.seconds, args.payers)
+    chaos = Chaos(Path(tmp), args.seed, args.seconds, args.payers, mix=args.mix)
     try:
         report, workload, _ = await chaos.run()
     except Exception:
@@ -217,7 +253,8 @@ async def amain(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        print(f"chaos seed={chaos.seed} seconds={chaos.seconds} payers={len(chaos.payer_ids)}")
+        print(f"chaos seed={chaos.seed} seconds={chaos.seconds} payers={len(chaos.payer_ids)}"
+              + (f" mix: {summary['mixed_payments']} mixed payments" if chaos.mix else ""))
         print("schedule:")
         for line in summary["schedule"]:
             print("  " + line)
@@ -245,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--payers", type=int, default=4)
     p.add_argument("--json", action="store_true")
     p.add_argument("--keep", action="store_true", help="keep the run folder")
+    p.add_argument("--mix", action="store_true",
+                   help="the mixer on, half the payments mixed; the checker judges it too")
     args = p.parse_args(argv)
     if args.payers < 2:
         p.error("--payers must be at least 2")

@@ -23,6 +23,7 @@ from common.messages import CONTROL_REPLIES, Hello, Paid, Send, decoder_for
 
 _DECODER = decoder_for(CONTROL_REPLIES)
 GHOST = "nobody-here"
+MIX_AMOUNTS = (100, 250, 500)
 # Answers that leave the payment undecided: ask again with the same tx_id.
 INDETERMINATE_CODES = frozenset({"outcome_pending", "router_unavailable", "shutting_down",
                                  "internal_error", "rate_limited"})
@@ -36,6 +37,7 @@ class Workload:
     concurrency: int = 8
     max_amount: int = 2_000          # minor units; openings are larger, overdrafts happen
     request_timeout_s: float = 5.0
+    mix_share: float = 0.0  # this share of payments goes through the mixer
     ops: list[Operation] = field(default_factory=list)
     undecided: dict[str, Operation] = field(default_factory=dict)
     last_success_at: float = 0.0
@@ -60,7 +62,7 @@ class Workload:
         try:
             ch = await self._channel(op.sender)
             reply = await ch.request(Send(id=0, to=op.receiver, amount=op.amount,
-                                          memo=op.memo, tx_id=op.tx_id),
+                                          memo=op.memo, tx_id=op.tx_id, mix=op.mix),
                                      timeout=self.request_timeout_s)
         except RequestFailed as exc:
             code = str(exc.code)
@@ -93,6 +95,10 @@ class Workload:
         if roll > 0.97:
             amount = 10**12  # far above any balance
         op = Operation(f"c{self.seed}-{self._counter}", sender, receiver, amount)
+        if self.mix_share and receiver != GHOST and self.rng.random() < self.mix_share:
+            # A few common amounts, so that rounds fill (the mixer pools per amount).
+            op.mix = True
+            op.amount = self.rng.choice(MIX_AMOUNTS)
         self.ops.append(op)
         return op
 

@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("amount", help="decimal amount, e.g. 12.50")
     send.add_argument("--memo", default="", help="a note for the receiver (<= 256 chars)")
     send.add_argument("--tx-id", help="idempotency key; re-use it to retry safely")
+    send.add_argument("--mix", action="store_true",
+                      help="through the network's mixer: the ledger shows you paying the pool "
+                           "`_mixer`, never the receiver, who is paid later in a round (the "
+                           "memo is not passed on); `status TX` follows it")
 
     add("balance", "your balance as the router knows it", output)
     hist = add("history", "your ledger rows, oldest first", output)
@@ -148,7 +152,7 @@ def _build_send(args: argparse.Namespace) -> Send:
         raise UsageError(f"{tx_id!r} is not a tx_id (letters, digits, _ . : -; up to 128)")
     if len(args.memo) > 256:
         raise UsageError("memo is longer than 256 characters")
-    return Send(id=0, to=args.to, amount=amount, memo=args.memo, tx_id=tx_id)
+    return Send(id=0, to=args.to, amount=amount, memo=args.memo, tx_id=tx_id, mix=args.mix)
 
 
 # --- main ----------------------------------------------------------------------------

@@ -126,15 +126,19 @@ def _utc_now() -> str:
     return _last_text
 
 
-def make_pay(to: str, amount_minor: int, memo: str = "", tx_id: str | None = None) -> Pay:
-    """A validated `pay` message (id 0; the channel assigns the real one).
+def make_pay(to: str, amount_minor: int, memo: str = "", tx_id: str | None = None, *,
+             mix: bool = False) -> Pay:
+    """A validated `pay` message (id 0; the channel assigns the real one). `mix`: through
+    the network's mixer (the ledger then names `_mixer`, not `to`).
 
     Raises ValueError naming the bad field (amount must be int minor units, > 0).
     """
     if isinstance(amount_minor, bool) or not isinstance(amount_minor, int):
         raise ValueError(f"amount must be an int of minor units, not {type(amount_minor).__name__}")
-    fields = {"id": 0, "tx_id": tx_id or new_tx_id(), "to": to, "amount": amount_minor,
-              "memo": memo}
+    fields: dict[str, object] = {"id": 0, "tx_id": tx_id or new_tx_id(), "to": to,
+                                 "amount": amount_minor, "memo": memo}
+    if mix:
+        fields["mix"] = True
     try:
         return msgspec.convert(fields, Pay)
     except msgspec.ValidationError as exc:
@@ -272,13 +276,13 @@ class PayerClient:
     # --- requests (seed: createPayment, sendPayment, queryBalance, testRouterLink) ---
 
     def create_payment(self, to: str, amount_minor: int, memo: str = "",
-                       tx_id: str | None = None) -> Pay:
+                       tx_id: str | None = None, *, mix: bool = False) -> Pay:
         """A validated payment to send (tx_id generated when None). Raises ValueError."""
-        return make_pay(to, amount_minor, memo, tx_id)
+        return make_pay(to, amount_minor, memo, tx_id, mix=mix)
 
     async def send_payment(self, pay_or_to: Pay | str, amount: int | None = None,
                            memo: str = "", tx_id: str | None = None,
-                           *, timeout: float | None = None) -> Paid:
+                           *, timeout: float | None = None, mix: bool = False) -> Paid:
         """Send a payment and wait for its outcome.
 
         Raises RequestFailed (`.code`: insufficient_funds, receiver_rejected, … or the
@@ -290,7 +294,7 @@ class PayerClient:
         else:
             if amount is None:
                 raise ValueError("amount is required when paying by receiver id")
-            pay = self.create_payment(pay_or_to, amount, memo, tx_id)
+            pay = self.create_payment(pay_or_to, amount, memo, tx_id, mix=mix)
         paid = await self._request(pay, Paid, timeout)
         self._set_balance(paid.balance, paid.dtg)
         return paid

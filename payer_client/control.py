@@ -142,7 +142,7 @@ class _ControlSession:
         d = self.daemon
         match msg:
             case Send():
-                pay = make_pay(msg.to, msg.amount, msg.memo, msg.tx_id or new_tx_id())
+                pay = make_pay(msg.to, msg.amount, msg.memo, msg.tx_id or new_tx_id(), mix=msg.mix)
                 return _re(await d.pay(pay), rid)
             case Watch():
                 d.watchers.add(ch)

@@ -37,11 +37,17 @@ def _json(obj: dict[str, Any]) -> str:
 
 
 def paid(reply: Paid, send: Send, as_json: bool) -> str:
+    """A `send` that was paid; with `--mix`, the deposit into the mixer's pool."""
     if as_json:
-        return _json({"outcome": "paid", "tx_id": reply.tx_id, "to": send.to,
-                      "amount": format_amount(send.amount), "amount_minor": send.amount,
-                      "seq": reply.seq, "dtg": reply.dtg, "balance": format_amount(reply.balance),
-                      "balance_minor": reply.balance})
+        return _json({"outcome": "mixed" if send.mix else "paid", "tx_id": reply.tx_id,
+                      "to": send.to, "amount": format_amount(send.amount),
+                      "amount_minor": send.amount, "seq": reply.seq, "dtg": reply.dtg,
+                      "balance": format_amount(reply.balance), "balance_minor": reply.balance})
+    if send.mix:
+        return (f"mixed {format_amount(send.amount)} for {send.to}: deposited in the pool  "
+                f"tx_id={reply.tx_id}  seq={reply.seq}  balance={format_amount(reply.balance)}"
+                f"\n  {send.to} is paid from _mixer when a round closes; follow it with: "
+                f"status {reply.tx_id}")
     return (f"paid {format_amount(send.amount)} to {send.to}  tx_id={reply.tx_id}  "
             f"seq={reply.seq}  balance={format_amount(reply.balance)}")
 
@@ -72,11 +78,14 @@ def status(reply: StatusReply, as_json: bool) -> str:
     if as_json:
         return _json({"tx_id": reply.tx_id, "state": reply.state, "code": reply.code,
                       "seq": reply.seq, "sender": reply.sender, "receiver": reply.receiver,
-                      "amount": _money(reply.amount), "amount_minor": reply.amount})
+                      "amount": _money(reply.amount), "amount_minor": reply.amount,
+                      "detail": reply.detail})
     detail = {"paid": f"seq {reply.seq}", "failed": reply.code or "",
               "pending": "not decided yet; ask again or re-send the same tx_id",
               "mixed": "deposited in the mixer; the payout is not made yet",
               "unknown": "the router has no record of it"}.get(reply.state, "")
+    if reply.detail:  # a plug-in's word on it, e.g. where a mixed payment's money went
+        detail = printable(reply.detail)
     extra = ""
     if reply.amount is not None:
         extra = f"  {reply.sender} → {reply.receiver} {format_amount(reply.amount)}"

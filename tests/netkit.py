@@ -13,7 +13,7 @@ from chaos.network import (
     open_ledger_channel,
 )
 
-PACKAGES = ("common", "ledger", "router", "payer_client", "chaos", "bench")
+PACKAGES = ("common", "ledger", "router", "payer_client", "chaos", "bench", "jackpay_plugins")
 
 
 def plant_decoys(folder: Path) -> set[str]:

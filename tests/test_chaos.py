@@ -15,6 +15,7 @@ import pytest
 from netkit import REPO_ROOT
 
 SEEDS = (3, 11, 42)
+MIX_SEED = 1005  # with --mix: the mixer on, half the payments mixed
 SECONDS = 6
 
 
@@ -23,9 +24,9 @@ def runs() -> Iterator[dict[int, subprocess.Popen[str]]]:
     procs = {
         seed: subprocess.Popen(
             [sys.executable, "-m", "chaos.run", "--seconds", str(SECONDS), "--seed", str(seed),
-             "--json"],
+             "--json", *(["--mix"] if seed == MIX_SEED else [])],
             cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for seed in SEEDS
+        for seed in (*SEEDS, MIX_SEED)
     }
     yield procs
     for p in procs.values():
@@ -35,7 +36,7 @@ def runs() -> Iterator[dict[int, subprocess.Popen[str]]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("seed", (*SEEDS, MIX_SEED))
 def test_chaos_run_passes(runs: dict[int, subprocess.Popen[str]], seed: int) -> None:
     try:
         out, err = runs[seed].communicate(timeout=90)
@@ -51,5 +52,10 @@ def test_chaos_run_passes(runs: dict[int, subprocess.Popen[str]], seed: int) -> 
     assert summary["schedule"], "the seed produced no fault schedule"
     assert sum(summary["faults_injected"].values()) == len(summary["schedule"])
     assert summary["outcomes"].get("ok", 0) > 0
+    if seed == MIX_SEED:  # the checker judged the mixer too (payouts once, none stranded)
+        assert summary["mix"]
+        assert summary["mixed_payments"] > 0
+        assert summary["ledger_rows"] > summary["payers"] + summary["outcomes"]["ok"]
+        return
     # every ledger row is an opening balance or a payment its sender was told is paid
     assert summary["ledger_rows"] == summary["payers"] + summary["outcomes"]["ok"]

@@ -138,7 +138,7 @@ def test_status_exit_codes_follow_the_payments_state(net: Network) -> None:
     assert doc.returncode == 5
     assert as_json(doc) == {"tx_id": "never-sent", "state": "unknown", "code": None,
                             "seq": None, "sender": None, "receiver": None, "amount": None,
-                            "amount_minor": None}
+                            "amount_minor": None, "detail": None}
     # bob did not send st-paid (alice did): without --from it is not his, so unknown
     assert cli(net, "bob", "status", "st-paid").returncode == 5
     assert cli(net, "carol", "status", "st-paid", "--from", "alice").returncode == 5

@@ -1,0 +1,1 @@
+"""The mixer: pool-and-batch payouts that keep payer and payee apart in the ledger."""
