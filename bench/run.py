@@ -53,6 +53,18 @@ from ledger.rows import GENESIS_HASH, HEADER_LINE, format_line, make_row
 from payer_client.client import PayerClient, PayerCredentials
 
 PLAIN_FLAG = "--plain-benchmark-only"
+# The plug-in comparison: the mixer enabled (idle for direct payments), short rounds.
+MIXER_PLUGINS = """plugins = ["mixer"]
+plugin_tick_s = 0.05
+
+[plugins.mixer]
+min_payers = 5
+min_delay_s = 0.05
+max_delay_s = 0.2
+max_wait_s = 2.0
+max_waiting_per_payer = 10000
+retry_s = 0.3"""
+MIX_AMOUNTS = (500, 1000, 2000, 5000)  # a few common amounts: rounds fill
 
 
 @dataclass
@@ -66,11 +78,12 @@ class Settings:
     echo_connections: int = 50
     # Open-loop rates measured besides half the peak: half of issue 5's 6,000/s target.
     open_rates: tuple[float, ...] = (3000.0,)
+    plugin_rounds: int = 5  # interleaved pairs: no plug-ins / the mixer enabled but idle
 
 
 QUICK = Settings(payers=20, concurrency=(1, 64), seconds=2.0, open_loop_s=2.0,
                  idle_sessions=200, rebuild_rows=(20_000,), echo_connections=20,
-                 open_rates=())
+                 open_rates=(), plugin_rounds=1)
 
 
 def raise_fd_limit() -> None:
@@ -86,16 +99,31 @@ class _PaymentNetwork:
 
     prefix: str  # "" (secure) or "plain "
     ledger: Proc
+
     router: Proc
     lch: Channel
     clients: list[PayerClient]
     payers: list[str]
     results: list[dict[str, Any]] = field(default_factory=list)
+    admin: str = ""  # the router's admin socket
 
     def __post_init__(self) -> None:
         rng = random.Random(7)
         counter = iter(range(10**9))
         clients, payers = self.clients, self.payers
+
+        async def mixed(i: int) -> bool:
+            a = rng.randrange(len(clients))
+            b = rng.randrange(len(clients) - 1)
+            b += b >= a
+            try:
+                await clients[a].send_payment(payers[b], rng.choice(MIX_AMOUNTS),
+                                              tx_id=f"m{next(counter)}", mix=True)
+            except (JackPayError, TimeoutError):
+                return False
+            return True
+
+        self.mixed_op: Op = mixed
 
         async def op(i: int) -> bool:
             a = rng.randrange(len(clients))  # two distinct payers, cheaper than sample()
@@ -154,26 +182,32 @@ class Bench:
         self.procs.clear()
 
     def write_config(self, path: Path, payers: list[str], ledger_port: int, csv: str,
-                     opening: str = "1000000.00") -> None:
+                     opening: str = "1000000.00", plugins: str = "") -> None:
+        """`plugins`: TOML lines for [router] (`plugins = [...]`) and the plug-in tables
+        after it (a blank line separates the two)."""
+        router_lines, _, tables = plugins.partition("\n\n")
         lines = ["[network]", 'id = "bench"', f'keys_dir = "keys-{path.stem}"', "",
                  "[ledger]", 'host = "127.0.0.1"', f"port = {ledger_port}", f'path = "{csv}"',
                  "", "[router]", 'host = "127.0.0.1"', "port = 0",
                  f'admin_socket = "{path.stem}-admin.sock"', "offer_timeout_s = 10.0",
                  "ledger_timeout_s = 10.0", "outcome_pending_after_s = 30.0"]
+        lines += [line for line in router_lines.splitlines() if line]
         for p in payers:
             lines += ["", "[[participants]]", f'id = "{p}"', 'kind = "software"',
                       f'opening_balance = "{opening}"']
+        if tables:
+            lines += ["", tables]
         path.write_text("\n".join(lines) + "\n")
         ensure_keys(load_config(path))
 
     def start_network(self, tag: str, payers: list[str], csv: str = "ledger.csv", *,
-                      plain: bool = False) -> tuple[Proc, Proc, Path]:
+                      plain: bool = False, plugins: str = "") -> tuple[Proc, Proc, Path]:
         cfg = self.root / f"{tag}.toml"
         flag = [PLAIN_FLAG] if plain else []
-        self.write_config(cfg, payers, 0, csv)
+        self.write_config(cfg, payers, 0, csv, plugins=plugins)
         ledger = self.start(f"{tag}-ledger", python_module("ledger", "--config", str(cfg),
                                                            *flag))
-        self.write_config(cfg, payers, ledger.addr[1], csv)
+        self.write_config(cfg, payers, ledger.addr[1], csv, plugins=plugins)
         router = self.start(f"{tag}-router", python_module("router", "--config", str(cfg),
                                                            *flag))
         return ledger, router, cfg
@@ -230,11 +264,13 @@ class Bench:
 
     # --- payments ------------------------------------------------------------------
 
-    async def payment_network(self, *, plain: bool) -> _PaymentNetwork:
+    async def payment_network(self, *, plain: bool, tag: str = "",
+                              plugins: str = "") -> _PaymentNetwork:
         """A running network (ledger, router, `payers` clients logged in) to measure."""
-        tag = "plain" if plain else "pay"
+        tag = tag or ("plain" if plain else "pay")
         payers = [f"p{i:04d}" for i in range(self.s.payers)]
-        ledger, router, cfg = self.start_network(tag, payers, f"{tag}.csv", plain=plain)
+        ledger, router, cfg = self.start_network(tag, payers, f"{tag}.csv", plain=plain,
+                                                 plugins=plugins)
         auditor = None if plain else client_tls(KeyStore.for_config(load_config(cfg)),
                                                  "ledger", identity="auditor")
         lch = await open_channel(*ledger.addr, decoder_for(LEDGER_REPLIES), name="ledger",
@@ -243,7 +279,9 @@ class Bench:
         clients = self.clients(cfg, router, payers, plain=plain, request_timeout_s=60)
         for c in clients:
             await c.connect()
-        return _PaymentNetwork("plain " if plain else "", ledger, router, lch, clients, payers)
+        net = _PaymentNetwork("plain " if plain else "", ledger, router, lch, clients, payers)
+        net.admin = str(self.root / f"{tag}-admin.sock")
+        return net
 
     async def payments(self, *, compare_plain: bool = True) -> None:
         """Every setting on the secure network and then, right after it (so the machine
@@ -286,6 +324,73 @@ class Bench:
             self.report[f"{key}peak_payments_per_s"] = round(
                 max(r["per_s"] for r in net.results if "offered_per_s" not in r), 1)
             await net.close()
+
+    async def plugin_costs(self) -> None:
+        """Direct payments on a network without plug-ins and on one with the mixer enabled
+        but idle, interleaved (`plugin_rounds` pairs of the same closed loop): router CPU
+        per payment on each. Then mixed payments on the mixer's network: deposits for one
+        setting's time, and the rate counted until the last payout is in the ledger."""
+        from chaos.network import inspect_router
+
+        rounds = self.s.plugin_rounds
+        task = self.progress.add_task("plug-ins", total=2 * rounds + 1)
+        bare = await self.payment_network(plain=False, tag="noplug")
+        mixer = await self.payment_network(plain=False, tag="mixer", plugins=MIXER_PLUGINS)
+        per_payment: dict[str, list[float]] = {"none": [], "mixer idle": []}
+        results = []
+        conc = 64
+        for i in range(rounds):
+            pair = ((bare, "none"), (mixer, "mixer idle"))
+            for net, name in (pair if i % 2 == 0 else pair[::-1]):
+                before = await self.ledger_stats(net.lch)
+                res = await net.measured(closed_loop(f"direct C={conc} plugins: {name}",
+                                                     net.op, conc, self.s.seconds), self)
+                after = await self.ledger_stats(net.lch)
+                cpu = res.extra["cpu_s"]["router"]  # type: ignore[index]
+                rows = after.rows - before.rows
+                per_payment[name].append(cpu / rows * 1e6 if rows else 0.0)
+                results.append(net.results[-1] | {"router_cpu_us_per_payment":
+                                                  round(per_payment[name][-1], 1)})
+                self.progress.advance(task)
+        # Mixed: deposits for `seconds`, then until the pool is empty (payouts made).
+        before = await self.ledger_stats(mixer.lch)
+        cpu0 = cpu_seconds(mixer.router.pid)
+        t0 = time.perf_counter()
+        res = await closed_loop(f"mixed C={conc} (deposit + payouts)", mixer.mixed_op, conc,
+                                self.s.seconds)
+        while True:  # polled: the pool's balance lives in another process
+            if not (await inspect_router(mixer.admin)).balances.get("_mixer"):
+                break
+            await asyncio.sleep(0.05)
+        elapsed = time.perf_counter() - t0 - 0.3  # the closed loop's warm-up
+        after = await self.ledger_stats(mixer.lch)
+        deposits = res.ok
+        # per_s: deposits while the loop ran (what a payer sees); paid_out_per_s: counted
+        # until the last payout is in the ledger (rounds wait for K payers, a random
+        # delay, and for the last stragglers max_wait_s).
+        mixed = res.summary() | {
+            "paid_out_per_s": round(deposits / elapsed, 1), "until_paid_out_s": round(elapsed, 2),
+            "ledger_rows_per_mixed_payment": round((after.rows - before.rows) / deposits, 2)
+            if deposits else 0,
+            "router_cpu_us_per_payment": round((cpu_seconds(mixer.router.pid) - cpu0)
+                                               / deposits * 1e6, 1) if deposits else 0}
+        self.progress.advance(task)
+        for net in (bare, mixer):
+            await net.close()
+        # Each pair ran back to back (the machine in the same mood): the median of the
+        # pairs' ratios, not a ratio of medians taken minutes apart.
+        pairs = sorted(idle / none for idle, none in zip(per_payment["mixer idle"],
+                                                          per_payment["none"], strict=True)
+                       if none)
+        direct = [r for r in results if r["label"].endswith("mixer idle")]
+        self.report["plugins"] = {
+            "settings": [*results, mixed],
+            "router_cpu_us_per_payment": {k: [round(x, 1) for x in v]
+                                          for k, v in per_payment.items()},
+            "idle_vs_none_router_cpu": round(pairs[len(pairs) // 2], 3) if pairs else None,
+            "mixed_vs_direct_per_s": round(mixed["per_s"] / max(
+                r["per_s"] for r in direct), 3) if direct else None,
+        }
 
     @staticmethod
     async def ledger_stats(ch: Channel) -> StatsReply:
@@ -471,6 +576,24 @@ def render(report: dict[str, Any]) -> None:
         lt.add_row("80-byte append + fsync", f"{f['fsyncs_per_s']:,.0f}", str(f["p50_ms"]),
                    str(f["p99_ms"]), str(f["max_ms"]))
     con.print(lt)
+    plugins = report.get("plugins")
+    if plugins:
+        pt = Table(title="plug-ins (security on; interleaved; router CPU per payment)")
+        for col in ("setting", "pay/s", "paid out/s", "p50", "p99", "router µs/payment",
+                    "rows/payment"):
+            pt.add_column(col, justify="right")
+        for r in plugins["settings"]:
+            out = r.get("paid_out_per_s")
+            pt.add_row(r["label"], f"{r['per_s']:,.0f}", f"{out:,.0f}" if out else "",
+                       _ms(r["p50_ms"]), _ms(r["p99_ms"]),
+                       str(r.get("router_cpu_us_per_payment")),
+                       str(r.get("ledger_rows_per_mixed_payment", 1)))
+        con.print(pt)
+        con.print(f"mixer enabled but idle / no plug-ins, router CPU per direct payment "
+                  f"(median of interleaved pairs): {plugins['idle_vs_none_router_cpu']}; "
+                  "mixed / direct "
+                  f"payments/s: {plugins['mixed_vs_direct_per_s']} (deposits while the "
+                  "loop ran; `paid out/s` counts until the last payout is in the ledger)")
     con.print(f"ratios: {report.get('ratios')}")
     if "sessions" in report:
         con.print(f"router memory: {report['sessions']}")
@@ -491,6 +614,8 @@ async def amain(args: argparse.Namespace) -> int:
         try:
             await bench.limits()
             await bench.payments(compare_plain=not args.secure_only)
+            if not args.skip_plugins:
+                await bench.plugin_costs()
             if not args.skip_scale:
                 await bench.sessions()
                 await bench.rebuild()
@@ -514,6 +639,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-scale", action="store_true", help="skip memory and rebuild checks")
     p.add_argument("--secure-only", action="store_true",
                    help="skip the plain (TLS and login off) comparison run")
+    p.add_argument("--skip-plugins", action="store_true",
+                   help="skip the plug-in comparison (none / mixer idle / mixed payments)")
     args = p.parse_args(argv)
     return run(lambda: amain(args))
 

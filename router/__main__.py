@@ -77,15 +77,19 @@ def main(argv: list[str] | None = None) -> int:
         log_event(log, "PLAIN TCP, NO LOGIN: benchmark comparison only, never a network",
                   logging.WARNING)
     admin = cfg.resolve(cfg.router.admin_socket)
-    service = RouterService(
-        cfg,
-        security,
-        admin_path=admin,
-        host=args.host or cfg.router.host,
-        port=cfg.router.port if args.port is None else args.port,
-        ledger_host=ledger_host,
-        ledger_port=ledger_port,
-    )
+    try:
+        service = RouterService(
+            cfg,
+            security,
+            admin_path=admin,
+            host=args.host or cfg.router.host,
+            port=cfg.router.port if args.port is None else args.port,
+            ledger_host=ledger_host,
+            ledger_port=ledger_port,
+        )
+    except StartupFailed as exc:  # a plug-in that cannot be loaded or configured
+        print(f"jackpay-router: {exc}", file=sys.stderr)
+        return 2
     # Without uvloop, allocate and free one block larger than a socket read buffer so
     # glibc stops mmapping/unmapping 256 KiB on every read (PERFORMANCE-NOTES.md).
     warm = bytearray(1 << 20)

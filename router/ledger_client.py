@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from common import PROTOCOL_VERSION
@@ -99,6 +100,9 @@ class LedgerClient:
         self._maintainer: asyncio.Task[None] | None = None
         self._closing = False
         self.stats = LedgerStats()
+        # Runs just before rows leave (plug-ins make their state durable first); a raise
+        # fails those rows, unsent (LedgerRefused "plugin_failed").
+        self.before_send: Callable[[], None] | None = None
 
     @property
     def address(self) -> str:
@@ -240,6 +244,8 @@ class LedgerClient:
         if not self.connected:
             _fail(futs, LedgerUnavailable(f"no connection to the ledger at {self.address}"))
             return futs
+        if not self._barrier(futs):
+            return futs
         task = loop.create_task(self._send_batch(batch, atomic=True), name="ledger-append")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -254,11 +260,25 @@ class LedgerClient:
                 if not fut.done():
                     fut.set_exception(err)
             return
+        if not self._barrier([fut for _, fut in queued]):
+            return
         for batch in self._split(queued):
             task = asyncio.get_running_loop().create_task(self._send_batch(batch),
                                                           name="ledger-append")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _barrier(self, futs: list[asyncio.Future[AppendResult]]) -> bool:
+        """`before_send`; False (the rows failed, unsent) if it raised."""
+        if self.before_send is None:
+            return True
+        try:
+            self.before_send()
+        except Exception as exc:
+            log.exception("a plug-in could not make its state durable; rows not sent")
+            _fail(futs, LedgerRefused("plugin_failed", f"not sent: {exc}"))
+            return False
+        return True
 
     def _split(self, queued: list[tuple[RowIn, asyncio.Future[AppendResult]]]
                ) -> list[list[tuple[RowIn, asyncio.Future[AppendResult]]]]:
@@ -375,4 +395,6 @@ def refusal_code(exc: LedgerRefused) -> ErrorCode:
         return ErrorCode.LEDGER_WRITE_FAILED
     if exc.code == ErrorCode.SHUTTING_DOWN:
         return ErrorCode.LEDGER_UNAVAILABLE
+    if exc.code == ErrorCode.PLUGIN_FAILED:  # never sent: a plug-in's barrier failed
+        return ErrorCode.PLUGIN_FAILED
     return ErrorCode.INTERNAL_ERROR

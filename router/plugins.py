@@ -23,7 +23,7 @@ Rules:
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -130,6 +130,12 @@ class Specs:
         durable what a crash must not lose. A raise fails the payment, nothing held."""
 
     @hookspec
+    def jackpay_flush(self) -> None:
+        """A barrier: rows are about to leave for the ledger. Make durable now what
+        `admitted` wrote without syncing (one fsync for every payment of the loop turn).
+        A raise fails those rows' payments (nothing is sent)."""
+
+    @hookspec
     def jackpay_committed(self, request: PaymentRequest, route: Route, seqs: list[int]) -> None:
         """The ledger made the payment's rows durable (the money moved): their seqs, one
         per leg (also for a system payment found already paid)."""
@@ -159,72 +165,100 @@ class PluginFailed(Exception):
         self.plugin = plugin
 
 
+# (plug-in name, its function, the argument names it takes), in calling order.
+_Impl = tuple[str, Callable[..., Any], tuple[str, ...]]
+
+
 @dataclass
 class Plugins:
-    """The enabled plug-ins, behind one object the pipeline calls."""
+    """The enabled plug-ins, behind one object the pipeline calls.
+
+    pluggy registers them and checks every hook implementation against its spec; the
+    calls on the payment path then go straight to the implementations (in pluggy's
+    order: the plug-in listed first answers first; `firstresult` specs stop at the first
+    answer), without pluggy's per-call machinery: ~0.1 µs a hook instead of ~2 µs, so an
+    enabled plug-in that has nothing to do costs a payment next to nothing. Hook
+    wrappers are not supported."""
 
     pm: pluggy.PluginManager
     names: list[str] = field(default_factory=list)
     system_accounts: frozenset[str] = frozenset()
+    _impls: dict[str, list[_Impl]] = field(default_factory=dict)
 
     @property
     def enabled(self) -> bool:
         return bool(self.names)
 
-    def _call(self, hook: str, **kwargs: Any) -> Any:
-        caller = getattr(self.pm.hook, hook)
-        try:
-            return caller(**kwargs)
-        except Exception as exc:
-            raise PluginFailed(self._culprit(exc), hook, exc) from exc
+    def freeze(self) -> None:
+        """Take the registered implementations (call after the last `register`)."""
+        self._impls = {}
+        for hook in _HOOKS:
+            caller = getattr(self.pm.hook, hook)
+            impls = []
+            for impl in reversed(caller.get_hookimpls()):  # pluggy calls LIFO
+                if impl.hookwrapper or impl.wrapper:
+                    raise ConfigError(f"plug-in {impl.plugin_name!r}: hook wrappers are not "
+                                      "supported")
+                impls.append((impl.plugin_name, impl.function, tuple(impl.argnames)))
+            self._impls[hook] = impls
 
-    def _culprit(self, exc: BaseException) -> str:
-        """The enabled plug-in whose code raised (from the traceback), else all names."""
-        tb = exc.__traceback__
-        modules = {name: type(plugin).__module__.split(".")[0]
-                   for name, plugin in self.pm.list_name_plugin() if plugin is not None}
-        culprit = ",".join(self.names)
-        while tb is not None:
-            mod = tb.tb_frame.f_globals.get("__name__", "")
-            for name, top in modules.items():
-                if mod.split(".")[0] == top and mod != __name__:
-                    culprit = name
-            tb = tb.tb_next
-        return culprit
+    def _call(self, hook: str, first: bool, **kwargs: Any) -> Any:
+        results = []
+        for name, function, argnames in self._impls.get(hook, ()):
+            try:
+                result = function(*[kwargs[a] for a in argnames])
+            except Exception as exc:
+                raise PluginFailed(name, hook, exc) from exc
+            if result is not None:
+                if first:
+                    return result
+                results.append(result)
+        return None if first else results
 
     def validate(self, request: PaymentRequest) -> Veto | None:
-        result: Veto | None = self._call("jackpay_validate", request=request)
+        result: Veto | None = self._call("jackpay_validate", True, request=request)
         return result
 
     def route(self, request: PaymentRequest) -> Route | None:
-        result: Route | None = self._call("jackpay_route", request=request)
+        result: Route | None = self._call("jackpay_route", True, request=request)
         return result
 
     def admitted(self, request: PaymentRequest, route: Route) -> None:
-        self._call("jackpay_admitted", request=request, route=route)
+        self._call("jackpay_admitted", False, request=request, route=route)
+
+    def flush(self) -> None:
+        self._call("jackpay_flush", False)
+
+    @property
+    def wants_flush(self) -> bool:
+        return bool(self._impls.get("jackpay_flush"))
 
     def committed(self, request: PaymentRequest, route: Route, seqs: list[int]) -> None:
-        self._call("jackpay_committed", request=request, route=route, seqs=seqs)
+        self._call("jackpay_committed", False, request=request, route=route, seqs=seqs)
 
     def aborted(self, request: PaymentRequest, code: ErrorCode) -> None:
-        self._call("jackpay_aborted", request=request, code=code)
+        self._call("jackpay_aborted", False, request=request, code=code)
 
     def start(self, info: StartInfo) -> None:
-        self._call("jackpay_start", info=info)
+        self._call("jackpay_start", False, info=info)
 
     def tick(self, now: float) -> list[PaymentRequest]:
-        lists: list[list[PaymentRequest]] = self._call("jackpay_tick", now=now)
-        return [r for batch in lists if batch for r in batch]
+        lists: list[list[PaymentRequest]] = self._call("jackpay_tick", False, now=now)
+        return [r for batch in lists for r in batch]
 
     def status(self, sender: str, tx_id: str) -> StatusNote | None:
-        result: StatusNote | None = self._call("jackpay_status", sender=sender, tx_id=tx_id)
+        result: StatusNote | None = self._call("jackpay_status", True, sender=sender,
+                                               tx_id=tx_id)
         return result
 
     def statistics(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for part in self._call("jackpay_statistics"):
+        for part in self._call("jackpay_statistics", False):
             out.update(part)
         return out
+
+
+_HOOKS = tuple(name for name in vars(Specs) if name.startswith("jackpay_"))
 
 
 def no_plugins() -> Plugins:
@@ -276,7 +310,15 @@ def load_plugins(names: Sequence[str], settings: Mapping[str, Mapping[str, Any]]
                               f"{exc}") from exc
         made.append((name, plugin))
     for name, plugin in reversed(made):
-        plugins.pm.register(plugin, name=name)
+        try:
+            plugins.pm.register(plugin, name=name)
+        except pluggy.PluginValidationError as exc:
+            raise ConfigError(f"plug-in {name!r} does not fit JackPay's hooks: {exc}") from None
+    try:
+        plugins.pm.check_pending()  # a `jackpay_*` hook no spec knows: a typo
+    except pluggy.PluginValidationError as exc:
+        raise ConfigError(f"a plug-in implements an unknown hook: {exc}") from None
+    plugins.freeze()
     for name, plugin in made:
         hook = getattr(plugin, "jackpay_system_accounts", None)
         for account in (hook() if hook is not None else []):

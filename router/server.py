@@ -161,6 +161,8 @@ class RouterService:
         except ConfigError as exc:
             raise StartupFailed(str(exc)) from None
         self.pipeline = Pipeline(self.book, self.registry, self.ledger, rc, self.plugins)
+        if self.plugins.wants_flush:
+            self.ledger.before_send = self.plugins.flush
         self._plugin_rows: list[LedgerRow] | None = [] if self.plugins.enabled else None
         self._plugin_timer: asyncio.TimerHandle | None = None
         self.login_policy = security.login

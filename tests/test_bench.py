@@ -52,3 +52,13 @@ def test_bench_quick_reports_every_figure(tmp_path: Path) -> None:
         report["peak_payments_per_s"] / report["plain_peak_payments_per_s"], 3)
     assert list(ratios["secure_vs_plain_p99_at_same_rate"]) == [
         f"{payments[-1]['offered_per_s']:.0f}/s"]
+    plugins = report["plugins"]  # no plug-ins / the mixer idle / mixed payments
+    labels = [s["label"] for s in plugins["settings"]]
+    assert labels[:2] == ["direct C=64 plugins: none", "direct C=64 plugins: mixer idle"]
+    assert labels[-1].startswith("mixed")
+    for s in plugins["settings"]:
+        assert s["ok"] > 0, s
+        assert s["router_cpu_us_per_payment"] > 0
+    assert plugins["settings"][-1]["ledger_rows_per_mixed_payment"] > 1  # deposit + notes
+    assert plugins["idle_vs_none_router_cpu"] > 0
+    assert plugins["mixed_vs_direct_per_s"] > 0

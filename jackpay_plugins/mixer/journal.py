@@ -1,9 +1,10 @@
 """The mixer's own durable journal: what the ledger must not say (who a deposit is for)
 and what a restart must not redo differently (a round's shuffled notes, attempt numbers).
 
-One JSON object per line, appended and fsync'd before the router acts on it (a deposit's
-rows go to the ledger only after its intent is durable; a round's payouts only after its
-plan is). The file is 0600: it links payers to payees. A torn last line (a crash during
+One JSON object per line, durable before the router acts on it: a deposit's intent is
+written when the payment is admitted and fsync'd, together with every other intent of
+that loop turn, just before the rows leave for the ledger (the router's `jackpay_flush`
+barrier); a round's plan and a note's next attempt are fsync'd as they are written. The file is 0600: it links payers to payees. A torn last line (a crash during
 the write, never acted on) is ignored; any other bad line stops the router's start with a
 message naming the line.
 
@@ -32,6 +33,7 @@ class Journal:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._fd = -1
+        self._dirty = False
 
     def read(self) -> list[dict[str, Any]]:
         """Every entry, in order. Raises JournalCorrupt."""
@@ -70,8 +72,9 @@ class Journal:
                 os.fsync(fd)
         self._fd = fd
 
-    def write(self, entry: dict[str, Any]) -> None:
-        """Append one entry durably (write + fsync). Raises OSError."""
+    def write(self, entry: dict[str, Any], *, sync: bool = True) -> None:
+        """Append one entry; durably (fsync) unless `sync` is False, when `sync()` must
+        run before anything depends on it. Raises OSError."""
         if self._fd < 0:
             self.open()
         data = json.dumps(entry, separators=(",", ":")).encode() + b"\n"
@@ -79,7 +82,15 @@ class Journal:
         while view:
             n = os.write(self._fd, view)
             view = view[n:]
-        os.fsync(self._fd)
+        self._dirty = True
+        if sync:
+            self.sync()
+
+    def sync(self) -> None:
+        """fsync what was written since the last one (group commit). Raises OSError."""
+        if self._dirty:
+            os.fsync(self._fd)
+            self._dirty = False
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -148,9 +148,14 @@ class MixerPlugin:
         if not request.mix:
             return
         key = (request.sender, request.tx_id)
+        # Made durable by `jackpay_flush`, before the deposit's row leaves for the ledger.
         self.journal.write({"e": "intent", "payer": request.sender, "tx": request.tx_id,
-                            "payee": request.receiver, "amount": request.amount})
+                            "payee": request.receiver, "amount": request.amount}, sync=False)
         self.mixer.intents[key] = (request.receiver, request.amount)
+
+    @hookimpl
+    def jackpay_flush(self) -> None:
+        self.journal.sync()
 
     @hookimpl
     def jackpay_committed(self, request: PaymentRequest, route: Route, seqs: list[int]) -> None:

@@ -9,8 +9,9 @@ Pool and batch, with the router as coordinator (../shared/MIXER.md):
   k counts distinct payers, not notes;
 - a round of amount A closes when at least `min_payers` distinct payers wait in its pool
   AND its random delay (drawn when the pool opened) has passed. A pool whose oldest
-  deposit has waited `max_wait_s` closes anyway, flagged low-anonymity: its deposits are
-  refunded (`on_timeout = "refund"`, the default) or paid out (`"payout"`);
+  deposit has waited `max_wait_s` closes at once; with fewer than K payers that round is
+  low-anonymity: its deposits are refunded (`on_timeout = "refund"`, the default) or paid
+  out (`"payout"`), flagged;
 - a round's payouts are split into fixed denominations and shuffled; each note is a
   system payment `_mixer → payee` whose tx_id is derived from (round, note, attempt), so
   a re-sent payout is a duplicate at the ledger, never a second payment. A note whose
@@ -108,10 +109,14 @@ class Round:
     notes: list[Note]
     low_anonymity: bool
     closed_at: float
+    unpaid: int = -1  # notes not yet paid (counted at creation)
+
+    def __post_init__(self) -> None:
+        self.unpaid = sum(1 for n in self.notes if n.paid_seq is None)
 
     @property
     def done(self) -> bool:
-        return all(n.paid_seq is not None for n in self.notes)
+        return self.unpaid == 0
 
 
 @dataclass(slots=True)
@@ -134,6 +139,8 @@ class Mixer:
         self.deposits: dict[tuple[str, str], Deposit] = {}
         self.pools: dict[int, Pool] = {}
         self.rounds: dict[int, Round] = {}
+        self.open_rounds: dict[int, Round] = {}  # with notes not yet paid
+        self.waiting_by_payer: dict[str, int] = {}
         self.next_round = 1
         self.paid_out = 0
         self.refunded = 0
@@ -141,7 +148,8 @@ class Mixer:
     # --- deposits ----------------------------------------------------------------------
 
     def waiting_of(self, payer: str) -> int:
-        return sum(1 for d in self.deposits.values() if d.payer == payer and d.round_id is None)
+        """The payer's deposits not yet in a round."""
+        return self.waiting_by_payer.get(payer, 0)
 
     def deposited(self, payer: str, tx_id: str, amount: int, seq: int, at: float) -> Deposit:
         """A deposit row is durable. Its payee comes from the intent journalled before."""
@@ -152,6 +160,7 @@ class Mixer:
         payee, _ = self.intents.pop(key, (payer, amount))  # no intent: refund it
         dep = Deposit(payer, tx_id, payee, amount, at, seq)
         self.deposits[key] = dep
+        self.waiting_by_payer[payer] = self.waiting_by_payer.get(payer, 0) + 1
         pool = self.pools.get(amount)
         if pool is None or not pool.waiting:
             pool = self.pools[amount] = Pool(amount, [], at, self.rng.uniform(
@@ -174,11 +183,13 @@ class Mixer:
                 if key[0] not in payers:
                     payers.add(key[0])
                     chosen.append(key)
-            oldest = min(self.deposits[k].at for k in pool.waiting)
-            if len(payers) >= s.min_payers and now >= pool.opened_at + pool.delay_s:
+            enough = len(payers) >= s.min_payers
+            if enough and now >= pool.opened_at + pool.delay_s:
                 due.append((amount, chosen, False))
-            elif now >= oldest + s.max_wait_s:
-                due.append((amount, chosen, True))
+            elif now >= self.deposits[pool.waiting[0]].at + s.max_wait_s:
+                # The oldest has waited long enough: close now, delay or not; with fewer
+                # than K payers the round is low-anonymity.
+                due.append((amount, chosen, not enough))
         return due
 
     def plan_round(self, amount: int, chosen: list[tuple[str, str]], low: bool,
@@ -200,12 +211,19 @@ class Mixer:
 
     def apply_round(self, rnd: Round) -> None:
         self.rounds[rnd.id] = rnd
+        if not rnd.done:
+            self.open_rounds[rnd.id] = rnd
         self.next_round = max(self.next_round, rnd.id + 1)
         taken = set(rnd.deposits)
         for key in rnd.deposits:
             dep = self.deposits.get(key)
-            if dep is not None:
+            if dep is not None and dep.round_id is None:
                 dep.round_id = rnd.id
+                left = self.waiting_by_payer[dep.payer] - 1
+                if left:
+                    self.waiting_by_payer[dep.payer] = left
+                else:
+                    del self.waiting_by_payer[dep.payer]
         pool = self.pools.get(rnd.amount)
         if pool is not None:
             pool.waiting = [k for k in pool.waiting if k not in taken]
@@ -218,7 +236,7 @@ class Mixer:
 
     def notes_to_send(self, now: float) -> list[tuple[Round, Note]]:
         out = []
-        for rnd in self.rounds.values():
+        for rnd in self.open_rounds.values():
             for note in rnd.notes:
                 if note.paid_seq is None and not note.running and now >= note.retry_at:
                     out.append((rnd, note))
@@ -236,10 +254,14 @@ class Mixer:
             return
         note.paid_seq = seq
         note.running = False
+        self.rounds[round_id].unpaid -= 1
         if note.refund:
             self.refunded += note.amount
         else:
             self.paid_out += note.amount
+        rnd = self.open_rounds.get(round_id)
+        if rnd is not None and rnd.done:
+            del self.open_rounds[round_id]
 
     def next_attempt(self, note: Note) -> tuple[int, bool]:
         """After a failed payment of `note`: (next attempt, refund?) — after
@@ -291,7 +313,8 @@ class Mixer:
 
     def statistics(self) -> dict[str, int]:
         waiting = sum(len(p.waiting) for p in self.pools.values())
-        open_notes = sum(1 for r in self.rounds.values() for n in r.notes if n.paid_seq is None)
+        open_notes = sum(1 for r in self.open_rounds.values() for n in r.notes
+                         if n.paid_seq is None)
         return {"mixer_deposits": len(self.deposits), "mixer_waiting": waiting,
                 "mixer_rounds": len(self.rounds), "mixer_notes_open": open_notes,
                 "mixer_low_anonymity_rounds": sum(r.low_anonymity for r in self.rounds.values())}
