@@ -49,7 +49,7 @@ class Message(msgspec.Struct, tag_field="t", forbid_unknown_fields=True, frozen=
     """Base of every top-level message."""
 
 
-class Record(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+class Record(msgspec.Struct, forbid_unknown_fields=True, frozen=True, gc=False):
     """Base of nested, untagged structures."""
 
 

@@ -65,7 +65,7 @@ class AdminServer:
         now = time.monotonic()
         in_flight = [
             InFlight(tx_id=p.tx_id, sender=p.params.sender, receiver=p.params.receiver,
-                     amount=p.params.amount, step=p.core.step, age_ms=int((now - p.started) * 1000))
+                     amount=p.params.amount, step=p.step, age_ms=int((now - p.started) * 1000))
             for p in svc.pipeline.inflight.values()
         ]
         return InspectReply(re=rid, balances=accounts.snapshot(), holds=accounts.holds(),

@@ -34,6 +34,10 @@ from common.money import format_amount
 
 
 class Phase(enum.Enum):
+    # Members are singletons: hash by identity, in C (Enum's own __hash__ is Python code,
+    # and the table is looked up by (phase, event type) on every event).
+    __hash__ = object.__hash__
+
     NEW = "new"
     LINKING = "linking"  # a ping to the payee is out
     OFFERED = "offered"  # the offer is out
@@ -58,18 +62,9 @@ class IllegalTransition(InvariantViolation):
     """An event the payment's phase does not expect (a bug in the shell)."""
 
 
-class Leg(msgspec.Struct, frozen=True, gc=False):
-    """One ledger row of a payment."""
-
-    tx_id: str
-    sender: str
-    receiver: str
-    amount: int
-    memo: str = ""
-
-    def row(self) -> RowIn:
-        return RowIn(tx_id=self.tx_id, sender=self.sender, receiver=self.receiver,
-                     amount=self.amount, memo=self.memo)
+# One ledger row of a payment: the row it commits, as the ledger takes it (tx_id, sender,
+# receiver, amount, memo), so the legs go to the ledger as they are.
+Leg = RowIn
 
 
 def leg_tx_id(tx_id: str, index: int) -> str:
@@ -110,10 +105,14 @@ class Core:
         self.amount = amount
         self.legs = legs
         self.payee = payee
-        debits: dict[str, int] = {}
-        for leg in legs:
-            debits[leg.sender] = debits.get(leg.sender, 0) + leg.amount
-        self.debits: tuple[tuple[str, int], ...] = tuple(debits.items())
+        self.debits: tuple[tuple[str, int], ...]
+        if len(legs) == 1:  # the common case
+            self.debits = ((legs[0].sender, legs[0].amount),)
+        else:
+            debits: dict[str, int] = {}
+            for leg in legs:
+                debits[leg.sender] = debits.get(leg.sender, 0) + leg.amount
+            self.debits = tuple(debits.items())
         self.phase = Phase.NEW
         self.step = "start"  # the step it is at, for the decision log
         self.pending_reported = False
@@ -298,7 +297,7 @@ def _offer(p: Core) -> list[Action]:
 def _append(p: Core) -> list[Action]:
     p.phase = Phase.APPENDING
     p.step = "append"
-    return [AppendRows(tuple(leg.row() for leg in p.legs)), _START_PENDING_CLOCK]
+    return [AppendRows(p.legs), _START_PENDING_CLOCK]
 
 
 def _on_begin(p: Core, e: Begin, now: float) -> list[Action]:
@@ -316,11 +315,14 @@ def _on_begin(p: Core, e: Begin, now: float) -> list[Action]:
     if not e.ledger_up:
         return _fail(p, ErrorCode.LEDGER_UNAVAILABLE, "the ledger is not reachable")
     p.step = "hold"
-    hold = Hold(p.debits)
+    if p.payee is not None and e.link is Link.FRESH:  # the common case, straight
+        p.phase = Phase.OFFERED
+        p.step = "offer"
+        return [Hold(p.debits), SendOffer(p.payee)]
     actions = _offer_or_append(p, e.link)
     if p.phase is Phase.FAILED:  # unreachable payee: nothing was held
         return actions
-    actions.insert(0, hold)
+    actions.insert(0, Hold(p.debits))
     return actions
 
 

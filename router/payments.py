@@ -60,6 +60,7 @@ from router.ledger_client import (
     refusal_code,
 )
 from router.payment_core import (
+    TABLE,
     Abandon,
     Action,
     Answer,
@@ -135,33 +136,27 @@ class _LateJoiner:
             reply(outcome)
 
 
-class Payment:
-    """One payment in flight: its core (phase, legs), the request and route it came from,
-    its transaction record and the replies waiting for its outcome."""
+class Payment(Core):
+    """One payment in flight: the core's state (phase, legs, holds: what `handle` reads
+    and moves), plus what only the shell needs — the request and route it came from, its
+    transaction record and the replies waiting for its outcome."""
 
-    __slots__ = ("_replies", "core", "record", "request", "route", "started")
+    __slots__ = ("_replies", "record", "request", "route", "started")
 
     def __init__(self, record: TxRecord, request: PaymentRequest, route: Route) -> None:
+        legs = route.legs
+        main = legs[-1]
+        super().__init__(record.tx_id, main.sender, main.receiver, main.amount, legs,
+                         route.payee)
         self.record = record
         self.request = request
         self.route = route
-        legs = route.legs
-        main = legs[-1]
-        self.core = Core(record.tx_id, main.sender, main.receiver, main.amount, legs, route.payee)
         self.started = time.monotonic()
         self._replies: list[Reply] = []
 
     @property
-    def tx_id(self) -> str:
-        return self.core.tx_id
-
-    @property
-    def sender(self) -> str:
-        return self.core.sender
-
-    @property
     def ended(self) -> bool:
-        return self.core.phase in (Phase.PAID, Phase.FAILED, Phase.ABANDONED)
+        return self.phase in (Phase.PAID, Phase.FAILED, Phase.ABANDONED)
 
     @property
     def params(self) -> TxParams:
@@ -173,7 +168,7 @@ class Payment:
         A request that joins after `outcome_pending` was reported waits up to
         `pending_after_s` itself before being told `outcome_pending` again.
         """
-        if not self.core.pending_reported:
+        if not self.pending_reported:
             self._replies.append(reply)
             return
         joiner = _LateJoiner(reply)
@@ -212,6 +207,8 @@ class Pipeline:
         self.ledger = ledger
         self.cfg = cfg
         self.plugins = plugins or no_plugins()
+        self.plugins_on = self.plugins.enabled
+        self._system_accounts = self.plugins.system_accounts
         self.shutting_down = False
         self.inflight: dict[tuple[str, str], Payment] = {}  # by (sender, tx_id)
         self.running_by_sender: dict[str, int] = {}
@@ -296,7 +293,7 @@ class Pipeline:
     def _run(self, request: PaymentRequest, route: Route, params: TxParams,
              reply: Reply | None) -> Outcome | None:
         tx_id = request.tx_id
-        if self.plugins.enabled:
+        if self.plugins_on:
             try:
                 self.plugins.admitted(request, route)
             except PluginFailed as exc:
@@ -308,19 +305,25 @@ class Pipeline:
         self.inflight[(sender, tx_id)] = payment
         if reply is not None:
             payment._replies.append(reply)
-        self._feed(payment, self._facts(payment.core))
+        self._feed(payment, self._facts(payment))
         return None
 
     def _facts(self, core: Core) -> Begin:
         accounts = self.book.accounts
-        available = tuple(UNLIMITED if account == ISSUER else accounts.available(account)
-                          for account, _ in core.debits)
+        debits = core.debits
+        if len(debits) == 1:  # the common case, without a generator
+            account = debits[0][0]
+            available: tuple[int, ...] = (
+                UNLIMITED if account == ISSUER else accounts.available(account),)
+        else:
+            available = tuple(UNLIMITED if account == ISSUER else accounts.available(account)
+                              for account, _ in debits)
         receiver = core.receiver
-        known = (receiver in self.plugins.system_accounts
-                 or self.registry.receiver_exists(receiver))
+        registry = self.registry
+        known = registry.receiver_exists(receiver) or receiver in self._system_accounts
         link = Link.NONE
         if core.payee is not None:
-            session = self.registry.session(core.payee)
+            session = registry.session(core.payee)
             if session is not None:
                 fresh = time.monotonic() - session.channel.last_seen <= self.cfg.freshness_window_s
                 link = Link.FRESH if fresh else Link.STALE
@@ -350,7 +353,7 @@ class Pipeline:
         if is_reserved(request.receiver):
             raise PaymentKilled(ErrorCode.UNKNOWN_RECEIVER,
                                 f"{request.receiver} is a reserved account")
-        if self.plugins.enabled:
+        if self.plugins_on:
             try:
                 veto = self.plugins.validate(request)
             except PluginFailed as exc:
@@ -363,7 +366,7 @@ class Pipeline:
     def _route(self, request: PaymentRequest) -> Route:
         """The plug-ins' route, else one direct leg. Raises PaymentKilled."""
         route = None
-        if self.plugins.enabled:
+        if self.plugins_on:
             try:
                 route = self.plugins.route(request)
             except PluginFailed as exc:
@@ -404,28 +407,39 @@ class Pipeline:
     # --- the run: events in, actions out ------------------------------------------------
 
     def _feed(self, p: Payment, event: Event) -> None:
+        """`payment_core.handle` (its table looked up here, one call less on the hot
+        path), then carry the actions out in order."""
+        handler = TABLE.get((p.phase, event.__class__))
         try:
-            actions = handle(p.core, event, time.monotonic())
+            if handler is None:
+                actions = handle(p, event, time.monotonic())  # ignores, or raises
+            else:
+                actions = handler(p, event, time.monotonic())
         except IllegalTransition:
             log.exception("payment %s: event ignored", p.tx_id)
             return
-        self._carry_out(p, actions)
+        do = self._do
+        i = 0
+        try:
+            for action in actions:
+                do[action.__class__](p, action)
+                i += 1
+        except Exception as exc:
+            log.exception("payment %s failed at step %s (%s)", p.tx_id, p.step,
+                          type(actions[i]).__name__)
+            if p.phase in (Phase.PAID, Phase.FAILED, Phase.ABANDONED):
+                # Past the decision: what is left (answer, settled, done) still runs.
+                self._carry_out(p, actions[i + 1:])
+            else:
+                self._feed(p, Crashed(type(exc).__name__))
 
     def _carry_out(self, p: Payment, actions: list[Action]) -> None:
-        do = self._do
-        for i, action in enumerate(actions):
+        """What is left of a decided payment's actions after one raised: each is tried."""
+        for action in actions:
             try:
-                do[type(action)](p, action)
-            except Exception as exc:
-                core = p.core
-                log.exception("payment %s failed at step %s (%s)", p.tx_id, core.step,
-                              type(action).__name__)
-                if core.phase in (Phase.PAID, Phase.FAILED, Phase.ABANDONED):
-                    # Past the decision: what is left (answer, settled, done) still runs.
-                    self._carry_out(p, actions[i + 1:])
-                else:
-                    self._feed(p, Crashed(type(exc).__name__))
-                return
+                self._do[action.__class__](p, action)
+            except Exception:
+                log.exception("payment %s: %s failed", p.tx_id, type(action).__name__)
 
     def _hold(self, p: Payment, a: Hold) -> None:
         accounts = self.book.accounts
@@ -459,17 +473,16 @@ class Pipeline:
             self._feed(p, OfferAnswered(OfferAnswer.GONE))
             return
         ch = session.channel
-        core = p.core
         rid = ch.next_id()
-        ch.send_nowait(Offer(id=rid, tx_id=core.tx_id, sender=core.sender, amount=core.amount,
-                             memo=core.legs[-1].memo))
+        ch.send_nowait(Offer(id=rid, tx_id=p.tx_id, sender=p.sender, amount=p.amount,
+                             memo=p.legs[-1].memo))
         ch.expect_reply(rid, self.cfg.offer_timeout_s,
                         lambda reply: self._feed(p, self._offer_answer(p, reply)))
 
     def _offer_answer(self, p: Payment, reply: Message | BaseException) -> Event:
         if type(reply) is Receipt and reply.tx_id == p.tx_id:  # the common case first
             return OfferAnswered(OfferAnswer.RECEIPT)
-        payee = p.core.payee
+        payee = p.payee
         if isinstance(reply, TimeoutError):
             return OfferAnswered(OfferAnswer.TIMEOUT, f"{payee} did not answer the offer in "
                                                       f"{self.cfg.offer_timeout_s}s")
@@ -490,7 +503,7 @@ class Pipeline:
         rows = a.rows
         if len(rows) == 1:
             fut = self.ledger.append(rows[0])
-            fut.add_done_callback(lambda f: self._feed(p, _ledger_answer((f,))))
+            fut.add_done_callback(lambda f: self._feed(p, _one_ledger_answer(f)))
         else:
             futs = self.ledger.append_atomic(list(rows))
             gathered = asyncio.gather(*futs, return_exceptions=True)
@@ -498,8 +511,6 @@ class Pipeline:
 
     def _start_pending_clock(self, p: Payment, a: StartPendingClock) -> None:
         queue = self._appending
-        while queue and queue[0][1].core.phase is not Phase.APPENDING:
-            queue.popleft()  # answered: keep the queue to the appends still in flight
         queue.append((time.monotonic() + self.cfg.outcome_pending_after_s, p))
         if self._pending_timer is None:
             self._pending_timer = asyncio.get_running_loop().call_later(
@@ -511,9 +522,9 @@ class Pipeline:
         self._pending_timer = None
         queue = self._appending
         now = time.monotonic()
-        while queue and (queue[0][0] <= now or queue[0][1].core.phase is not Phase.APPENDING):
-            _, p = queue.popleft()
-            if p.core.phase is Phase.APPENDING:
+        while queue and (queue[0][0] <= now or queue[0][1].phase is not Phase.APPENDING):
+            _, p = queue.popleft()  # due, or answered already
+            if p.phase is Phase.APPENDING:
                 self._feed(p, PendingDue())
         if queue:
             self._pending_timer = asyncio.get_running_loop().call_later(
@@ -523,24 +534,23 @@ class Pipeline:
         """Move the money of every leg (releasing its hold); the main leg marks the
         payment paid."""
         book = self.book
-        core = p.core
-        legs = core.legs
-        last = len(legs) - 1
-        for i, (leg, (seq, dtg)) in enumerate(zip(legs, a.results, strict=True)):
-            if i == last:
-                book.commit(leg.tx_id, leg.sender, leg.receiver, leg.amount, seq, dtg)
-            else:
-                book.commit_leg(leg.tx_id, leg.sender, leg.receiver, leg.amount, leg.memo,
-                                seq, dtg)
+        legs = p.legs
+        results = a.results
+        for i in range(len(legs) - 1):  # extra legs first, as written
+            leg = legs[i]
+            seq, dtg = results[i]
+            book.commit_leg(leg.tx_id, leg.sender, leg.receiver, leg.amount, leg.memo, seq, dtg)
+        main = legs[-1]
+        seq, dtg = results[-1]
+        book.commit(main.tx_id, main.sender, main.receiver, main.amount, seq, dtg)
         counts = self.counts
         counts["paid"] = counts.get("paid", 0) + 1
-        seq = a.results[-1][0]
-        log_event(log, "payment", tx_id=core.tx_id, sender=core.sender, receiver=core.receiver,
-                  amount=format_amount(core.amount), outcome="paid", seq=seq,
+        log_event(log, "payment", tx_id=p.tx_id, sender=p.sender, receiver=p.receiver,
+                  amount=format_amount(p.amount), outcome="paid", seq=seq,
                   legs=len(legs) if len(legs) > 1 else None,
                   ms=round((time.monotonic() - p.started) * 1000, 1))
-        if self.plugins.enabled:
-            self._committed_hook(p.request, p.route, [s for s, _ in a.results])
+        if self.plugins_on:
+            self._committed_hook(p.request, p.route, [s for s, _ in results])
 
     def _committed_hook(self, request: PaymentRequest, route: Route, seqs: list[int]) -> None:
         try:
@@ -549,7 +559,7 @@ class Pipeline:
             log.error("%s", exc, exc_info=exc.__cause__)
 
     def _aborted(self, request: PaymentRequest, code: ErrorCode) -> None:
-        if not self.plugins.enabled:
+        if not self.plugins_on:
             return
         try:
             self.plugins.aborted(request, code)
@@ -605,7 +615,7 @@ class Pipeline:
     def _record_failure(self, p: Payment, a: RecordFailure) -> None:
         try:
             self.book.txs.mark_failed(p.sender, p.tx_id, a.code.value)
-            self._log_failure(p.request, p.core.receiver, a.code, a.step, a.message)
+            self._log_failure(p.request, p.receiver, a.code, a.step, a.message)
         finally:
             self._aborted(p.request, a.code)
 
@@ -613,15 +623,13 @@ class Pipeline:
         p.answer(a.outcome)
 
     def _report_pending(self, p: Payment, a: ReportPending) -> None:
-        core = p.core
-        if core.phase is Phase.ABANDONED:
-            log_event(log, "payment abandoned", logging.WARNING, tx_id=core.tx_id,
-                      step=core.step)
+        if p.phase is Phase.ABANDONED:
+            log_event(log, "payment abandoned", logging.WARNING, tx_id=p.tx_id, step=p.step)
         else:
-            log_event(log, "payment outcome pending", logging.WARNING, tx_id=core.tx_id,
-                      sender=core.sender, receiver=core.receiver,
-                      amount=format_amount(core.amount), step=core.step)
-        p.answer(pending_outcome(core.tx_id))
+            log_event(log, "payment outcome pending", logging.WARNING, tx_id=p.tx_id,
+                      sender=p.sender, receiver=p.receiver, amount=format_amount(p.amount),
+                      step=p.step)
+        p.answer(pending_outcome(p.tx_id))
 
     def _done(self, p: Payment, a: Done) -> None:
         inflight = self.inflight
@@ -640,7 +648,7 @@ class Pipeline:
 
     def tick(self) -> None:
         """Ask the plug-ins for system payments, and run them."""
-        if not self.plugins.enabled or self.shutting_down:
+        if not self.plugins_on or self.shutting_down:
             return
         try:
             requests = self.plugins.tick(time.time())
@@ -690,6 +698,15 @@ class Pipeline:
                   receiver=receiver if not request.mix or receiver.startswith("_") else "(mixed)",
                   amount=format_amount(request.amount), outcome="failed", code=key, step=step,
                   reason=message or None)
+
+
+def _one_ledger_answer(fut: asyncio.Future[AppendResult]) -> Event:
+    """`_ledger_answer` for a payment of one leg (the common case, kept short)."""
+    if not fut.cancelled() and fut.exception() is None:
+        result = fut.result()
+        if result.status != "conflict":
+            return LedgerAnswered(LedgerAnswer.WRITTEN, ((result.seq, result.dtg),))
+    return _ledger_answer((fut,))
 
 
 def _ledger_answer(futs: tuple[asyncio.Future[AppendResult], ...] | list[asyncio.Future[AppendResult]]

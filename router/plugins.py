@@ -64,7 +64,7 @@ class Veto(msgspec.Struct, frozen=True):
     code: ErrorCode = ErrorCode.PAYMENT_REFUSED
 
 
-class Route(msgspec.Struct, frozen=True):
+class Route(msgspec.Struct, frozen=True, gc=False):
     """`route`'s answer: the rows the payment commits (the last one carries the request's
     own tx_id and names the sender), and who is offered it (None: nobody, the money goes
     to a system account)."""
