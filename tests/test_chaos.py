@@ -36,7 +36,7 @@ def runs() -> Iterator[dict[int, subprocess.Popen[str]]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", (*SEEDS, MIX_SEED))
+@pytest.mark.parametrize("seed", [*SEEDS, MIX_SEED])
 def test_chaos_run_passes(runs: dict[int, subprocess.Popen[str]], seed: int) -> None:
     try:
         out, err = runs[seed].communicate(timeout=90)
