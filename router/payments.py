@@ -32,7 +32,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from common.config import RouterConfig
 from common.errors import ConnectionLost, ErrorCode, InvariantViolation, RequestFailed
@@ -354,25 +354,13 @@ class Pipeline:
             raise PaymentKilled(ErrorCode.UNKNOWN_RECEIVER,
                                 f"{request.receiver} is a reserved account")
         if self.plugins_on:
-            try:
-                veto = self.plugins.validate(request)
-            except PluginFailed as exc:
-                log.error("%s", exc, exc_info=exc.__cause__)
-                raise PaymentKilled(ErrorCode.PLUGIN_FAILED,
-                                    f"plug-in {exc.plugin} failed on this payment") from None
+            veto = _ask(self.plugins.validate, request)
             if veto is not None:
                 raise PaymentKilled(veto.code, veto.message)
 
     def _route(self, request: PaymentRequest) -> Route:
         """The plug-ins' route, else one direct leg. Raises PaymentKilled."""
-        route = None
-        if self.plugins_on:
-            try:
-                route = self.plugins.route(request)
-            except PluginFailed as exc:
-                log.error("%s", exc, exc_info=exc.__cause__)
-                raise PaymentKilled(ErrorCode.PLUGIN_FAILED,
-                                    f"plug-in {exc.plugin} failed on this payment") from None
+        route = _ask(self.plugins.route, request) if self.plugins_on else None
         if route is None:
             if request.mix:
                 raise PaymentKilled(ErrorCode.PAYMENT_REFUSED,
@@ -698,6 +686,20 @@ class Pipeline:
                   receiver=receiver if not request.mix or receiver.startswith("_") else "(mixed)",
                   amount=format_amount(request.amount), outcome="failed", code=key, step=step,
                   reason=message or None)
+
+
+T = TypeVar("T")
+
+
+def _ask(hook: Callable[[PaymentRequest], T], request: PaymentRequest) -> T:
+    """A plug-in hook's answer about `request`. Raises PaymentKilled(plugin_failed), the
+    plug-in named, if it raised (its traceback goes to the router's log)."""
+    try:
+        return hook(request)
+    except PluginFailed as exc:
+        log.error("%s", exc, exc_info=exc.__cause__)
+        raise PaymentKilled(ErrorCode.PLUGIN_FAILED,
+                            f"plug-in {exc.plugin} failed on this payment") from None
 
 
 def _one_ledger_answer(fut: asyncio.Future[AppendResult]) -> Event:

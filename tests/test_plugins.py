@@ -4,7 +4,9 @@ two legs committed atomically."""
 
 from __future__ import annotations
 
+import contextlib
 import textwrap
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from netkit import Network
 from common.errors import ErrorCode, RequestFailed
 from common.procs import ProcessFailed
 from ledger.store import load_rows
+from payer_client.client import PayerClient
 
 BOOM = textwrap.dedent('''
     """A test plug-in: vetoes memo "veto", raises on memo "boom"."""
@@ -56,36 +59,36 @@ def with_site(net: Network, site: Path) -> None:
     net.env = env  # type: ignore[method-assign]
 
 
-async def test_a_plugin_not_named_in_the_config_is_never_loaded(tmp_path: Path) -> None:
-    net = Network(tmp_path, participants={"alice": "100.00", "bob": "0.00"},
-                  router_settings={"plugins": ["fee"]})
-    with_site(net, install_test_plugin(tmp_path))
+@contextlib.asynccontextmanager
+async def running(net: Network) -> AsyncIterator[tuple[PayerClient, PayerClient]]:
+    """The network's ledger and router, and alice and bob logged in; all stopped after."""
     net.start_ledger()
     net.start_router()
-    alice = net.client("alice")
-    bob = net.client("bob")
+    alice, bob = net.client("alice"), net.client("bob")
     await alice.connect()
     await bob.connect()
     try:
-        paid = await alice.send_payment("bob", 1000, memo="veto")  # boom is installed, not named
-        assert paid.seq > 0
+        yield alice, bob
     finally:
         await alice.close()
         await bob.close()
         net.stop_all()
 
 
+async def test_a_plugin_not_named_in_the_config_is_never_loaded(tmp_path: Path) -> None:
+    net = Network(tmp_path, participants={"alice": "100.00", "bob": "0.00"},
+                  router_settings={"plugins": ["fee"]})
+    with_site(net, install_test_plugin(tmp_path))
+    async with running(net) as (alice, _):
+        paid = await alice.send_payment("bob", 1000, memo="veto")  # boom is installed, not named
+        assert paid.seq > 0
+
+
 async def test_a_veto_and_a_raising_plugin_fail_their_payment_only(tmp_path: Path) -> None:
     net = Network(tmp_path, participants={"alice": "100.00", "bob": "0.00"},
                   router_settings={"plugins": ["boom"]})
     with_site(net, install_test_plugin(tmp_path))
-    net.start_ledger()
-    net.start_router()
-    alice = net.client("alice")
-    bob = net.client("bob")
-    await alice.connect()
-    await bob.connect()
-    try:
+    async with running(net) as (alice, _):
         with pytest.raises(RequestFailed) as vetoed:
             await alice.send_payment("bob", 1000, memo="veto")
         assert vetoed.value.code is ErrorCode.PAYMENT_REFUSED
@@ -99,12 +102,7 @@ async def test_a_veto_and_a_raising_plugin_fail_their_payment_only(tmp_path: Pat
         rows, _ = load_rows(net.ledger_path.read_bytes(), "ledger")
         assert [r.memo for r in rows if r.sender == "alice"] == ["fine"]
         assert paid.balance == 9000
-    finally:
-        await alice.close()
-        await bob.close()
-        logs = net.logs()
-        net.stop_all()
-    assert "kaboom" in logs  # the traceback is in the router's log
+        assert "kaboom" in net.logs()  # the traceback is in the router's log
 
 
 @pytest.mark.parametrize(("plugins", "settings", "expected"), [
@@ -142,13 +140,7 @@ async def test_the_fee_plugin_commits_two_legs_in_one_append(tmp_path: Path) -> 
     net = Network(tmp_path, participants={"alice": "10.00", "bob": "0.00"},
                   router_settings={"plugins": ["fee"]},
                   plugin_settings={"fee": {"amount": "0.05", "account": "_fees"}})
-    net.start_ledger()
-    net.start_router()
-    alice = net.client("alice")
-    bob = net.client("bob")
-    await alice.connect()
-    await bob.connect()
-    try:
+    async with running(net) as (alice, _):
         paid = await alice.send_payment("bob", 900, tx_id="t-1")
         assert paid.balance == 1000 - 905
         with pytest.raises(RequestFailed) as short:  # 0.95 + 0.05 fee > 0.95 left
@@ -160,10 +152,6 @@ async def test_the_fee_plugin_commits_two_legs_in_one_append(tmp_path: Path) -> 
         assert state.balances["_fees"] == 5
         assert state.balances["bob"] == 900
         assert not state.holds
-    finally:
-        await alice.close()
-        await bob.close()
-        net.stop_all()
     rows, _ = load_rows(net.ledger_path.read_bytes(), "ledger")
     fee, main = rows[-2], rows[-1]
     assert (fee.tx_id, fee.sender, fee.receiver, fee.amount) == ("_leg2:t-1", "alice", "_fees", 5)
@@ -176,24 +164,12 @@ async def test_the_router_restarts_on_a_ledger_with_legs(tmp_path: Path) -> None
     net = Network(tmp_path, participants={"alice": "10.00", "bob": "0.00"},
                   router_settings={"plugins": ["fee"]},
                   plugin_settings={"fee": {"amount": "0.10"}})
-    net.start_ledger()
-    net.start_router()
-    alice = net.client("alice")
-    bob = net.client("bob")
-    await alice.connect()
-    await bob.connect()
-    try:
+    async with running(net) as (alice, _):
         await alice.send_payment("bob", 100, tx_id="t-1")
-        await alice.close()
         net.procs["router"].stop()
         net.restart("router")
-        alice = net.client("alice")
-        await alice.connect()
-        again = await alice.send_payment("bob", 100, tx_id="t-1")
+        async with net.client("alice") as again_alice:
+            again = await again_alice.send_payment("bob", 100, tx_id="t-1")
         assert again.balance == 1000 - 110  # the retry found the payment: nothing twice
         state = await net.inspect()
         assert state.balances["_fees"] == 10
-    finally:
-        await alice.close()
-        await bob.close()
-        net.stop_all()
