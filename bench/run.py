@@ -78,7 +78,7 @@ class Settings:
     echo_connections: int = 50
     # Open-loop rates measured besides half the peak: half of issue 5's 6,000/s target.
     open_rates: tuple[float, ...] = (3000.0,)
-    plugin_rounds: int = 5  # interleaved pairs: no plug-ins / the mixer enabled but idle
+    plugin_rounds: int = 8  # interleaved pairs: no plug-ins / the mixer enabled but idle
 
 
 QUICK = Settings(payers=20, concurrency=(1, 64), seconds=2.0, open_loop_s=2.0,
