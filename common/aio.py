@@ -483,6 +483,13 @@ class Channel(asyncio.Protocol):
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
+    def flush_now(self) -> None:
+        """Write what is queued now, not at the end of the turn: for a caller that is
+        itself the end of a coalescing point (the router's ledger client sends one
+        `append` per turn from a callback at the turn's end; waiting for the channel's
+        own flush would cost the whole batch another loop turn)."""
+        self._flush()
+
     def send_raw(self, data: bytes) -> None:
         """Queue bytes as they are (no framing, no encoding): for tests and tools that
         must send what a broken or hostile peer would. Encrypted like any frame."""

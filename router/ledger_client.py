@@ -39,6 +39,7 @@ from common.messages import (
     AppendResult,
     Hello,
     LedgerRow,
+    Message,
     Ping,
     Pong,
     Read,
@@ -56,6 +57,13 @@ MAX_ROWS_PER_APPEND = MAX_APPEND_ROWS
 # Upper bound of one encoded AppendResult in the ledger's reply (it refuses bigger batches).
 REPLY_BYTES_PER_ROW = 160
 FIRST_RETRY_S = 0.05
+
+
+# Where an append's answer goes: a future (`append`), or a plain callback
+# (`append_cb`), called once with the AppendResult or the exception.
+AppendDone = Callable[[AppendResult | BaseException], None]
+Sink = asyncio.Future[AppendResult] | AppendDone
+Queued = tuple[RowIn, Sink]
 
 
 class LedgerUnavailable(Exception):
@@ -94,7 +102,7 @@ class LedgerClient:
         self.max_frame_bytes = max_frame_bytes
         self._channel: Channel | None = None
         self._up = asyncio.Event()
-        self._queue: list[tuple[RowIn, asyncio.Future[AppendResult]]] = []
+        self._queue: list[Queued] = []
         self._flush_scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._maintainer: asyncio.Task[None] | None = None
@@ -226,13 +234,21 @@ class LedgerClient:
         sent) or LedgerRefused (the ledger answered an error). It never fails for a lost
         answer: that append is re-sent until the ledger answers.
         """
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[AppendResult] = loop.create_future()
-        self._queue.append((row, fut))
+        fut: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
+        self._enqueue(row, fut)
+        return fut
+
+    def append_cb(self, row: RowIn, done: AppendDone) -> None:
+        """`append` with a plain callback instead of a future (the payment path: a
+        future's callbacks run one loop turn later). `done` is called exactly once, with
+        the AppendResult or the exception `append`'s future would carry."""
+        self._enqueue(row, done)
+
+    def _enqueue(self, row: RowIn, sink: Sink) -> None:
+        self._queue.append((row, sink))
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            loop.call_soon(self._flush)
-        return fut
+            asyncio.get_running_loop().call_soon(self._flush)
 
     def append_atomic(self, rows: list[RowIn]) -> list[asyncio.Future[AppendResult]]:
         """Queue one payment's legs: they go out in an `append` of their own, flagged
@@ -240,35 +256,72 @@ class LedgerClient:
         failures and re-sends as for `append`."""
         loop = asyncio.get_running_loop()
         futs: list[asyncio.Future[AppendResult]] = [loop.create_future() for _ in rows]
-        batch = list(zip(rows, futs, strict=True))
+        batch: list[Queued] = list(zip(rows, futs, strict=True))
         if not self.connected:
-            _fail(futs, LedgerUnavailable(f"no connection to the ledger at {self.address}"))
+            _fail(batch, LedgerUnavailable(f"no connection to the ledger at {self.address}"))
             return futs
-        if not self._barrier(futs):
+        if not self._barrier(batch):
             return futs
-        task = loop.create_task(self._send_batch(batch, atomic=True), name="ledger-append")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._send_first(batch, atomic=True)
         return futs
 
     def _flush(self) -> None:
+        """The turn's rows: the first attempt of each batch goes out now, directly (a
+        frame and a reply callback: no task, no future); re-sends take the task path."""
         self._flush_scheduled = False
         queued, self._queue = self._queue, []
         if not self.connected:
-            err = LedgerUnavailable(f"no connection to the ledger at {self.address}")
-            for _, fut in queued:
-                if not fut.done():
-                    fut.set_exception(err)
+            _fail(queued, LedgerUnavailable(f"no connection to the ledger at {self.address}"))
             return
-        if not self._barrier([fut for _, fut in queued]):
+        if not self._barrier(queued):
             return
         for batch in self._split(queued):
-            task = asyncio.get_running_loop().create_task(self._send_batch(batch),
-                                                          name="ledger-append")
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._send_first(batch)
 
-    def _barrier(self, futs: list[asyncio.Future[AppendResult]]) -> bool:
+    def _send_first(self, batch: list[Queued], atomic: bool = False) -> None:
+        ch = self._channel
+        if ch is None or ch.closed:
+            _fail(batch, LedgerUnavailable(f"no connection to the ledger at {self.address}"))
+            return
+        rows = [row for row, _ in batch]
+        rid = ch.next_id()
+        try:
+            ch.send_nowait(Append(id=rid, rows=rows, atomic=atomic))
+        except ConnectionLost:
+            _fail(batch, LedgerUnavailable(f"no connection to the ledger at {self.address}"))
+            return
+        self.stats.appends_sent += 1
+        self.stats.rows_sent += len(rows)
+        ch.expect_reply(rid, self.timeout_s,
+                        lambda reply: self._first_answer(batch, atomic, reply))
+        ch.flush_now()
+
+    def _first_answer(self, batch: list[Queued], atomic: bool,
+                      reply: Message | BaseException) -> None:
+        if type(reply) is Appended and len(reply.results) == len(batch):  # the common case
+            for (_, sink), result in zip(batch, reply.results, strict=True):
+                _deliver(sink, result)
+            return
+        if isinstance(reply, RequestFailed):  # answered: nothing was written
+            _fail(batch, LedgerRefused(str(reply.code), reply.message))
+            return
+        if self._closing:  # closed under it: the outcome stays unknown (a replay tells)
+            _cancel(batch)
+            return
+        if not isinstance(reply, ConnectionLost | TimeoutError):
+            # Not an answer we can match to our rows: treat as lost and re-send.
+            log_event(log, "ledger answered append oddly; re-sending", logging.ERROR,
+                      reply=type(reply).__name__)
+            ch = self._channel
+            if ch is not None:
+                ch.close()
+        # In doubt: the task path re-sends the same rows until the ledger answers.
+        task = asyncio.get_running_loop().create_task(
+            self._send_batch(batch, atomic=atomic, sent_once=reply), name="ledger-append")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _barrier(self, batch: list[Queued]) -> bool:
         """`before_send`; False (the rows failed, unsent) if it raised."""
         if self.before_send is None:
             return True
@@ -276,16 +329,15 @@ class LedgerClient:
             self.before_send()
         except Exception as exc:
             log.exception("a plug-in could not make its state durable; rows not sent")
-            _fail(futs, LedgerRefused("plugin_failed", f"not sent: {exc}"))
+            _fail(batch, LedgerRefused("plugin_failed", f"not sent: {exc}"))
             return False
         return True
 
-    def _split(self, queued: list[tuple[RowIn, asyncio.Future[AppendResult]]]
-               ) -> list[list[tuple[RowIn, asyncio.Future[AppendResult]]]]:
+    def _split(self, queued: list[Queued]) -> list[list[Queued]]:
         budget = self.max_frame_bytes - 512
         max_rows = min(MAX_ROWS_PER_APPEND, budget // REPLY_BYTES_PER_ROW)
-        batches: list[list[tuple[RowIn, asyncio.Future[AppendResult]]]] = []
-        current: list[tuple[RowIn, asyncio.Future[AppendResult]]] = []
+        batches: list[list[Queued]] = []
+        current: list[Queued] = []
         size = 0
         for item in queued:
             cost = _row_bytes(item[0])
@@ -298,19 +350,29 @@ class LedgerClient:
             batches.append(current)
         return batches
 
-    async def _send_batch(self, batch: list[tuple[RowIn, asyncio.Future[AppendResult]]],
-                          atomic: bool = False) -> None:
+    async def _send_batch(self, batch: list[Queued], atomic: bool = False,
+                          sent_once: BaseException | Message | None = None) -> None:
+        """Re-send `batch` until the ledger answers. `sent_once`: how the first attempt
+        (sent directly by `_send_first`) was lost — the rows are in doubt from the start."""
         rows = [row for row, _ in batch]
-        futs = [fut for _, fut in batch]
-        attempt = 0
-        in_doubt = False
+        attempt = 1 if sent_once is not None else 0
+        in_doubt = sent_once is not None
         timeout = self.timeout_s
+        if in_doubt:
+            self.stats.in_doubt_now += len(rows)
+            self.stats.resends += 1
+            log_event(log, "append in doubt; sending it again", logging.WARNING,
+                      ledger=self.address, rows=len(rows), attempt=attempt,
+                      first_tx_id=rows[0].tx_id,
+                      error=str(sent_once) or type(sent_once).__name__)
+            if isinstance(sent_once, TimeoutError):
+                timeout = min(timeout * 2, self.timeout_s * 8)
         try:
             while True:
                 ch = self._channel
                 if ch is None or ch.closed:
                     if attempt == 0:
-                        _fail(futs, LedgerUnavailable(
+                        _fail(batch, LedgerUnavailable(
                             f"no connection to the ledger at {self.address}"))
                         return
                     await self.wait_connected()
@@ -333,7 +395,7 @@ class LedgerClient:
                                   first_tx_id=rows[0].tx_id)
                         await asyncio.sleep(self.timeout_s)
                         continue
-                    _fail(futs, LedgerRefused(str(exc.code), exc.message))
+                    _fail(batch, LedgerRefused(str(exc.code), exc.message))
                     return
                 except (ConnectionLost, TimeoutError) as exc:
                     if not in_doubt:
@@ -358,10 +420,12 @@ class LedgerClient:
                               reply=type(reply).__name__)
                     ch.close()
                     continue
-                for fut, result in zip(futs, reply.results, strict=True):
-                    if not fut.done():
-                        fut.set_result(result)
+                for (_, sink), result in zip(batch, reply.results, strict=True):
+                    _deliver(sink, result)
                 return
+        except asyncio.CancelledError:  # `aclose`: the outcome stays unknown
+            _cancel(batch)
+            raise
         finally:
             if in_doubt:
                 self.stats.in_doubt_now -= len(rows)
@@ -376,10 +440,35 @@ def _row_bytes(row: RowIn) -> int:
             + (len(memo) if memo.isascii() else 4 * len(memo)))
 
 
-def _fail(futs: list[asyncio.Future[AppendResult]], exc: Exception) -> None:
-    for fut in futs:
-        if not fut.done():
-            fut.set_exception(exc)
+def _deliver(sink: Sink, result: AppendResult | BaseException) -> None:
+    """Give an append's answer to its future or callback (once; a callback that raises
+    is logged, never let loose in the ledger client)."""
+    if isinstance(sink, asyncio.Future):
+        if not sink.done():
+            if isinstance(result, BaseException):
+                sink.set_exception(result)
+            else:
+                sink.set_result(result)
+        return
+    try:
+        sink(result)
+    except Exception:
+        log.exception("an append's callback failed")
+
+
+def _cancel(batch: list[Queued]) -> None:
+    """The client closed with these rows in doubt: futures are cancelled, callbacks get
+    a CancelledError (the payment is abandoned; a replay tells its fate)."""
+    for _, sink in batch:
+        if isinstance(sink, asyncio.Future):
+            sink.cancel()
+        else:
+            _deliver(sink, asyncio.CancelledError())
+
+
+def _fail(batch: list[Queued], exc: Exception) -> None:
+    for _, sink in batch:
+        _deliver(sink, exc)
 
 
 def durable_row(row: RowIn, result: AppendResult) -> LedgerRow:

@@ -489,9 +489,8 @@ class Pipeline:
         """The commit point: the rows go to the ledger; its answer is fed back. The
         future is never cancelled by the `outcome_pending` wait."""
         rows = a.rows
-        if len(rows) == 1:
-            fut = self.ledger.append(rows[0])
-            fut.add_done_callback(lambda f: self._feed(p, _one_ledger_answer(f)))
+        if len(rows) == 1:  # a plain callback: the answer is fed in the turn it arrives
+            self.ledger.append_cb(rows[0], lambda res: self._feed(p, _appended(res)))
         else:
             futs = self.ledger.append_atomic(list(rows))
             gathered = asyncio.gather(*futs, return_exceptions=True)
@@ -499,6 +498,10 @@ class Pipeline:
 
     def _start_pending_clock(self, p: Payment, a: StartPendingClock) -> None:
         queue = self._appending
+        while queue and queue[0][1].phase is not Phase.APPENDING:
+            # Answered: let go of the head now, or every payment of the last
+            # `outcome_pending_after_s` stays alive (and the collector walks them all).
+            queue.popleft()
         queue.append((time.monotonic() + self.cfg.outcome_pending_after_s, p))
         if self._pending_timer is None:
             self._pending_timer = asyncio.get_running_loop().call_later(
@@ -702,13 +705,20 @@ def _ask(hook: Callable[[PaymentRequest], T], request: PaymentRequest) -> T:
                             f"plug-in {exc.plugin} failed on this payment") from None
 
 
-def _one_ledger_answer(fut: asyncio.Future[AppendResult]) -> Event:
-    """`_ledger_answer` for a payment of one leg (the common case, kept short)."""
-    if not fut.cancelled() and fut.exception() is None:
-        result = fut.result()
-        if result.status != "conflict":
+def _appended(result: AppendResult | BaseException) -> Event:
+    """The ledger's answer to a one-leg append, as a core event."""
+    if type(result) is AppendResult:
+        if result.status != "conflict":  # written, or a duplicate: durable
             return LedgerAnswered(LedgerAnswer.WRITTEN, ((result.seq, result.dtg),))
-    return _ledger_answer((fut,))
+        return LedgerAnswered(LedgerAnswer.CONFLICT)
+    if isinstance(result, asyncio.CancelledError):
+        return LedgerAnswered(LedgerAnswer.CANCELLED)
+    if isinstance(result, LedgerUnavailable):
+        return LedgerAnswered(LedgerAnswer.UNAVAILABLE, detail=str(result))
+    if isinstance(result, LedgerRefused):
+        return LedgerAnswered(LedgerAnswer.REFUSED, code=refusal_code(result),
+                              detail=str(result))
+    return Crashed(type(result).__name__)
 
 
 def _ledger_answer(futs: tuple[asyncio.Future[AppendResult], ...] | list[asyncio.Future[AppendResult]]
