@@ -14,6 +14,8 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from bench.stall import Stalls, away_from
+
 Op = Callable[[int], Awaitable[bool]]  # op(worker_index) -> succeeded?
 
 
@@ -24,7 +26,23 @@ class Result:
     failed: int = 0
     seconds: float = 0.0
     latencies: list[float] = field(default_factory=list)
+    starts: list[float] = field(default_factory=list)  # each payment's (intended) start
     extra: dict[str, object] = field(default_factory=dict)
+    began: float = 0.0  # the measured span (time.perf_counter)
+    ended: float = 0.0
+
+    def annotate_stalls(self, stalls: Stalls) -> None:
+        """Stall time and windows inside the setting, and latency away from the windows
+        (bench/stall.py): p50/p99 of the payments that started outside every window."""
+        windows = stalls.windows(self.began, self.ended)
+        keep = away_from(windows, self.starts)
+        away = sorted(lat for lat, k in zip(self.latencies, keep, strict=True) if k)
+        self.extra.update(stalls.summary(self.began, self.ended))
+        self.extra["excluded_share"] = (round(1 - len(away) / len(self.latencies), 3)
+                                        if self.latencies else 0.0)
+        self.extra["p50_ms_away"] = round(away[len(away) // 2] * 1000, 3) if away else None
+        self.extra["p99_ms_away"] = (round(away[min(len(away) - 1, int(0.99 * len(away)))]
+                                           * 1000, 3) if away else None)
 
     @property
     def rate(self) -> float:
@@ -63,11 +81,14 @@ async def closed_loop(label: str, op: Op, concurrency: int, seconds: float,
                 if ok:
                     res.ok += 1
                     res.latencies.append(t1 - t0)
+                    res.starts.append(t0)
                 else:
                     res.failed += 1
 
     await asyncio.gather(*(worker(i) for i in range(concurrency)))
-    res.seconds = time.perf_counter() - measure_from
+    res.ended = time.perf_counter()
+    res.began = measure_from
+    res.seconds = res.ended - measure_from
     return res
 
 
@@ -84,6 +105,7 @@ async def open_loop(label: str, op: Op, rate: float, seconds: float) -> Result:
         if ok:
             res.ok += 1
             res.latencies.append(time.perf_counter() - intended)
+            res.starts.append(intended)
         else:
             res.failed += 1
 
@@ -97,7 +119,9 @@ async def open_loop(label: str, op: Op, rate: float, seconds: float) -> Result:
         task.add_done_callback(running.discard)
     while running:
         await asyncio.gather(*running)
-    res.seconds = time.perf_counter() - start
+    res.ended = time.perf_counter()
+    res.began = start
+    res.seconds = res.ended - start
     return res
 
 

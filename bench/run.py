@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.load import Op, Result, closed_loop, cpu_seconds, measure_fsync, open_loop, rss_kib
+from bench.stall import StallProbes
 from common import PROTOCOL_VERSION
 from common.aio import Channel, open_channel, run
 from common.config import load_config
@@ -53,6 +54,7 @@ from ledger.rows import GENESIS_HASH, HEADER_LINE, format_line, make_row
 from payer_client.client import PayerClient, PayerCredentials
 
 PLAIN_FLAG = "--plain-benchmark-only"
+REPO_ROOT = str(Path(__file__).resolve().parents[1])
 # The plug-in comparison: the mixer enabled (idle for direct payments), short rounds.
 MIXER_PLUGINS = """plugins = ["mixer"]
 plugin_tick_s = 0.05
@@ -147,6 +149,7 @@ class _PaymentNetwork:
         res = await load
         after = await bench.ledger_stats(self.lch)
         bench.annotate(res, before, after, cpu0, self.ledger, self.router)
+        res.annotate_stalls(bench.probes.stalls)
         self.results.append(res.summary())
         return res
 
@@ -165,6 +168,8 @@ class Bench:
         self.progress = progress
         self.procs: list[Proc] = []
         self.report: dict[str, Any] = {"settings": settings.__dict__.copy(), "machine": machine()}
+        self.probes = StallProbes()  # bench/stall.py: the host's stalls, in every setting
+        self.open_echo: Callable[[str, float], Awaitable[Result]] | None = None
 
     # --- processes -----------------------------------------------------------------
 
@@ -245,7 +250,8 @@ class Bench:
             for p in (echo, recv, mid):
                 p.stop()
 
-    async def echo_rate(self, label: str, addr: tuple[str, int], tls: ClientTls | None) -> Result:
+    async def echo_channels(self, addr: tuple[str, int], tls: ClientTls | None
+                            ) -> tuple[list[Channel], Op]:
         dec = decoder_for((Welcome, Pong))
         chans: list[Channel] = []
         for _ in range(self.s.echo_connections):
@@ -257,10 +263,32 @@ class Bench:
             await chans[i % len(chans)].request(Ping(id=0))
             return True
 
+        return chans, op
+
+    async def echo_rate(self, label: str, addr: tuple[str, int], tls: ClientTls | None) -> Result:
+        chans, op = await self.echo_channels(addr, tls)
         res = await closed_loop(label, op, self.s.echo_connections * 4, self.s.seconds)
+        res.annotate_stalls(self.probes.stalls)
         for ch in chans:
             ch.close()
         return res
+
+    async def start_open_echo(self) -> None:
+        """A plain three-hop echo kept running for the open loops: at each offered rate
+        of the payments' open-loop settings, the echo is offered the same rate right after
+        (`echo 3 hops plain open R/s`), so the report shows JackPay's tail next to the
+        machine's at that rate."""
+        recv = self.start("echo-open-recv", python_module("bench.echo"))
+        mid = self.start("echo-open-mid", python_module(
+            "bench.echo", "--upstream", "{}:{}".format(*recv.addr)))
+        _, op = await self.echo_channels(mid.addr, None)
+
+        async def run_at(label: str, rate: float) -> Result:
+            res = await open_loop(label, op, rate, self.s.open_loop_s)
+            res.annotate_stalls(self.probes.stalls)
+            return res
+
+        self.open_echo = run_at
 
     # --- payments ------------------------------------------------------------------
 
@@ -295,7 +323,7 @@ class Bench:
         gc.collect()
         gc.freeze()
         task = self.progress.add_task("payments", total=len(networks) * (
-            len(self.s.concurrency) + 1 + len(self.s.open_rates)))
+            len(self.s.concurrency) + 1 + len(self.s.open_rates)) + 1 + len(self.s.open_rates))
 
         async def each(label: str, load: Callable[[str, Op], Awaitable[Result]]) -> Result:
             first: Result | None = None
@@ -316,8 +344,15 @@ class Bench:
         for conc in self.s.concurrency:
             res = await each(f"closed C={conc}", closed(conc))
             peak = max(peak, res.rate)
+        if self.open_echo is None:
+            await self.start_open_echo()
+        assert self.open_echo is not None
+        echoes = self.report.setdefault("echo_open", [])
         for rate in (max(1.0, peak / 2), *self.s.open_rates):
             await each(f"open {rate:.0f}/s", opened(rate))
+            echoes.append((await self.open_echo(f"echo 3 hops plain open {rate:.0f}/s",
+                                                rate)).summary())
+            self.progress.advance(task)
         for net in networks:
             key = "plain_" if net.prefix else ""
             self.report[f"{key}payments"] = net.results
@@ -509,8 +544,24 @@ def ratios(report: dict[str, Any]) -> dict[str, Any]:
         # The secure network against TLS echoes; the plain one against plain echoes.
         out["vs_echo_1_hop_tls"] = round(peak / echo["echo 1 hop TLS"], 3)
         out["vs_echo_3_hops_tls"] = round(peak / echo["echo 3 hops TLS"], 3)
+        # Issue 14's yardstick: the secure network against the machine's plain 3-hop echo.
+        out["vs_echo_3_hops_plain"] = round(peak / echo["echo 3 hops plain"], 3)
         if plain_peak:
             out["plain_vs_echo_3_hops_plain"] = round(plain_peak / echo["echo 3 hops plain"], 3)
+    echo_open = {e["offered_per_s"]: e for e in report.get("echo_open", [])}
+    if echo_open:
+        # JackPay's tail next to the plain 3-hop echo's, offered the same rate in the run.
+        same: dict[str, Any] = {}
+        for r in report.get("payments", []):
+            e = echo_open.get(r.get("offered_per_s"))
+            if e is None:
+                continue
+            same[f"{r['offered_per_s']:.0f}/s"] = {
+                "p50": round(r["p50_ms"] / e["p50_ms"], 2) if e["p50_ms"] else None,
+                "p99": round(r["p99_ms"] / e["p99_ms"], 2) if e["p99_ms"] else None,
+                "p99_away": round(r["p99_ms_away"] / e["p99_ms_away"], 2)
+                if r.get("p99_ms_away") and e.get("p99_ms_away") else None}
+        out["vs_echo_open_at_same_rate"] = same
     if "fsync" in report:
         out["vs_single_fsync_rate"] = round(peak / report["fsync"]["fsyncs_per_s"], 2)
     if plain_peak:
@@ -539,14 +590,17 @@ def render(report: dict[str, Any]) -> None:
     con.print(f"[bold]JackPay bench[/bold] — {m.get('cpu', '?')}, {m['cpus']} CPUs, "
               f"Python {m['python']}, uvloop {m['uvloop']}")
     t = Table(title="payments (security on; every one fsync'd before `paid`; latency in ms)")
-    for col in ("setting", "pay/s", "p50", "p95", "p99", "max", "rows/fsync",
-                "fsync ms/≥10ms", "CPU s L/R/B", "failed"):
+    for col in ("setting", "pay/s", "p50", "p95", "p99", "max", "p99 away", "stall ms/win/excl",
+                "rows/fsync", "fsync ms/≥10ms", "CPU s L/R/B", "failed"):
         t.add_column(col, justify="right")
     rows = report.get("payments", []) + report.get("plain_payments", [])
     for i, r in enumerate(rows):
         cpu = r.get("cpu_s", {})
+        away = r.get("p99_ms_away")
         t.add_row(r["label"], f"{r['per_s']:,.0f}", _ms(r["p50_ms"]), _ms(r["p95_ms"]),
-                  _ms(r["p99_ms"]), _ms(r["max_ms"]), str(r.get("rows_per_fsync")),
+                  _ms(r["p99_ms"]), _ms(r["max_ms"]), _ms(away) if away is not None else "",
+                  f"{r.get('stall_ms')}/{r.get('stall_windows')}/{r.get('excluded_share')}",
+                  str(r.get("rows_per_fsync")),
                   f"{r.get('fsync_ms_avg')}/{r.get('slow_fsyncs')}",
                   f"{cpu.get('ledger')}/{cpu.get('router')}/{cpu.get('bench')}", str(r["failed"]),
                   end_section=i == len(report.get("payments", [])) - 1)
@@ -554,7 +608,9 @@ def render(report: dict[str, Any]) -> None:
     con.print("plain: the same settings with TLS and login off, for comparison only (never a "
               "network)\nCPU s L/R/B: CPU seconds of the ledger, the router and the bench in "
               "the setting\nfsync ms/≥10ms: the ledger's average fsync, and how many took 10 "
-              "ms or more")
+              "ms or more\np99 away: p99 of the payments that started outside every stall "
+              "window; stall ms/win/excl: the host's stall time and windows in the setting, "
+              "and the share of payments left out (bench/stall.py)")
     ratios = report.get("ratios", {})
     if "secure_vs_plain_peak" in ratios:
         con.print(f"[bold]secure / plain[/bold]: peak {report['peak_payments_per_s']:,.0f} / "
@@ -568,7 +624,7 @@ def render(report: dict[str, Any]) -> None:
     lt.add_column("p50 ms", justify="right")
     lt.add_column("p99 ms", justify="right")
     lt.add_column("max ms", justify="right")
-    for e in report.get("echo", []):
+    for e in report.get("echo", []) + report.get("echo_open", []):
         lt.add_row(f"{e['label']} ({report['settings']['echo_connections']} conns)",
                    f"{e['per_s']:,.0f}", str(e["p50_ms"]), str(e["p99_ms"]), str(e["max_ms"]))
     if "fsync" in report:
@@ -611,6 +667,9 @@ async def amain(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="jackpay-bench-") as tmp, \
             Progress(disable=args.json or not sys.stderr.isatty(), transient=True) as progress:
         bench = Bench(Path(tmp), settings, progress)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = REPO_ROOT
+        await bench.probes.start(env)
         try:
             await bench.limits()
             await bench.payments(compare_plain=not args.secure_only)
@@ -621,7 +680,10 @@ async def amain(args: argparse.Namespace) -> int:
                 await bench.rebuild()
         finally:
             bench.stop_all()
+            await bench.probes.stop()
         report = bench.report
+        report["stall_probe"] = {"realtime": bench.probes.stalls.realtime,
+                                 "slow_periods": len(bench.probes.stalls.periods)}
     report["ratios"] = ratios(report)
     if args.json:
         print(json.dumps(report, indent=2))
