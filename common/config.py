@@ -90,6 +90,9 @@ class RouterConfig(_Section):
     plugins: list[str] = msgspec.field(default_factory=list)
     plugin_tick_s: Seconds = 0.2  # how often plug-ins may ask for system payments
     plugin_state_dir: str = "plugins"  # one folder per plug-in for its durable state
+    # Check the live book against a replay of the ledger this often (0: only on demand,
+    # `jackpay-router reconcile`); differences are logged as errors.
+    reconcile_every_s: Annotated[float, msgspec.Meta(ge=0, le=86_400)] = 0.0
 
 
 class PayerConfig(_Section):

@@ -389,6 +389,31 @@ class InspectReply(Message, tag="inspect_ok", frozen=True):
     refused_logins: int = 0
 
 
+class Reconcile(Message, tag="reconcile", frozen=True):
+    """Admin → router: check the live book against a replay of the ledger."""
+
+    id: ReqId
+
+
+class Difference(Record, frozen=True):
+    """One account (or total) where the router and the ledger disagree."""
+
+    what: Literal["balance", "hold", "issued", "row"]
+    account: str
+    router: int
+    ledger: int
+    detail: str = ""
+
+
+class ReconcileReply(Message, tag="reconcile_ok", frozen=True):
+    re: ReqId
+    ok: bool
+    rows: int  # ledger rows read
+    router_last_seq: int
+    differences: list[Difference]
+    in_flight_skipped: int = 0  # rows of payments whose append is still unanswered
+
+
 # --- decoding helpers ----------------------------------------------------------------
 
 _encoder = msgspec.msgpack.Encoder()
@@ -400,8 +425,8 @@ ROUTER_REQUESTS = (Hello, Auth, Ping, Pay, GetBalance, History, Status, Receipt,
                    Pong, Error)
 PAYER_INBOUND = (Welcome, Challenge, Pong, Ping, Paid, BalanceReply, HistoryReply, StatusReply,
                  Offer, Settled, Cancel, Error)
-ADMIN_REQUESTS = (Hello, Ping, Inspect)
-ADMIN_REPLIES = (Welcome, Pong, InspectReply, Error)
+ADMIN_REQUESTS = (Hello, Ping, Inspect, Reconcile)
+ADMIN_REPLIES = (Welcome, Pong, InspectReply, ReconcileReply, Error)
 # The admin socket's frame limit: an `inspect_ok` lists every balance and payment in flight
 # (~100 bytes each), far more than a payer frame; the socket is local and owner-only.
 ADMIN_MAX_FRAME_BYTES = 4 * 1024 * 1024

@@ -1,7 +1,8 @@
 """The router's admin socket: a Unix socket (mode 0600) for operators and the chaos checker.
 
 Rules: the first frame is `hello {role: "admin"}` (anything else: an error, then close);
-then `ping` → `pong` and `inspect` → `inspect_ok` with every balance, every open hold,
+then `ping` → `pong`, `reconcile` → `reconcile_ok` (router/reconcile.py) and `inspect` →
+`inspect_ok` with every balance, every open hold,
 every payment in flight (its step and age), the payers with a live session, whether the
 ledger is connected, the ledger client's counters and how payments ended since start
 (`jackpay-router inspect` prints it). Read-only: nothing on this socket changes money. A
@@ -16,8 +17,11 @@ import contextlib
 import dataclasses
 import logging
 import time
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 from common import PROTOCOL_VERSION
 from common.aio import Channel, accept_hello, claim_unix_path, start_channel_server
@@ -32,9 +36,11 @@ from common.messages import (
     Message,
     Ping,
     Pong,
+    Reconcile,
     Welcome,
     decoder_for,
 )
+from router.ledger_client import LedgerUnavailable
 
 if TYPE_CHECKING:
     from router.server import RouterService
@@ -49,6 +55,7 @@ class AdminServer:
         self.path = path
         self._server: asyncio.Server | None = None
         self._channels: set[Channel] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         """Listen on the socket path (mode 0600). Raises OSError if it cannot, ConfigError
@@ -92,17 +99,39 @@ class AdminServer:
             match msg:
                 case Inspect(id=i):
                     ch.send_nowait(self.inspect(i))
+                case Reconcile(id=i):
+                    self._spawn(self._reconcile(ch, i))
                 case Ping(id=i):
                     ch.send_nowait(Pong(re=i))
                 case _:
-                    ch.reply_error(rid, ErrorCode.BAD_REQUEST, "admin takes inspect and ping")
+                    ch.reply_error(rid, ErrorCode.BAD_REQUEST,
+                                   "admin takes inspect, reconcile and ping")
 
         ch.on_message = on_message
         ch.on_close = self._channels.discard
         self._channels.add(ch)
         ch.start()
 
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name="admin-request")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reconcile(self, ch: Channel, rid: int) -> None:
+        try:
+            reply = await self.service.reconcile()
+        except LedgerUnavailable as exc:
+            ch.reply_error(rid, ErrorCode.LEDGER_UNAVAILABLE, str(exc))
+            return
+        except RuntimeError as exc:
+            ch.reply_error(rid, ErrorCode.RATE_LIMITED, f"{exc}; try again")
+            return
+        if not ch.closed:
+            ch.send_nowait(msgspec.structs.replace(reply, re=rid))
+
     async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
         for ch in list(self._channels):
             ch.close()
         if self._server is None:  # never listened: the path may be another router's

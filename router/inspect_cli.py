@@ -1,6 +1,13 @@
-"""`jackpay-router inspect`: the operator's view of a running router, from its admin socket.
+"""`jackpay-router inspect` and `reconcile`: the operator's view of a running router, from
+its admin socket.
 
     jackpay-router inspect [--config network.toml] [--admin PATH] [--json]
+    jackpay-router reconcile [--config network.toml] [--admin PATH] [--json]
+
+`reconcile` checks the router's live balances against a replay of the ledger, its holds
+against the payments in flight and the issued total against `_issuer`, and names every
+account that differs (router/reconcile.py). Exit codes: 0 all agree, 1 a difference, 2
+usage or config error, 3 the router did not answer (or could not read its ledger).
 
 Shows the ledger link (connected, appends sent, re-sends, rows in doubt), how payments
 ended since the router started, the payers with a live session, the payments in flight
@@ -17,6 +24,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from common import PROTOCOL_VERSION
 from common.aio import open_unix_channel, run
 from common.config import load_config
@@ -27,6 +36,9 @@ from common.messages import (
     Hello,
     Inspect,
     InspectReply,
+    Message,
+    Reconcile,
+    ReconcileReply,
     decoder_for,
 )
 from common.money import format_amount
@@ -38,8 +50,8 @@ class NotAnswering(Exception):
     """The router's admin socket could not be reached or did not answer."""
 
 
-def _parse_args(argv: list[str]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="jackpay-router inspect", description=__doc__,
+def _parse_args(argv: list[str], prog: str = "jackpay-router inspect") -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=os.environ.get("JACKPAY_CONFIG"),
                     help="network TOML file (default: $JACKPAY_CONFIG)")
@@ -52,6 +64,14 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
 
 async def fetch(path: str, timeout: float = TIMEOUT_S) -> InspectReply:
     """One `inspect` over the admin socket. Raises NotAnswering."""
+    reply = await ask(path, Inspect(id=0), timeout)
+    if not isinstance(reply, InspectReply):
+        raise NotAnswering(f"the router answered inspect with {type(reply).__name__}")
+    return reply
+
+
+async def ask(path: str, request: Message, timeout: float = TIMEOUT_S) -> Message:
+    """One admin request. Raises NotAnswering (also for an `error` answer)."""
     try:
         ch = await open_unix_channel(path, decoder_for(ADMIN_REPLIES), name="router-admin",
                                      connect_timeout=timeout,
@@ -63,15 +83,12 @@ async def fetch(path: str, timeout: float = TIMEOUT_S) -> InspectReply:
     try:
         await ch.request(Hello(id=0, version=PROTOCOL_VERSION, role="admin", peer="inspect"),
                          timeout=timeout)
-        reply = await ch.request(Inspect(id=0), timeout=timeout)
+        return await ch.request(request, timeout=timeout)
     except (ConnectionLost, TimeoutError, RequestFailed) as exc:
         raise NotAnswering(f"the router at {path} did not answer: "
                            f"{exc or type(exc).__name__}") from None
     finally:
         await ch.aclose()
-    if not isinstance(reply, InspectReply):
-        raise NotAnswering(f"the router answered inspect with {type(reply).__name__}")
-    return reply
 
 
 def as_document(r: InspectReply) -> dict[str, Any]:
@@ -119,24 +136,73 @@ def as_text(r: InspectReply, path: str) -> str:
     return "\n".join(lines)
 
 
+def _admin_path(args: argparse.Namespace, prog: str) -> str | None:
+    """The admin socket from --admin or the config; None (after a message) on error."""
+    if args.admin:
+        return str(Path(args.admin))
+    if not args.config:
+        print(f"{prog}: --config (or JACKPAY_CONFIG, or --admin PATH) is required",
+              file=sys.stderr)
+        return None
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return None
+    return str(cfg.resolve(cfg.router.admin_socket))
+
+
+def reconcile_main(argv: list[str]) -> int:
+    prog = "jackpay-router reconcile"
+    try:
+        args = _parse_args(argv, prog)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2
+    path = _admin_path(args, prog)
+    if path is None:
+        return 2
+    timeout = 600.0  # a replay of a large ledger takes a while
+
+    async def go() -> int:
+        try:
+            reply = await ask(path, Reconcile(id=0), timeout)
+        except NotAnswering as exc:
+            print(f"{prog}: {exc}", file=sys.stderr)
+            return 3
+        if not isinstance(reply, ReconcileReply):
+            print(f"{prog}: the router answered with {type(reply).__name__}", file=sys.stderr)
+            return 3
+        if args.json:
+            print(json.dumps(msgspec.to_builtins(reply), indent=2))
+        else:
+            print(reconcile_text(reply))
+        return 0 if reply.ok else 1
+
+    return run(go, fast=False)
+
+
+def reconcile_text(r: ReconcileReply) -> str:
+    head = (f"{r.rows} ledger rows read; the router has committed up to seq "
+            f"{r.router_last_seq}" + (f"; {r.in_flight_skipped} rows of payments in flight "
+                                      "skipped" if r.in_flight_skipped else ""))
+    if r.ok:
+        return f"{head}\nOK: balances, holds and the issued total agree with the ledger"
+    lines = [head, f"DIFFERENCES: {len(r.differences)}"]
+    for d in r.differences:
+        lines.append(f"  {d.what:<8} {d.account:<16} router {format_amount(d.router):>14}  "
+                     f"ledger {format_amount(d.ledger):>14}" + (f"  {d.detail}" if d.detail
+                                                               else ""))
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> int:
     try:
         args = _parse_args(argv)
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else 2
-    if args.admin:
-        path = str(Path(args.admin))
-    elif not args.config:
-        print("jackpay-router inspect: --config (or JACKPAY_CONFIG, or --admin PATH) is "
-              "required", file=sys.stderr)
+    path = _admin_path(args, "jackpay-router inspect")
+    if path is None:
         return 2
-    else:
-        try:
-            cfg = load_config(args.config)
-        except ConfigError as exc:
-            print(f"jackpay-router inspect: {exc}", file=sys.stderr)
-            return 2
-        path = str(cfg.resolve(cfg.router.admin_socket))
 
     async def go() -> int:
         try:
@@ -154,4 +220,4 @@ if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
 
 
-__all__ = ["NotAnswering", "as_document", "as_text", "fetch", "main"]
+__all__ = ["NotAnswering", "as_document", "as_text", "ask", "fetch", "main", "reconcile_main"]

@@ -60,6 +60,7 @@ from common.messages import (
     Ping,
     Pong,
     Receipt,
+    ReconcileReply,
     Reject,
     Rows,
     Status,
@@ -78,6 +79,7 @@ from router.ledger_client import LedgerClient, LedgerRefused, LedgerUnavailable,
 from router.login import Login, LoginPolicy, LoginRefused
 from router.payments import Outcome, Pipeline
 from router.plugins import PluginContext, PluginFailed, StartInfo, load_plugins
+from router.reconcile import reconcile
 from router.sessions import Registry, Session
 from router.transactions import TxState as RecordState
 
@@ -165,6 +167,7 @@ class RouterService:
             self.ledger.before_send = self.plugins.flush
         self._plugin_rows: list[LedgerRow] | None = [] if self.plugins.enabled else None
         self._plugin_timer: asyncio.TimerHandle | None = None
+        self._reconciler: asyncio.Task[None] | None = None
         self.login_policy = security.login
         self.refused_logins = 0
         self.refusals = ThrottledEvents(log)  # refused hellos and logins: a peer's doing
@@ -215,6 +218,9 @@ class RouterService:
         except (OSError, ConfigError) as exc:  # payments do not need it; say so, go on
             log_event(log, "admin socket unavailable", logging.ERROR, path=str(self.admin.path),
                       error=str(exc))
+        if rc.reconcile_every_s:
+            self._reconciler = asyncio.get_running_loop().create_task(
+                self._reconcile_now_and_then(rc.reconcile_every_s), name="reconcile")
         log_event(log, "listening", addr=f"{self.addr[0]}:{self.addr[1]}",
                   admin=str(self.admin.path), participants=len(self.registry.participants),
                   tls=self.security.tls is not None,
@@ -299,6 +305,60 @@ class RouterService:
                 await asyncio.sleep(0.1)
                 await self.ledger.wait_connected()
 
+    async def reconcile(self) -> ReconcileReply:
+        """The live book against a replay of the ledger (router/reconcile.py). Reads
+        every row (paged), then judges in one synchronous step; if payments committed
+        rows beyond what was read in the meantime, reads on (a few times). Raises
+        LedgerUnavailable; RuntimeError if the ledger kept growing faster than it read."""
+        rows: list[LedgerRow] = []
+        next_seq = 1
+        for _ in range(20):
+            while True:
+                page = await self.ledger.read(next_seq, REPLAY_PAGE_ROWS)
+                rows.extend(page.rows)
+                next_seq = page.next_seq
+                if not page.rows or page.next_seq > page.last_seq:
+                    break
+            book = self.book
+            last_read = rows[-1].seq if rows else 0
+            if book.last_seq <= last_read:  # no await from here to the verdict
+                pipeline = self.pipeline
+                in_flight = set(pipeline.inflight)
+                debits: dict[str, int] = {}
+                for p in pipeline.inflight.values():
+                    if p.held:
+                        for account, amount in p.debits:
+                            debits[account] = debits.get(account, 0) + amount
+                diffs, read, skipped = reconcile(
+                    rows, router_last_seq=book.last_seq, balances=book.accounts.snapshot(),
+                    holds=book.accounts.holds(), in_flight_debits=debits,
+                    in_flight=in_flight, known_seq=self._known_seq)
+                return ReconcileReply(re=0, ok=not diffs, rows=read,
+                                      router_last_seq=book.last_seq, differences=diffs,
+                                      in_flight_skipped=skipped)
+        raise RuntimeError("the ledger grew faster than the check could read it")
+
+    def _known_seq(self, sender: str, tx_id: str) -> int | None:
+        rec = self.book.txs.get(sender, tx_id)
+        return rec.seq if rec is not None else None
+
+    async def _reconcile_now_and_then(self, every_s: float) -> None:
+        """The periodic check ([router] reconcile_every_s): logged, never fatal."""
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                reply = await self.reconcile()
+            except (LedgerUnavailable, RuntimeError) as exc:
+                log_event(log, "reconcile skipped", logging.WARNING, error=str(exc))
+                continue
+            if reply.ok:
+                log_event(log, "reconcile ok", rows=reply.rows)
+                continue
+            for d in reply.differences:
+                log_event(log, "reconcile difference", logging.ERROR, what=d.what,
+                          account=d.account, router=format_amount(d.router),
+                          ledger=format_amount(d.ledger), detail=d.detail or None)
+
     def _start_plugins(self) -> None:
         """The plug-ins' `start` (the rows of their system accounts, the balances), then
         their timer. Raises StartupFailed if a plug-in cannot rebuild its state."""
@@ -358,6 +418,8 @@ class RouterService:
             self._key_watch.cancel()
         if self._plugin_timer is not None:
             self._plugin_timer.cancel()
+        if self._reconciler is not None:
+            self._reconciler.cancel()
         if self._server is not None:
             self._server.close()
         cancelled = await self.pipeline.drain(grace)

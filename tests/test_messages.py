@@ -44,6 +44,9 @@ EXAMPLES: list[m.Message] = [
                    in_flight=[m.InFlight(tx_id="t3", sender="alice", receiver="bob", amount=2,
                                          step="offer", age_ms=12)],
                    sessions=["alice"], ledger_connected=True),
+    m.Reconcile(id=17),
+    m.ReconcileReply(re=17, ok=False, rows=9, router_last_seq=9, differences=[
+        m.Difference(what="balance", account="alice", router=5, ledger=4)]),
 ]
 ALL_TYPES = tuple({type(x) for x in EXAMPLES})
 DECODER = m.decoder_for(ALL_TYPES)

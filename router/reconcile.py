@@ -1,0 +1,67 @@
+"""Reconciliation: the router's live book against the ledger (pure; the admin socket and
+`jackpay-router reconcile` drive it).
+
+Rules:
+- the ledger is the truth. Replaying its rows 1..`router_last_seq` (the highest seq the
+  router has committed) must give exactly the router's live balances, account by account;
+  a row of a payment whose append is still unanswered is skipped (the router has not
+  applied it *yet*), and counted;
+- every ledger row must be a payment the router knows (its tx table has that sender's
+  tx_id at that seq); a row written behind the router's back is named by its seq;
+- every hold must be a payment in flight: the sum of the held payments' debits, per
+  account, equals the router's holds;
+- the issued total: what `_issuer` paid out in the ledger equals minus its balance in the
+  router, and all balances sum to zero.
+Rows after `router_last_seq` are not judged (payments being committed while the check
+reads); the check is exact up to that seq.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+
+from common.messages import ISSUER, Difference, LedgerRow
+
+
+def reconcile(rows: Iterable[LedgerRow], *, router_last_seq: int,
+              balances: Mapping[str, int], holds: Mapping[str, int],
+              in_flight_debits: Mapping[str, int], in_flight: set[tuple[str, str]],
+              known_seq: Callable[[str, str], int | None]) -> tuple[list[Difference], int, int]:
+    """(differences, rows read, rows skipped as in flight)."""
+    replayed: dict[str, int] = defaultdict(int)
+    issued = 0
+    read = skipped = 0
+    diffs: list[Difference] = []
+    for r in rows:
+        read += 1
+        if r.seq > router_last_seq:
+            continue
+        if (r.sender, r.tx_id) in in_flight:
+            skipped += 1
+            continue
+        if known_seq(r.sender, r.tx_id) != r.seq:
+            diffs.append(Difference("row", r.sender, 0, r.amount,
+                                    f"ledger row {r.seq} ({r.tx_id}: {r.sender} -> "
+                                    f"{r.receiver}) is not a payment the router made"))
+        replayed[r.sender] -= r.amount
+        replayed[r.receiver] += r.amount
+        if r.sender == ISSUER:
+            issued += r.amount
+    for account in sorted(set(replayed) | {a for a, v in balances.items() if v}):
+        live, truth = balances.get(account, 0), replayed.get(account, 0)
+        if live != truth:
+            diffs.append(Difference("balance", account, live, truth))
+    for account in sorted(set(holds) | set(in_flight_debits)):
+        held, owed = holds.get(account, 0), in_flight_debits.get(account, 0)
+        if held != owed:
+            diffs.append(Difference("hold", account, held, owed,
+                                    "held funds do not match the payments in flight"))
+    live_issued = -balances.get(ISSUER, 0)
+    if live_issued != issued:
+        diffs.append(Difference("issued", ISSUER, live_issued, issued))
+    total = sum(balances.values())
+    if total:
+        diffs.append(Difference("balance", "(sum of all)", total, 0,
+                                "balances do not sum to zero"))
+    return diffs, read, skipped

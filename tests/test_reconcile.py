@@ -1,0 +1,104 @@
+"""Reconciliation: the router's live book against the ledger — the pure check, and
+`jackpay-router reconcile` on a real network, healthy and with a row slipped into the
+ledger behind the router's back."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from netkit import REPO_ROOT, Network
+
+from common.messages import Append, Appended, LedgerRow, RowIn
+from router.reconcile import reconcile
+
+
+def row(seq: int, sender: str, receiver: str, amount: int, tx: str) -> LedgerRow:
+    return LedgerRow(seq=seq, dtg="d", sender=sender, receiver=receiver, amount=amount,
+                     tx_id=tx, memo="", hash="h")
+
+
+ROWS = [row(1, "_issuer", "alice", 1000, "_open:alice"), row(2, "alice", "bob", 300, "t1")]
+KNOWN = {("_issuer", "_open:alice"): 1, ("alice", "t1"): 2}
+
+
+def check(rows: list[LedgerRow] = ROWS, **kw: object) -> list[str]:
+    args: dict[str, object] = {
+        "router_last_seq": 2, "balances": {"_issuer": -1000, "alice": 700, "bob": 300},
+        "holds": {}, "in_flight_debits": {}, "in_flight": set(),
+        "known_seq": lambda s, t: KNOWN.get((s, t))}
+    args.update(kw)
+    diffs, _, _ = reconcile(rows, **args)  # type: ignore[arg-type]
+    return [f"{d.what}:{d.account}" for d in diffs]
+
+
+def test_a_book_that_matches_the_ledger_has_no_difference() -> None:
+    assert check() == []
+
+
+def test_every_kind_of_difference_is_named() -> None:
+    assert check(balances={"_issuer": -1000, "alice": 600, "bob": 400}) == [
+        "balance:alice", "balance:bob"]
+    assert check(holds={"alice": 50}) == ["hold:alice"]
+    slipped = [*ROWS, row(3, "bob", "mallory", 100, "x")]
+    assert check(slipped, router_last_seq=3) == [
+        "row:bob", "balance:bob", "balance:mallory"]
+    issued = [row(1, "_issuer", "alice", 1000, "_open:alice")]
+    assert check(issued, balances={"_issuer": -900, "alice": 1000}, router_last_seq=1) == [
+        "balance:_issuer", "issued:_issuer", "balance:(sum of all)"]
+
+
+def test_rows_in_flight_and_beyond_the_routers_last_seq_are_not_judged() -> None:
+    ahead = [*ROWS, row(3, "alice", "bob", 5, "t2")]
+    assert check(ahead) == []  # seq 3 is being committed while the check reads
+    assert check(ahead, router_last_seq=3, in_flight={("alice", "t2")},
+                 holds={"alice": 5}, in_flight_debits={"alice": 5}) == []
+
+
+def run_reconcile(net: Network, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "router", "reconcile", "--config",
+                           str(net.config_path), *extra], capture_output=True, text=True,
+                          cwd=REPO_ROOT, env=net.env(), timeout=60)
+
+
+async def test_reconcile_passes_then_names_a_row_slipped_behind_the_router(tmp_path: Path) -> None:
+    net = Network(tmp_path, participants={"alice": "100.00", "bob": "0.00"})
+    net.start_ledger()
+    net.start_router()
+    try:
+        async with net.client("alice") as alice, net.client("bob"):
+            await alice.send_payment("bob", 2500, tx_id="t-1")
+        ok = await asyncio.to_thread(run_reconcile, net)
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        assert "OK: balances, holds and the issued total agree" in ok.stdout
+        # With the router's own certificate, straight to the ledger: the router never
+        # hears of this row.
+        ch = await net.ledger_channel(peer="intruder")
+        try:
+            reply = await ch.request(Append(id=0, rows=[
+                RowIn(tx_id="sneaky", sender="alice", receiver="bob", amount=1000)]))
+        finally:
+            await ch.aclose()
+        assert isinstance(reply, Appended)
+        assert reply.results[0].status == "written"
+        # A payment after it, so that the router's last seq is past the slipped row.
+        async with net.client("alice") as alice, net.client("bob"):
+            await alice.send_payment("bob", 100, tx_id="t-2")
+        bad = await asyncio.to_thread(run_reconcile, net, "--json")
+        assert bad.returncode == 1, bad.stdout + bad.stderr
+        doc = json.loads(bad.stdout)
+        named = {(d["what"], d["account"]) for d in doc["differences"]}
+        assert ("row", "alice") in named
+        assert ("balance", "alice") in named
+        assert ("balance", "bob") in named
+        text = await asyncio.to_thread(run_reconcile, net)
+        assert "DIFFERENCES" in text.stdout
+        assert "ledger row 3 (sneaky: alice -> bob)" in text.stdout  # after t-1 at 2
+    finally:
+        net.stop_all()
+    gone = await asyncio.to_thread(run_reconcile, net)
+    assert gone.returncode == 3
+    assert "is the router running?" in gone.stderr
