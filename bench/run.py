@@ -50,6 +50,7 @@ from common.messages import (
 )
 from common.procs import Proc, python_module
 from common.tls import ClientTls, client_tls
+from common.version import add_version
 from ledger.rows import GENESIS_HASH, HEADER_LINE, format_line, make_row
 from payer_client.client import PayerClient, PayerCredentials
 
@@ -701,6 +702,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-scale", action="store_true", help="skip memory and rebuild checks")
     p.add_argument("--secure-only", action="store_true",
                    help="skip the plain (TLS and login off) comparison run")
+    add_version(p)
     p.add_argument("--skip-plugins", action="store_true",
                    help="skip the plug-in comparison (none / mixer idle / mixed payments)")
     args = p.parse_args(argv)

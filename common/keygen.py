@@ -42,6 +42,7 @@ from common import keys
 from common.config import NetworkConfig, load_config
 from common.errors import ConfigError
 from common.keys import KeyFileError, KeyStore
+from common.version import add_version
 
 CA_DAYS = 3650
 WARN_DAYS = 30
@@ -342,6 +343,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rotate", action="append", default=[], metavar="NAME", help="new key "
                    f"(and certificate) for a participant id or {', '.join(TLS_NAMES)}")
     p.add_argument("--list", action="store_true", help="print every key; create nothing")
+    add_version(p)
     return p
 
 

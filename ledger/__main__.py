@@ -26,6 +26,7 @@ from common.keys import KeyStore
 from common.logs import log_event, setup_logging
 from common.procs import print_ready
 from common.tls import refuse_plain_off_loopback, server_context
+from common.version import add_version
 from ledger.server import LedgerAccess, LedgerServer
 from ledger.store import LedgerCorrupt, LedgerStore
 from ledger.verify import verify_file
@@ -45,6 +46,7 @@ def _serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="INFO")
     # No TLS, no client certificates: for the benchmark's comparison run only.
     p.add_argument("--plain-benchmark-only", action="store_true", help=argparse.SUPPRESS)
+    add_version(p)
     return p
 
 

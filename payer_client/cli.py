@@ -40,6 +40,7 @@ from common.messages import (
     Watch,
 )
 from common.money import AmountError, parse_amount
+from common.version import add_version
 from payer_client import render
 from payer_client.client import PayerCredentials, new_tx_id
 from payer_client.ctl import ControlClient, DaemonNotRunning
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jackpay-payer", description="JackPay payer: daemon and command line.",
         epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_version(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, help_text: str, *parents: argparse.ArgumentParser) -> argparse.ArgumentParser:

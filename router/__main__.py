@@ -26,6 +26,7 @@ from common.errors import ConfigError
 from common.logs import log_event, setup_logging
 from common.procs import print_ready
 from common.tls import refuse_plain_off_loopback
+from common.version import add_version
 from router.server import RouterSecurity, RouterService, StartupFailed
 
 log = logging.getLogger("jackpay.router")
@@ -42,6 +43,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--log-level", default="INFO")
     # No TLS and no login: for the benchmark's comparison run only.
     ap.add_argument("--plain-benchmark-only", action="store_true", help=argparse.SUPPRESS)
+    add_version(ap)
     return ap.parse_args(argv)
 
 

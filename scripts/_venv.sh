@@ -11,7 +11,14 @@ fi
 MARK="$VENV/.jackpay-installed"
 if [ ! -f "$MARK" ] || [ "$ROOT/pyproject.toml" -nt "$MARK" ]; then
     echo "installing JackPay and its dev dependencies into $VENV" >&2
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[dev,speed]" >&2
+    # The installer's chatter goes to a log, shown only if the install fails.
+    INSTALL_LOG="$VENV/install.log"
+    if ! "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+            -e "$ROOT[dev,speed]" >"$INSTALL_LOG" 2>&1; then
+        cat "$INSTALL_LOG" >&2
+        echo "installing into $VENV failed (log above, also in $INSTALL_LOG)" >&2
+        exit 1
+    fi
     touch "$MARK"
 fi
 export PATH="$VENV/bin:$PATH"

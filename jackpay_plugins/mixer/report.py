@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from common.messages import LedgerRow
+from common.version import add_version
 from jackpay_plugins.mixer.journal import Journal, JournalCorrupt
 from jackpay_plugins.mixer.pool import POOL, entropy_bits, parse_note_tx_id
 from ledger.store import LedgerCorrupt, load_rows
@@ -224,6 +225,7 @@ def direct_attacks(rows: list[LedgerRow]) -> dict[str, float | None]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jackpay-mixer", description=__doc__.split("\n")[0])
+    add_version(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     rep = sub.add_parser("report", help="anonymity sets and linking attacks over a ledger")
     rep.add_argument("ledger", help="the ledger CSV file")
