@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import resource
-import signal
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,15 +45,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def addr_text(addr: tuple[str, int]) -> str:
     return f"{addr[0]}:{addr[1]}"
-
-
-def fsize_limit(limit: int) -> Callable[[], None]:
-    """A preexec_fn: the child's files cannot grow past `limit` bytes, and a write beyond
-    fails with EFBIG instead of killing it (SIGXFSZ ignored) — a real write failure."""
-    def preexec() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    return preexec
 
 
 async def open_ledger_channel(addr: tuple[str, int], *, tls: ClientTls | None,

@@ -33,10 +33,11 @@ from pathlib import Path
 from typing import Any
 
 from chaos.checker import Report, RouterView, Violation, check, check_mixer
-from chaos.network import Network, fsize_limit
+from chaos.network import Network
 from chaos.proxy import FaultProxy
 from chaos.workload import Workload
 from common.aio import run
+from common.procs import fsize_limit
 from jackpay_plugins.mixer.journal import Journal
 
 PROCESS_FAULTS = ["kill_router", "kill_ledger", "kill_payer", "pause_router", "pause_ledger",

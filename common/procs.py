@@ -13,6 +13,7 @@ tests, never on a service's event loop.
 from __future__ import annotations
 
 import os
+import resource
 import select
 import signal
 import subprocess
@@ -178,3 +179,12 @@ class Proc:
 def python_module(module: str, *args: str) -> list[str]:
     """argv to run `python -m module args...` with this interpreter."""
     return [sys.executable, "-m", module, *args]
+
+
+def fsize_limit(limit: int) -> Callable[[], None]:
+    """A preexec_fn: the child's files cannot grow past `limit` bytes, and a write beyond
+    fails with EFBIG instead of killing it (SIGXFSZ ignored) — a real write failure."""
+    def preexec() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return preexec

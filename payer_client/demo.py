@@ -2,10 +2,12 @@
 
 It makes the network's keys, starts ledger, router and the daemons of alice, bob and
 carol on ephemeral ports, then drives the real CLI (`python -m payer_client ... --json`)
-through payments that succeed and payments that hit each failure path a person can
-provoke from the CLI, shows a stranger who knows alice's name failing to pay as alice,
-prints every outcome, the balances and the ledger, runs `python -m ledger verify`, and
-stops everything. Exit 0 only if every outcome was the expected one, the ledger verifies
+through payments that succeed and payments that hit every failure path: the ones a
+person can provoke from the CLI, a receiver (dave) that never answers the offer, the
+ledger stopped, and a real write failure at the ledger (restarted under a file-size
+limit) — each showing that no money moved. Then a stranger who knows alice's name fails
+to pay as alice; it prints every outcome, the balances and the ledger, runs
+`python -m router reconcile` and `python -m ledger verify`, and stops everything. Exit 0 only if every outcome was the expected one, the ledger verifies
 and the balances add up; 1 otherwise.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import json
 import os
@@ -20,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,15 +38,16 @@ from common.config import load_config
 from common.errors import ConnectionLost, RequestFailed
 from common.framing import encode_frame
 from common.keys import KeyStore
-from common.messages import Hello, encode
+from common.messages import Hello, Offer, encode
 from common.money import format_amount, parse_amount
-from common.procs import ProcessFailed
+from common.procs import ProcessFailed, fsize_limit
 from common.tls import client_tls
 from payer_client.client import PayerClient, PayerCredentials
 from payer_client.launch import REPO_ROOT, LocalNetwork
 from payer_client.render import printable
+from router.inspect_cli import NotAnswering, fetch
 
-OPENING = {"alice": "1000.00", "bob": "50.00", "carol": "20.00"}
+OPENING = {"alice": "1000.00", "bob": "50.00", "carol": "20.00", "dave": "0.00"}
 CONFIG = """\
 [network]
 id = "demo"
@@ -58,7 +63,8 @@ port = 0
 admin_socket = "router-admin.sock"
 ping_timeout_s = 1.0
 freshness_window_s = 1.0
-offer_timeout_s = 3.0
+offer_timeout_s = 2.0
+ledger_retry_max_s = 0.3
 
 [payer]
 control_dir = "ctl"
@@ -83,6 +89,11 @@ name = "Carol's Book Club"
 kind = "party"
 opening_balance = "20.00"
 max_incoming = "100.00"
+
+[[participants]]
+id = "dave"
+name = "Dave (never answers an offer)"
+kind = "software"
 """
 
 
@@ -162,11 +173,73 @@ class Demo:
         self.console.print("[dim]starting bob's daemon again …[/]")
         self.net.start_payer("bob")
         self.step(Step("to bob once he is back", "alice", ["bob", "5.00"], "paid"))
+        self.infrastructure_failures()
         self.stranger()
         self.show_balances()
         self.show_ledger()
+        self.reconcile()
         self.verify()
         return 0
+
+    def balance_of(self, who: str) -> int | None:
+        rc, doc = self.cli(who, "balance")
+        return int(doc["balance_minor"]) if rc == 0 else None
+
+    def failing_step(self, s: Step) -> None:
+        """A step that must fail and move no money: the sender's balance is the same
+        before and after."""
+        before = self.balance_of(s.who)
+        self.step(s)
+        after = self.balance_of(s.who)
+        if before is None or before != after:
+            self.failures.append(f"{s.title}: {s.who}'s balance went from {before} to {after}")
+        else:
+            self.console.print(f"    no money moved: {s.who} still has "
+                               f"{format_amount(after or 0)}", highlight=False)
+
+    def infrastructure_failures(self) -> None:
+        self.console.rule("when a receiver or the ledger fails")
+        # dave's daemon is replaced by a client that answers pings but never an offer.
+        self.net.stop("dave")
+        host, port = self.net.router_addr.rsplit(":", 1)
+        asyncio.run(_silent_receiver(self, host, int(port)))
+        ledger_port = int(self.net.ledger_addr.rsplit(":", 1)[1])
+        self.console.print("[dim]stopping the ledger …[/]")
+        self.net.stop("ledger")
+        time.sleep(0.3)  # the router sees the connection close
+        self.failing_step(Step("while the ledger is stopped", "alice", ["bob", "1.00"],
+                               "ledger_unavailable"))
+        path = self.net.config.resolve(self.net.config.ledger.path)
+        self.console.print("[dim]starting the ledger under a file-size limit (its next "
+                           "write fails: EFBIG) …[/]")
+        self.net.start_ledger(port=ledger_port, preexec_fn=fsize_limit(path.stat().st_size + 40))
+        self.wait_ledger_link()
+        self.failing_step(Step("a write the ledger's disk refuses", "alice", ["bob", "1.00"],
+                               "ledger_write_failed"))
+        self.console.print("[dim]restarting the ledger without the limit …[/]")
+        self.net.stop("ledger")
+        self.net.start_ledger(port=ledger_port)
+        self.wait_ledger_link()
+
+    def wait_ledger_link(self, seconds: float = 10.0) -> None:
+        """Until the router has its ledger connection back."""
+        admin = str(self.net.config.resolve(self.net.config.router.admin_socket))
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            with contextlib.suppress(NotAnswering):
+                if asyncio.run(fetch(admin)).ledger_connected:
+                    return
+            time.sleep(0.1)
+        self.failures.append("the router did not reconnect to the ledger")
+
+    def reconcile(self) -> None:
+        self.console.rule("python -m router reconcile")
+        proc = subprocess.run([sys.executable, "-m", "router", "reconcile", "--config",
+                               str(self.config)], capture_output=True, text=True, check=False,
+                              timeout=60, cwd=self.root, env=self.net._env())
+        self.console.print((proc.stdout + proc.stderr).strip(), highlight=False)
+        if proc.returncode != 0:
+            self.failures.append(f"reconcile exited {proc.returncode}")
 
     def stranger(self) -> None:
         """Someone who knows alice's name and can reach the router's port tries to pay as
@@ -190,7 +263,10 @@ class Demo:
         for col in ("payer", "opening", "balance", "available", "last tx"):
             table.add_column(col, justify="left" if col in ("payer", "last tx") else "right")
         total = 0
-        for who, opening in OPENING.items():
+        # dave's daemon was replaced by the silent client: his balance (0.00, nothing
+        # reached him) is checked by reconcile below.
+        shown = {who: v for who, v in OPENING.items() if who != "dave"}
+        for who, opening in shown.items():
             rc, doc = self.cli(who, "balance")
             if rc != 0:
                 self.failures.append(f"balance of {who}: exit {rc} {doc}")
@@ -199,7 +275,7 @@ class Demo:
             table.add_row(who, opening, doc["balance"], doc["available"],
                           doc.get("last_tx_time") or "")
         self.console.print(table)
-        opening_total = sum(parse_amount(v) for v in OPENING.values())
+        opening_total = sum(parse_amount(v, allow_zero=True) for v in OPENING.values())
         expected = {"alice": 1000_00 - 2500 - 500, "bob": 50_00 + 2500 - 1000 + 500,
                     "carol": 20_00 + 1000}
         self.console.print(f"sum of payer balances {format_amount(total)} = issued "
@@ -237,6 +313,27 @@ class Demo:
         self.console.print((proc.stdout + proc.stderr).strip(), highlight=False)
         if proc.returncode != 0:
             self.failures.append(f"ledger verify exited {proc.returncode}")
+
+
+async def _silent_receiver(demo: Demo, host: str, port: int) -> None:
+    """dave logged in, answering pings but never an offer: alice's payment to him ends
+    `receiver_timeout` after offer_timeout_s, with nothing held or written."""
+    never = asyncio.Event()
+
+    async def hold_on(offer: Offer) -> bool:
+        await never.wait()
+        return True
+
+    cfg = load_config(demo.config)
+    dave = PayerClient.from_config(cfg, "dave", host=host, port=port, on_offer=hold_on)
+    await dave.connect()
+    try:
+        await asyncio.to_thread(demo.failing_step, Step(
+            "to dave, whose software never answers the offer", "alice", ["dave", "2.00"],
+            "receiver_timeout"))
+    finally:
+        never.set()
+        await dave.close()
 
 
 async def _stranger(config_path: Path, host: str, port: int) -> tuple[str, str]:

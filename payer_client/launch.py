@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -60,9 +61,9 @@ class LocalNetwork:
         env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         return env
 
-    def _start(self, name: str, argv: list[str]) -> Proc:
+    def _start(self, name: str, argv: list[str], preexec_fn: Any = None) -> Proc:
         proc = Proc(name, argv, self.run_dir / f"{name}.log", env=self._env(),
-                    cwd=self.config_path.parent)
+                    cwd=self.config_path.parent, preexec_fn=preexec_fn)
         self.procs[name] = proc
         try:
             proc.start()
@@ -79,10 +80,13 @@ class LocalNetwork:
     def router_addr(self) -> str:
         return self.procs["router"].ready["addr"]
 
-    def start_ledger(self) -> Proc:
-        port = ["--port", "0"] if self.ephemeral else []
+    def start_ledger(self, *, port: int | None = None, preexec_fn: Any = None) -> Proc:
+        """`port`: a given one (a restart where the router expects it); `preexec_fn`: run
+        in the child before exec (e.g. a file-size limit, to make writes fail)."""
+        flag = ["--port", str(port)] if port is not None else (
+            ["--port", "0"] if self.ephemeral else [])
         return self._start("ledger", python_module("ledger", "--config", str(self.config_path),
-                                                   *port))
+                                                   *flag), preexec_fn)
 
     def start_router(self) -> Proc:
         port = ["--port", "0"] if self.ephemeral else []

@@ -8,10 +8,10 @@ from chaos.network import (
     REPO_ROOT,
     Network,
     addr_text,
-    fsize_limit,
     inspect_router,
     open_ledger_channel,
 )
+from common.procs import fsize_limit
 
 PACKAGES = ("common", "ledger", "router", "payer_client", "chaos", "bench", "jackpay_plugins")
 

@@ -439,6 +439,13 @@ def test_scripts_demo_end_to_end(tmp_path: Path) -> None:
     failed = proc.stdout[proc.stdout.find("demo FAILED"):] if "demo FAILED" in proc.stdout else ""
     assert proc.returncode == 0, failed + proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "demo OK" in proc.stdout
+    # Every failure path a payment can take, each with no money moved, then reconcile.
+    for code in ("insufficient_funds", "unknown_receiver", "receiver_rejected",
+                 "receiver_unreachable", "tx_id_conflict", "receiver_timeout",
+                 "ledger_unavailable", "ledger_write_failed"):
+        assert f"→ {code}" in proc.stdout, code
+    assert proc.stdout.count("no money moved") == 3
+    assert "OK: balances, holds and the issued total agree with the ledger" in proc.stdout
 
 
 def test_router_refuses_an_out_of_range_port(offline: Network) -> None:
