@@ -54,6 +54,8 @@ class LedgerConfig(_Section):
     max_connections_per_address: Count = 64
     max_handshaking: Count = 32  # then one still in its handshake is dropped (common.aio)
     new_connections_per_address_per_s: PerSecond = 20.0
+    # Prometheus metrics on HOST:PORT (e.g. "127.0.0.1:9400"; port 0 picks one); "" = off.
+    metrics_addr: str = ""
     # Client-certificate names (CN) granted read access (`read`, `stats`); the router's
     # certificate (CN "router") may also append. Nobody else gets past `hello`.
     auditors: list[str] = msgspec.field(default_factory=lambda: ["auditor"])
@@ -93,6 +95,8 @@ class RouterConfig(_Section):
     # Check the live book against a replay of the ledger this often (0: only on demand,
     # `jackpay-router reconcile`); differences are logged as errors.
     reconcile_every_s: Annotated[float, msgspec.Meta(ge=0, le=86_400)] = 0.0
+    # Prometheus metrics on HOST:PORT (e.g. "127.0.0.1:9401"; port 0 picks one); "" = off.
+    metrics_addr: str = ""
 
 
 class PayerConfig(_Section):

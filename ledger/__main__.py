@@ -24,6 +24,7 @@ from common.config import LedgerConfig, NetworkConfig, load_config, server_limit
 from common.errors import ConfigError
 from common.keys import KeyStore
 from common.logs import log_event, setup_logging
+from common.metrics import serve_metrics
 from common.procs import print_ready
 from common.tls import refuse_plain_off_loopback, server_context
 from common.version import add_version
@@ -115,14 +116,28 @@ async def serve(path: Path, host: str, port: int, lc: LedgerConfig, access: Ledg
         print(f"jackpay-ledger: cannot listen on {host}:{port}: {exc.strerror or exc}",
               file=sys.stderr)
         return 2
-    log_event(log, "ledger serving", addr=f"{h}:{p}", path=str(path), rows=store.last_seq)
-    print_ready("ledger", addr=f"{h}:{p}", rows=store.last_seq)
+    extra: dict[str, str] = {}
+    metrics_server = None
+    if lc.metrics_addr:
+        try:
+            mh, mp, metrics_server = serve_metrics(lc.metrics_addr, server.metrics)
+        except (OSError, ConfigError) as exc:
+            await server.stop()
+            store.close()
+            print(f"jackpay-ledger: metrics at {lc.metrics_addr}: {exc}", file=sys.stderr)
+            return 2
+        extra["metrics"] = f"{mh}:{mp}"
+    log_event(log, "ledger serving", addr=f"{h}:{p}", path=str(path), rows=store.last_seq,
+              metrics=extra.get("metrics"))
+    print_ready("ledger", addr=f"{h}:{p}", rows=store.last_seq, **extra)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log_event(log, "stopping", stats=server.statistics())
+    if metrics_server is not None:
+        metrics_server.shutdown()
     await server.stop()
     log_event(log, "stopped")
     return 0

@@ -24,8 +24,11 @@ import asyncio
 import logging
 import ssl
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+
+from prometheus_client.core import Metric
 
 from common import PROTOCOL_VERSION
 from common.aio import Channel, accept_hello, start_channel_server
@@ -51,6 +54,7 @@ from common.messages import (
     decoder_for,
     encode,
 )
+from common.metrics import BUCKETS_ROWS, Histogram, counter, gauge
 from ledger.store import SLOW_FSYNC_US, LedgerStore, WriteFailed
 
 log = logging.getLogger("jackpay.ledger")
@@ -107,6 +111,10 @@ class LedgerServer:
         self.appends = 0
         self._slow_logged_at = -1.0e9  # `slow fsync` lines: at most one a second
         self._slow_unlogged = 0
+        # For the metrics (common/metrics.py): observed per batch, read at scrape time.
+        self.fsync_seconds = Histogram()
+        self.batch_rows = Histogram(BUCKETS_ROWS)
+        self.write_failures = 0
 
     # --- lifecycle -----------------------------------------------------------------
 
@@ -142,6 +150,22 @@ class LedgerServer:
                 "last_hash": self.store.last_hash,
                 "fsync_us_total": self.store.fsync_us_total,
                 "fsync_us_max": self.store.fsync_us_max, "slow_fsyncs": self.store.slow_fsyncs}
+
+    def metrics(self) -> Iterator[Metric]:
+        """The ledger's Prometheus metrics (read at scrape time, from the HTTP thread)."""
+        st = self.statistics()
+        yield gauge("jackpay_ledger_rows", "Rows in the ledger", int(st["rows"]))
+        yield counter("jackpay_ledger_appends", "Append requests since start",
+                      int(st["appends"]))
+        yield counter("jackpay_ledger_batches", "Batches written (one fsync each)",
+                      int(st["batches"]))
+        yield counter("jackpay_ledger_slow_fsyncs", "fsyncs of 10 ms or more",
+                      int(st["slow_fsyncs"]))
+        yield counter("jackpay_ledger_write_failures", "Batches that could not be made "
+                      "durable (file restored)", self.write_failures)
+        yield gauge("jackpay_ledger_connections", "Open connections", len(self._channels))
+        yield self.fsync_seconds.family("jackpay_ledger_fsync_seconds", "fsync of a batch")
+        yield self.batch_rows.family("jackpay_ledger_batch_rows", "Rows per batch")
 
     # --- connections ---------------------------------------------------------------
 
@@ -323,10 +347,13 @@ class LedgerServer:
                 fsync_us = store.write_durably(prepared)  # blocking: see the docstring
             except WriteFailed as exc:
                 failure = str(exc)
+                self.write_failures += 1
                 log_event(log, "write failed; file restored", logging.ERROR, reason=failure,
                           rows=len(prepared.rows))
             else:
                 store.commit(prepared)
+                self.fsync_seconds.observe(fsync_us / 1e6)
+                self.batch_rows.observe(len(prepared.rows))
                 if fsync_us >= SLOW_FSYNC_US:
                     self._note_slow_fsync(fsync_us, len(prepared.rows))
         for q, res in zip(batch, resolutions, strict=True):

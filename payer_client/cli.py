@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = add("run", "run the payer daemon (one router session + the control socket)")
     run.add_argument("--router", metavar="HOST:PORT", help="router address (default: config)")
     run.add_argument("--log-json", action="store_true", help="log JSON lines to stderr")
+    run.add_argument("--metrics", metavar="HOST:PORT",
+                     help="serve Prometheus metrics there (e.g. 127.0.0.1:9402; off if absent)")
 
     send = add("send", "pay someone; prints the outcome, tx_id and your new balance", output)
     send.add_argument("to", help="receiver's payer id")
@@ -190,7 +192,7 @@ def _run_daemon(args: argparse.Namespace, config: NetworkConfig) -> int:
     # Fail now, not at the first login, when the key is missing or readable by others.
     PayerCredentials.from_config(config, args.payer_id)
     setup_logging(json_lines=args.log_json)
-    return aio.run(lambda: serve(config, args.payer_id, router))
+    return aio.run(lambda: serve(config, args.payer_id, router, args.metrics))
 
 
 Action = Callable[[ControlClient], Coroutine[Any, Any, int]]

@@ -24,15 +24,19 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Coroutine
+import sys
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+
+from prometheus_client.core import Metric
 
 from common.aio import Channel
 from common.config import NetworkConfig
 from common.errors import ConfigError, ConnectionLost, ErrorCode, RequestFailed
 from common.logs import log_event
 from common.messages import Cancel, Event, Message, Offer, Paid, Pay, Settled
+from common.metrics import counter, counters, gauge, serve_metrics
 from common.money import format_amount
 from common.procs import print_ready
 from common.tls import TlsFailed
@@ -75,8 +79,15 @@ def _consume(fut: asyncio.Future[Paid]) -> None:
 
 class PayerDaemon:
     def __init__(self, config: NetworkConfig, payer_id: str, router_host: str,
-                 router_port: int) -> None:
+                 router_port: int, metrics_addr: str | None = None) -> None:
         participant = config.participant(payer_id)
+        self.metrics_addr = metrics_addr
+        self.metrics_at: str | None = None
+        self._metrics_server: Any = None
+        # Counted for the metrics: how sent payments ended, sessions opened, received.
+        self.outcomes: dict[str, int] = {}
+        self.connects = 0
+        self.received = 0
         self.config = config
         self.payer_id = payer_id
         self.router_host = router_host
@@ -96,6 +107,25 @@ class PayerDaemon:
     @property
     def router_addr(self) -> str:
         return f"{self.router_host}:{self.router_port}"
+
+    def start_metrics(self) -> None:
+        """Serve this daemon's metrics (`run --metrics HOST:PORT`). Raises ConfigError,
+        OSError."""
+        if self.metrics_addr:
+            host, port, self._metrics_server = serve_metrics(self.metrics_addr, self.metrics)
+            self.metrics_at = f"{host}:{port}"
+
+    def metrics(self) -> Iterator[Metric]:
+        yield counters("jackpay_payer_payments", "Payments this daemon sent, by outcome",
+                       "outcome", dict(self.outcomes))
+        yield counter("jackpay_payer_received", "Payments settled to this payer",
+                      self.received)
+        yield counter("jackpay_payer_connects", "Router sessions opened (reconnects + 1)",
+                      self.connects)
+        yield gauge("jackpay_payer_connected", "1 while the daemon has a router session",
+                    1.0 if self._session_up.is_set() else 0.0)
+        yield gauge("jackpay_payer_outbox", "Payments waiting for the router's decision",
+                    len(self.outbox))
 
     # --- lifecycle -----------------------------------------------------------------
 
@@ -183,13 +213,15 @@ class PayerDaemon:
 
     async def _hold_session(self, client: PayerClient, balance: int | None) -> None:
         self.client = client
+        self.connects += 1
         self._session_up.set()
         log_event(log, "connected", router=self.router_addr, payer=self.payer_id,
                   balance=None if balance is None else format_amount(balance))
         self.emit(Event(kind="connected", peer=self.router_addr, balance=balance))
         if not self._announced:
             self._announced = True
-            print_ready("payer", id=self.payer_id, control=self.control.path)
+            extra = {"metrics": self.metrics_at} if self.metrics_at else {}
+            print_ready("payer", id=self.payer_id, control=self.control.path, **extra)
         self._spawn(self._resync(client), "resync")
         try:
             await self._until_stopping(client.wait_closed())
@@ -277,6 +309,7 @@ class PayerDaemon:
         offer = self.offers.pop((msg.sender, msg.tx_id), None)
         sender = msg.sender
         amount = offer.amount if offer else 0
+        self.received += 1
         log_event(log, "payment received", tx_id=msg.tx_id, sender=sender,
                   amount=format_amount(amount) if offer else None, outcome="settled",
                   seq=msg.seq, balance=format_amount(msg.balance))
@@ -346,6 +379,7 @@ class PayerDaemon:
                         continue
                     log_event(log, "payment", **fields, outcome="failed", code=str(exc.code),
                               reason=exc.message)
+                    self.outcomes[str(exc.code)] = self.outcomes.get(str(exc.code), 0) + 1
                     self.emit(Event(kind="failed", tx_id=pay.tx_id, peer=pay.to,
                                     amount=pay.amount, memo=pay.memo, code=str(exc.code)))
                     entry.future.set_exception(exc)
@@ -358,6 +392,7 @@ class PayerDaemon:
                     continue
                 log_event(log, "payment", **fields, outcome="paid", seq=paid.seq,
                           balance=format_amount(paid.balance))
+                self.outcomes["paid"] = self.outcomes.get("paid", 0) + 1
                 self.emit(Event(kind="paid", tx_id=pay.tx_id, peer=pay.to, amount=pay.amount,
                                 memo=pay.memo, balance=paid.balance, seq=paid.seq))
                 entry.future.set_result(paid)
@@ -393,11 +428,21 @@ def parse_host_port(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-async def serve(config: NetworkConfig, payer_id: str, router: tuple[str, int]) -> int:
+async def serve(config: NetworkConfig, payer_id: str, router: tuple[str, int],
+                metrics_addr: str | None = None) -> int:
     """Run the daemon until SIGTERM/SIGINT; returns the exit code."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    daemon = PayerDaemon(config, payer_id, *router)
-    return await daemon.run(stop)
+    daemon = PayerDaemon(config, payer_id, *router, metrics_addr=metrics_addr)
+    try:
+        daemon.start_metrics()
+    except (OSError, ConfigError) as exc:
+        print(f"jackpay-payer: metrics at {metrics_addr}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return await daemon.run(stop)
+    finally:
+        if daemon._metrics_server is not None:
+            daemon._metrics_server.shutdown()

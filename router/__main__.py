@@ -132,7 +132,8 @@ async def serve(service: RouterService, admin_path: str) -> int:
     gc.collect()
     gc.freeze()
     host, port = service.addr
-    print_ready("router", addr=f"{host}:{port}", admin=admin_path)
+    extra = {"metrics": service.metrics_at} if service.metrics_at else {}
+    print_ready("router", addr=f"{host}:{port}", admin=admin_path, **extra)
     await stopping
     await service.shutdown()
     return 0

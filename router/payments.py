@@ -48,8 +48,10 @@ from common.messages import (
     Pong,
     Receipt,
     Reject,
+    RowIn,
     Settled,
 )
+from common.metrics import Histogram
 from common.money import format_amount
 from router.accounts import is_reserved
 from router.book import Book
@@ -141,7 +143,7 @@ class Payment(Core):
     and moves), plus what only the shell needs — the request and route it came from, its
     transaction record and the replies waiting for its outcome."""
 
-    __slots__ = ("_replies", "record", "request", "route", "started")
+    __slots__ = ("_replies", "mark", "record", "request", "route", "started")
 
     def __init__(self, record: TxRecord, request: PaymentRequest, route: Route) -> None:
         legs = route.legs
@@ -152,6 +154,7 @@ class Payment(Core):
         self.request = request
         self.route = route
         self.started = time.monotonic()
+        self.mark = 0.0  # when the step being timed began (metrics: offer, append)
         self._replies: list[Reply] = []
 
     @property
@@ -197,6 +200,15 @@ def direct_route(request: PaymentRequest) -> Route:
                       request.memo),), request.receiver)
 
 
+class StepTimes:
+    """Latency per step, for the router's metrics (common/metrics.py)."""
+
+    def __init__(self) -> None:
+        self.offer = Histogram()  # offer sent → the payee's answer
+        self.append = Histogram()  # rows sent → the ledger's answer
+        self.payment = Histogram()  # request → paid
+
+
 class Pipeline:
     """Runs payments against the book, the registry of sessions and the ledger."""
 
@@ -220,6 +232,7 @@ class Pipeline:
         self._unacked = 0  # `settled` frames whose ack has not come (nor failed) yet
         self._all_acked: asyncio.Event | None = None  # made by `drain`
         self.counts: dict[str, int] = {}
+        self.times: StepTimes | None = None  # set when metrics are on
         self._do: dict[type, Callable[[Payment, Any], None]] = {
             Hold: self._hold, Release: self._release, SendPing: self._send_ping,
             SendOffer: self._send_offer, AppendRows: self._append,
@@ -464,10 +477,14 @@ class Pipeline:
         rid = ch.next_id()
         ch.send_nowait(Offer(id=rid, tx_id=p.tx_id, sender=p.sender, amount=p.amount,
                              memo=p.legs[-1].memo))
+        if self.times is not None:
+            p.mark = time.monotonic()
         ch.expect_reply(rid, self.cfg.offer_timeout_s,
                         lambda reply: self._feed(p, self._offer_answer(p, reply)))
 
     def _offer_answer(self, p: Payment, reply: Message | BaseException) -> Event:
+        if self.times is not None:
+            self.times.offer.observe(time.monotonic() - p.mark)
         if type(reply) is Receipt and reply.tx_id == p.tx_id:  # the common case first
             return OfferAnswered(OfferAnswer.RECEIPT)
         payee = p.payee
@@ -489,12 +506,36 @@ class Pipeline:
         """The commit point: the rows go to the ledger; its answer is fed back. The
         future is never cancelled by the `outcome_pending` wait."""
         rows = a.rows
+        if self.times is not None:
+            self._append_timed(p, rows)
+            return
         if len(rows) == 1:  # a plain callback: the answer is fed in the turn it arrives
             self.ledger.append_cb(rows[0], lambda res: self._feed(p, _appended(res)))
         else:
             futs = self.ledger.append_atomic(list(rows))
             gathered = asyncio.gather(*futs, return_exceptions=True)
             gathered.add_done_callback(lambda _: self._feed(p, _ledger_answer(futs)))
+
+    def _append_timed(self, p: Payment, rows: tuple[RowIn, ...]) -> None:
+        """`_append` with the append leg's latency observed (metrics on)."""
+        times = self.times
+        assert times is not None
+        p.mark = time.monotonic()
+
+        def answered(result: AppendResult | BaseException) -> None:
+            times.append.observe(time.monotonic() - p.mark)
+            self._feed(p, _appended(result))
+
+        if len(rows) == 1:
+            self.ledger.append_cb(rows[0], answered)
+            return
+        futs = self.ledger.append_atomic(list(rows))
+
+        def all_answered(_: object) -> None:
+            times.append.observe(time.monotonic() - p.mark)
+            self._feed(p, _ledger_answer(futs))
+
+        asyncio.gather(*futs, return_exceptions=True).add_done_callback(all_answered)
 
     def _start_pending_clock(self, p: Payment, a: StartPendingClock) -> None:
         queue = self._appending
@@ -536,6 +577,8 @@ class Pipeline:
         book.commit(main.tx_id, main.sender, main.receiver, main.amount, seq, dtg)
         counts = self.counts
         counts["paid"] = counts.get("paid", 0) + 1
+        if self.times is not None:
+            self.times.payment.observe(time.monotonic() - p.started)
         log_event(log, "payment", tx_id=p.tx_id, sender=p.sender, receiver=p.receiver,
                   amount=format_amount(p.amount), outcome="paid", seq=seq,
                   legs=len(legs) if len(legs) > 1 else None,

@@ -70,6 +70,7 @@ from common.messages import (
     decoder_for,
     encode,
 )
+from common.metrics import serve_metrics
 from common.money import format_amount
 from common.tls import ClientTls, client_tls, server_context
 from router.admin import AdminServer
@@ -77,7 +78,8 @@ from router.book import Book, Opening
 from router.keyring import PayerKeys
 from router.ledger_client import LedgerClient, LedgerRefused, LedgerUnavailable, durable_row
 from router.login import Login, LoginPolicy, LoginRefused
-from router.payments import Outcome, Pipeline
+from router.metrics import router_metrics
+from router.payments import Outcome, Pipeline, StepTimes
 from router.plugins import PluginContext, PluginFailed, StartInfo, load_plugins
 from router.reconcile import reconcile
 from router.sessions import Registry, Session
@@ -168,6 +170,9 @@ class RouterService:
         self._plugin_rows: list[LedgerRow] | None = [] if self.plugins.enabled else None
         self._plugin_timer: asyncio.TimerHandle | None = None
         self._reconciler: asyncio.Task[None] | None = None
+        self.last_reconcile: int | None = None  # differences found by the periodic check
+        self.metrics_at: str | None = None  # HOST:PORT of the metrics server, once up
+        self._metrics_server: Any = None
         self.login_policy = security.login
         self.refused_logins = 0
         self.refusals = ThrottledEvents(log)  # refused hellos and logins: a peer's doing
@@ -218,6 +223,14 @@ class RouterService:
         except (OSError, ConfigError) as exc:  # payments do not need it; say so, go on
             log_event(log, "admin socket unavailable", logging.ERROR, path=str(self.admin.path),
                       error=str(exc))
+        if rc.metrics_addr:
+            self.pipeline.times = StepTimes()
+            try:
+                host, port, self._metrics_server = serve_metrics(
+                    rc.metrics_addr, lambda: router_metrics(self))
+            except (OSError, ConfigError) as exc:
+                raise StartupFailed(f"metrics at {rc.metrics_addr}: {exc}") from None
+            self.metrics_at = f"{host}:{port}"
         if rc.reconcile_every_s:
             self._reconciler = asyncio.get_running_loop().create_task(
                 self._reconcile_now_and_then(rc.reconcile_every_s), name="reconcile")
@@ -351,6 +364,7 @@ class RouterService:
             except (LedgerUnavailable, RuntimeError) as exc:
                 log_event(log, "reconcile skipped", logging.WARNING, error=str(exc))
                 continue
+            self.last_reconcile = len(reply.differences)
             if reply.ok:
                 log_event(log, "reconcile ok", rows=reply.rows)
                 continue
@@ -427,6 +441,8 @@ class RouterService:
             ch.close()
         await self.admin.aclose()
         await self.ledger.aclose()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
         log_event(log, "stopped", cancelled=cancelled, **self.pipeline.counts,
                   ledger=dataclasses.asdict(self.ledger.stats))
 
