@@ -9,10 +9,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from netkit import Network
 
 from common.errors import ConfigError
 from common.metrics import Histogram, parse_addr
-from netkit import Network
 
 
 def scrape(addr: str) -> dict[str, float]:
