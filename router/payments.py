@@ -766,21 +766,17 @@ def _appended(result: AppendResult | BaseException) -> Event:
 
 def _ledger_answer(futs: tuple[asyncio.Future[AppendResult], ...] | list[asyncio.Future[AppendResult]]
                    ) -> Event:
-    """The ledger's answer to a payment's append (one future per leg), as a core event."""
+    """The ledger's answer to a payment's append (one future per leg), as a core event:
+    the first leg that did not get written decides; else every leg's (seq, dtg)."""
     results: list[tuple[int, str]] = []
     for fut in futs:
+        answer: AppendResult | BaseException
         if fut.cancelled():  # the ledger client was closed under it: the outcome is unknown
-            return LedgerAnswered(LedgerAnswer.CANCELLED)
-        exc = fut.exception()
-        if exc is not None:
-            if isinstance(exc, LedgerUnavailable):
-                return LedgerAnswered(LedgerAnswer.UNAVAILABLE, detail=str(exc))
-            if isinstance(exc, LedgerRefused):
-                return LedgerAnswered(LedgerAnswer.REFUSED, code=refusal_code(exc),
-                                      detail=str(exc))
-            return Crashed(type(exc).__name__)
-        result = fut.result()
-        if result.status == "conflict":
-            return LedgerAnswered(LedgerAnswer.CONFLICT)
-        results.append((result.seq, result.dtg))
+            answer = asyncio.CancelledError()
+        else:
+            answer = fut.exception() or fut.result()
+        event = _appended(answer)
+        if not (isinstance(event, LedgerAnswered) and event.answer is LedgerAnswer.WRITTEN):
+            return event
+        results.extend(event.results)
     return LedgerAnswered(LedgerAnswer.WRITTEN, tuple(results))
