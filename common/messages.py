@@ -387,6 +387,10 @@ class InspectReply(Message, tag="inspect_ok", frozen=True):
     ledger_link: dict[str, int] = {}
     # Logins refused since start (auth_failed, rate_limited, a hello without a nonce).
     refused_logins: int = 0
+    # With metrics on: the whole-payment latency histogram's bucket counts (bounds in
+    # `common.metrics.BUCKETS_S`, one more for +Inf), so `top` can take per-interval
+    # percentiles from two snapshots.
+    payment_seconds_buckets: list[int] = []
 
 
 class Reconcile(Message, tag="reconcile", frozen=True):

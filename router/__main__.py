@@ -3,6 +3,7 @@
     python -m router --config network.toml [--host H] [--port P] [--ledger H:P] [--log-json]
     python -m router inspect --config network.toml [--json]   # a running router's state
     python -m router reconcile --config network.toml [--json] # its book against the ledger
+    python -m router top --config network.toml                # a live view, every second
 
 Serves payers over TLS 1.3 and logs them in with their Ed25519 keys; reaches the ledger
 over mutual TLS. The keys come from the config's key folder (`jackpay-keys CONFIG`).
@@ -58,6 +59,10 @@ def _ledger_address(args: argparse.Namespace, cfg: NetworkConfig) -> tuple[str, 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["top"]:
+        from router import top
+
+        return top.main(argv[1:])
     if argv[:1] == ["reconcile"]:
         from router import inspect_cli
 

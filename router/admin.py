@@ -81,7 +81,9 @@ class AdminServer:
                             ledger_connected=svc.ledger.connected,
                             outcomes=dict(svc.pipeline.counts),
                             ledger_link=dataclasses.asdict(svc.ledger.stats),
-                            refused_logins=svc.refused_logins)
+                            refused_logins=svc.refused_logins,
+                            payment_seconds_buckets=list(times.payment.counts)
+                            if (times := svc.pipeline.times) is not None else [])
 
     def _on_connect(self, ch: Channel) -> None:
         greeted = False

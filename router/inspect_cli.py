@@ -136,7 +136,7 @@ def as_text(r: InspectReply, path: str) -> str:
     return "\n".join(lines)
 
 
-def _admin_path(args: argparse.Namespace, prog: str) -> str | None:
+def admin_path(args: argparse.Namespace, prog: str) -> str | None:
     """The admin socket from --admin or the config; None (after a message) on error."""
     if args.admin:
         return str(Path(args.admin))
@@ -158,7 +158,7 @@ def reconcile_main(argv: list[str]) -> int:
         args = _parse_args(argv, prog)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
-    path = _admin_path(args, prog)
+    path = admin_path(args, prog)
     if path is None:
         return 2
     timeout = 600.0  # a replay of a large ledger takes a while
@@ -200,7 +200,7 @@ def main(argv: list[str]) -> int:
         args = _parse_args(argv)
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else 2
-    path = _admin_path(args, "jackpay-router inspect")
+    path = admin_path(args, "jackpay-router inspect")
     if path is None:
         return 2
 
