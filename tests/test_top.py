@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from netkit import REPO_ROOT, Network
+
 from router.top import quantile_ms
 
 
