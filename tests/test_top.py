@@ -54,7 +54,8 @@ async def test_top_shows_payments_per_second_and_latency(tmp_path: Path) -> None
     assert float(paid[-1].split()[-2].replace(",", "")) > 0
     assert "metrics off" not in top.stdout
     assert "connected" in top.stdout
-    gone = subprocess.run([sys.executable, "-m", "router", "top", "--config",
-                           str(net.config_path), "--count", "1"], capture_output=True,
-                          text=True, cwd=REPO_ROOT, env=net.env(), timeout=60)
+    gone = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "router", "top", "--config",
+                         str(net.config_path), "--count", "1"], capture_output=True,
+        text=True, cwd=REPO_ROOT, env=net.env(), timeout=60)
     assert gone.returncode == 3
