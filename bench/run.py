@@ -82,11 +82,12 @@ class Settings:
     # Open-loop rates measured besides half the peak: half of issue 5's 6,000/s target.
     open_rates: tuple[float, ...] = (3000.0,)
     plugin_rounds: int = 8  # interleaved pairs: no plug-ins / the mixer enabled but idle
+    plugin_seconds: float = 5.0  # each plug-in setting's closed loop
 
 
 QUICK = Settings(payers=20, concurrency=(1, 64), seconds=2.0, open_loop_s=2.0,
                  idle_sessions=200, rebuild_rows=(20_000,), echo_connections=20,
-                 open_rates=(), plugin_rounds=1)
+                 open_rates=(), plugin_rounds=1, plugin_seconds=1.0)
 
 
 def raise_fd_limit() -> None:
@@ -380,7 +381,7 @@ class Bench:
             for net, name in (pair if i % 2 == 0 else pair[::-1]):
                 before = await self.ledger_stats(net.lch)
                 res = await net.measured(closed_loop(f"direct C={conc} plugins: {name}",
-                                                     net.op, conc, self.s.seconds), self)
+                                                     net.op, conc, self.s.plugin_seconds), self)
                 after = await self.ledger_stats(net.lch)
                 cpu = res.extra["cpu_s"]["router"]  # type: ignore[index]
                 rows = after.rows - before.rows
@@ -393,7 +394,7 @@ class Bench:
         cpu0 = cpu_seconds(mixer.router.pid)
         t0 = time.perf_counter()
         res = await closed_loop(f"mixed C={conc} (deposit + payouts)", mixer.mixed_op, conc,
-                                self.s.seconds)
+                                self.s.plugin_seconds)
         while True:  # polled: the pool's balance lives in another process
             if not (await inspect_router(mixer.admin)).balances.get("_mixer"):
                 break
