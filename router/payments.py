@@ -38,7 +38,6 @@ from common.config import RouterConfig
 from common.errors import ConnectionLost, ErrorCode, InvariantViolation, RequestFailed
 from common.logs import log_event
 from common.messages import (
-    ISSUER,
     AppendResult,
     Cancel,
     Message,
@@ -96,7 +95,14 @@ from router.payment_core import (
     handle,
     pending_outcome,
 )
-from router.plugins import PaymentRequest, PluginFailed, Plugins, Route, no_plugins
+from router.plugins import (
+    PaymentRequest,
+    PluginFailed,
+    Plugins,
+    Route,
+    no_plugins,
+    route_problem,
+)
 from router.sessions import Registry
 from router.transactions import TxIdConflict, TxParams, TxRecord, TxState
 
@@ -107,7 +113,6 @@ log = logging.getLogger("jackpay.router.payments")
 # How a `pay` request is answered: called once with its outcome (or `outcome_pending`).
 Reply = Callable[[Outcome], None]
 
-UNLIMITED = 2**62  # what `_issuer` may pay: it issues
 
 
 class PaymentKilled(Exception):
@@ -323,14 +328,13 @@ class Pipeline:
 
     def _facts(self, core: Core) -> Begin:
         accounts = self.book.accounts
+        # No payment run here debits `_issuer` (openings are appended at start; plug-in
+        # routes may not mint): every debited account pays from what it holds.
         debits = core.debits
         if len(debits) == 1:  # the common case, without a generator
-            account = debits[0][0]
-            available: tuple[int, ...] = (
-                UNLIMITED if account == ISSUER else accounts.available(account),)
+            available: tuple[int, ...] = (accounts.available(debits[0][0]),)
         else:
-            available = tuple(UNLIMITED if account == ISSUER else accounts.available(account)
-                              for account, _ in debits)
+            available = tuple(accounts.available(account) for account, _ in debits)
         receiver = core.receiver
         registry = self.registry
         known = registry.receiver_exists(receiver) or receiver in self._system_accounts
@@ -380,14 +384,10 @@ class Pipeline:
                                     "this network has no mixer (the `mixer` plug-in is not "
                                     "enabled); send without --mix")
             return direct_route(request)
-        main = route.legs[-1] if route.legs else None
-        if (main is None or main.tx_id != request.tx_id or main.sender != request.sender
-                or any(leg.sender != request.sender and leg.sender != ISSUER
-                       and leg.sender not in self.plugins.system_accounts
-                       for leg in route.legs)):
+        problem = route_problem(request, route, self._system_accounts)
+        if problem is not None:
             log_event(log, "plug-in route refused", logging.ERROR, tx_id=request.tx_id,
-                      reason="the main leg must be last and carry the request's tx_id and "
-                             "sender; other legs must debit the sender or a system account")
+                      reason=problem)
             raise PaymentKilled(ErrorCode.PLUGIN_FAILED, "a plug-in routed this payment wrongly")
         return route
 

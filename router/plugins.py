@@ -33,7 +33,7 @@ import msgspec
 import pluggy
 
 from common.errors import ConfigError, ErrorCode
-from common.messages import LedgerRow
+from common.messages import ISSUER, LedgerRow
 from router.payment_core import Leg
 
 PROJECT = "jackpay"
@@ -71,6 +71,40 @@ class Route(msgspec.Struct, frozen=True, gc=False):
 
     legs: tuple[Leg, ...]
     payee: str | None
+
+
+def route_problem(request: PaymentRequest, route: Route,
+                  system_accounts: frozenset[str]) -> str | None:
+    """Why a plug-in's route may not run (None: it may). The rules that keep plug-ins
+    from moving money the router would not: the main leg is last and is the request's own
+    (tx_id, sender); every leg moves a positive amount between two different accounts; no
+    leg debits `_issuer` (a plug-in never mints) and every leg debits the sender or a
+    system account; extra legs only credit system accounts, and a participant is credited
+    only as the payee who is offered the payment (nobody is paid unasked)."""
+    legs = route.legs
+    if not legs:
+        return "a route needs at least one leg"
+    main = legs[-1]
+    if main.tx_id != request.tx_id or main.sender != request.sender:
+        return "the main leg must be last and carry the request's tx_id and sender"
+    if len({(leg.sender, leg.tx_id) for leg in legs}) != len(legs):
+        return "two legs share a (sender, tx_id)"
+    for leg in legs:
+        if leg.amount <= 0 or leg.sender == leg.receiver:
+            return f"leg {leg.tx_id} moves {leg.amount} from {leg.sender} to {leg.receiver}"
+        if leg.sender == ISSUER:
+            return f"leg {leg.tx_id} debits {ISSUER}: a plug-in never mints"
+        if leg.sender != request.sender and leg.sender not in system_accounts:
+            return f"leg {leg.tx_id} debits {leg.sender}, neither the sender nor a system account"
+    for leg in legs[:-1]:
+        if leg.receiver not in system_accounts:
+            return f"extra leg {leg.tx_id} credits {leg.receiver}, not a system account"
+    if route.payee is None:
+        if main.receiver not in system_accounts:
+            return f"{main.receiver} would be paid without being offered the payment"
+    elif route.payee != main.receiver:
+        return f"the payee {route.payee} is not the main leg's receiver {main.receiver}"
+    return None
 
 
 class StatusNote(msgspec.Struct, frozen=True):

@@ -18,8 +18,10 @@ from ledger.store import load_rows
 from payer_client.client import PayerClient
 
 BOOM = textwrap.dedent('''
-    """A test plug-in: vetoes memo "veto", raises on memo "boom"."""
-    from router.plugins import Veto, hookimpl
+    """A test plug-in: vetoes memo "veto", raises on memo "boom", and on memo "mint" or
+    "gift" routes the payment in ways the router must refuse."""
+    from common.messages import RowIn
+    from router.plugins import Route, Veto, hookimpl
 
     class Boom:
         @hookimpl
@@ -28,6 +30,18 @@ BOOM = textwrap.dedent('''
                 return Veto("vetoed by the test plug-in")
             if request.memo == "boom":
                 raise RuntimeError("kaboom")
+            return None
+
+        @hookimpl
+        def jackpay_route(self, request):
+            main = RowIn(tx_id=request.tx_id, sender=request.sender,
+                         receiver=request.receiver, amount=request.amount, memo=request.memo)
+            if request.memo == "mint":  # money out of `_issuer` for the sender
+                extra = RowIn(tx_id="_leg2:" + request.tx_id, sender="_issuer",
+                              receiver=request.sender, amount=10**6)
+                return Route((extra, main), request.receiver)
+            if request.memo == "gift":  # pay the receiver without asking it
+                return Route((main,), None)
             return None
 
     def make(settings, context):
@@ -97,6 +111,11 @@ async def test_a_veto_and_a_raising_plugin_fail_their_payment_only(tmp_path: Pat
             await alice.send_payment("bob", 1000, memo="boom")
         assert boom.value.code is ErrorCode.PLUGIN_FAILED
         assert "boom" in boom.value.message  # the plug-in is named
+        for memo in ("mint", "gift"):  # routes that would move money unasked: refused
+            with pytest.raises(RequestFailed) as wrong:
+                await alice.send_payment("bob", 1000, memo=memo)
+            assert wrong.value.code is ErrorCode.PLUGIN_FAILED
+            assert "routed this payment wrongly" in wrong.value.message
         paid = await alice.send_payment("bob", 1000, memo="fine")  # the router serves on
         assert net.procs["router"].alive()
         rows, _ = load_rows(net.ledger_path.read_bytes(), "ledger")
@@ -173,3 +192,33 @@ async def test_the_router_restarts_on_a_ledger_with_legs(tmp_path: Path) -> None
         assert again.balance == 1000 - 110  # the retry found the payment: nothing twice
         state = await net.inspect()
         assert state.balances["_fees"] == 10
+
+
+def test_routes_that_would_move_money_unasked_are_refused() -> None:
+    from common.messages import RowIn
+    from router.plugins import PaymentRequest, Route, route_problem
+
+    req = PaymentRequest("alice", "t1", "bob", 500)
+    main = RowIn(tx_id="t1", sender="alice", receiver="bob", amount=500)
+    fee = RowIn(tx_id="_leg2:t1", sender="alice", receiver="_fees", amount=5)
+    pools = frozenset({"_fees", "_mixer"})
+
+    def problem(*legs: RowIn, payee: str | None = "bob") -> str | None:
+        return route_problem(req, Route(legs, payee), pools)
+
+    assert problem(fee, main) is None
+    assert problem(RowIn(tx_id="t1", sender="alice", receiver="_mixer", amount=500),
+                   payee=None) is None
+    assert "at least one leg" in str(problem())
+    assert "main leg must be last" in str(problem(main, fee))
+    assert "share" in str(problem(main, main))
+    assert "moves 0" in str(problem(RowIn(tx_id="_leg2:t1", sender="alice",
+                                          receiver="_fees", amount=0), main))
+    assert "never mints" in str(problem(RowIn(tx_id="_leg2:t1", sender="_issuer",
+                                              receiver="alice", amount=5), main))
+    assert "neither the sender" in str(problem(RowIn(tx_id="_leg2:t1", sender="carol",
+                                                     receiver="_fees", amount=5), main))
+    assert "not a system account" in str(problem(RowIn(tx_id="_leg2:t1", sender="alice",
+                                                       receiver="carol", amount=5), main))
+    assert "without being offered" in str(problem(main, payee=None))
+    assert "not the main leg's receiver" in str(problem(main, payee="carol"))
