@@ -129,6 +129,17 @@ class Balances(Protocol):
 
 
 @dataclass(frozen=True)
+class BalanceSnapshot:
+    """The balances a plug-in is shown: a copy, never the router's live accounts (a
+    plug-in reads money, it does not move it)."""
+
+    balances: Mapping[str, int]
+
+    def balance(self, account: str) -> int:
+        return self.balances.get(account, 0)
+
+
+@dataclass(frozen=True)
 class StartInfo:
     """`start`'s argument: the ledger as replayed (in seq order) and the balances after it."""
 
@@ -362,7 +373,9 @@ def load_plugins(names: Sequence[str], settings: Mapping[str, Mapping[str, Any]]
         state_dir = context.state_dir / name
         ctx = PluginContext(context.network_id, state_dir, context.participants)
         try:
-            state_dir.mkdir(parents=True, exist_ok=True)
+            # Its state may link payers to payees (the mixer's journal): owner only.
+            state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            state_dir.chmod(0o700)
             plugin = factory(own, ctx)
         except ConfigError as exc:
             raise ConfigError(f"[plugins.{name}]: {exc}") from None

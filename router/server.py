@@ -80,7 +80,13 @@ from router.ledger_client import LedgerClient, LedgerRefused, LedgerUnavailable,
 from router.login import Login, LoginPolicy, LoginRefused
 from router.metrics import router_metrics
 from router.payments import Outcome, Pipeline, StepTimes
-from router.plugins import PluginContext, PluginFailed, StartInfo, load_plugins
+from router.plugins import (
+    BalanceSnapshot,
+    PluginContext,
+    PluginFailed,
+    StartInfo,
+    load_plugins,
+)
 from router.reconcile import reconcile
 from router.sessions import Registry, Session
 from router.transactions import TxState as RecordState
@@ -380,7 +386,8 @@ class RouterService:
             return
         rows, self._plugin_rows = self._plugin_rows or [], None
         try:
-            self.plugins.start(StartInfo(rows, self.book.accounts, time.time()))
+            self.plugins.start(StartInfo(rows, BalanceSnapshot(self.book.accounts.snapshot()),
+                                         time.time()))
         except PluginFailed as exc:
             raise StartupFailed(f"{exc}; see the router's log") from exc
         log_event(log, "plug-ins started", plugins=",".join(self.plugins.names))

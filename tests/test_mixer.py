@@ -125,6 +125,11 @@ def test_the_journal_ignores_a_torn_last_line_and_refuses_garbage(tmp_path: Path
     j.close()
     assert [e["payer"] for e in Journal(tmp_path / "j.jsonl").read()] == ["a", "c"]
     assert (tmp_path / "j.jsonl").stat().st_mode & 0o777 == 0o600
+    (tmp_path / "j.jsonl").chmod(0o644)  # left readable by others: closed again on open
+    reopened = Journal(tmp_path / "j.jsonl")
+    reopened.open()
+    reopened.close()
+    assert (tmp_path / "j.jsonl").stat().st_mode & 0o777 == 0o600
     (tmp_path / "bad.jsonl").write_bytes(b"garbage\n{}\n")
     from jackpay_plugins.mixer.journal import JournalCorrupt
     with pytest.raises(JournalCorrupt, match="line 1"):
@@ -313,6 +318,9 @@ async def test_a_mixed_deposit_is_mixed_until_its_round(tmp_path: Path) -> None:
         logs = net.logs()
         net.stop_all()
     assert "p01" not in next(line for line in logs.splitlines() if "solo" in line)
+    # The mixer's state links payers to payees: its folder and journal are the owner's.
+    assert (tmp_path / "plugins" / "mixer").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "plugins" / "mixer" / "journal.jsonl").stat().st_mode & 0o777 == 0o600
 
 
 def test_report_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

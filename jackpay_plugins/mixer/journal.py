@@ -60,8 +60,9 @@ class Journal:
 
     def open(self) -> None:
         """Open for appending (0600), cutting a torn last line off first."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        os.fchmod(fd, 0o600)  # also a journal left readable by others: it links payers to payees
         size = os.fstat(fd).st_size
         if size:
             os.lseek(fd, 0, os.SEEK_SET)
