@@ -256,18 +256,10 @@ class Plugins:
         self._aborted = get("jackpay_aborted", ())
 
     @staticmethod
-    def _first(impls: tuple[_Impl, ...], *args: Any) -> Any:
-        for hook, name, function, idx in impls:
-            try:
-                result = function(*args) if idx is None else function(*[args[i] for i in idx])
-            except Exception as exc:
-                raise PluginFailed(name, hook, exc) from exc
-            if result is not None:
-                return result
-        return None
-
-    @staticmethod
-    def _all(impls: tuple[_Impl, ...], *args: Any) -> list[Any]:
+    def _run(impls: tuple[_Impl, ...], first: bool, *args: Any) -> Any:
+        """Call each implementation in order; `first`: return the first answer that is
+        not None (firstresult specs), else the list of all answers. A raise becomes
+        PluginFailed naming the plug-in."""
         results = []
         for hook, name, function, idx in impls:
             try:
@@ -275,7 +267,16 @@ class Plugins:
             except Exception as exc:
                 raise PluginFailed(name, hook, exc) from exc
             if result is not None:
+                if first:
+                    return result
                 results.append(result)
+        return None if first else results
+
+    def _first(self, impls: tuple[_Impl, ...], *args: Any) -> Any:
+        return self._run(impls, True, *args)
+
+    def _all(self, impls: tuple[_Impl, ...], *args: Any) -> list[Any]:
+        results: list[Any] = self._run(impls, False, *args)
         return results
 
     def validate(self, request: PaymentRequest) -> Veto | None:

@@ -435,34 +435,34 @@ class RouterService:
         """Stop accepting, drain payments within the grace period, close everything."""
         grace = self.cfg.router.shutdown_grace_s
         log_event(log, "shutting down", inflight=len(self.pipeline.inflight), grace_s=grace)
-        if self._key_watch is not None:
-            self._key_watch.cancel()
-        if self._plugin_timer is not None:
-            self._plugin_timer.cancel()
-        if self._reconciler is not None:
-            self._reconciler.cancel()
-        if self._server is not None:
-            self._server.close()
+        self._stop_accepting()
         cancelled = await self.pipeline.drain(grace)
         for ch in list(self._connections):
             ch.close()
-        await self.admin.aclose()
-        await self.ledger.aclose()
-        if self._metrics_server is not None:
-            self._metrics_server.shutdown()
+        await self._close_links()
         log_event(log, "stopped", cancelled=cancelled, **self.pipeline.counts,
                   ledger=dataclasses.asdict(self.ledger.stats))
 
     async def aclose(self) -> None:
         """Close without draining (startup was interrupted)."""
-        if self._key_watch is not None:
-            self._key_watch.cancel()
-        if self._plugin_timer is not None:
-            self._plugin_timer.cancel()
+        self._stop_accepting()
+        await self._close_links()
+
+    def _stop_accepting(self) -> None:
+        """Timers and background checks stop; no new connections."""
+        for timer in (self._key_watch, self._plugin_timer):
+            if timer is not None:
+                timer.cancel()
+        if self._reconciler is not None:
+            self._reconciler.cancel()
         if self._server is not None:
             self._server.close()
+
+    async def _close_links(self) -> None:
         await self.admin.aclose()
         await self.ledger.aclose()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
 
 
 class PayerConnection:
