@@ -104,3 +104,64 @@ async def test_write_failed_is_final(first_lost: bool) -> None:
     assert isinstance(result, LedgerRefused)
     assert result.code == "ledger_write_failed"
     assert len(seen) == (2 if first_lost else 1)
+
+
+async def test_a_failing_barrier_sends_nothing_and_fails_the_rows() -> None:
+    """`before_send` (a plug-in making its state durable) raising: the rows are refused
+    `plugin_failed`, unsent — the ledger never sees them."""
+    server, seen = await scripted_ledger(lambda n, req: appended(req))
+    port = server.sockets[0].getsockname()[1]
+    client = LedgerClient("127.0.0.1", port, tls=None, timeout_s=0.2, retry_max_s=0.2)
+
+    def barrier() -> None:
+        raise OSError("journal disk full")
+
+    client.before_send = barrier
+    client.start()
+    try:
+        assert await client.wait_connected(5)
+        with pytest.raises(LedgerRefused) as refused:
+            await asyncio.wait_for(client.append(ROW), 5)
+        assert refused.value.code == "plugin_failed"
+        got: list[AppendResult | BaseException] = []
+        client.append_cb(ROW, got.append)  # the callback path, the same way
+        await asyncio.sleep(0.1)
+        assert len(got) == 1
+        assert isinstance(got[0], LedgerRefused)
+        assert got[0].code == "plugin_failed"
+        assert seen == []
+    finally:
+        await client.aclose()
+        server.close()
+
+
+async def test_an_odd_first_answer_is_in_doubt_and_sent_again() -> None:
+    """The direct first attempt answered with something that is not `appended` for its
+    rows: the connection is dropped and the same rows sent again until answered."""
+    def script(n: int, req: Append) -> Message | None:
+        if n == 1:
+            return Appended(re=req.id, results=[])  # no result for our row
+        return appended(req)
+
+    result, seen = await run_client(script)
+    assert isinstance(result, AppendResult), result
+    assert len(seen) >= 2
+    assert seen[0].rows == seen[-1].rows
+
+
+async def test_append_cb_delivers_the_ledgers_answer() -> None:
+    server, seen = await scripted_ledger(lambda n, req: appended(req, "written"))
+    port = server.sockets[0].getsockname()[1]
+    client = LedgerClient("127.0.0.1", port, tls=None, timeout_s=0.2, retry_max_s=0.2)
+    client.start()
+    try:
+        assert await client.wait_connected(5)
+        done = asyncio.get_running_loop().create_future()
+        client.append_cb(ROW, done.set_result)
+        result = await asyncio.wait_for(done, 5)
+        assert isinstance(result, AppendResult)
+        assert (result.status, result.seq) == ("written", 7)
+        assert len(seen) == 1
+    finally:
+        await client.aclose()
+        server.close()
