@@ -52,17 +52,22 @@ def test_bench_quick_reports_every_figure(tmp_path: Path) -> None:
     # The host's stalls, measured in every setting (bench/stall.py), and latency away
     # from them; the open-loop echo at the payments' open-loop rate, in the same run.
     for p in payments + plain + report["echo"]:
+        assert isinstance(p["stall_ms"], float)
         assert p["stall_ms"] >= 0
-        assert p["stall_windows"] >= 0
+        assert isinstance(p["stall_windows"], int)
         assert 0 <= p["excluded_share"] <= 1
-        assert p["p99_ms_away"] is None or p["p99_ms_away"] <= p["max_ms"]
+        # Without windows nothing is left out and "away" is every payment's figure.
+        if p["stall_windows"] == 0:
+            assert p["excluded_share"] == 0
+            assert p["p99_ms_away"] == p["p99_ms"]
     (echo_open,) = report["echo_open"]
     assert echo_open["label"].startswith("echo 3 hops plain open")
     assert echo_open["offered_per_s"] == payments[-1]["offered_per_s"]
     assert echo_open["ok"] > 0
     same = ratios["vs_echo_open_at_same_rate"][f"{payments[-1]['offered_per_s']:.0f}/s"]
     assert same["p99"] == round(payments[-1]["p99_ms"] / echo_open["p99_ms"], 2)
-    assert report["stall_probe"]["slow_periods"] >= 0
+    assert isinstance(report["stall_probe"]["realtime"], bool)
+    assert isinstance(report["stall_probe"]["slow_periods"], int)
     assert ratios["secure_vs_plain_peak"] == round(
         report["peak_payments_per_s"] / report["plain_peak_payments_per_s"], 3)
     assert list(ratios["secure_vs_plain_p99_at_same_rate"]) == [
