@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import csv
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -43,7 +42,7 @@ from common.money import format_amount, parse_amount
 from common.procs import ProcessFailed, fsize_limit
 from common.tls import client_tls
 from payer_client.client import PayerClient, PayerCredentials
-from payer_client.launch import REPO_ROOT, LocalNetwork
+from payer_client.launch import LocalNetwork
 from payer_client.render import printable
 from router.inspect_cli import NotAnswering, fetch
 
@@ -115,12 +114,10 @@ class Demo:
         self.failures: list[str] = []
 
     def cli(self, who: str, *args: str) -> tuple[int, dict[str, Any]]:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         proc = subprocess.run(
             [sys.executable, "-m", "payer_client", *args, "--json", "--config",
              str(self.config), "--id", who],
-            capture_output=True, text=True, env=env, timeout=60, check=False,
+            capture_output=True, text=True, env=self.net.env(), timeout=60, check=False,
             cwd=self.root)  # not the user's folder: `-m` puts the cwd first on sys.path
         try:
             doc = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.stdout.strip() else {}
@@ -236,7 +233,7 @@ class Demo:
         self.console.rule("python -m router reconcile")
         proc = subprocess.run([sys.executable, "-m", "router", "reconcile", "--config",
                                str(self.config)], capture_output=True, text=True, check=False,
-                              timeout=60, cwd=self.root, env=self.net._env())
+                              timeout=60, cwd=self.root, env=self.net.env())
         self.console.print((proc.stdout + proc.stderr).strip(), highlight=False)
         if proc.returncode != 0:
             self.failures.append(f"reconcile exited {proc.returncode}")
@@ -309,7 +306,7 @@ class Demo:
         self.console.rule("python -m ledger verify")
         proc = subprocess.run([sys.executable, "-m", "ledger", "verify", str(path)],
                               capture_output=True, text=True, check=False, timeout=60,
-                              cwd=self.root)
+                              cwd=self.root, env=self.net.env())
         self.console.print((proc.stdout + proc.stderr).strip(), highlight=False)
         if proc.returncode != 0:
             self.failures.append(f"ledger verify exited {proc.returncode}")

@@ -56,13 +56,14 @@ class LocalNetwork:
         self.config.resolve(self.config.router.admin_socket).parent.mkdir(parents=True,
                                                                           exist_ok=True)
 
-    def _env(self) -> dict[str, str]:
+    def env(self) -> dict[str, str]:
+        """The environment its processes (and tools run against it) get."""
         env = dict(os.environ)
         env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         return env
 
     def _start(self, name: str, argv: list[str], preexec_fn: Any = None) -> Proc:
-        proc = Proc(name, argv, self.run_dir / f"{name}.log", env=self._env(),
+        proc = Proc(name, argv, self.run_dir / f"{name}.log", env=self.env(),
                     cwd=self.config_path.parent, preexec_fn=preexec_fn)
         self.procs[name] = proc
         try:
