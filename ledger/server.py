@@ -55,7 +55,7 @@ from common.messages import (
     encode,
 )
 from common.metrics import BUCKETS_ROWS, Histogram, counter, gauge
-from ledger.store import SLOW_FSYNC_US, LedgerStore, WriteFailed
+from ledger.storage import SLOW_FSYNC_US, Fenced, LedgerStorage
 
 log = logging.getLogger("jackpay.ledger")
 
@@ -90,7 +90,7 @@ class _Queued:
 
 
 class LedgerServer:
-    def __init__(self, store: LedgerStore, access: LedgerAccess, *, host: str = "127.0.0.1",
+    def __init__(self, store: LedgerStorage, access: LedgerAccess, *, host: str = "127.0.0.1",
                  port: int = 0, max_frame_bytes: int = 64 * 1024,
                  max_batch_rows: int = 4096) -> None:
         self.store = store
@@ -107,6 +107,9 @@ class LedgerServer:
         self._writer: asyncio.Task[None] | None = None
         self._writing: asyncio.Future[None] | None = None  # the batch being written
         self._stopping = False
+        self.fenced: str | None = None  # why this service may no longer write
+        self.on_fenced: asyncio.Event = asyncio.Event()
+        self._reads: set[asyncio.Task[None]] = set()
         self._started = time.monotonic()
         self.appends = 0
         self._slow_logged_at = -1.0e9  # `slow fsync` lines: at most one a second
@@ -139,17 +142,20 @@ class LedgerServer:
         self._wake.set()
         if self._writer is not None:
             await self._writer
+        for task in list(self._reads):
+            task.cancel()
         for ch in list(self._channels):
             ch.close()
-        self.store.close()
+        await self.store.aclose()
 
     def statistics(self) -> dict[str, int | str]:
-        return {"rows": self.store.last_seq, "fsyncs": self.store.fsyncs,
-                "batches": self.store.batches, "appends": self.appends,
+        st = self.store.statistics()
+        return {"rows": st.rows, "fsyncs": st.fsyncs,
+                "batches": st.batches, "appends": self.appends,
                 "uptime_ms": int((time.monotonic() - self._started) * 1000),
                 "last_hash": self.store.last_hash,
-                "fsync_us_total": self.store.fsync_us_total,
-                "fsync_us_max": self.store.fsync_us_max, "slow_fsyncs": self.store.slow_fsyncs}
+                "fsync_us_total": st.fsync_us_total,
+                "fsync_us_max": st.fsync_us_max, "slow_fsyncs": st.slow_fsyncs}
 
     def metrics(self) -> Iterator[Metric]:
         """The ledger's Prometheus metrics (read at scrape time, from the HTTP thread)."""
@@ -231,8 +237,9 @@ class LedgerServer:
                               identity=ch.peer_identity, code="forbidden")
                     ch.reply_error(msg.id, ErrorCode.FORBIDDEN, "only the router may append")
                     return
-                if self._stopping:
-                    ch.reply_error(msg.id, ErrorCode.SHUTTING_DOWN, "the ledger is stopping")
+                if self._stopping or self.fenced:
+                    ch.reply_error(msg.id, ErrorCode.SHUTTING_DOWN,
+                                   f"the ledger is stopping{': ' + self.fenced if self.fenced else ''}")
                     return
                 if len(msg.rows) * APPEND_RESULT_BYTES + 64 > self.max_frame_bytes:
                     ch.reply_error(msg.id, ErrorCode.BAD_REQUEST,
@@ -243,7 +250,9 @@ class LedgerServer:
                 self._queue.append(_Queued(ch, msg))
                 self._wake.set()
             case Read(id=rid, from_seq=from_seq, limit=limit, party=party):
-                self._send(ch, self._rows_reply(rid, from_seq, limit, party))
+                task = asyncio.create_task(self._read(ch, rid, from_seq, limit, party))
+                self._reads.add(task)
+                task.add_done_callback(self._reads.discard)
             case Ping(id=rid):
                 ch.send_nowait(Pong(re=rid))
             case Stats(id=rid):
@@ -274,11 +283,22 @@ class LedgerServer:
             c.close()
         self._queue = [q for q in self._queue if not q.channel.closed]
 
-    def _rows_reply(self, rid: int, from_seq: int, limit: int, party: str | None) -> Rows:
+    async def _read(self, ch: Channel, rid: int, from_seq: int, limit: int,
+                    party: str | None) -> None:
+        try:
+            reply = await self._rows_reply(rid, from_seq, limit, party)
+        except Exception as exc:  # the database is away: say so, keep serving
+            log_event(log, "read failed", logging.ERROR, error=repr(exc))
+            ch.reply_error(rid, ErrorCode.LEDGER_UNAVAILABLE, f"the ledger's store cannot be "
+                           f"read right now ({type(exc).__name__}); retry")
+            return
+        self._send(ch, reply)
+
+    async def _rows_reply(self, rid: int, from_seq: int, limit: int, party: str | None) -> Rows:
         """A page of rows that fits in one frame: fewer rows than asked when they are large
         (the client continues from `next_seq`)."""
         while True:
-            res = self.store.read(from_seq, limit, party)
+            res = await self.store.read_rows(from_seq, limit, party)
             reply = Rows(re=rid, rows=res.rows, next_seq=res.next_seq, last_seq=self.store.last_seq,
                          more=res.more)
             size = len(encode(reply)) + HEADER_SIZE
@@ -339,29 +359,39 @@ class LedgerServer:
 
     async def _write_batch(self, batch: list[_Queued]) -> None:
         store = self.store
-        resolutions, prepared = store.resolve([q.request.rows for q in batch], utc_now_dtg(),
-                                              [q.request.atomic for q in batch])
-        failure: str | None = None
-        if prepared.rows:
-            try:
-                fsync_us = store.write_durably(prepared)  # blocking: see the docstring
-            except WriteFailed as exc:
-                failure = str(exc)
-                self.write_failures += 1
-                log_event(log, "write failed; file restored", logging.ERROR, reason=failure,
-                          rows=len(prepared.rows))
-            else:
-                store.commit(prepared)
-                self.fsync_seconds.observe(fsync_us / 1e6)
-                self.batch_rows.observe(len(prepared.rows))
-                if fsync_us >= SLOW_FSYNC_US:
-                    self._note_slow_fsync(fsync_us, len(prepared.rows))
-        for q, res in zip(batch, resolutions, strict=True):
+        try:
+            out = await store.append_batch([q.request.rows for q in batch], utc_now_dtg(),
+                                           [q.request.atomic for q in batch])
+        except Fenced as exc:
+            self.fenced = str(exc)
+            log_event(log, "fenced: another ledger service holds the store; not writing "
+                      "again", logging.ERROR, reason=self.fenced)
+            for q in batch:
+                q.channel.reply_error(q.request.id, ErrorCode.SHUTTING_DOWN,
+                                      f"not written: {self.fenced}")
+            for q in self._queue:
+                q.channel.reply_error(q.request.id, ErrorCode.SHUTTING_DOWN,
+                                      f"not written: {self.fenced}")
+            self._queue.clear()
+            self.on_fenced.set()
+            return
+        failure = out.failure
+        if failure is not None:
+            self.write_failures += 1
+            log_event(log, "write failed; nothing of the batch is in the ledger", logging.ERROR,
+                      reason=failure, requests=len(batch))
+        elif out.written:
+            self.fsync_seconds.observe(out.durable_us / 1e6)
+            self.batch_rows.observe(len(out.written))
+            if out.durable_us >= SLOW_FSYNC_US:
+                self._note_slow_fsync(out.durable_us, len(out.written))
+        last_seq = store.last_seq
+        for q, res in zip(batch, out.resolutions, strict=True):
             # After a failed write, a request fails if any of its answers names a row of
             # this batch: its own new rows, and also a `duplicate` or `conflict` resolved
             # against another request's row in the same batch (a re-sent append) — those
             # rows were rolled back and must not be reported as recorded.
-            if failure is not None and any(r.seq > store.last_seq for r in res.rows):
+            if failure is not None and any(r.seq > last_seq for r in res.rows):
                 q.channel.reply_error(q.request.id, ErrorCode.LEDGER_WRITE_FAILED, failure)
                 continue
             results = [AppendResult(status=s, seq=r.seq, dtg=r.dtg, hash=r.hash)  # type: ignore[arg-type]

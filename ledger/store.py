@@ -1,4 +1,5 @@
-"""The ledger file: recovery on open, atomic batch appends, the tx_id index. Blocking I/O.
+"""The CSV store: the ledger file (recovery on open, atomic batch appends) in front of a
+MemoryIndex (ledger/index.py). Blocking I/O, on the event loop (ledger/server.py says why).
 
 Rules:
 - A batch is appended with write() + fsync(); its rows become visible (index, reads,
@@ -9,53 +10,31 @@ Rules:
   anything else that does not parse, breaks the sequence or the hash chain makes `open`
   raise LedgerCorrupt and leaves the file untouched.
 - The server (ledger/server.py) serialises batches: `resolve`, `write_durably` and
-  `commit` run one batch at a time, in that order.
+  `commit` run one batch at a time, in that order (`append_batch` does all three: the
+  LedgerStorage interface of ledger/storage.py).
 - A payment is named by (sender, tx_id): appends are idempotent by that pair, and two
-  senders may use the same tx_id.
+  senders may use the same tx_id (ledger/index.py resolves them).
 """
 
 from __future__ import annotations
 
-import bisect
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import JackPayError
 from common.messages import LedgerRow, RowIn
-from ledger.rows import (
-    GENESIS_HASH,
-    HEADER_LINE,
-    RowFormatError,
-    check_chain,
-    format_line,
-    make_row,
-    parse_line,
-    same_payment,
-)
+from ledger.index import LEG_PREFIX, MemoryIndex, ReadResult, Resolution, resolve
+from ledger.rows import HEADER_LINE, RowFormatError, check_chain, format_line, parse_line
+from ledger.storage import SLOW_FSYNC_US, AppendOutcome, StoreStats, WriteFailed
 
-# The tx_ids of a payment's extra legs start so (router.payment_core.leg_tx_id).
-LEG_PREFIX = "_leg"
-
-# An fsync at least this long is counted as slow (`slow_fsyncs` in the `stats` reply).
-SLOW_FSYNC_US = 10_000
+__all__ = ["LEG_PREFIX", "SLOW_FSYNC_US", "LedgerCorrupt", "LedgerStore", "PreparedBatch",
+           "ReadResult", "Resolution", "WriteFailed", "load_rows"]
 
 
 class LedgerCorrupt(JackPayError):
     """The file cannot be trusted; the ledger will not start on it (file left untouched)."""
-
-
-class WriteFailed(JackPayError):
-    """A batch could not be made durable; the file was restored to its previous size."""
-
-
-@dataclass(slots=True)
-class Resolution:
-    """What an append request's rows turned into, before the batch is written."""
-
-    status: list[str] = field(default_factory=list)  # written | duplicate | conflict
-    rows: list[LedgerRow] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -63,13 +42,6 @@ class PreparedBatch:
     rows: list[LedgerRow]
     data: bytes
     size_before: int
-
-
-@dataclass(slots=True)
-class ReadResult:
-    rows: list[LedgerRow]
-    next_seq: int
-    more: bool = False  # rows (of the party, if one was given) exist from next_seq on
 
 
 def fsync_dir(path: Path) -> None:
@@ -130,13 +102,11 @@ def load_rows(data: bytes, source: str) -> tuple[list[LedgerRow], int]:
 class LedgerStore:
     """An open ledger file with its in-memory index."""
 
+    kind = "csv"
+
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.rows: list[LedgerRow] = []
-        self.by_tx: dict[tuple[str, str], LedgerRow] = {}  # by (sender, tx_id)
-        # seqs of the rows each account sent or received, ascending: `read(party=…)` is
-        # a binary search, not a scan of the whole ledger on the event loop.
-        self.by_party: dict[str, list[int]] = {}
+        self.index = MemoryIndex()
         self.fsyncs = 0
         self.batches = 0
         # How long the disk took: total and worst fsync, and how many took >= 10 ms
@@ -182,94 +152,71 @@ class LedgerStore:
             raise
         self._fd = fd
         self._size = good
-        self.rows = rows
-        self.by_tx = {(r.sender, r.tx_id): r for r in rows}
-        for r in rows:
-            self._index_party(r)
+        self.index = MemoryIndex(rows)
 
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
 
+    async def aclose(self) -> None:
+        self.close()
+
     # --- queries -------------------------------------------------------------------
 
     @property
+    def rows(self) -> list[LedgerRow]:
+        return self.index.rows
+
+    @property
+    def by_tx(self) -> dict[tuple[str, str], LedgerRow]:
+        return self.index.by_tx
+
+    @property
     def last_seq(self) -> int:
-        return len(self.rows)
+        return self.index.last_seq
 
     @property
     def last_hash(self) -> str:
-        return self.rows[-1].hash if self.rows else GENESIS_HASH
+        return self.index.last_hash
 
     def read(self, from_seq: int, limit: int, party: str | None = None) -> ReadResult:
         """Rows with seq >= from_seq (at most `limit`); with `party`, only its rows."""
-        start = from_seq - 1
-        if party is None:
-            page = self.rows[start : start + limit]
-            return ReadResult(page, from_seq + len(page), from_seq + len(page) <= self.last_seq)
-        seqs = self.by_party.get(party, [])
-        i = bisect.bisect_left(seqs, from_seq)
-        page = [self.rows[seq - 1] for seq in seqs[i : i + limit]]
-        return ReadResult(page, page[-1].seq + 1 if page else max(from_seq, self.last_seq + 1),
-                          i + len(page) < len(seqs))
+        return self.index.read(from_seq, limit, party)
 
-    def _index_party(self, row: LedgerRow) -> None:
-        self.by_party.setdefault(row.sender, []).append(row.seq)
-        if row.receiver != row.sender:
-            self.by_party.setdefault(row.receiver, []).append(row.seq)
+    async def read_rows(self, from_seq: int, limit: int, party: str | None) -> ReadResult:
+        return self.index.read(from_seq, limit, party)
+
+    def statistics(self) -> StoreStats:
+        return StoreStats(rows=self.last_seq, fsyncs=self.fsyncs, batches=self.batches,
+                          fsync_us_total=self.fsync_us_total, fsync_us_max=self.fsync_us_max,
+                          slow_fsyncs=self.slow_fsyncs)
 
     # --- appends -------------------------------------------------------------------
 
     def resolve(self, requests: list[list[RowIn]], dtg: str,
                 atomic: list[bool] | None = None) -> tuple[list[Resolution], PreparedBatch]:
-        """Decide each row of a group of append requests and serialise the new ones.
-
-        Pure with respect to the file: nothing is written and the index is not changed.
-        A (sender, tx_id) repeated inside the group resolves against its first occurrence.
-        An atomic request (one payment's legs) is all or nothing: a conflict on one row,
-        or some rows new and others already there, answers every row `conflict` and
-        writes none of them.
-        """
-        new_rows: list[LedgerRow] = []
-        pending: dict[tuple[str, str], LedgerRow] = {}
-        prev_hash = self.last_hash
-        seq = self.last_seq
-        resolutions = []
-        for i, rows_in in enumerate(requests):
-            if atomic is not None and atomic[i]:
-                mark = (len(new_rows), seq, prev_hash)
-            else:
-                mark = None
-            res = Resolution()
-            for r in rows_in:
-                key = (r.sender, r.tx_id)
-                existing = self.by_tx.get(key) or pending.get(key)
-                if existing is not None:
-                    same = same_payment(existing, r.sender, r.receiver, r.amount, r.memo)
-                    res.status.append("duplicate" if same else "conflict")
-                    res.rows.append(existing)
-                    continue
-                seq += 1
-                row = make_row(prev_hash, seq, dtg, r.sender, r.receiver, r.amount, r.tx_id, r.memo)
-                prev_hash = row.hash
-                pending[key] = row
-                new_rows.append(row)
-                res.status.append("written")
-                res.rows.append(row)
-            if (mark is not None and "conflict" in res.status) or (
-                    mark is not None and "written" in res.status and "duplicate" in res.status):
-                assert mark is not None
-                undone, seq, prev_hash = mark
-                for row in new_rows[undone:]:
-                    del pending[(row.sender, row.tx_id)]
-                del new_rows[undone:]
-                known = next((r for r, st in zip(res.rows, res.status, strict=True)
-                              if st != "written"), res.rows[0])
-                res = Resolution(["conflict"] * len(rows_in), [known] * len(rows_in))
-            resolutions.append(res)
+        """Decide each row of a group of append requests (ledger.index.resolve) and
+        serialise the new ones. Pure with respect to the file: nothing is written and the
+        index is not changed."""
+        index = self.index
+        resolutions, new_rows = resolve(requests, dtg, atomic, last_seq=index.last_seq,
+                                        last_hash=index.last_hash, lookup=index.by_tx.get)
         data = "".join(format_line(r) for r in new_rows).encode()
         return resolutions, PreparedBatch(new_rows, data, self._size)
+
+    async def append_batch(self, requests: list[list[RowIn]], dtg: str,
+                           atomic: list[bool] | None) -> AppendOutcome:
+        """resolve → write_durably → commit, blocking on the event loop (no await)."""
+        resolutions, prepared = self.resolve(requests, dtg, atomic)
+        if not prepared.rows:
+            return AppendOutcome(resolutions)
+        try:
+            us = self.write_durably(prepared)
+        except WriteFailed as exc:
+            return AppendOutcome(resolutions, failure=str(exc))
+        self.commit(prepared)
+        return AppendOutcome(resolutions, prepared.rows, durable_us=us)
 
     def write_durably(self, batch: PreparedBatch) -> int:
         """write + fsync (blocking); returns how long the fsync took, in microseconds (0:
@@ -308,7 +255,4 @@ class LedgerStore:
         """Make a durably written batch visible. Call only after write_durably returned."""
         self._size = batch.size_before + len(batch.data)
         self.batches += 1
-        for row in batch.rows:
-            self.rows.append(row)
-            self.by_tx[(row.sender, row.tx_id)] = row
-            self._index_party(row)
+        self.index.add(batch.rows)
