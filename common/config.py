@@ -59,6 +59,18 @@ class LedgerConfig(_Section):
     # Client-certificate names (CN) granted read access (`read`, `stats`); the router's
     # certificate (CN "router") may also append. Nobody else gets past `hello`.
     auditors: list[str] = msgspec.field(default_factory=lambda: ["auditor"])
+    # Where the rows live: "csv" (the file at `path`, the default) or "postgresql" (the
+    # database at `dsn`, e.g. "postgresql://jackpay@db1:5432,db2:5432/jackpay": every host
+    # of a multi-host DSN is tried and the writable one is used). DESIGN §6a.
+    store: Literal["csv", "postgresql"] = "csv"
+    dsn: str = ""
+
+    def __post_init__(self) -> None:
+        if self.store == "postgresql" and not self.dsn:
+            raise ValueError('[ledger] store = "postgresql" needs dsn = "postgresql://USER@HOST:'
+                             'PORT/DATABASE"')
+        if self.dsn and not self.dsn.startswith(("postgresql://", "postgres://")):
+            raise ValueError("[ledger] dsn must be a URI starting with postgresql://")
 
 
 class RouterConfig(_Section):

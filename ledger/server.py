@@ -92,13 +92,14 @@ class _Queued:
 class LedgerServer:
     def __init__(self, store: LedgerStorage, access: LedgerAccess, *, host: str = "127.0.0.1",
                  port: int = 0, max_frame_bytes: int = 64 * 1024,
-                 max_batch_rows: int = 4096) -> None:
+                 max_batch_rows: int = 4096, stop_grace_s: float = 30.0) -> None:
         self.store = store
         self.access = access
         self.host = host
         self.port = port
         self.max_frame_bytes = max_frame_bytes
         self.max_batch_rows = max_batch_rows
+        self.stop_grace_s = stop_grace_s
         self._server: asyncio.Server | None = None
         self._channels: set[Channel] = set()
         self._greeted: dict[Channel, bool] = {}  # greeted connection -> may append
@@ -141,7 +142,15 @@ class LedgerServer:
             self._server.close()
         self._wake.set()
         if self._writer is not None:
-            await self._writer
+            # A batch whose commit waits for an absent synchronous standby may never
+            # finish: after the grace period it is cancelled and stays in doubt (nothing
+            # was acknowledged; the router asks again, the next service settles it).
+            done, _ = await asyncio.wait({self._writer}, timeout=self.stop_grace_s)
+            if not done:
+                log_event(log, "stopping with a batch still committing; it stays in doubt",
+                          logging.WARNING, grace_s=self.stop_grace_s)
+                self._writer.cancel()
+                await asyncio.gather(self._writer, return_exceptions=True)
         for task in list(self._reads):
             task.cancel()
         for ch in list(self._channels):

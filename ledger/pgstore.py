@@ -1,0 +1,521 @@
+"""The PostgreSQL store (asyncpg): the ledger's rows in one table, a batch per transaction.
+
+Tables (created on first open, under an advisory lock):
+- `jackpay_rows`: seq (primary key), dtg, sender, receiver, amount (minor units), tx_id,
+  memo, hash — the CSV file's fields, the same hash chain (ledger/rows.py), so the same
+  payments give byte-identical rows and hashes in both stores. Unique on (sender, tx_id);
+  indexed by (sender, seq) and (receiver, seq) for paged reads of one party.
+- `jackpay_balances`: the balance of every account, updated in the batch's transaction
+  (the router's start can read balances instead of replaying every row).
+- `jackpay_fence`: one row, the fencing epoch and who holds it.
+
+Rules:
+- A batch is one statement, `SELECT jackpay_append(...)` in autocommit: one round trip,
+  one transaction, all rows or none (group commit through the database). Inside it the
+  function checks, before writing, that this service's epoch is still the fence's
+  (else SQLSTATE JPF01: `Fenced`), that the batch continues the stored chain (its first
+  row's previous hash is the stored head's), inserts the rows and updates balances.
+- Opening the store takes the log over: the epoch is bumped in its own committed
+  transaction, after which no older service can commit (its append checks the epoch
+  under FOR SHARE, so a takeover waits for an append in flight and an append after it
+  sees the new epoch). What fences what: the epoch fences a stale *ledger service*; an
+  old *primary* left running is fenced by its synchronous standby (it cannot acknowledge
+  a commit without one); `target_session_attrs=read-write` only picks a server at
+  connect time and fences nothing.
+- Any failure of an append other than a definite refusal by the server (a constraint, a
+  bad value, the fence) is in doubt: the transaction may have committed ("committed
+  locally, but might not have been replicated"). It is resolved by asking, never
+  guessed: on a fresh connection, the old backend is terminated if it still lives, then a
+  barrier transaction (touch the fence row at our epoch, look the batch's keys up,
+  commit) — its commit waits for the synchronous standby, and WAL is sequential, so
+  what it saw is replicated by the time it returns. Found with our hashes: committed.
+  Not found: not committed, written again. The barrier is retried until it answers.
+- No timeout is ever put on a commit (cancelling one that waits for the standby commits
+  it locally). A commit waiting long is logged, every few seconds.
+- Memory does not grow with rows: the index keeps the head and a bounded cache of
+  recent rows; a key not in the cache is assumed new, and the unique index is the
+  judge (a violation is looked up and the batch resolved again). Reads are paged from
+  the table by index and never show rows past the acknowledged head.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from asyncpg.connect_utils import SessionAttribute
+
+from common.logs import log_event
+from common.messages import LedgerRow, RowIn
+from ledger.index import Key, ReadResult, RecentIndex, resolve
+from ledger.rows import GENESIS_HASH, HEADER_LINE, check_chain, format_line
+from ledger.storage import SLOW_FSYNC_US, AppendOutcome, Fenced, StoreStats
+
+log = logging.getLogger("jackpay.ledger")
+
+SCHEMA_LOCK = 7_300_001  # pg_advisory_xact_lock key for creating the tables
+FENCED_STATE = "JPF01"
+CHAIN_STATE = "JPC01"
+APPEND_ATTEMPTS = 3
+SLOW_COMMIT_LOG_S = 5.0
+CONNECT_TIMEOUT_S = 10.0
+RETRY_MAX_S = 2.0
+
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS jackpay_rows (
+    seq      bigint PRIMARY KEY CHECK (seq > 0),
+    dtg      text   NOT NULL,
+    sender   text   NOT NULL,
+    receiver text   NOT NULL,
+    amount   bigint NOT NULL CHECK (amount > 0),
+    tx_id    text   NOT NULL,
+    memo     text   NOT NULL,
+    hash     text   NOT NULL,
+    UNIQUE (sender, tx_id)
+);
+CREATE INDEX IF NOT EXISTS jackpay_rows_sender_seq ON jackpay_rows (sender, seq);
+CREATE INDEX IF NOT EXISTS jackpay_rows_receiver_seq ON jackpay_rows (receiver, seq);
+CREATE TABLE IF NOT EXISTS jackpay_balances (
+    account text   PRIMARY KEY,
+    balance bigint NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jackpay_fence (
+    id     int         PRIMARY KEY CHECK (id = 1),
+    epoch  bigint      NOT NULL,
+    holder text        NOT NULL,
+    since  timestamptz NOT NULL
+);
+INSERT INTO jackpay_fence VALUES (1, 0, '', now()) ON CONFLICT (id) DO NOTHING;
+CREATE OR REPLACE FUNCTION jackpay_append(
+    p_epoch bigint, p_prev_hash text, p_seq bigint[], p_dtg text[], p_sender text[],
+    p_receiver text[], p_amount bigint[], p_tx_id text[], p_memo text[], p_hash text[])
+RETURNS bigint LANGUAGE plpgsql AS $$
+DECLARE
+    held bigint;
+BEGIN
+    SELECT epoch INTO held FROM jackpay_fence WHERE id = 1 FOR SHARE;
+    IF held IS DISTINCT FROM p_epoch THEN
+        RAISE EXCEPTION 'fenced: the store is held at epoch %, this ledger service has %',
+            held, p_epoch USING ERRCODE = '{FENCED_STATE}';
+    END IF;
+    IF p_seq[1] > 1 AND NOT EXISTS (
+            SELECT 1 FROM jackpay_rows WHERE seq = p_seq[1] - 1 AND hash = p_prev_hash) THEN
+        RAISE EXCEPTION 'batch from seq % does not continue the stored chain', p_seq[1]
+            USING ERRCODE = '{CHAIN_STATE}';
+    END IF;
+    INSERT INTO jackpay_rows (seq, dtg, sender, receiver, amount, tx_id, memo, hash)
+        SELECT * FROM unnest(p_seq, p_dtg, p_sender, p_receiver, p_amount, p_tx_id,
+                             p_memo, p_hash);
+    INSERT INTO jackpay_balances AS b (account, balance)
+        SELECT account, sum(delta) FROM (
+            SELECT s AS account, -a AS delta FROM unnest(p_sender, p_amount) AS u(s, a)
+            UNION ALL
+            SELECT r, a FROM unnest(p_receiver, p_amount) AS v(r, a)) AS d
+        GROUP BY account ORDER BY account
+        ON CONFLICT (account) DO UPDATE SET balance = b.balance + EXCLUDED.balance;
+    RETURN p_seq[array_length(p_seq, 1)];
+END $$;
+"""
+
+_COLUMNS = "seq, dtg, sender, receiver, amount, tx_id, memo, hash"
+_APPEND = "SELECT jackpay_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+_HEAD = "SELECT seq, hash FROM jackpay_rows ORDER BY seq DESC LIMIT 1"
+_LOOKUP = (f"SELECT {_COLUMNS} FROM jackpay_rows JOIN unnest($1::text[], $2::text[]) "
+           "AS k(s, t) ON sender = k.s AND tx_id = k.t")
+_READ = f"SELECT {_COLUMNS} FROM jackpay_rows WHERE seq >= $1 AND seq <= $3 ORDER BY seq LIMIT $2"
+_READ_PARTY = f"""
+SELECT {', '.join('r.' + c for c in _COLUMNS.split(', '))} FROM (
+    (SELECT seq FROM jackpay_rows WHERE sender = $3 AND seq >= $1 AND seq <= $4
+     ORDER BY seq LIMIT $2)
+    UNION
+    (SELECT seq FROM jackpay_rows WHERE receiver = $3 AND seq >= $1 AND seq <= $4
+     ORDER BY seq LIMIT $2)
+) AS s JOIN jackpay_rows AS r USING (seq) ORDER BY r.seq LIMIT $2
+"""
+
+
+def is_dsn(text: str) -> bool:
+    """Whether `text` names a PostgreSQL database (a URI) rather than a file."""
+    return text.startswith(("postgresql://", "postgres://"))
+
+
+def _row(rec: Any) -> LedgerRow:
+    return LedgerRow(seq=rec[0], dtg=rec[1], sender=rec[2], receiver=rec[3], amount=rec[4],
+                     tx_id=rec[5], memo=rec[6], hash=rec[7])
+
+
+def _definite(exc: BaseException) -> bool:
+    """The server refused the statement, so its transaction rolled back: a constraint or
+    bad value (classes 22, 23), a missing object or syntax (42), or our own checks."""
+    state = getattr(exc, "sqlstate", None)
+    return isinstance(exc, asyncpg.PostgresError) and isinstance(state, str) and (
+        state[:2] in ("22", "23", "42") or state in (FENCED_STATE, CHAIN_STATE))
+
+
+async def connect(dsn: str) -> asyncpg.Connection:
+    """A connection to the writable server of `dsn` (every host of a multi-host DSN is
+    tried). Raises OSError, asyncpg errors, TimeoutError."""
+    conn: asyncpg.Connection = await asyncpg.connect(
+        dsn, target_session_attrs=SessionAttribute.read_write, timeout=CONNECT_TIMEOUT_S,
+        server_settings={"application_name": "jackpay-ledger"})
+    return conn
+
+
+class PgStore:
+    """The ledger's rows in PostgreSQL; the LedgerStorage interface (ledger/storage.py)."""
+
+    kind = "postgresql"
+
+    def __init__(self, dsn: str, *, holder: str, cache_rows: int) -> None:
+        self.dsn = dsn
+        self.holder = holder
+        self.epoch = 0
+        self.index = RecentIndex(0, GENESIS_HASH, cache_rows)
+        self._conn: asyncpg.Connection | None = None
+        self._backend: tuple[int, Any] | None = None  # (pid, backend_start) of _conn
+        self._pool: asyncpg.Pool | None = None
+        self.commits = 0
+        self.commit_us_total = 0
+        self.commit_us_max = 0
+        self.slow_commits = 0
+        self.in_doubt = 0  # appends whose outcome had to be asked
+        self.conflict_lookups = 0  # unique violations resolved by asking the table
+        self._slow_handle: asyncio.TimerHandle | None = None
+
+    # --- open / close --------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, dsn: str, *, holder: str | None = None,
+                   cache_rows: int = 100_000) -> PgStore:
+        """Connect, create the tables if needed, take the store over (bump the fencing
+        epoch: an older ledger service can no longer commit) and read the chain head.
+        The takeover is a commit, so it waits for a synchronous standby.
+        Raises OSError, TimeoutError, asyncpg errors (the caller says what to do)."""
+        store = cls(dsn, holder=holder or f"{socket.gethostname()}:{os.getpid()}",
+                    cache_rows=cache_rows)
+        conn = await connect(dsn)
+        try:
+            async with conn.transaction():
+                await conn.execute(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})")
+                await conn.execute(SCHEMA)
+            store.epoch = await conn.fetchval(
+                "UPDATE jackpay_fence SET epoch = epoch + 1, holder = $1, since = now() "
+                "WHERE id = 1 RETURNING epoch", store.holder)
+            head = await conn.fetchrow(_HEAD)
+        except BaseException:
+            await conn.close()
+            raise
+        store._conn = conn
+        store._backend = await store._backend_of(conn)
+        if head is not None:
+            store.index.set_head(head[0], head[1])
+        store._pool = await asyncpg.create_pool(
+            dsn, min_size=0, max_size=4, target_session_attrs=SessionAttribute.read_write,
+            timeout=CONNECT_TIMEOUT_S, server_settings={"application_name": "jackpay-ledger-read"})
+        log_event(log, "postgresql store taken over", epoch=store.epoch, rows=store.last_seq,
+                  holder=store.holder)
+        return store
+
+    async def aclose(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            pool.terminate()
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            try:
+                await asyncio.wait_for(conn.close(), 5)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+                conn.terminate()
+
+    def close(self) -> None:
+        """Drop the connections at once (no await)."""
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool = None
+        if self._conn is not None:
+            self._conn.terminate()
+            self._conn = None
+
+    @staticmethod
+    async def _backend_of(conn: asyncpg.Connection) -> tuple[int, Any]:
+        rec = await conn.fetchrow("SELECT pid, backend_start FROM pg_stat_activity "
+                                  "WHERE pid = pg_backend_pid()")
+        assert rec is not None
+        return rec[0], rec[1]
+
+    # --- queries -------------------------------------------------------------------
+
+    @property
+    def last_seq(self) -> int:
+        return self.index.last_seq
+
+    @property
+    def last_hash(self) -> str:
+        return self.index.last_hash
+
+    def statistics(self) -> StoreStats:
+        return StoreStats(rows=self.last_seq, fsyncs=self.commits, batches=self.commits,
+                          fsync_us_total=self.commit_us_total, fsync_us_max=self.commit_us_max,
+                          slow_fsyncs=self.slow_commits)
+
+    async def read_rows(self, from_seq: int, limit: int, party: str | None) -> ReadResult:
+        """A page by index; rows past the acknowledged head are never shown."""
+        head = self.index.last_seq
+        if self._pool is None:
+            raise RuntimeError("the store is closed")
+        async with self._pool.acquire() as conn:
+            if party is None:
+                recs = await conn.fetch(_READ, from_seq, limit, head)
+                page = [_row(r) for r in recs]
+                nxt = from_seq + len(page)
+                return ReadResult(page, nxt, nxt <= head)
+            recs = await conn.fetch(_READ_PARTY, from_seq, limit + 1, party, head)
+        page = [_row(r) for r in recs[:limit]]
+        nxt = page[-1].seq + 1 if page else max(from_seq, head + 1)
+        return ReadResult(page, nxt, len(recs) > limit)
+
+    async def lookup(self, keys: Iterable[Key]) -> dict[Key, LedgerRow]:
+        """The stored rows of these (sender, tx_id) keys (committed ones only)."""
+        keys = list(keys)
+        if self._pool is None:
+            raise RuntimeError("the store is closed")
+        async with self._pool.acquire() as conn:
+            recs = await conn.fetch(_LOOKUP, [k[0] for k in keys], [k[1] for k in keys])
+        return {(r[2], r[5]): _row(r) for r in recs}
+
+    async def balances(self) -> dict[str, int]:
+        if self._pool is None:
+            raise RuntimeError("the store is closed")
+        async with self._pool.acquire() as conn:
+            recs = await conn.fetch("SELECT account, balance FROM jackpay_balances")
+        return {r[0]: r[1] for r in recs}
+
+    # --- appends -------------------------------------------------------------------
+
+    async def append_batch(self, requests: list[list[RowIn]], dtg: str,
+                           atomic: list[bool] | None) -> AppendOutcome:
+        """Resolve, write in one transaction, resolve any doubt by asking. Raises Fenced."""
+        index = self.index
+        known: dict[Key, LedgerRow] = {}
+
+        def lookup(key: Key) -> LedgerRow | None:
+            return index.get(key) or known.get(key)
+
+        failure = "not written"
+        resolutions, rows = resolve(requests, dtg, atomic, last_seq=index.last_seq,
+                                    last_hash=index.last_hash, lookup=lookup)
+        for _ in range(APPEND_ATTEMPTS):
+            if not rows:
+                return AppendOutcome(resolutions)
+            keys = [(r.sender, r.tx_id) for r in rows]
+            try:
+                us = await self._write(rows)
+            except Fenced:
+                raise
+            except Exception as exc:
+                if _definite(exc) and getattr(exc, "sqlstate", "") not in ("23505", CHAIN_STATE):
+                    return AppendOutcome(resolutions, failure=f"the database refused the "
+                                         f"batch: {exc}")
+                if not _definite(exc):
+                    self.in_doubt += 1
+                    log_event(log, "append in doubt; asking the database", logging.WARNING,
+                              rows=len(rows), error=repr(exc))
+                else:
+                    self.conflict_lookups += 1
+                found = await self._settle(keys)
+                mine = [found.get(k) for k in keys]
+                if all(f is not None and f.hash == r.hash for f, r in zip(mine, rows,
+                                                                          strict=True)):
+                    index.add(rows)
+                    return AppendOutcome(resolutions, rows)
+                if any(f is not None and f.hash == r.hash for f, r in zip(mine, rows,
+                                                                          strict=True)):
+                    raise AssertionError("part of one transaction's rows is stored") from exc
+                failure = f"not written ({type(exc).__name__}: {exc})"
+                known.update(found)
+                index.remember(found.values())
+                resolutions, rows = resolve(requests, dtg, atomic, last_seq=index.last_seq,
+                                            last_hash=index.last_hash, lookup=lookup)
+                continue
+            index.add(rows)
+            self.commits += 1
+            self.commit_us_total += us
+            self.commit_us_max = max(self.commit_us_max, us)
+            if us >= SLOW_FSYNC_US:
+                self.slow_commits += 1
+            return AppendOutcome(resolutions, rows, durable_us=us)
+        return AppendOutcome(resolutions, failure=f"{failure}; gave up after "
+                             f"{APPEND_ATTEMPTS} attempts")
+
+    async def _write(self, rows: list[LedgerRow]) -> int:
+        """One transaction; returns its time in microseconds. Raises Fenced, or whatever
+        the driver raised (the caller decides: definite or in doubt)."""
+        if self._conn is None or self._conn.is_closed():
+            raise ConnectionError("no connection to the database")
+        args = (self.epoch, self.index.last_hash, [r.seq for r in rows], [r.dtg for r in rows],
+                [r.sender for r in rows], [r.receiver for r in rows], [r.amount for r in rows],
+                [r.tx_id for r in rows], [r.memo for r in rows], [r.hash for r in rows])
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter_ns()
+        self._slow_handle = loop.call_later(SLOW_COMMIT_LOG_S, self._still_committing, t0,
+                                            len(rows))
+        try:
+            await self._conn.fetchval(_APPEND, *args)
+        except asyncpg.PostgresError as exc:
+            if exc.sqlstate == FENCED_STATE:
+                raise Fenced(str(exc)) from exc
+            raise
+        finally:
+            if self._slow_handle is not None:
+                self._slow_handle.cancel()
+        return (time.perf_counter_ns() - t0) // 1000
+
+    def _still_committing(self, t0: int, rows: int) -> None:
+        s = (time.perf_counter_ns() - t0) / 1e9
+        log_event(log, "commit still waiting (a synchronous standby away?)", logging.WARNING,
+                  seconds=round(s, 1), rows=rows)
+        loop = asyncio.get_running_loop()
+        self._slow_handle = loop.call_later(SLOW_COMMIT_LOG_S, self._still_committing, t0, rows)
+
+    async def _settle(self, keys: list[Key]) -> dict[Key, LedgerRow]:
+        """Ask which of `keys` are stored, in a way whose answer is final: on a fresh
+        connection (it replaces the writer's), end the old backend if it still lives,
+        then look the keys up inside a write transaction that checks our epoch; its
+        commit waits for the synchronous standby, so what it saw is replicated. Retries
+        until answered; reloads the chain head. Raises Fenced."""
+        delay = 0.05
+        last_log = 0.0
+        while True:
+            old, self._conn = self._conn, None
+            if old is not None:
+                old.terminate()
+            try:
+                conn = await connect(self.dsn)
+                try:
+                    if self._backend is not None:
+                        await self._end_backend(conn, *self._backend)
+                    async with conn.transaction():
+                        epoch = await conn.fetchval(
+                            "UPDATE jackpay_fence SET since = since WHERE id = 1 AND epoch = $1 "
+                            "RETURNING epoch", self.epoch)
+                        if epoch is None:
+                            raise Fenced(f"the store was taken over by another ledger service "
+                                         f"(this one had epoch {self.epoch})")
+                        recs = await conn.fetch(_LOOKUP, [k[0] for k in keys],
+                                                [k[1] for k in keys])
+                    head = await conn.fetchrow(_HEAD)
+                    backend = await self._backend_of(conn)
+                except BaseException:
+                    conn.terminate()
+                    raise
+            except Fenced:
+                raise
+            except Exception as exc:
+                now = time.monotonic()
+                if now - last_log >= 5.0:
+                    log_event(log, "cannot ask the database yet; retrying", logging.WARNING,
+                              error=repr(exc))
+                    last_log = now
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+                continue
+            self._conn, self._backend = conn, backend
+            if head is None:
+                self.index.set_head(0, GENESIS_HASH)
+            else:
+                self.index.set_head(head[0], head[1])
+            return {(r[2], r[5]): _row(r) for r in recs}
+
+    @staticmethod
+    async def _end_backend(conn: asyncpg.Connection, pid: int, started: Any) -> None:
+        """Terminate our old writer's backend, if this server still runs it, and wait
+        until it is gone: a commit it was still waiting on is then decided."""
+        match = ("SELECT pid FROM pg_stat_activity WHERE pid = $1 AND backend_start = $2")
+        if await conn.fetchval(match, pid, started) is None:
+            return
+        await conn.execute("SELECT pg_terminate_backend($1)", pid)
+        for _ in range(200):
+            if await conn.fetchval(match, pid, started) is None:
+                return
+            await asyncio.sleep(0.025)
+        raise TimeoutError(f"the old writer's backend {pid} is still there after 5 s")
+
+
+# --- offline tools: export and verify -------------------------------------------------
+
+
+async def export_csv(dsn: str, path: Path) -> int:
+    """Write the ledger's CSV file (the seed's format, byte-identical to what the CSV
+    store writes for the same rows) from the database, from one snapshot; the file
+    appears whole (temp file, fsync, rename). Returns the rows written."""
+    conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT_S)
+    tmp = path.with_name(path.name + ".tmp")
+    n = 0
+    try:
+        # An offline tool: nothing else runs on this loop, blocking writes are fine.
+        with open(tmp, "w", encoding="utf-8", newline="") as f:  # noqa: ASYNC230
+            f.write(HEADER_LINE)
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                async for rec in conn.cursor(f"SELECT {_COLUMNS} FROM jackpay_rows ORDER BY seq",
+                                             prefetch=5000):
+                    f.write(format_line(_row(rec)))
+                    n += 1
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        await conn.close()
+    return n
+
+
+async def verify_database(dsn: str) -> tuple[bool, str, int]:
+    """Check the stored ledger: seq order and hash chain of every row, no (sender, tx_id)
+    twice, balances equal to a replay of the rows. Returns (ok, one-line verdict, rows)."""
+    from common.messages import ISSUER
+    from common.money import format_amount
+
+    conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT_S)
+    where = dsn.split("@")[-1]
+    try:
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            prev: LedgerRow | None = None
+            issued = 0
+            async for rec in conn.cursor(f"SELECT {_COLUMNS} FROM jackpay_rows ORDER BY seq",
+                                         prefetch=5000):
+                row = _row(rec)
+                problem = check_chain(prev, row)
+                if problem is not None:
+                    return False, f"FAIL {where}: row {row.seq}: {problem}", 0
+                if row.sender == ISSUER:
+                    issued += row.amount
+                prev = row
+            twice = await conn.fetchrow(
+                "SELECT sender, tx_id, min(seq), max(seq) FROM jackpay_rows "
+                "GROUP BY sender, tx_id HAVING count(*) > 1 LIMIT 1")
+            if twice is not None:
+                return False, (f"FAIL {where}: tx_id {twice[1]} of {twice[0]} is recorded "
+                               f"twice (rows {twice[2]} and {twice[3]})"), 0
+            off = await conn.fetchrow("""
+                WITH d AS (SELECT sender AS account, -amount AS delta FROM jackpay_rows
+                           UNION ALL SELECT receiver, amount FROM jackpay_rows),
+                     c AS (SELECT account, sum(delta) AS balance FROM d GROUP BY account)
+                SELECT coalesce(c.account, b.account), c.balance, b.balance
+                FROM c FULL JOIN jackpay_balances AS b USING (account)
+                WHERE c.balance IS DISTINCT FROM b.balance LIMIT 1""")
+            if off is not None:
+                return False, (f"FAIL {where}: balance of {off[0]} is {off[2]} in "
+                               f"jackpay_balances but {off[1]} by the rows"), 0
+    finally:
+        await conn.close()
+    n = prev.seq if prev else 0
+    last = prev.hash[:16] if prev else "-"
+    return True, (f"OK {where}: {n} rows, sequence and hash chain intact, balances match, "
+                  f"last hash {last}…, issued {format_amount(issued)}"), n
