@@ -10,6 +10,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from netkit import Network
 
+pytest_plugins = ["pg"]  # PostgreSQL fixtures: pg_cluster, pg_dsn (tests/pg.py)
+
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item, call):  # type: ignore[no-untyped-def]
