@@ -16,12 +16,10 @@ import msgspec
 from common.errors import ConfigError
 from common.framing import DEFAULT_MAX_FRAME_BYTES
 from common.limits import ServerLimits
-from common.messages import PAYER_ID_PATTERN
-from common.money import AmountError, parse_amount
+from common.participants import Participant, load_changes, merge
 
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=3600)]
-Kind = Literal["corporation", "individual", "party", "software", "other"]
 Count = Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
 PerSecond = Annotated[float, msgspec.Meta(gt=0, le=1_000_000)]
 # A network id is one DNS label: it names the servers' certificates (`router.<id>`) and
@@ -40,6 +38,9 @@ class NetworkSection(_Section):
 
     id: NetworkId
     keys_dir: str = "keys"
+    # The participants added and suspended at run time (common.participants); the router
+    # writes it, every tool reads it with the config.
+    participants_file: str = "participants.json"
 
 
 class LedgerConfig(_Section):
@@ -117,32 +118,6 @@ class PayerConfig(_Section):
     request_timeout_s: Seconds = 20.0
 
 
-class Participant(_Section):
-    id: Annotated[str, msgspec.Meta(pattern=PAYER_ID_PATTERN)]
-    name: str = ""
-    kind: Kind = "individual"
-    opening_balance: str = "0.00"
-    max_incoming: str | None = None
-
-    def __post_init__(self) -> None:
-        try:
-            parse_amount(self.opening_balance, allow_zero=True)
-            if self.max_incoming is not None:
-                parse_amount(self.max_incoming, allow_zero=True)
-        except AmountError as exc:
-            raise ValueError(f"participant {self.id!r}: {exc}") from None
-
-    @property
-    def opening_minor(self) -> int:
-        return parse_amount(self.opening_balance, allow_zero=True)
-
-    @property
-    def max_incoming_minor(self) -> int | None:
-        if self.max_incoming is None:
-            return None
-        return parse_amount(self.max_incoming, allow_zero=True)
-
-
 class NetworkConfig(_Section):
     network: NetworkSection
     ledger: LedgerConfig = msgspec.field(default_factory=LedgerConfig)
@@ -179,6 +154,11 @@ class NetworkConfig(_Section):
         return self.resolve(self.payer.control_dir) / f"{payer_id}.sock"
 
     @property
+    def participants_path(self) -> Path:
+        """The file of participants changed at run time (common.participants)."""
+        return self.resolve(self.network.participants_file)
+
+    @property
     def keys_dir(self) -> Path:
         """The folder of this network's keys and certificates (`[network] keys_dir`)."""
         return self.resolve(self.network.keys_dir)
@@ -193,14 +173,22 @@ def server_limits(section: LedgerConfig | RouterConfig) -> ServerLimits:
 _FLOAT_AMOUNT = re.compile(r"Expected `str`, got `(float|int)` - at `\$\.participants\[\d+\]\.(opening_balance|max_incoming)`")
 
 
-def load_config(path: str | Path) -> NetworkConfig:
-    """Read and validate a network config file. Raises ConfigError naming file and key."""
+def load_config(path: str | Path, *, with_changes: bool = True) -> NetworkConfig:
+    """Read and validate a network config file, with the participants changed at run time
+    (`[network] participants_file`) unless `with_changes` is false. Raises ConfigError
+    naming the file and the bad key."""
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
-    return parse_config(data, source=str(path), base_dir=str(path.resolve().parent))
+    cfg = parse_config(data, source=str(path), base_dir=str(path.resolve().parent))
+    if not with_changes:
+        return cfg
+    changes = load_changes(cfg.participants_path)
+    if not changes.added and not changes.suspended:
+        return cfg
+    return msgspec.structs.replace(cfg, participants=merge(cfg.participants, changes))
 
 
 def parse_config(data: bytes | str, *, source: str = "<config>", base_dir: str = ".") -> NetworkConfig:

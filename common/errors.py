@@ -52,6 +52,7 @@ class ErrorCode(enum.StrEnum):
     RATE_LIMITED = "rate_limited"
     PAYMENT_REFUSED = "payment_refused"
     PLUGIN_FAILED = "plugin_failed"
+    PARTICIPANT_SUSPENDED = "participant_suspended"
 
     @property
     def retriable(self) -> bool:
@@ -91,6 +92,8 @@ _INFO: dict[ErrorCode, _CodeInfo] = {
                                                 "payment; the message says which and why"),
     ErrorCode.PLUGIN_FAILED: _CodeInfo(False, "a plug-in failed on this payment (a bug, logged "
                                               "server-side); nothing moved"),
+    ErrorCode.PARTICIPANT_SUSPENDED: _CodeInfo(False, "the sender or the receiver is suspended by "
+                                                      "the network's operator; nothing moved"),
 }
 
 # Refuse an incomplete registry at import time rather than at the first error.

@@ -25,8 +25,6 @@ Rules:
 from __future__ import annotations
 
 import argparse
-import os
-import secrets
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -41,6 +39,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from common import keys
 from common.config import NetworkConfig, load_config
 from common.errors import ConfigError
+from common.files import write_atomically
 from common.keys import KeyFileError, KeyStore
 from common.version import add_version
 
@@ -135,23 +134,7 @@ class _Keys:
         s.root.mkdir(mode=0o755, parents=True, exist_ok=True)  # never group/world-writable
         for d in (s.private_dir if private else s.public_dir, path.parent):
             d.mkdir(mode=0o700 if private else 0o755, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, mode)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                os.fchmod(f.fileno(), mode)  # the umask may have taken bits off a public file
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            if verb == "created":
-                os.link(tmp, path)  # FileExistsError rather than overwrite
-            else:
-                os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        dir_fd = os.open(path.parent, os.O_RDONLY)  # make the new name itself durable
-        os.fsync(dir_fd)
-        os.close(dir_fd)
+        write_atomically(path, data, mode, exclusive=verb == "created")
         self.say(f"{verb} {_show(path)} ({mode:04o}"
                  + (f", until {until:%Y-%m-%d})" if until else ")"))
 
@@ -368,3 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     if all(line.startswith(("warning:", "note:")) for line in lines):
         print(f"keys complete for network {cfg.network.id} in {_show(cfg.keys_dir)}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -418,6 +418,82 @@ class ReconcileReply(Message, tag="reconcile_ok", frozen=True):
     in_flight_skipped: int = 0  # rows of payments whose append is still unanswered
 
 
+# Participants at run time (router/participants.py). Amounts in minor units.
+
+
+class ParticipantInfo(Record, frozen=True):
+    id: str
+    name: str
+    kind: str
+    opening_balance: int
+    max_incoming: int | None
+    suspended: bool
+    added_at_run_time: bool  # recorded in `[network] participants_file`, not the config
+    has_key: bool  # a usable public key: it can log in (unless suspended)
+    online: bool  # a live session now
+    balance: int
+    available: int
+
+
+class ListParticipants(Message, tag="participants", frozen=True):
+    """Admin → router: every participant, its state and balance."""
+
+    id: ReqId
+
+
+class ParticipantsReply(Message, tag="participants_ok", frozen=True):
+    re: ReqId
+    participants: list[ParticipantInfo]
+
+
+class AddParticipant(Message, tag="participant_add", frozen=True):
+    """Admin → router: a new participant, paid `opening_balance` from `_issuer` once
+    (tx_id `_open:<id>`), logging in with `key` (32 raw Ed25519 bytes; without one, it
+    logs in once `jackpay-keys CONFIG` made its key pair)."""
+
+    id: ReqId
+    payer: Annotated[str, msgspec.Meta(pattern=PAYER_ID_PATTERN)]
+    name: Annotated[str, msgspec.Meta(max_length=200)] = ""
+    kind: Literal["corporation", "individual", "party", "software", "other"] = "individual"
+    opening_balance: Annotated[int, msgspec.Meta(ge=0, le=MAX_AMOUNT)] = 0
+    max_incoming: Annotated[int, msgspec.Meta(ge=0, le=MAX_AMOUNT)] | None = None
+    key: Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)] | None = None
+
+
+class SuspendParticipant(Message, tag="participant_suspend", frozen=True):
+    """Admin → router: no new payments to or from `payer`, its session closed, no login."""
+
+    id: ReqId
+    payer: Annotated[str, msgspec.Meta(pattern=PAYER_ID_PATTERN)]
+
+
+class ResumeParticipant(Message, tag="participant_resume", frozen=True):
+    id: ReqId
+    payer: Annotated[str, msgspec.Meta(pattern=PAYER_ID_PATTERN)]
+
+
+class ParticipantChanged(Message, tag="participant_ok", frozen=True):
+    re: ReqId
+    participant: ParticipantInfo
+    note: str = ""  # e.g. the opening balance still to be issued, a key still to be made
+
+
+class Reload(Message, tag="reload", frozen=True):
+    """Admin → router: read the config file again and apply its participants."""
+
+    id: ReqId
+
+
+class ReloadReply(Message, tag="reload_ok", frozen=True):
+    re: ReqId
+    added: list[str]
+    removed: list[str]
+    changed: list[str]
+    # Settings outside [[participants]] that differ from the running ones: in force only
+    # after a restart.
+    restart_needed: list[str]
+
+
 # --- decoding helpers ----------------------------------------------------------------
 
 _encoder = msgspec.msgpack.Encoder()
@@ -429,8 +505,10 @@ ROUTER_REQUESTS = (Hello, Auth, Ping, Pay, GetBalance, History, Status, Receipt,
                    Pong, Error)
 PAYER_INBOUND = (Welcome, Challenge, Pong, Ping, Paid, BalanceReply, HistoryReply, StatusReply,
                  Offer, Settled, Cancel, Error)
-ADMIN_REQUESTS = (Hello, Ping, Inspect, Reconcile)
-ADMIN_REPLIES = (Welcome, Pong, InspectReply, ReconcileReply, Error)
+ADMIN_REQUESTS = (Hello, Ping, Inspect, Reconcile, ListParticipants, AddParticipant,
+                  SuspendParticipant, ResumeParticipant, Reload)
+ADMIN_REPLIES = (Welcome, Pong, InspectReply, ReconcileReply, ParticipantsReply,
+                 ParticipantChanged, ReloadReply, Error)
 # The admin socket's frame limit: an `inspect_ok` lists every balance and payment in flight
 # (~100 bytes each), far more than a payer frame; the socket is local and owner-only.
 ADMIN_MAX_FRAME_BYTES = 4 * 1024 * 1024

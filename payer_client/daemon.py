@@ -54,7 +54,7 @@ RETRY_CODES = frozenset({ErrorCode.OUTCOME_PENDING, ErrorCode.SHUTTING_DOWN,
 # Refusals that a quick retry will not change (a key that does not match, a config that
 # does not name us): wait the longest backoff between tries.
 SLOW_RETRY_CODES = frozenset({ErrorCode.UNKNOWN_PAYER, ErrorCode.AUTH_FAILED,
-                              ErrorCode.RATE_LIMITED})
+                              ErrorCode.RATE_LIMITED, ErrorCode.PARTICIPANT_SUSPENDED})
 
 
 @dataclass
@@ -95,6 +95,7 @@ class PayerDaemon:
         self.policy = AcceptancePolicy(payer_id, participant.max_incoming_minor)
         self.control = ControlServer(self, config.control_socket(payer_id))
         self.client: PayerClient | None = None
+        self.suspended = False  # the router refused our last login: participant_suspended
         self.outbox: dict[str, Outgoing] = {}
         self.offers: dict[tuple[str, str], Offer] = {}  # by (sender, tx_id)
         self.watchers: set[Channel] = set()
@@ -191,6 +192,7 @@ class PayerDaemon:
             except RequestFailed as exc:
                 log_event(log, "router refused the session", logging.WARNING,
                           router=self.router_addr, code=str(exc.code), reason=exc.message)
+                self.suspended = exc.code == ErrorCode.PARTICIPANT_SUSPENDED
                 if exc.code in SLOW_RETRY_CODES:
                     delay = cap  # a key or config mismatch; retrying fast will not help
             except TlsFailed as exc:
@@ -202,6 +204,7 @@ class PayerDaemon:
                           router=self.router_addr, error=str(exc) or type(exc).__name__)
             else:
                 delay = INITIAL_BACKOFF_S
+                self.suspended = False
                 await self._hold_session(client, welcome.balance)
                 if self._stopping.is_set():
                     return
@@ -340,6 +343,11 @@ class PayerDaemon:
                 raise RequestFailed(ErrorCode.SHUTTING_DOWN,
                                     f"{self.payer_id}'s daemon is stopping; nothing was sent")
             if self.client is None or not self.client.connected:
+                if self.suspended:
+                    raise RequestFailed(ErrorCode.PARTICIPANT_SUSPENDED,
+                                        f"the router refuses {self.payer_id}'s login: the "
+                                        "account is suspended by the network's operator; "
+                                        "nothing was sent")
                 raise RequestFailed(ErrorCode.ROUTER_UNAVAILABLE, self.no_router_text())
             fut: asyncio.Future[Paid] = asyncio.get_running_loop().create_future()
             fut.add_done_callback(_consume)

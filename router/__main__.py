@@ -4,6 +4,8 @@
     python -m router inspect --config network.toml [--json]   # a running router's state
     python -m router reconcile --config network.toml [--json] # its book against the ledger
     python -m router top --config network.toml                # a live view, every second
+    python -m router participants list|add|suspend|resume ... # participants at run time
+    python -m router reload --config network.toml             # the config's participants
 
 Serves payers over TLS 1.3 and logs them in with their Ed25519 keys; reaches the ledger
 over mutual TLS. The keys come from the config's key folder (`jackpay-keys CONFIG`).
@@ -20,6 +22,7 @@ import gc
 import logging
 import signal
 import sys
+from pathlib import Path
 
 from common.aio import run
 from common.config import NetworkConfig, load_config
@@ -63,6 +66,14 @@ def main(argv: list[str] | None = None) -> int:
         from router import top
 
         return top.main(argv[1:])
+    if argv[:1] == ["participants"]:
+        from router import participants_cli
+
+        return participants_cli.main(argv[1:])
+    if argv[:1] == ["reload"]:
+        from router import participants_cli
+
+        return participants_cli.reload_main(argv[1:])
     if argv[:1] == ["reconcile"]:
         from router import inspect_cli
 
@@ -98,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             port=cfg.router.port if args.port is None else args.port,
             ledger_host=ledger_host,
             ledger_port=ledger_port,
+            config_path=Path(args.config),
         )
     except StartupFailed as exc:  # a plug-in that cannot be loaded or configured
         print(f"jackpay-router: {exc}", file=sys.stderr)
@@ -115,6 +127,7 @@ async def serve(service: RouterService, admin_path: str) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, service.reload_soon)
     starting = loop.create_task(service.start(), name="router-start")
     stopping = loop.create_task(stop.wait(), name="router-stop-signal")
     await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)

@@ -5,9 +5,13 @@ then `ping` → `pong`, `reconcile` → `reconcile_ok` (router/reconcile.py) and
 `inspect_ok` with every balance, every open hold,
 every payment in flight (its step and age), the payers with a live session, whether the
 ledger is connected, the ledger client's counters and how payments ended since start
-(`jackpay-router inspect` prints it). Read-only: nothing on this socket changes money. A
-stale socket file left by a killed router is replaced at start; the file is removed at
-shutdown.
+(`jackpay-router inspect` prints it). The operator's participant commands
+(router/participants.py): `participants` → `participants_ok`; `participant_add`,
+`participant_suspend`, `participant_resume` → `participant_ok`; `reload` → `reload_ok`;
+a refused one → `error` with its code, nothing changed. The only money these move is a new
+participant's opening balance. Whoever can open the socket (mode 0600: the router's user)
+is the operator. A stale socket file left by a killed router is replaced at start; the
+file is removed at shutdown.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,17 +34,24 @@ from common.logs import log_event
 from common.messages import (
     ADMIN_MAX_FRAME_BYTES,
     ADMIN_REQUESTS,
+    AddParticipant,
     InFlight,
     Inspect,
     InspectReply,
+    ListParticipants,
     Message,
+    ParticipantsReply,
     Ping,
     Pong,
     Reconcile,
+    Reload,
+    ResumeParticipant,
+    SuspendParticipant,
     Welcome,
     decoder_for,
 )
 from router.ledger_client import LedgerUnavailable
+from router.participants import OperatorRefused
 
 if TYPE_CHECKING:
     from router.server import RouterService
@@ -87,6 +98,7 @@ class AdminServer:
 
     def _on_connect(self, ch: Channel) -> None:
         greeted = False
+        ops = self.service.participant_ops
 
         def on_message(ch: Channel, msg: Message) -> None:
             nonlocal greeted
@@ -102,19 +114,48 @@ class AdminServer:
                 case Inspect(id=i):
                     ch.send_nowait(self.inspect(i))
                 case Reconcile(id=i):
-                    self._spawn(self._reconcile(ch, i))
+                    self.spawn(self._reconcile(ch, i))
+                case ListParticipants(id=i):
+                    ch.send_nowait(ParticipantsReply(re=i, participants=ops.listing()))
+                case AddParticipant() | Reload():
+                    self.spawn(self._operator(ch, msg))
+                case SuspendParticipant(id=i, payer=pid):
+                    self._answer(ch, i, lambda: ops.suspend(i, pid))
+                case ResumeParticipant(id=i, payer=pid):
+                    self._answer(ch, i, lambda: ops.resume(i, pid))
                 case Ping(id=i):
                     ch.send_nowait(Pong(re=i))
                 case _:
                     ch.reply_error(rid, ErrorCode.BAD_REQUEST,
-                                   "admin takes inspect, reconcile and ping")
+                                   "admin takes inspect, reconcile, participants, "
+                                   "participant_add|suspend|resume, reload and ping")
 
         ch.on_message = on_message
         ch.on_close = self._channels.discard
         self._channels.add(ch)
         ch.start()
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    @staticmethod
+    def _answer(ch: Channel, rid: int, act: Callable[[], Message]) -> None:
+        try:
+            reply = act()
+        except OperatorRefused as exc:
+            ch.reply_error(rid, exc.code, str(exc))
+            return
+        ch.send_nowait(reply)
+
+    async def _operator(self, ch: Channel, msg: AddParticipant | Reload) -> None:
+        ops = self.service.participant_ops
+        try:
+            reply: Message = (await ops.add(msg) if isinstance(msg, AddParticipant)
+                              else await ops.reload(msg.id))
+        except OperatorRefused as exc:
+            ch.reply_error(msg.id, exc.code, str(exc))
+            return
+        if not ch.closed:
+            ch.send_nowait(reply)
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro, name="admin-request")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

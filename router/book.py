@@ -48,6 +48,18 @@ class Book:
         self.accounts.apply(row.sender, row.receiver, row.amount, held=False, tx_time=row.dtg)
         self.last_seq = row.seq
 
+    def record_issued(self, row: LedgerRow) -> None:
+        """An opening balance this router just had written (at start or when a
+        participant is added at run time): like `replay`, but other payments may have
+        committed later rows meanwhile, so the order is not checked. A row already known
+        is skipped."""
+        if self.txs.get(row.sender, row.tx_id) is not None:
+            return
+        self.txs.record_row(row)
+        self.accounts.apply(row.sender, row.receiver, row.amount, held=False, tx_time=row.dtg)
+        if row.seq > self.last_seq:
+            self.last_seq = row.seq
+
     def commit(self, tx_id: str, sender: str, receiver: str, amount: int, seq: int,
                dtg: str) -> None:
         """The ledger just acked row `seq` for a payment that holds `amount` on its

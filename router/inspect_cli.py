@@ -70,8 +70,10 @@ async def fetch(path: str, timeout: float = TIMEOUT_S) -> InspectReply:
     return reply
 
 
-async def ask(path: str, request: Message, timeout: float = TIMEOUT_S) -> Message:
-    """One admin request. Raises NotAnswering (also for an `error` answer)."""
+async def ask(path: str, request: Message, timeout: float = TIMEOUT_S, *,
+              refusals: bool = False) -> Message:
+    """One admin request. Raises NotAnswering (also for an `error` answer, unless
+    `refusals`: then RequestFailed)."""
     try:
         ch = await open_unix_channel(path, decoder_for(ADMIN_REPLIES), name="router-admin",
                                      connect_timeout=timeout,
@@ -84,7 +86,11 @@ async def ask(path: str, request: Message, timeout: float = TIMEOUT_S) -> Messag
         await ch.request(Hello(id=0, version=PROTOCOL_VERSION, role="admin", peer="inspect"),
                          timeout=timeout)
         return await ch.request(request, timeout=timeout)
-    except (ConnectionLost, TimeoutError, RequestFailed) as exc:
+    except RequestFailed as exc:
+        if refusals:
+            raise
+        raise NotAnswering(f"the router at {path} did not answer: {exc}") from None
+    except (ConnectionLost, TimeoutError) as exc:
         raise NotAnswering(f"the router at {path} did not answer: "
                            f"{exc or type(exc).__name__}") from None
     finally:

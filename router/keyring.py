@@ -122,6 +122,25 @@ class PayerKeys:
                 log_event(log, "participant key file changed", logging.WARNING
                           if problem else logging.INFO, payer=pid, problem=problem)
 
+    def add(self, payer_id: str) -> str | None:
+        """Check logins of `payer_id` too (a participant added at run time); returns why
+        its key cannot be used yet, or None."""
+        if payer_id in self._known:
+            return None
+        self.payer_ids.append(payer_id)
+        self._known.add(payer_id)
+        return self._load_one(payer_id, self._stamp(payer_id))
+
+    def remove(self, payer_id: str) -> None:
+        """No more logins of `payer_id` (no longer a participant)."""
+        if payer_id not in self._known:
+            return
+        self._known.discard(payer_id)
+        self.payer_ids.remove(payer_id)
+        self._keys.pop(payer_id, None)
+        self._raw.pop(payer_id, None)
+        self._stamps.pop(payer_id, None)
+
     def take_changed(self) -> set[str]:
         """The ids whose key changed or went away since the last call."""
         changed, self._changed = self._changed, set()

@@ -293,6 +293,11 @@ class Pipeline:
                                      f"to {request.receiver} is not allowed")
         route = direct_route(request)
         params = TxParams(request.sender, request.receiver, request.amount, request.memo)
+        if request.receiver in self.registry.suspended:
+            self._log_failure(request, request.receiver, ErrorCode.PARTICIPANT_SUSPENDED,
+                              "validate", "")
+            self._aborted(request, ErrorCode.PARTICIPANT_SUSPENDED)
+            return
         try:
             record = self.lookup(request.tx_id, params)
         except PaymentKilled as k:
@@ -362,7 +367,8 @@ class Pipeline:
 
     def validate(self, request: PaymentRequest) -> None:
         """Raises PaymentKilled: bad_request (to self, reserved tx_id), unknown_receiver
-        (a reserved account such as `_issuer`), a plug-in's veto, plugin_failed."""
+        (a reserved account such as `_issuer`), participant_suspended (the sender or the
+        receiver), a plug-in's veto, plugin_failed."""
         if request.receiver == request.sender:
             raise PaymentKilled(ErrorCode.BAD_REQUEST, "a payer cannot pay itself")
         if request.tx_id.startswith("_"):
@@ -370,6 +376,11 @@ class Pipeline:
         if is_reserved(request.receiver):
             raise PaymentKilled(ErrorCode.UNKNOWN_RECEIVER,
                                 f"{request.receiver} is a reserved account")
+        suspended = self.registry.suspended
+        if suspended and (request.sender in suspended or request.receiver in suspended):
+            who = request.sender if request.sender in suspended else request.receiver
+            raise PaymentKilled(ErrorCode.PARTICIPANT_SUSPENDED,
+                                f"{who} is suspended by the network's operator")
         if self.plugins_on:
             veto = _ask(self.plugins.validate, request)
             if veto is not None:

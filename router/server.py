@@ -72,6 +72,7 @@ from common.messages import (
 )
 from common.metrics import serve_metrics
 from common.money import format_amount
+from common.participants import Participant
 from common.tls import ClientTls, client_tls, server_context
 from router.admin import AdminServer
 from router.book import Book, Opening
@@ -79,6 +80,7 @@ from router.keyring import PayerKeys
 from router.ledger_client import LedgerClient, LedgerRefused, LedgerUnavailable, durable_row
 from router.login import Login, LoginPolicy, LoginRefused
 from router.metrics import router_metrics
+from router.participants import OperatorRefused, ParticipantOps
 from router.payments import Outcome, Pipeline, StepTimes
 from router.plugins import (
     BalanceSnapshot,
@@ -149,9 +151,12 @@ class StartupFailed(JackPayError):
 class RouterService:
     def __init__(self, cfg: NetworkConfig, security: RouterSecurity, *, host: str, port: int,
                  ledger_host: str, ledger_port: int, admin_path: Path | None = None,
-                 plugin_factories: dict[str, Any] | None = None) -> None:
-        """Raises StartupFailed for a plug-in that cannot be loaded."""
+                 plugin_factories: dict[str, Any] | None = None,
+                 config_path: Path | None = None) -> None:
+        """Raises StartupFailed for a plug-in that cannot be loaded or a participants file
+        that cannot be read. `config_path`: the file `reload` reads again."""
         self.cfg = cfg
+        self.keys = KeyStore.for_config(cfg)
         self.security = security
         self.host = host
         self.port = port
@@ -187,6 +192,10 @@ class RouterService:
         self._key_watch: asyncio.TimerHandle | None = None
         self.addr: tuple[str, int] = (host, port)
         self.admin = AdminServer(self, admin_path or cfg.resolve(rc.admin_socket))
+        try:
+            self.participant_ops = ParticipantOps(self, config_path)
+        except ConfigError as exc:
+            raise StartupFailed(str(exc)) from None
 
     # --- startup ---------------------------------------------------------------------
 
@@ -291,20 +300,20 @@ class RouterService:
         log_event(log, "ledger replayed", rows=self.book.last_seq, txs=len(self.book.txs),
                   total=self.book.accounts.total())
 
-    async def issue_openings(self) -> None:
-        """Append the opening balances not yet in the ledger (deterministic tx_ids)."""
-        openings = [Opening(p.id, p.opening_minor) for p in self.cfg.participants]
+    async def issue_openings(self, participants: list[Participant] | None = None) -> None:
+        """Append the opening balances (of the config's participants, or of
+        `participants`) not yet in the ledger (deterministic tx_ids); retries until the
+        ledger has them all. Raises StartupFailed if the ledger refuses one or holds its
+        tx_id for another payment."""
+        chosen = self.cfg.participants if participants is None else participants
+        openings = [Opening(p.id, p.opening_minor) for p in chosen]
         while True:
             rows = self.book.missing_openings(openings)
             if not rows:
                 return
             futs = [self.ledger.append(r) for r in rows]
             results = await asyncio.gather(*futs, return_exceptions=True)
-            # Replay in seq order: with many participants the openings go out in several
-            # appends, and a re-sent one may be answered after a later one was written.
-            answered = sorted(zip(rows, results, strict=True),
-                              key=lambda pair: getattr(pair[1], "seq", 0))
-            for row_in, res in answered:
+            for row_in, res in zip(rows, results, strict=True):
                 if isinstance(res, LedgerUnavailable):
                     log_event(log, "opening balance not issued yet; retrying", logging.WARNING,
                               tx_id=row_in.tx_id)
@@ -316,7 +325,7 @@ class RouterService:
                     raise res
                 if res.status == "conflict":
                     raise StartupFailed(f"ledger holds {row_in.tx_id} for another payment")
-                self.book.replay(durable_row(row_in, res))
+                self.book.record_issued(durable_row(row_in, res))
                 log_event(log, "opening balance issued", tx_id=row_in.tx_id,
                           receiver=row_in.receiver, amount=format_amount(row_in.amount),
                           seq=res.seq)
@@ -458,7 +467,18 @@ class RouterService:
         if self._server is not None:
             self._server.close()
 
+    def reload_soon(self) -> None:
+        """SIGHUP: reload the config's participants (logged; a bad file changes nothing)."""
+        async def reload() -> None:
+            try:
+                await self.participant_ops.reload()
+            except OperatorRefused as exc:
+                log_event(log, "reload refused", logging.ERROR, error=str(exc))
+
+        self.admin.spawn(reload())
+
     async def _close_links(self) -> None:
+        await self.participant_ops.aclose()
         await self.admin.aclose()
         await self.ledger.aclose()
         if self._metrics_server is not None:
@@ -567,6 +587,13 @@ class PayerConnection:
         if not registry.receiver_exists(payer_id):  # only without authentication
             log_event(log, "hello from unknown payer refused", peer=ch.peername, payer=payer_id)
             ch.reply_error(rid, ErrorCode.AUTH_FAILED, "authentication failed")
+            ch.close()
+            return
+        if payer_id in registry.suspended:
+            log_event(log, "login of a suspended participant refused", peer=ch.peername,
+                      payer=payer_id)
+            ch.reply_error(rid, ErrorCode.PARTICIPANT_SUSPENDED,
+                           "your account is suspended by the network's operator")
             ch.close()
             return
         session, old = registry.attach(payer_id, ch, key)

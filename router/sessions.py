@@ -1,7 +1,11 @@
 """The registry of participants and their live sessions (the seed's `activePayers`).
 
 Rules:
-- the participants come from the network config; nobody else can say hello as a payer;
+- the participants come from the network config (with the changes made at run time,
+  common.participants); nobody else can say hello as a payer. `put` and `remove` change
+  them at run time (router/participants.py);
+- a suspended participant stays a participant (it may be named, its balance is kept), but
+  `suspended` names it: no payment to or from it starts, and it cannot log in;
 - a payer has at most one live session. A new hello for the same payer replaces the old
   session: the old one is told `session_replaced` and closed (by the caller);
 - a session leaves the registry when its connection closes, but only if it is still the
@@ -15,8 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from common.aio import Channel
-from common.config import Participant
 from common.limits import TokenBucket
+from common.participants import Participant
 from router.accounts import is_reserved
 
 
@@ -34,6 +38,7 @@ class Session:
 class Registry:
     def __init__(self, participants: list[Participant], requests_per_s: float = 2000.0) -> None:
         self._participants = {p.id: p for p in participants}
+        self.suspended: frozenset[str] = frozenset(p.id for p in participants if p.suspended)
         self._sessions: dict[str, Session] = {}
         self.requests_per_s = requests_per_s
         self._buckets: dict[str, TokenBucket] = {}
@@ -55,6 +60,20 @@ class Registry:
     @property
     def participants(self) -> list[Participant]:
         return list(self._participants.values())
+
+    def put(self, participant: Participant) -> None:
+        """Add a participant, or replace its record (e.g. suspended or resumed)."""
+        self._participants[participant.id] = participant
+        self._note_suspended()
+
+    def remove(self, payer_id: str) -> Participant | None:
+        """It is no participant from now on (its balance stays in the book)."""
+        gone = self._participants.pop(payer_id, None)
+        self._note_suspended()
+        return gone
+
+    def _note_suspended(self) -> None:
+        self.suspended = frozenset(p.id for p in self._participants.values() if p.suspended)
 
     def session(self, payer_id: str) -> Session | None:
         """The payer's live session, if any."""

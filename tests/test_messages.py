@@ -47,6 +47,21 @@ EXAMPLES: list[m.Message] = [
     m.Reconcile(id=17),
     m.ReconcileReply(re=17, ok=False, rows=9, router_last_seq=9, differences=[
         m.Difference(what="balance", account="alice", router=5, ledger=4)]),
+    m.ListParticipants(id=18),
+    m.ParticipantsReply(re=18, participants=[m.ParticipantInfo(
+        id="dave", name="Dave", kind="individual", opening_balance=500, max_incoming=None,
+        suspended=False, added_at_run_time=True, has_key=True, online=False, balance=500,
+        available=500)]),
+    m.AddParticipant(id=19, payer="dave", name="Dave", opening_balance=500, key=b"k" * 32),
+    m.SuspendParticipant(id=20, payer="bob"),
+    m.ResumeParticipant(id=21, payer="bob"),
+    m.ParticipantChanged(re=21, participant=m.ParticipantInfo(
+        id="bob", name="", kind="party", opening_balance=0, max_incoming=100,
+        suspended=False, added_at_run_time=False, has_key=False, online=True, balance=0,
+        available=0), note="not suspended"),
+    m.Reload(id=22),
+    m.ReloadReply(re=22, added=["erin"], removed=[], changed=["bob"],
+                  restart_needed=["[router] port"]),
 ]
 ALL_TYPES = tuple({type(x) for x in EXAMPLES})
 DECODER = m.decoder_for(ALL_TYPES)
