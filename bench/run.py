@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import os
@@ -83,11 +84,14 @@ class Settings:
     open_rates: tuple[float, ...] = (3000.0,)
     plugin_rounds: int = 8  # interleaved pairs: no plug-ins / the mixer enabled but idle
     plugin_seconds: float = 5.0  # each plug-in setting's closed loop
+    metrics_rounds: int = 6  # interleaved pairs: metrics off / on and scraped every second
+    metrics_seconds: float = 5.0
 
 
 QUICK = Settings(payers=20, concurrency=(1, 64), seconds=2.0, open_loop_s=2.0,
                  idle_sessions=200, rebuild_rows=(20_000,), echo_connections=20,
-                 open_rates=(), plugin_rounds=1, plugin_seconds=1.0)
+                 open_rates=(), plugin_rounds=1, plugin_seconds=1.0, metrics_rounds=1,
+                 metrics_seconds=1.0)
 
 
 def raise_fd_limit() -> None:
@@ -189,10 +193,10 @@ class Bench:
         self.procs.clear()
 
     def write_config(self, path: Path, payers: list[str], ledger_port: int, csv: str,
-                     opening: str = "1000000.00", plugins: str = "") -> None:
-        """`plugins`: TOML lines for [router] (`plugins = [...]`) and the plug-in tables
-        after it (a blank line separates the two)."""
-        router_lines, _, tables = plugins.partition("\n\n")
+                     opening: str = "1000000.00", router_extra: str = "") -> None:
+        """`router_extra`: TOML lines for [router] (`plugins = [...]`, `metrics_addr`)
+        and the plug-in tables after them (a blank line separates the two)."""
+        router_lines, _, tables = router_extra.partition("\n\n")
         lines = ["[network]", 'id = "bench"', f'keys_dir = "keys-{path.stem}"', "",
                  "[ledger]", 'host = "127.0.0.1"', f"port = {ledger_port}", f'path = "{csv}"',
                  "", "[router]", 'host = "127.0.0.1"', "port = 0",
@@ -208,13 +212,13 @@ class Bench:
         ensure_keys(load_config(path))
 
     def start_network(self, tag: str, payers: list[str], csv: str = "ledger.csv", *,
-                      plain: bool = False, plugins: str = "") -> tuple[Proc, Proc, Path]:
+                      plain: bool = False, router_extra: str = "") -> tuple[Proc, Proc, Path]:
         cfg = self.root / f"{tag}.toml"
         flag = [PLAIN_FLAG] if plain else []
-        self.write_config(cfg, payers, 0, csv, plugins=plugins)
+        self.write_config(cfg, payers, 0, csv, router_extra=router_extra)
         ledger = self.start(f"{tag}-ledger", python_module("ledger", "--config", str(cfg),
                                                            *flag))
-        self.write_config(cfg, payers, ledger.addr[1], csv, plugins=plugins)
+        self.write_config(cfg, payers, ledger.addr[1], csv, router_extra=router_extra)
         router = self.start(f"{tag}-router", python_module("router", "--config", str(cfg),
                                                            *flag))
         return ledger, router, cfg
@@ -295,12 +299,12 @@ class Bench:
     # --- payments ------------------------------------------------------------------
 
     async def payment_network(self, *, plain: bool, tag: str = "",
-                              plugins: str = "") -> _PaymentNetwork:
+                              router_extra: str = "") -> _PaymentNetwork:
         """A running network (ledger, router, `payers` clients logged in) to measure."""
         tag = tag or ("plain" if plain else "pay")
         payers = [f"p{i:04d}" for i in range(self.s.payers)]
         ledger, router, cfg = self.start_network(tag, payers, f"{tag}.csv", plain=plain,
-                                                 plugins=plugins)
+                                                 router_extra=router_extra)
         auditor = None if plain else client_tls(KeyStore.for_config(load_config(cfg)),
                                                  "ledger", identity="auditor")
         lch = await open_channel(*ledger.addr, decoder_for(LEDGER_REPLIES), name="ledger",
@@ -372,23 +376,12 @@ class Bench:
         rounds = self.s.plugin_rounds
         task = self.progress.add_task("plug-ins", total=2 * rounds + 1)
         bare = await self.payment_network(plain=False, tag="noplug")
-        mixer = await self.payment_network(plain=False, tag="mixer", plugins=MIXER_PLUGINS)
-        per_payment: dict[str, list[float]] = {"none": [], "mixer idle": []}
-        results = []
+        mixer = await self.payment_network(plain=False, tag="mixer",
+                                           router_extra=MIXER_PLUGINS)
         conc = 64
-        for i in range(rounds):
-            pair = ((bare, "none"), (mixer, "mixer idle"))
-            for net, name in (pair if i % 2 == 0 else pair[::-1]):
-                before = await self.ledger_stats(net.lch)
-                res = await net.measured(closed_loop(f"direct C={conc} plugins: {name}",
-                                                     net.op, conc, self.s.plugin_seconds), self)
-                after = await self.ledger_stats(net.lch)
-                cpu = res.extra["cpu_s"]["router"]  # type: ignore[index]
-                rows = after.rows - before.rows
-                per_payment[name].append(cpu / rows * 1e6 if rows else 0.0)
-                results.append(net.results[-1] | {"router_cpu_us_per_payment":
-                                                  round(per_payment[name][-1], 1)})
-                self.progress.advance(task)
+        results, per_payment, idle_vs_none = await self.interleaved(
+            (bare, "none"), (mixer, "mixer idle"), rounds, self.s.plugin_seconds,
+            f"direct C={conc} plugins: ", conc, task)
         # Mixed: deposits for `seconds`, then until the pool is empty (payouts made).
         before = await self.ledger_stats(mixer.lch)
         cpu0 = cpu_seconds(mixer.router.pid)
@@ -414,20 +407,75 @@ class Bench:
         self.progress.advance(task)
         for net in (bare, mixer):
             await net.close()
-        # Each pair ran back to back (the machine in the same mood): the median of the
-        # pairs' ratios, not a ratio of medians taken minutes apart.
-        pairs = sorted(idle / none for idle, none in zip(per_payment["mixer idle"],
-                                                          per_payment["none"], strict=True)
-                       if none)
         direct = [r for r in results if r["label"].endswith("mixer idle")]
         self.report["plugins"] = {
             "settings": [*results, mixed],
-            "router_cpu_us_per_payment": {k: [round(x, 1) for x in v]
-                                          for k, v in per_payment.items()},
-            "idle_vs_none_router_cpu": round(pairs[len(pairs) // 2], 3) if pairs else None,
+            "router_cpu_us_per_payment": per_payment,
+            "idle_vs_none_router_cpu": idle_vs_none,
             "mixed_vs_direct_per_s": round(mixed["per_s"] / max(
                 r["per_s"] for r in direct), 3) if direct else None,
         }
+
+    async def interleaved(self, a: tuple[_PaymentNetwork, str], b: tuple[_PaymentNetwork, str],
+                          rounds: int, seconds: float, label: str, conc: int, task: Any
+                          ) -> tuple[list[dict[str, Any]], dict[str, list[float]], float | None]:
+        """`rounds` pairs of the same closed loop on networks `a` and `b`, back to back
+        (the order alternating): each setting's summary with the router's CPU per
+        payment, those figures per name, and the median of the pairs' b/a ratios — the
+        machine in the same mood within a pair, not medians taken minutes apart."""
+        per_payment: dict[str, list[float]] = {a[1]: [], b[1]: []}
+        results = []
+        for i in range(rounds):
+            for net, name in ((a, b) if i % 2 == 0 else (b, a)):
+                before = await self.ledger_stats(net.lch)
+                res = await net.measured(closed_loop(f"{label}{name}", net.op, conc,
+                                                     seconds), self)
+                after = await self.ledger_stats(net.lch)
+                cpu = res.extra["cpu_s"]["router"]  # type: ignore[index]
+                rows = after.rows - before.rows
+                per_payment[name].append(round(cpu / rows * 1e6, 1) if rows else 0.0)
+                results.append(net.results[-1] | {"router_cpu_us_per_payment":
+                                                  per_payment[name][-1]})
+                self.progress.advance(task)
+        pairs = sorted(y / x for x, y in zip(per_payment[a[1]], per_payment[b[1]], strict=True)
+                       if x)
+        return results, per_payment, round(pairs[len(pairs) // 2], 3) if pairs else None
+
+    async def metrics_cost(self) -> None:
+        """The cost of counting: router CPU per payment with metrics off and on (scraped
+        every second, as a busy Prometheus would), interleaved pairs."""
+        rounds = self.s.metrics_rounds
+        task = self.progress.add_task("metrics", total=2 * rounds)
+        off = await self.payment_network(plain=False, tag="nometrics")
+        on = await self.payment_network(plain=False, tag="metrics",
+                                        router_extra='metrics_addr = "127.0.0.1:0"')
+        scrapes = 0
+
+        async def scrape() -> None:
+            nonlocal scrapes
+            host, _, port = on.router.ready["metrics"].rpartition(":")
+            while True:
+                reader, writer = await asyncio.open_connection(host, int(port))
+                writer.write(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
+                body = await reader.read()
+                writer.close()
+                if b"jackpay_router_payments_total" in body:
+                    scrapes += 1
+                await asyncio.sleep(1.0)
+
+        scraper = asyncio.get_running_loop().create_task(scrape())
+        try:
+            results, per_payment, on_vs_off = await self.interleaved(
+                (off, "off"), (on, "on"), rounds, self.s.metrics_seconds,
+                "direct C=64 metrics ", 64, task)
+        finally:
+            scraper.cancel()
+            with contextlib.suppress(asyncio.CancelledError, OSError):
+                await scraper
+            for net in (off, on):
+                await net.close()
+        self.report["metrics"] = {"settings": results, "router_cpu_us_per_payment": per_payment,
+                                  "on_vs_off_router_cpu": on_vs_off, "scrapes": scrapes}
 
     @staticmethod
     async def ledger_stats(ch: Channel) -> StatsReply:
@@ -652,6 +700,12 @@ def render(report: dict[str, Any]) -> None:
                   "mixed / direct "
                   f"payments/s: {plugins['mixed_vs_direct_per_s']} (deposits while the "
                   "loop ran; `paid out/s` counts until the last payout is in the ledger)")
+    metrics = report.get("metrics")
+    if metrics:
+        cpu = metrics["router_cpu_us_per_payment"]
+        con.print(f"metrics on (scraped every second) / off, router CPU per payment (median "
+                  f"of interleaved pairs): {metrics['on_vs_off_router_cpu']}; µs per payment "
+                  f"off {cpu['off']}, on {cpu['on']}")
     con.print(f"ratios: {report.get('ratios')}")
     if "sessions" in report:
         con.print(f"router memory: {report['sessions']}")
@@ -677,6 +731,8 @@ async def amain(args: argparse.Namespace) -> int:
             await bench.payments(compare_plain=not args.secure_only)
             if not args.skip_plugins:
                 await bench.plugin_costs()
+            if not args.skip_metrics:
+                await bench.metrics_cost()
             if not args.skip_scale:
                 await bench.sessions()
                 await bench.rebuild()
@@ -706,6 +762,8 @@ def main(argv: list[str] | None = None) -> int:
     add_version(p)
     p.add_argument("--skip-plugins", action="store_true",
                    help="skip the plug-in comparison (none / mixer idle / mixed payments)")
+    p.add_argument("--skip-metrics", action="store_true",
+                   help="skip the metrics comparison (router CPU with metrics off / on)")
     args = p.parse_args(argv)
     return run(lambda: amain(args))
 

@@ -82,3 +82,11 @@ def test_bench_quick_reports_every_figure(tmp_path: Path) -> None:
     assert plugins["settings"][-1]["ledger_rows_per_mixed_payment"] > 1  # deposit + notes
     assert plugins["idle_vs_none_router_cpu"] > 0
     assert plugins["mixed_vs_direct_per_s"] > 0
+    metrics = report["metrics"]  # metrics off / on (scraped), interleaved
+    assert [s["label"] for s in metrics["settings"]] == ["direct C=64 metrics off",
+                                                         "direct C=64 metrics on"]
+    assert all(s["ok"] > 0 and s["router_cpu_us_per_payment"] > 0 for s in metrics["settings"])
+    assert metrics["scrapes"] >= 1  # the metrics were really served while payments ran
+    assert metrics["on_vs_off_router_cpu"] == round(
+        metrics["router_cpu_us_per_payment"]["on"][0]
+        / metrics["router_cpu_us_per_payment"]["off"][0], 3)
