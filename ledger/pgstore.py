@@ -311,6 +311,19 @@ class PgStore:
         failure = "not written"
         resolutions, rows = resolve(requests, dtg, atomic, last_seq=index.last_seq,
                                     last_hash=index.last_hash, lookup=lookup)
+        # An atomic request with a known row and rows not in the cache: its answer (the
+        # group refused whole, and which row it names) depends on those rows, which the
+        # unique index would not reveal. Ask for them first (rare: retries).
+        unsure = [(r.sender, r.tx_id) for i, (rows_in, res)
+                  in enumerate(zip(requests, resolutions, strict=True))
+                  if atomic is not None and atomic[i] and res.status[0] != "written"
+                  for r in rows_in if lookup((r.sender, r.tx_id)) is None]
+        if unsure:
+            found = await self._settle(unsure)
+            known.update(found)
+            index.remember(found.values())
+            resolutions, rows = resolve(requests, dtg, atomic, last_seq=index.last_seq,
+                                        last_hash=index.last_hash, lookup=lookup)
         for _ in range(APPEND_ATTEMPTS):
             if not rows:
                 return AppendOutcome(resolutions)
