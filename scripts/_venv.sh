@@ -30,3 +30,31 @@ export PATH="$VENV/bin:$PATH"
 run_module() {
     PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" exec python -P -m "$@"
 }
+
+# `ensure_postgresql`: the PostgreSQL 15 server binaries the tests' throwaway clusters need
+# (ledger/pgcluster.py). Nothing to do when they are there; else, as root, install
+# postgresql-15 with apt-get (no default cluster is created or started), its chatter in
+# .venv/postgresql-install.log, shown only if the install fails.
+PG_BINDIR="/usr/lib/postgresql/15/bin"
+ensure_postgresql() {
+    [ -x "$PG_BINDIR/initdb" ] && return 0
+    if [ "$(id -u)" != 0 ]; then
+        echo "PostgreSQL 15 is not installed and we are not root: the PostgreSQL tests will" \
+             "be skipped (install it: sudo apt-get install -y postgresql-15)" >&2
+        return 0
+    fi
+    echo "installing PostgreSQL 15 (apt-get install postgresql-15)" >&2
+    local log="$VENV/postgresql-install.log"
+    if [ ! -e /etc/postgresql-common/createcluster.conf ]; then
+        mkdir -p /etc/postgresql-common
+        echo "create_main_cluster = false" >/etc/postgresql-common/createcluster.conf
+    fi
+    local apt=(env DEBIAN_FRONTEND=noninteractive apt-get -y -q -o Dpkg::Use-Pty=0)
+    if ! { "${apt[@]}" install --no-install-recommends postgresql-15 ||
+           { "${apt[@]}" update && "${apt[@]}" install --no-install-recommends postgresql-15; }
+         } >"$log" 2>&1; then
+        cat "$log" >&2
+        echo "installing postgresql-15 failed (log above, also in $log)" >&2
+        exit 1
+    fi
+}
