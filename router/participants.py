@@ -277,7 +277,9 @@ class ParticipantOps:
         p = msgspec.structs.replace(p, suspended=False)
         self.service.registry.put(p)
         log_event(log, "participant resumed", payer=payer_id)
-        return ParticipantChanged(re=rid, participant=self.info(p))
+        return ParticipantChanged(re=rid, participant=self.info(p),
+                                  note="its daemon logs in again at its next try (within "
+                                       "[payer] reconnect_max_s)")
 
     def _close_session(self, payer_id: str, code: ErrorCode, message: str) -> None:
         session = self.service.registry.session(payer_id)
