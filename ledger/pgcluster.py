@@ -471,10 +471,11 @@ class PgCluster:
         self.save()
 
     def wait_streaming(self, name: str, *, sync: bool = False, timeout: float = 60.0) -> None:
-        """Wait until the primary shows standby `name` streaming (and, with `sync`, as a
-        synchronous or quorum standby)."""
+        """Wait until the primary shows standby `name` streaming (and, with `sync`, as one
+        that synchronous_standby_names lists: sync, quorum, or potential — next in line)."""
         deadline = time.monotonic() + timeout
-        want = ("sync", "quorum") if sync else ("async", "potential", "sync", "quorum")
+        want = ("sync", "quorum", "potential") if sync else ("async", "potential", "sync",
+                                                             "quorum")
         while time.monotonic() < deadline:
             got = self.primary.sql("SELECT state || ' ' || sync_state FROM pg_stat_replication "
                                    f"WHERE application_name = '{name}'")
@@ -612,8 +613,9 @@ def _start(root: Path, port: int, standbys: int, sync: str | None) -> int:
             names = sync if sync is not None else ("s1" if standbys else "")
             if names:
                 cluster.set_sync(names)
-                for node in cluster.standbys:
-                    cluster.wait_streaming(node.name)
+            listed = set(names.replace("(", " ").replace(")", " ").replace(",", " ").split())
+            for node in cluster.standbys:
+                cluster.wait_streaming(node.name, sync=node.name in listed)
         except BaseException:
             cluster.stop()
             raise

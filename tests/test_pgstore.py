@@ -270,3 +270,36 @@ async def test_failover_promote_then_rewind_the_old_primary(replicated: PgCluste
     assert on_old == "tx100,tx101,tx102"
     ok, line, _ = await verify_database(replicated.multi_host_dsn())
     assert ok, line
+
+
+@pytest.mark.slow
+def test_the_cluster_command_line_starts_stops_and_destroys(tmp_path: Path) -> None:
+    import tempfile
+
+    from pg import pg_missing
+
+    if (reason := pg_missing()) is not None:
+        pytest.skip(reason)
+    root = Path(tempfile.mkdtemp(prefix="jackpay-pgcli-")) / "cluster"  # not in tmp_path: 0700
+    root.parent.chmod(0o755)  # the servers' user must be able to enter it
+    cli = [sys.executable, "-m", "ledger.pgcluster"]
+    try:
+        done = subprocess.run([*cli, "start", str(root), "--standbys", "1"], capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        lines = dict(line.split(" ", 1) for line in done.stdout.splitlines())
+        assert set(lines) == {"primary", "standby", "dsn"}
+        assert lines["dsn"].endswith("?target_session_attrs=read-write")
+        cluster = PgCluster.open(root)
+        assert cluster.sync_names == "s1"
+        assert cluster.primary.sql("SELECT sync_state FROM pg_stat_replication") == "sync"
+        done = subprocess.run([*cli, "stop", str(root)], capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert not any(n.running() for n in cluster.nodes.values())
+    finally:
+        subprocess.run([*cli, "destroy", str(root)], capture_output=True, timeout=120)
+        import shutil
+
+        shutil.rmtree(root.parent, ignore_errors=True)
+    assert not root.exists()
