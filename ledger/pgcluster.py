@@ -487,14 +487,26 @@ class PgCluster:
         raise ClusterError(f"standby {name} is not streaming to {self.primary_name} after "
                            f"{timeout:g} s; its log:\n{_tail(self.nodes[name].log_path)}")
 
-    def promote(self, name: str, timeout: float = 60.0) -> None:
+    def promote(self, name: str, timeout: float = 60.0, *, sync: str = "") -> None:
         """Promote standby `name` (`pg_ctl promote -w`); it becomes `primary`. The old
-        primary is not touched: stop or kill it first (a failover), or `rewind` it."""
+        primary is not touched: stop or kill it first (a failover), or `rewind` it.
+        `sync`: the synchronous_standby_names the new primary has from its first
+        transaction on (set in its postgresql.auto.conf and reloaded before the promotion:
+        no window in which a commit is acknowledged without a standby); "" for none."""
         node = self.nodes[name]
+        if sync:
+            auto = node.datadir / "postgresql.auto.conf"
+            lines = [ln for ln in auto.read_text().splitlines()
+                     if ln.split("=", 1)[0].strip() != "synchronous_standby_names"]
+            quoted = sync.replace("'", "''")
+            lines.append(f"synchronous_standby_names = '{quoted}'")
+            auto.write_text("\n".join(lines) + "\n")
+            self.run_as.chown(auto)
+            node.sql("SELECT pg_reload_conf()")
         node.run("pg_ctl", "promote", "-D", str(node.datadir), "-w", "-t", str(int(timeout)),
                  timeout=timeout + 10)
         self.primary_name = name
-        self.sync_names = ""
+        self.sync_names = sync
         self.save()
 
     def rewind(self, name: str, *, start: bool = True) -> PgNode:

@@ -30,6 +30,15 @@ Rules:
   commit) — its commit waits for the synchronous standby, and WAL is sequential, so
   what it saw is replicated by the time it returns. Found with our hashes: committed.
   Not found: not committed, written again. The barrier is retried until it answers.
+- The writer follows the writable server without waiting for an append: when its
+  connection ends (the primary died, a failover), a background task reconnects through
+  the multi-host DSN (`target_session_attrs=read-write`, checked only at connect) and
+  runs the barrier transaction, so the next append finds a live connection. Appends and
+  reconnects take turns (one lock): one writer connection, one statement at a time.
+- A store opened on a server with a synchronous standby (`synchronous_standby_names`
+  set) never writes to one without: a promoted server that has no synchronous standby
+  configured is not used (retried, logged) until one is, so no append is acknowledged
+  that only one machine holds. Every session runs `synchronous_commit = on`.
 - No timeout is ever put on a commit (cancelling one that waits for the standby commits
   it locally). A commit waiting long is logged, every few seconds.
 - Memory does not grow with rows: the index keeps the head and a bounded cache of
@@ -164,7 +173,7 @@ async def connect(dsn: str) -> asyncpg.Connection:
     tried). Raises OSError, asyncpg errors, TimeoutError."""
     conn: asyncpg.Connection = await asyncpg.connect(
         dsn, target_session_attrs=SessionAttribute.read_write, timeout=CONNECT_TIMEOUT_S,
-        server_settings={"application_name": "jackpay-ledger"})
+        server_settings={"application_name": "jackpay-ledger", "synchronous_commit": "on"})
     return conn
 
 
@@ -188,6 +197,12 @@ class PgStore:
         self.in_doubt = 0  # appends whose outcome had to be asked
         self.conflict_lookups = 0  # unique violations resolved by asking the table
         self._slow_handle: asyncio.TimerHandle | None = None
+        self._writer = asyncio.Lock()  # appends and reconnects take turns on _conn
+        self._follow: asyncio.Task[None] | None = None  # the background reconnect
+        self._closed = False
+        self._fenced: str | None = None  # found by a background reconnect
+        self._sync_names = ""  # the first server's synchronous_standby_names
+        self.reconnects = 0
 
     # --- open / close --------------------------------------------------------------
 
@@ -209,11 +224,11 @@ class PgStore:
                 "UPDATE jackpay_fence SET epoch = epoch + 1, holder = $1, since = now() "
                 "WHERE id = 1 RETURNING epoch", store.holder)
             head = await conn.fetchrow(_HEAD)
+            store._sync_names = await conn.fetchval("SHOW synchronous_standby_names")
         except BaseException:
             await conn.close()
             raise
-        store._conn = conn
-        store._backend = await store._backend_of(conn)
+        store._adopt(conn, await store._backend_of(conn))
         if head is not None:
             store.index.set_head(head[0], head[1])
         store._pool = await asyncpg.create_pool(
@@ -224,6 +239,9 @@ class PgStore:
         return store
 
     async def aclose(self) -> None:
+        self._closed = True
+        if self._follow is not None:
+            self._follow.cancel()
         if self._pool is not None:
             pool, self._pool = self._pool, None
             pool.terminate()
@@ -236,12 +254,44 @@ class PgStore:
 
     def close(self) -> None:
         """Drop the connections at once (no await)."""
+        self._closed = True
+        if self._follow is not None:
+            self._follow.cancel()
         if self._pool is not None:
             self._pool.terminate()
             self._pool = None
         if self._conn is not None:
             self._conn.terminate()
             self._conn = None
+
+    def _adopt(self, conn: asyncpg.Connection, backend: tuple[int, Any]) -> None:
+        """Make `conn` the writer; when it ends, reconnect at once (not at the next append)."""
+        self._conn, self._backend = conn, backend
+        conn.add_termination_listener(self._on_writer_lost)
+
+    def _on_writer_lost(self, conn: Any) -> None:
+        if conn is not self._conn or self._closed:
+            return  # replaced or closed by us
+        if self._follow is None or self._follow.done():
+            log_event(log, "lost the database connection; reconnecting", logging.WARNING)
+            self._follow = asyncio.get_running_loop().create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        """Follow the writable server now: reconnect and run the barrier (an append
+        waiting for the lock finds the new connection)."""
+        async with self._writer:
+            if self._closed or (self._conn is not None and not self._conn.is_closed()):
+                return
+            t0 = time.monotonic()
+            try:
+                await self._settle([])
+            except Fenced as exc:
+                self._fenced = str(exc)
+                log_event(log, "fenced while reconnecting", logging.ERROR, reason=str(exc))
+                return
+            self.reconnects += 1
+            log_event(log, "reconnected to the writable server", seconds=round(
+                time.monotonic() - t0, 2), rows=self.last_seq, epoch=self.epoch)
 
     @staticmethod
     async def _backend_of(conn: asyncpg.Connection) -> tuple[int, Any]:
@@ -297,11 +347,27 @@ class PgStore:
             recs = await conn.fetch("SELECT account, balance FROM jackpay_balances")
         return {r[0]: r[1] for r in recs}
 
+    async def balances_page(self, after: str, limit: int) -> tuple[list[tuple[str, int]], bool]:
+        """By the balances table's key, not by memory: the router's start reads these."""
+        if self._pool is None:
+            raise RuntimeError("the store is closed")
+        async with self._pool.acquire() as conn:
+            recs = await conn.fetch("SELECT account, balance FROM jackpay_balances WHERE "
+                                    "account > $1 ORDER BY account LIMIT $2", after, limit + 1)
+        return [(r[0], r[1]) for r in recs[:limit]], len(recs) > limit
+
     # --- appends -------------------------------------------------------------------
 
     async def append_batch(self, requests: list[list[RowIn]], dtg: str,
                            atomic: list[bool] | None) -> AppendOutcome:
         """Resolve, write in one transaction, resolve any doubt by asking. Raises Fenced."""
+        async with self._writer:
+            if self._fenced is not None:
+                raise Fenced(self._fenced)
+            return await self._append(requests, dtg, atomic)
+
+    async def _append(self, requests: list[list[RowIn]], dtg: str,
+                      atomic: list[bool] | None) -> AppendOutcome:
         index = self.index
         known: dict[Key, LedgerRow] = {}
 
@@ -412,6 +478,7 @@ class PgStore:
             try:
                 conn = await connect(self.dsn)
                 try:
+                    await self._check_sync(conn)
                     if self._backend is not None:
                         await self._end_backend(conn, *self._backend)
                     async with conn.transaction():
@@ -439,12 +506,28 @@ class PgStore:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
                 continue
-            self._conn, self._backend = conn, backend
+            self._adopt(conn, backend)
+            acked = self.index.last_seq
+            if (head[0] if head is not None else 0) < acked:
+                log_event(log, "acknowledged rows are missing on the writable server "
+                          "(was a server without them promoted?)", logging.ERROR,
+                          acknowledged=acked, stored=head[0] if head is not None else 0)
             if head is None:
                 self.index.set_head(0, GENESIS_HASH)
             else:
                 self.index.set_head(head[0], head[1])
             return {(r[2], r[5]): _row(r) for r in recs}
+
+    async def _check_sync(self, conn: asyncpg.Connection) -> None:
+        """Refuse a server without a synchronous standby if the first one had one
+        (raises RuntimeError: _settle logs it and tries again)."""
+        if not self._sync_names:
+            return
+        names = await conn.fetchval("SHOW synchronous_standby_names")
+        if not names:
+            raise RuntimeError("the writable server has no synchronous standby configured "
+                               f"(synchronous_standby_names is empty; this store was opened "
+                               f"with {self._sync_names!r}): not writing until it has one")
 
     @staticmethod
     async def _end_backend(conn: asyncpg.Connection, pid: int, started: Any) -> None:

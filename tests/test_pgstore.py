@@ -250,16 +250,19 @@ async def test_failover_promote_then_rewind_the_old_primary(replicated: PgCluste
     acked = out.written[0]
     # The primary's machine is lost; the synchronous standby has every acknowledged row.
     await asyncio.to_thread(replicated.primary.kill)
-    await asyncio.to_thread(replicated.promote, "s1")
-    out = await asyncio.wait_for(pg.append_batch([[row(101)]], DTG, None), 60)
+    # Promoted with the old primary named as its synchronous standby: the append waits
+    # until the old primary is back as a standby (pg_rewind), never acknowledged alone.
+    await asyncio.to_thread(replicated.promote, "s1", sync=old_primary)
+    task = asyncio.create_task(pg.append_batch([[row(101)]], DTG, None))
+    await asyncio.sleep(0.5)
+    assert not task.done()
+    await asyncio.to_thread(replicated.rewind, old_primary)
+    await asyncio.to_thread(replicated.wait_streaming, old_primary, sync=True)
+    out = await asyncio.wait_for(task, 60)
     assert out.failure is None
     assert out.written[0].seq == acked.seq + 1
     got = await pg.read_rows(before + 1, 10, None)
     assert [r.hash for r in got.rows] == [acked.hash, out.written[0].hash]
-    # The old primary comes back as a standby (pg_rewind) and becomes the sync one.
-    await asyncio.to_thread(replicated.rewind, old_primary)
-    await asyncio.to_thread(replicated.set_sync, old_primary)
-    await asyncio.to_thread(replicated.wait_streaming, old_primary, sync=True)
     out = await asyncio.wait_for(pg.append_batch([[row(102)]], DTG, None), 30)
     assert out.failure is None
     await pg.aclose()
