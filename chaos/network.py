@@ -9,12 +9,18 @@ Every process is a real OS process started with this interpreter; logs land in
 `tmp_path/logs/<name>.log` and are printed by the fixture when a test fails. Security is
 on as in any network: `write_config` makes the network's keys (`keys/` beside the
 config, common.keygen) for every participant, so daemons, clients and tools log in.
+
+The ledger's store: `store="csv"` (the default: `ledger.csv` in the folder) or
+`store="postgresql"` with `dsn=` (written as `[ledger] store/dsn`; the database is the
+caller's, e.g. a tests/pg.py fixture or a ledger.pgcluster cluster). `ledger_csv()`
+gives the ledger's rows as the CSV file's text with either store.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,12 +38,15 @@ from common.messages import (
     Hello,
     Inspect,
     InspectReply,
+    LedgerRow,
     Role,
     Welcome,
     decoder_for,
 )
 from common.procs import Proc, python_module
 from common.tls import ClientTls, client_tls
+from ledger.pgcluster import find_bindir
+from ledger.rows import HEADER_LINE, format_line
 from payer_client.client import PayerClient
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -116,8 +125,14 @@ class Network:
     network_id: str = "testnet"
     # `[plugins.<name>]` tables (enable them with router_settings["plugins"]).
     plugin_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    store: str = "csv"  # or "postgresql" (then `dsn`)
+    dsn: str = ""
 
     def __post_init__(self) -> None:
+        if self.store not in ("csv", "postgresql"):
+            raise ValueError(f"store must be 'csv' or 'postgresql', not {self.store!r}")
+        if self.store == "postgresql" and not self.dsn:
+            raise ValueError("store='postgresql' needs dsn='postgresql://...'")
         self.root.mkdir(parents=True, exist_ok=True)
         self.config_path = self.root / "network.toml"
         self.write_config()
@@ -128,6 +143,8 @@ class Network:
         """(Re)write network.toml; the router learns the ledger's real port from it."""
         lines = ["[network]", f'id = "{self.network_id}"', "",
                  "[ledger]", 'host = "127.0.0.1"', f"port = {ledger_port}", 'path = "ledger.csv"']
+        if self.store == "postgresql":
+            lines += ['store = "postgresql"', f"dsn = {_toml_value(self.dsn)}"]
         lines += [f"{k} = {_toml_value(v)}" for k, v in self.ledger_settings.items()]
         lines += ["", "[router]", 'host = "127.0.0.1"', "port = 0", 'admin_socket = "router-admin.sock"']
         fast = {"freshness_window_s": 0.5, "ping_timeout_s": 0.5, "offer_timeout_s": 1.5,
@@ -182,6 +199,30 @@ class Network:
     @property
     def ledger_path(self) -> Path:
         return self.root / "ledger.csv"
+
+    def ledger_csv(self) -> str:
+        """The ledger's rows as the CSV file's text (header first; "" before the first
+        row with the CSV store). With PostgreSQL, read from the database with psql (one
+        snapshot) and formatted as `jackpay-ledger export --csv` writes them."""
+        if self.store == "csv":
+            return self.ledger_path.read_text() if self.ledger_path.exists() else ""
+        query = ("SELECT seq, dtg, sender, receiver, amount, tx_id, memo, hash "
+                 "FROM jackpay_rows ORDER BY seq")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        done = subprocess.run([str(find_bindir() / "psql"), "-X", "-q", "-At", "-F", "\x1f",
+                               "-R", "\x1e", "-v", "ON_ERROR_STOP=1", "-d",
+                               self.dsn, "-c", query],
+                              capture_output=True, text=True, timeout=30, env=env, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"psql could not read the ledger: {done.stderr.strip()}")
+        out = [HEADER_LINE]
+        for rec in done.stdout.split("\x1e"):
+            if rec.strip("\n"):
+                f = rec.strip("\n").split("\x1f")
+                out.append(format_line(LedgerRow(seq=int(f[0]), dtg=f[1], sender=f[2],
+                                                 receiver=f[3], amount=int(f[4]), tx_id=f[5],
+                                                 memo=f[6], hash=f[7])))
+        return "".join(out)
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)

@@ -1,6 +1,7 @@
 """Start a whole JackPay network on this machine from one config (what `scripts/up` runs).
 
     python -m payer_client.launch [CONFIG] [--run-dir DIR] [--ephemeral]
+                                  [--store postgresql [--standbys N] [--sync NAMES]]
 
 First the network's keys: `jackpay-keys` (common.keygen) creates whatever is missing
 (never replacing a key), so a new network needs no set-up step. Then the ledger, then
@@ -11,6 +12,13 @@ Each process is waited for until it prints its READY line; its stderr goes to
 and router to port 0 (the real ports come from READY lines). Ctrl-C or SIGTERM stops them
 all in reverse order (SIGTERM, then SIGKILL after a grace period). Plain blocking code,
 built on common.procs.Proc.
+
+`--store postgresql` first starts a throwaway PostgreSQL 15 cluster (ledger.pgcluster:
+a primary and, by default, one synchronous standby; trust auth on 127.0.0.1) in
+`<run-dir>/pg` and runs the ledger on it (`--dsn`, the multi-host DSN that follows the
+writable server); the table shows the DSN; Ctrl-C stops the network, then the cluster
+(its data is kept in the run folder: `python -m ledger.pgcluster start <run-dir>/pg`
+starts it again). Without it the config's own `[ledger] store` is used.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from common.config import NetworkConfig, load_config
 from common.errors import ConfigError
 from common.keygen import ensure_keys
 from common.procs import Proc, ProcessFailed, python_module
+from ledger.pgcluster import ClusterError, PgCluster
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "network.example.toml"
@@ -46,6 +55,8 @@ class LocalNetwork:
     ephemeral: bool = False
     procs: dict[str, Proc] = field(default_factory=dict)
     created_keys: list[str] = field(default_factory=list)
+    dsn: str | None = None  # the ledger's PostgreSQL store (--dsn); None: the config's store
+    cluster: PgCluster | None = None  # a throwaway cluster we started (stopped at the end)
 
     def __post_init__(self) -> None:
         self.config: NetworkConfig = load_config(self.config_path)
@@ -86,6 +97,8 @@ class LocalNetwork:
         in the child before exec (e.g. a file-size limit, to make writes fail)."""
         flag = ["--port", str(port)] if port is not None else (
             ["--port", "0"] if self.ephemeral else [])
+        if self.dsn is not None:
+            flag += ["--dsn", self.dsn]
         return self._start("ledger", python_module("ledger", "--config", str(self.config_path),
                                                    *flag), preexec_fn)
 
@@ -123,6 +136,37 @@ class LocalNetwork:
     def stop_all(self) -> dict[str, int]:
         return {name: self.stop(name) for name in reversed(list(self.procs))}
 
+    def start_cluster(self, standbys: int = 1, sync: str | None = None) -> PgCluster:
+        """A throwaway PostgreSQL cluster in `<run-dir>/pg` (restarted if one is there):
+        a primary and `standbys` streaming standbys, `sync` (default: s1 when there is a
+        standby) as synchronous_standby_names. The ledger then runs on it. Raises
+        ClusterError."""
+        root = self.run_dir / "pg"
+        if (root / "cluster.json").exists():
+            cluster = PgCluster.open(root)
+            for node in [cluster.primary, *cluster.standbys]:
+                node.start()
+        else:
+            cluster = PgCluster.create(root)
+            try:
+                for i in range(1, standbys + 1):
+                    cluster.add_standby(f"s{i}")
+                names = sync if sync is not None else ("s1" if standbys else "")
+                if names:
+                    cluster.set_sync(names)
+                for node in cluster.standbys:
+                    cluster.wait_streaming(node.name)
+            except BaseException:
+                cluster.stop()
+                raise
+        self.cluster = cluster
+        self.dsn = cluster.multi_host_dsn()
+        return cluster
+
+    def stop_cluster(self) -> None:
+        if self.cluster is not None:
+            self.cluster.stop()
+
     def table(self) -> Table:
         table = Table(title=f"JackPay network ({self.config_path.name})")
         for col in ("process", "pid", "address / control socket", "log"):
@@ -133,6 +177,12 @@ class LocalNetwork:
             label = f"{name} ({kinds[name]})" if name in kinds else name
             state = str(proc.pid) if proc.alive() else "stopped"
             table.add_row(label, state, where, str(proc.log_path))
+        if self.cluster is not None:
+            for node in [self.cluster.primary, *self.cluster.standbys]:
+                role = "primary" if node is self.cluster.primary else "standby"
+                table.add_row(f"postgresql {node.name} ({role})", str(node.pid() or "stopped"),
+                              f"127.0.0.1:{node.port}", str(node.log_path))
+            table.add_row("ledger store", "", self.dsn or "", f"sync: {self.cluster.sync_names!r}")
         return table
 
 
@@ -145,7 +195,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-dir", type=Path, help="logs and pids, relative to the current folder "
                     "(default: <repository>/run/<timestamp>)")
     ap.add_argument("--ephemeral", action="store_true", help="ledger and router on port 0")
+    ap.add_argument("--store", choices=["csv", "postgresql"], default=None,
+                    help="postgresql: start a throwaway PostgreSQL cluster in <run-dir>/pg "
+                         "and run the ledger on it (default: the config's [ledger] store)")
+    ap.add_argument("--standbys", type=int, default=1,
+                    help="with --store postgresql: streaming standbys (default 1)")
+    ap.add_argument("--sync", default=None, help='with --store postgresql: '
+                    'synchronous_standby_names, e.g. "ANY 1 (s1, s2)" (default: s1)')
     args = ap.parse_args(argv)
+    if args.standbys < 0:
+        ap.error("--standbys must be 0 or more")
+    if args.store != "postgresql" and (args.sync is not None or args.standbys != 1):
+        ap.error("--standbys and --sync need --store postgresql")
     # Paths the user typed are relative to the folder they ran us from (scripts/up does
     # not cd); made absolute here, once, as the processes we start run elsewhere.
     run_dir = (args.run_dir or REPO_ROOT / "run" / time.strftime("%Y%m%d-%H%M%S")).absolute()
@@ -163,10 +224,23 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if args.store == "postgresql":
+        console.print(f"starting PostgreSQL in {run_dir / 'pg'} "
+                      f"({args.standbys} standby(s)) ...", highlight=False)
+        try:
+            net.start_cluster(args.standbys, args.sync)
+        except ClusterError as exc:
+            print(f"scripts/up: PostgreSQL: {exc}", file=sys.stderr)
+            return 1
+    elif args.store == "csv" and net.config.ledger.store != "csv":
+        print("scripts/up: --store csv, but the config's [ledger] store is "
+              f"{net.config.ledger.store!r}; edit the config", file=sys.stderr)
+        return 2
     try:
         net.start_all()
     except ProcessFailed as exc:
         print(f"scripts/up: {exc}", file=sys.stderr)
+        net.stop_cluster()
         return 1
     if net.created_keys:
         console.print("keys made for this network (kept for the next runs):\n  "
@@ -185,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             break
         time.sleep(0.2)
     codes = net.stop_all()
+    net.stop_cluster()
     console.print("stopped: " + ", ".join(f"{n} (exit {c})" for n, c in codes.items()))
     return code
 

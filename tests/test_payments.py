@@ -5,12 +5,18 @@ nothing moved: no balance change, no ledger row, no hold left (balance == availa
 and the receiver was told `cancel` where it had been offered the payment. After every
 test, the ledger replayed from its CSV sums to zero with `_issuer` included and nobody
 else negative.
+
+A handful of representative tests (paid, insufficient funds, ledger killed, ledger
+restarted mid-append, outcome_pending) run on both stores: `BOTH_STORES` runs them with
+the CSV file and with PostgreSQL (a fresh database on the session's throwaway cluster,
+tests/pg.py); the ledger's rows are then read from the database.
 """
 
 from __future__ import annotations
 
 import asyncio
 import csv
+import io
 import os
 import random
 import signal
@@ -45,6 +51,22 @@ from common.money import parse_amount
 from payer_client.client import PayerClient
 
 INBOUND = decoder_for(PAYER_INBOUND)
+BOTH_STORES = pytest.mark.parametrize("store", ["csv", "postgresql"], indirect=True)
+
+
+@pytest.fixture
+def store(request: pytest.FixtureRequest) -> str:
+    """The ledger's store of this test: "csv" unless parametrized with BOTH_STORES."""
+    return str(getattr(request, "param", "csv"))
+
+
+@pytest.fixture
+def network(network: Network, store: str, request: pytest.FixtureRequest) -> Network:
+    if store == "postgresql":
+        network.store = store
+        network.dsn = request.getfixturevalue("pg_dsn")
+        network.write_config()
+    return network
 
 
 # --- helpers -------------------------------------------------------------------------
@@ -61,10 +83,8 @@ def up(net: Network, participants: dict[str, str], *, max_incoming: dict[str, st
 
 
 def ledger_rows(net: Network) -> list[dict[str, str]]:
-    if not net.ledger_path.exists():
-        return []
-    with net.ledger_path.open(newline="") as f:
-        return list(csv.DictReader(f))
+    text = net.ledger_csv()
+    return list(csv.DictReader(io.StringIO(text, newline=""))) if text else []
 
 
 def replay(net: Network) -> dict[str, int]:
@@ -179,6 +199,7 @@ async def assert_failed_cleanly(net: Network, alice: Peer, code: str, *, to: str
 # --- the happy path ----------------------------------------------------------------------
 
 
+@BOTH_STORES
 async def test_success_moves_money_once_and_settles(network: Network) -> None:
     up(network, {"alice": "10.00", "bob": "5.00", "carol": "0"})
     alice, bob = await connect(network, "alice"), await connect(network, "bob")
@@ -207,6 +228,7 @@ async def test_success_moves_money_once_and_settles(network: Network) -> None:
 # --- refusals before anyone is offered anything ------------------------------------------
 
 
+@BOTH_STORES
 async def test_insufficient_funds(network: Network) -> None:
     up(network, {"alice": "1.00", "bob": "5.00"})
     alice, bob = await connect(network, "alice"), await connect(network, "bob")
@@ -289,6 +311,7 @@ async def test_receiver_timeout(network: Network) -> None:
 # --- the ledger ---------------------------------------------------------------------------
 
 
+@BOTH_STORES
 async def test_ledger_unavailable_when_killed(network: Network) -> None:
     up(network, {"alice": "10.00", "bob": "5.00"})
     alice, bob = await connect(network, "alice"), await connect(network, "bob")
@@ -414,6 +437,7 @@ async def test_router_sigkill_mid_load_then_retries_never_pay_twice(network: Net
     await assert_router_agrees(network)
 
 
+@BOTH_STORES
 @pytest.mark.slow
 async def test_ledger_frozen_during_append_gives_outcome_pending_then_one_end(
         network: Network) -> None:
@@ -446,6 +470,31 @@ async def test_ledger_frozen_during_append_gives_outcome_pending_then_one_end(
     assert bob.cancels == []
     assert await alice.assert_no_hold() == 900
     assert assert_conserved(network) == {ISSUER: -1500, "alice": 900, "bob": 600}
+    await assert_router_agrees(network)
+
+
+@BOTH_STORES
+@pytest.mark.slow
+async def test_ledger_restarted_mid_append_resolves_the_payment_once(network: Network) -> None:
+    """The ledger service dies with an append in doubt (frozen, then SIGKILLed) and comes
+    back on the same store: the router asks again by tx_id, the payment ends once."""
+    up(network, {"alice": "10.00", "bob": "5.00"}, outcome_pending_after_s=1.0,
+       ledger_timeout_s=0.3)
+    ledger = network.procs["ledger"]
+
+    async def freeze_ledger(offer: Offer) -> None:
+        ledger.pause()
+
+    bob = await connect(network, "bob", freeze_ledger)
+    alice = await connect(network, "alice")
+    assert await alice.pay("bob", 100, "t-restart") == "outcome_pending"
+    ledger.kill()
+    network.restart("ledger")
+    await eventually(lambda: [s.tx_id for s in bob.settled] == ["t-restart"], 15)
+    assert (await alice.client.status("t-restart")).state == "paid"
+    assert [r["tx_id"] for r in ledger_rows(network)].count("t-restart") == 1
+    assert await alice.pay("bob", 100, "t-after") == "paid"
+    assert assert_conserved(network) == {ISSUER: -1500, "alice": 800, "bob": 700}
     await assert_router_agrees(network)
 
 
