@@ -1,7 +1,7 @@
 """`scripts/chaos`: random concurrent payments while a seeded schedule of faults hits every
 process and link; then heal, wait for quiescence and judge the whole history.
 
-    scripts/chaos --seconds 30 --seed 7 [--payers 5] [--mix] [--json]
+    scripts/chaos --seconds 30 --seed 7 [--payers 5] [--mix] [--store postgresql] [--json]
 
 Topology: ledger ← proxy L ← router ← proxy R ← payer daemons ← workload (control sockets).
 Faults (one at a time, each healed after a short while): SIGKILL + restart of the router,
@@ -15,6 +15,23 @@ K = 3 distinct payers a round, short delays), so router and ledger kills land in
 middle of rounds; after healing the run waits for the pool to empty and the checker also
 judges the mixer (every note paid exactly once, to its payee or back to its depositor;
 no deposit stranded past max wait + grace).
+
+`--store postgresql`: the ledger runs on a throwaway PostgreSQL cluster (a primary and
+one synchronous standby, ledger.pgcluster; the ledger service follows the multi-host
+DSN). Faults of the new parts join the schedule (each at least once), instead of the CSV
+file's write failures:
+- `kill_pg_primary`: SIGKILL the primary, promote the standby (named the old primary as
+  its synchronous standby before its first commit), bring the old primary back with
+  pg_rewind as that standby. Measured per failover: RPO, payments told `paid` before
+  the promotion that the promoted server does not hold (must be 0), and RTO, seconds
+  from the primary's death to the next `paid`.
+- `kill_pg_standby`: SIGKILL the synchronous standby; commits wait (payments end
+  `outcome_pending`), and no payment may be told `paid` while it is down (a violation
+  `paid_without_standby`, with half a second's grace for answers already on their way);
+  started again, the waiting commits finish.
+- `kill_ledger` (as with CSV): the ledger service restarted on the same database.
+At the end the checker reads the rows from the current primary (the promoted server)
+and `verify` checks the database (chain, no key twice, balances = rows).
 """
 
 from __future__ import annotations
@@ -39,10 +56,15 @@ from chaos.workload import Workload
 from common.aio import run
 from common.procs import fsize_limit
 from jackpay_plugins.mixer.journal import Journal
+from ledger.pgcluster import PgCluster
+from ledger.pgstore import verify_database
 
 PROCESS_FAULTS = ["kill_router", "kill_ledger", "kill_payer", "pause_router", "pause_ledger",
                   "ledger_write_failure"]
 LINK_FAULTS = ["latency", "trickle", "blackhole", "reset", "cut_up", "cut_down"]
+PG_FAULTS = ["kill_pg_primary", "kill_pg_standby"]
+STANDBY_DOWN_MIN_S = 2.0  # longer than outcome_pending_after_s: payments end pending
+STANDBY_GRACE_S = 0.5  # a `paid` this soon after the standby's death was committed before it
 
 
 @dataclass(frozen=True)
@@ -56,10 +78,15 @@ class Fault:
         return f"t={self.at_s:6.2f}s  {self.kind:<22} {self.target:<8} for {self.duration_s:.2f}s"
 
 
-def make_schedule(seed: int, seconds: float, payers: list[str]) -> list[Fault]:
-    """A deterministic fault schedule: same seed and settings, same schedule."""
+def make_schedule(seed: int, seconds: float, payers: list[str],
+                  store: str = "csv") -> list[Fault]:
+    """A deterministic fault schedule: same seed and settings, same schedule. With
+    PostgreSQL, the PG faults (twice as likely as the others) replace the file's write
+    failures, and each of them is in the schedule at least once."""
     rng = random.Random(seed)
     kinds = PROCESS_FAULTS + [f"{f}@{link}" for f in LINK_FAULTS for link in ("L", "R")]
+    if store == "postgresql":
+        kinds = [k for k in kinds if k != "ledger_write_failure"] + PG_FAULTS * 2
     out: list[Fault] = []
     t = rng.uniform(0.5, 1.5)
     while t < seconds - 0.5:
@@ -73,7 +100,29 @@ def make_schedule(seed: int, seconds: float, payers: list[str]) -> list[Fault]:
         duration = round(rng.uniform(0.3, 1.5), 2)
         out.append(Fault(round(t, 2), kind, target, duration))
         t += duration + rng.uniform(0.3, 1.2)
+    if store == "postgresql":
+        for i, kind in enumerate(PG_FAULTS):
+            if kind not in {f.kind for f in out} and len(out) > i:
+                slot = len(out) // 2 - i if len(out) > 2 else i
+                f = out[slot]
+                out[slot] = Fault(f.at_s, kind, "", f.duration_s)
     return out
+
+
+@dataclass
+class Failover:
+    """One kill of the PostgreSQL primary: RPO (acknowledged payments the promoted server
+    does not hold) and RTO (seconds from the primary's death to the next `paid`)."""
+
+    killed_at: float
+    acked: int = 0
+    lost: int = 0
+    rto_s: float | None = None
+
+    def __str__(self) -> str:
+        rto = f"{self.rto_s:.2f} s" if self.rto_s is not None else "no paid afterwards"
+        return (f"RPO {self.lost} acknowledged payments lost (of {self.acked} acknowledged "
+                f"before the promotion), RTO {rto} (primary killed -> next paid)")
 
 
 
@@ -85,11 +134,16 @@ MIX_GRACE_S = 20.0  # after healing, beyond max_wait_s, for the pool to empty
 
 class Chaos:
     def __init__(self, root: Path, seed: int, seconds: float, payers: int,
-                 mix: bool = False) -> None:
+                 mix: bool = False, store: str = "csv") -> None:
         self.root = root
         self.seed = seed
         self.seconds = seconds
         self.mix = mix
+        self.store = store
+        self.cluster: PgCluster | None = None
+        self.failovers: list[Failover] = []
+        self.standby_outages: list[tuple[float, float]] = []  # (died, restarted), monotonic
+        self.workload: Workload | None = None
         self.payer_ids = [f"payer{i}" for i in range(payers)]
         router_settings: dict[str, Any] = {"outcome_pending_after_s": 1.0,
                                            "offer_timeout_s": 1.0, "ledger_timeout_s": 0.5}
@@ -99,17 +153,33 @@ class Chaos:
             plugin_settings["mixer"] = dict(MIX_SETTINGS)
         self.net = Network(root, participants=dict.fromkeys(self.payer_ids, "50.00"),
                            router_settings=router_settings, plugin_settings=plugin_settings)
-        self.schedule = make_schedule(seed, seconds, self.payer_ids)
+        self.schedule = make_schedule(seed, seconds, self.payer_ids, store)
         self.injected: Counter[str] = Counter()
         self.proxy_l: FaultProxy | None = None
         self.proxy_r: FaultProxy | None = None
         self.log: list[str] = []
+        self._rto_tasks: list[asyncio.Task[None]] = []
 
     async def _blocking(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         return await asyncio.to_thread(fn, *args, **kw)
 
+    def _start_cluster(self) -> PgCluster:
+        cluster = PgCluster.create()  # its own temp folder (the servers' user must enter it)
+        try:
+            cluster.add_standby("s1")
+            cluster.set_sync("s1")
+            cluster.wait_streaming("s1", sync=True)
+        except BaseException:
+            cluster.destroy()
+            raise
+        return cluster
+
     async def start(self) -> Workload:
         net = self.net
+        if self.store == "postgresql":
+            self.cluster = await self._blocking(self._start_cluster)
+            net.store, net.dsn = "postgresql", self.cluster.multi_host_dsn()
+            net.write_config()
         await self._blocking(net.start_ledger)
         self.proxy_l = FaultProxy(net.procs["ledger"].addr)
         ledger_via = await self.proxy_l.start()
@@ -119,14 +189,81 @@ class Chaos:
         for p in self.payer_ids:
             await self._blocking(net.start_payer, p, router=router_via)
         sockets = {p: net.config.control_socket(p) for p in self.payer_ids}
-        return Workload(self.payer_ids, sockets, self.seed, mix_share=0.5 if self.mix else 0.0)
+        self.workload = Workload(self.payer_ids, sockets, self.seed,
+                                 mix_share=0.5 if self.mix else 0.0)
+        return self.workload
+
+    async def kill_pg_primary(self) -> None:
+        """SIGKILL the primary, promote the standby, measure what it holds (RPO), bring the
+        old primary back as its synchronous standby (pg_rewind); RTO is measured in the
+        background (the next `paid` after the kill)."""
+        cluster, workload = self.cluster, self.workload
+        assert cluster is not None
+        assert workload is not None
+        old, new = cluster.primary.name, cluster.standbys[0].name
+        failover = Failover(time.monotonic())
+        await self._blocking(cluster.primary.kill)
+        await self._blocking(cluster.promote, new, sync=old)
+        # Nothing can be acknowledged from here until the old primary is back as the
+        # standby: the promoted server waits for it. So this is every acknowledged payment.
+        acked = {(op.sender, op.tx_id) for op in workload.ops
+                 if not op.mix and any(a.kind == "ok" for a in op.attempts)}
+        stored = await self._blocking(cluster.primary.sql,
+                                      "SELECT sender || chr(31) || tx_id || chr(31) || seq "
+                                      "FROM jackpay_rows", database="jackpay")
+        have = {tuple(line.split("\x1f")[:2]) for line in stored.splitlines()}
+        head = max((int(line.split("\x1f")[2]) for line in stored.splitlines()), default=0)
+        failover.acked, failover.lost = len(acked), len(acked - have)
+        self.failovers.append(failover)
+        await self._blocking(cluster.rewind, old)
+        await self._blocking(cluster.wait_streaming, old, sync=True)
+
+        async def wait_rto() -> None:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                # The first payment committed by the promoted server (answers of commits
+                # made before the kill may still arrive after it).
+                after = [t for t, seq in workload.successes if seq > head]
+                if after:
+                    failover.rto_s = round(min(after) - failover.killed_at, 2)
+                    return
+                await asyncio.sleep(0.05)
+
+        self._rto_tasks.append(asyncio.create_task(wait_rto()))
+
+    async def kill_pg_standby(self, seconds: float) -> None:
+        cluster = self.cluster
+        assert cluster is not None
+        node = cluster.standbys[0]
+        died = time.monotonic()
+        await self._blocking(node.kill)
+        await asyncio.sleep(seconds)
+        self.standby_outages.append((died, time.monotonic()))
+        await self._blocking(node.start)
+        await self._blocking(cluster.wait_streaming, node.name, sync=True)
+
+    def paid_without_standby(self) -> list[Violation]:
+        """A `paid` answered while the only synchronous standby was dead (after a short
+        grace for answers already on their way)."""
+        assert self.workload is not None
+        out = []
+        for died, back in self.standby_outages:
+            n = sum(1 for t, _ in self.workload.successes if died + STANDBY_GRACE_S < t < back)
+            if n:
+                out.append(Violation("paid_without_standby", f"{n} payments told paid while "
+                                     f"the synchronous standby was down ({back - died:.1f} s)"))
+        return out
 
     async def inject(self, f: Fault) -> None:
         net = self.net
         self.injected[f.kind] += 1
         proxy = self.proxy_l if f.target == "ledger-link" else self.proxy_r
         assert proxy is not None
-        if f.kind in ("kill_router", "kill_ledger", "kill_payer"):
+        if f.kind == "kill_pg_primary":
+            await self.kill_pg_primary()
+        elif f.kind == "kill_pg_standby":
+            await self.kill_pg_standby(max(f.duration_s, STANDBY_DOWN_MIN_S))
+        elif f.kind in ("kill_router", "kill_ledger", "kill_payer"):
             name = {"kill_router": "router", "kill_ledger": "ledger"}.get(f.kind, f.target)
             await self._blocking(net.procs[name].kill)
             await asyncio.sleep(f.duration_s)
@@ -176,6 +313,15 @@ class Chaos:
             proc.resume()
             if not proc.alive():
                 await self._blocking(self.net.restart, name)
+        if self.cluster is not None:
+            for node in self.cluster.standbys:
+                if not node.running():
+                    await self._blocking(node.start)
+
+    def ledger_bytes(self) -> bytes:
+        """The ledger's rows as the CSV file; with PostgreSQL, from the current primary
+        (the promoted server after a failover)."""
+        return self.net.ledger_csv().encode()
 
     async def wait_pool_empty(self, seconds: float) -> bool:
         deadline = time.monotonic() + seconds
@@ -187,6 +333,15 @@ class Chaos:
         return False
 
     async def run(self) -> tuple[Report, Workload, bool]:
+        try:
+            return await self._run()
+        finally:
+            for task in self._rto_tasks:
+                task.cancel()
+            if self.cluster is not None:
+                await self._blocking(self.cluster.destroy)
+
+    async def _run(self) -> tuple[Report, Workload, bool]:
         workload = await self.start()
         try:
             t0 = time.monotonic()
@@ -199,6 +354,8 @@ class Chaos:
             pool_empty = await self.wait_pool_empty(float(MIX_SETTINGS["max_wait_s"])
                                                     + MIX_GRACE_S) if self.mix else True
             state = await self.net.wait_quiet(20.0)
+            if self._rto_tasks:
+                await asyncio.wait(self._rto_tasks, timeout=5)
         finally:
             await workload.close()
             for proxy in (self.proxy_r, self.proxy_l):
@@ -207,11 +364,21 @@ class Chaos:
             await self._blocking(self.net.stop_all)
         view = RouterView(dict(state.balances), dict(state.holds),
                           [f.tx_id for f in state.in_flight])
-        report = check(self.net.ledger_path.read_bytes(), workload.ops, view,
+        ledger_bytes = await self._blocking(self.ledger_bytes)
+        report = check(ledger_bytes, workload.ops, view,
                        require_success_after_heal=True, succeeded_after_heal=progressed)
+        if self.cluster is not None:
+            ok, line, _ = await verify_database(self.net.dsn)
+            if not ok:
+                report.violations.append(Violation("verify", line))
+            report.violations += self.paid_without_standby()
+            for i, f in enumerate(self.failovers, 1):
+                if f.lost:
+                    report.violations.append(Violation(
+                        "acked_lost_in_failover", f"failover {i}: {f}"))
         if self.mix:
             journal = Journal(self.root / "plugins" / "mixer" / "journal.jsonl").read()
-            report.violations += check_mixer(self.net.ledger_path.read_bytes(), journal)
+            report.violations += check_mixer(ledger_bytes, journal)
             if not pool_empty:
                 report.violations.append(Violation(
                     "stranded_deposit", "the pool was not empty max_wait + grace after healing"))
@@ -237,6 +404,10 @@ def summarise(chaos: Chaos, report: Report, workload: Workload) -> dict[str, Any
         "attempted": len(workload.ops), "outcomes": dict(first),
         "indeterminate_then_resolved": resolved, "faults_injected": dict(chaos.injected),
         "ledger_rows": report.rows, "violations": [str(v) for v in report.violations],
+        "store": chaos.store,
+        "failovers": [{"rpo_lost": f.lost, "acked_before": f.acked, "rto_s": f.rto_s}
+                      for f in chaos.failovers],
+        "standby_outages_s": [round(b - a, 2) for a, b in chaos.standby_outages],
         "verdict": "PASS" if report.ok else "FAIL",
     }
 
@@ -244,7 +415,8 @@ def summarise(chaos: Chaos, report: Report, workload: Workload) -> dict[str, Any
 async def amain(args: argparse.Namespace) -> int:
     keep = args.keep
     tmp = tempfile.mkdtemp(prefix="jackpay-chaos-")
-    chaos = Chaos(Path(tmp), args.seed, args.seconds, args.payers, mix=args.mix)
+    chaos = Chaos(Path(tmp), args.seed, args.seconds, args.payers, mix=args.mix,
+                  store=args.store)
     try:
         report, workload, _ = await chaos.run()
     except Exception:
@@ -255,6 +427,7 @@ async def amain(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2))
     else:
         print(f"chaos seed={chaos.seed} seconds={chaos.seconds} payers={len(chaos.payer_ids)}"
+              f" store={chaos.store}"
               + (f" mix: {summary['mixed_payments']} mixed payments" if chaos.mix else ""))
         print("schedule:")
         for line in summary["schedule"]:
@@ -263,6 +436,10 @@ async def amain(args: argparse.Namespace) -> int:
         print(f"indeterminate then resolved: {summary['indeterminate_then_resolved']}")
         print(f"faults injected: {summary['faults_injected']}")
         print(f"ledger rows: {summary['ledger_rows']}")
+        for i, f in enumerate(chaos.failovers, 1):
+            print(f"failover {i}: {f}")
+        for i, (a, b) in enumerate(chaos.standby_outages, 1):
+            print(f"standby outage {i}: {b - a:.2f} s, commits waited (no paid while down)")
         for v in summary["violations"]:
             print(f"VIOLATION {v}")
         print(f"verdict: {summary['verdict']}")
@@ -285,6 +462,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the run folder")
     p.add_argument("--mix", action="store_true",
                    help="the mixer on, half the payments mixed; the checker judges it too")
+    p.add_argument("--store", choices=["csv", "postgresql"], default="csv",
+                   help="postgresql: the ledger on a throwaway cluster (primary + sync "
+                        "standby); PostgreSQL faults join the schedule")
     args = p.parse_args(argv)
     if args.payers < 2:
         p.error("--payers must be at least 2")

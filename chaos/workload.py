@@ -41,6 +41,7 @@ class Workload:
     ops: list[Operation] = field(default_factory=list)
     undecided: dict[str, Operation] = field(default_factory=dict)
     last_success_at: float = 0.0
+    successes: list[tuple[float, int]] = field(default_factory=list)  # (monotonic, seq) of every `paid`
     _channels: dict[str, Channel] = field(default_factory=dict)
     _counter: int = 0
 
@@ -74,6 +75,7 @@ class Workload:
             assert isinstance(reply, Paid)
             result = Attempt("ok", seq=reply.seq)
             self.last_success_at = time.monotonic()
+            self.successes.append((self.last_success_at, reply.seq))
         op.attempts.append(result)
         if result.kind == "indeterminate":
             self.undecided[op.tx_id] = op
