@@ -110,6 +110,10 @@ class RouterConfig(_Section):
     reconcile_every_s: Annotated[float, msgspec.Meta(ge=0, le=86_400)] = 0.0
     # Prometheus metrics on HOST:PORT (e.g. "127.0.0.1:9401"; port 0 picks one); "" = off.
     metrics_addr: str = ""
+    # The router starts from the ledger's balances (no replay of every row) and reads
+    # back only this many of the latest rows: retries and `status` of those payments are
+    # answered from memory, older ones are asked of the ledger.
+    recent_rows: Annotated[int, msgspec.Meta(ge=0, le=100_000_000)] = 100_000
 
 
 class PayerConfig(_Section):

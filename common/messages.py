@@ -186,6 +186,44 @@ class Rows(Message, tag="rows", frozen=True):
     more: bool = False
 
 
+class TxKey(Record, frozen=True):
+    """A payment's name: its sender and its tx_id."""
+
+    sender: AccountId
+    tx_id: TxId
+
+
+class Lookup(Message, tag="lookup", frozen=True):
+    """The rows of these payments, if the ledger has them (a retry or a `status` of a
+    payment older than what the router keeps in memory)."""
+
+    id: ReqId
+    keys: Annotated[list[TxKey], msgspec.Meta(min_length=1, max_length=MAX_APPEND_ROWS)]
+
+
+class Found(Message, tag="found", frozen=True):
+    re: ReqId
+    rows: list[LedgerRow]  # those of the keys the ledger has, in seq order
+
+
+class Balances(Message, tag="balances", frozen=True):
+    """Every account's balance after row `last_seq`, by account name, one page at a time
+    (accounts after `after`, at most `limit`): what the router starts from instead of
+    replaying every row."""
+
+    id: ReqId
+    after: str = ""
+    limit: Annotated[int, msgspec.Meta(ge=1, le=2000)] = 1000
+
+
+class BalancesReply(Message, tag="balances_ok", frozen=True):
+    re: ReqId
+    balances: list[tuple[str, int]]  # (account, minor units), ascending by account
+    last_seq: int  # the chain head these balances are after
+    last_hash: str
+    more: bool = False  # accounts after the last one of this page exist
+
+
 class Stats(Message, tag="stats", frozen=True):
     id: ReqId
 
@@ -499,8 +537,8 @@ class ReloadReply(Message, tag="reload_ok", frozen=True):
 _encoder = msgspec.msgpack.Encoder()
 encode = _encoder.encode
 
-LEDGER_REQUESTS = (Hello, Ping, Append, Read, Stats)
-LEDGER_REPLIES = (Welcome, Pong, Appended, Rows, StatsReply, Error)
+LEDGER_REQUESTS = (Hello, Ping, Append, Read, Lookup, Balances, Stats)
+LEDGER_REPLIES = (Welcome, Pong, Appended, Rows, Found, BalancesReply, StatsReply, Error)
 ROUTER_REQUESTS = (Hello, Auth, Ping, Pay, GetBalance, History, Status, Receipt, Reject, Ack,
                    Pong, Error)
 PAYER_INBOUND = (Welcome, Challenge, Pong, Ping, Paid, BalanceReply, HistoryReply, StatusReply,

@@ -110,6 +110,7 @@ class MemoryIndex:
         # seqs of the rows each account sent or received, ascending: `read(party=…)` is
         # a binary search, not a scan of the whole ledger on the event loop.
         self.by_party: dict[str, list[int]] = {}
+        self.balances: dict[str, int] = {}  # after the last row, by account
         self.add(rows or [])
 
     @property
@@ -124,12 +125,15 @@ class MemoryIndex:
         """Durable rows, in seq order, continuing the chain."""
         by_tx = self.by_tx
         by_party = self.by_party
+        balances = self.balances
         for row in rows:
             self.rows.append(row)
             by_tx[(row.sender, row.tx_id)] = row
             by_party.setdefault(row.sender, []).append(row.seq)
             if row.receiver != row.sender:
                 by_party.setdefault(row.receiver, []).append(row.seq)
+            balances[row.sender] = balances.get(row.sender, 0) - row.amount
+            balances[row.receiver] = balances.get(row.receiver, 0) + row.amount
 
     def read(self, from_seq: int, limit: int, party: str | None = None) -> ReadResult:
         """Rows with seq >= from_seq (at most `limit`); with `party`, only its rows."""
@@ -142,6 +146,14 @@ class MemoryIndex:
         page = [self.rows[seq - 1] for seq in seqs[i : i + limit]]
         return ReadResult(page, page[-1].seq + 1 if page else max(from_seq, self.last_seq + 1),
                           i + len(page) < len(seqs))
+
+
+def balances_page(balances: dict[str, int], after: str, limit: int
+                  ) -> tuple[list[tuple[str, int]], bool]:
+    """The balances of the accounts after `after` (ascending, at most `limit`), and
+    whether more follow."""
+    names = sorted(a for a in balances if a > after)
+    return [(a, balances[a]) for a in names[:limit]], len(names) > limit
 
 
 class RecentIndex:

@@ -42,7 +42,11 @@ from common.messages import (
     Append,
     Appended,
     AppendResult,
+    Balances,
+    BalancesReply,
+    Found,
     Hello,
+    Lookup,
     Message,
     Ping,
     Pong,
@@ -262,6 +266,10 @@ class LedgerServer:
                 task = asyncio.create_task(self._read(ch, rid, from_seq, limit, party))
                 self._reads.add(task)
                 task.add_done_callback(self._reads.discard)
+            case Lookup() | Balances():
+                task = asyncio.create_task(self._answer_query(ch, msg))
+                self._reads.add(task)
+                task.add_done_callback(self._reads.discard)
             case Ping(id=rid):
                 ch.send_nowait(Pong(re=rid))
             case Stats(id=rid):
@@ -299,6 +307,32 @@ class LedgerServer:
         except Exception as exc:  # the database is away: say so, keep serving
             log_event(log, "read failed", logging.ERROR, error=repr(exc))
             ch.reply_error(rid, ErrorCode.LEDGER_UNAVAILABLE, f"the ledger's store cannot be "
+                           f"read right now ({type(exc).__name__}); retry")
+            return
+        self._send(ch, reply)
+
+    async def _answer_query(self, ch: Channel, msg: Lookup | Balances) -> None:
+        """`lookup` → `found`; `balances` → `balances_ok` (a page that fits one frame)."""
+        try:
+            reply: Message
+            if isinstance(msg, Lookup):
+                found = await self.store.lookup((k.sender, k.tx_id) for k in msg.keys)
+                reply = Found(re=msg.id, rows=sorted(found.values(), key=lambda r: r.seq))
+            else:
+                limit = msg.limit
+                while True:
+                    head = (self.store.last_seq, self.store.last_hash)
+                    page, more = await self.store.balances_page(msg.after, limit)
+                    if head != (self.store.last_seq, self.store.last_hash):
+                        continue  # a batch landed meanwhile: the page must match its head
+                    reply = BalancesReply(re=msg.id, balances=page, last_seq=head[0],
+                                          last_hash=head[1], more=more)
+                    if limit == 1 or len(encode(reply)) + HEADER_SIZE <= self.max_frame_bytes:
+                        break
+                    limit = max(1, limit // 2)
+        except Exception as exc:  # the database is away: say so, keep serving
+            log_event(log, "query failed", logging.ERROR, t=type(msg).__name__, error=repr(exc))
+            ch.reply_error(msg.id, ErrorCode.LEDGER_UNAVAILABLE, "the ledger's store cannot be "
                            f"read right now ({type(exc).__name__}); retry")
             return
         self._send(ch, reply)

@@ -19,12 +19,13 @@ Rules every store keeps:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from common.errors import JackPayError
 from common.messages import LedgerRow, RowIn
-from ledger.index import ReadResult, Resolution
+from ledger.index import Key, ReadResult, Resolution
 
 # A durable write (an fsync, a commit) at least this long is counted as slow.
 SLOW_FSYNC_US = 10_000
@@ -74,6 +75,15 @@ class LedgerStorage(Protocol):
         ...
 
     async def read_rows(self, from_seq: int, limit: int, party: str | None) -> ReadResult: ...
+
+    async def lookup(self, keys: Iterable[Key]) -> dict[Key, LedgerRow]:
+        """The durable rows of these (sender, tx_id) keys."""
+        ...
+
+    async def balances_page(self, after: str, limit: int) -> tuple[list[tuple[str, int]], bool]:
+        """Balances after the head, of the accounts after `after` (ascending, at most
+        `limit`), and whether more follow."""
+        ...
 
     def statistics(self) -> StoreStats: ...
 

@@ -20,12 +20,21 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import JackPayError
 from common.messages import LedgerRow, RowIn
-from ledger.index import LEG_PREFIX, MemoryIndex, ReadResult, Resolution, resolve
+from ledger.index import (
+    LEG_PREFIX,
+    Key,
+    MemoryIndex,
+    ReadResult,
+    Resolution,
+    balances_page,
+    resolve,
+)
 from ledger.rows import HEADER_LINE, RowFormatError, check_chain, format_line, parse_line
 from ledger.storage import SLOW_FSYNC_US, AppendOutcome, StoreStats, WriteFailed
 
@@ -186,6 +195,13 @@ class LedgerStore:
 
     async def read_rows(self, from_seq: int, limit: int, party: str | None) -> ReadResult:
         return self.index.read(from_seq, limit, party)
+
+    async def lookup(self, keys: Iterable[Key]) -> dict[Key, LedgerRow]:
+        by_tx = self.index.by_tx
+        return {k: row for k in keys if (row := by_tx.get(k)) is not None}
+
+    async def balances_page(self, after: str, limit: int) -> tuple[list[tuple[str, int]], bool]:
+        return balances_page(self.index.balances, after, limit)
 
     def statistics(self) -> StoreStats:
         return StoreStats(rows=self.last_seq, fsyncs=self.fsyncs, batches=self.batches,

@@ -15,6 +15,7 @@ Rules (DESIGN §1, §2):
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 
 from common.errors import InvariantViolation
 from common.messages import ISSUER
@@ -66,6 +67,24 @@ class Accounts:
     def holds(self) -> dict[str, int]:
         """Total held per account, for accounts with a hold."""
         return {k: v for k, v in self._held.items() if v}
+
+    def load(self, balances: Iterable[tuple[str, int]]) -> None:
+        """Start from these balances (the ledger's, after its last row). Raises
+        InvariantViolation (nothing loaded) if they do not sum to zero or an account
+        other than `_issuer` is negative."""
+        loaded = dict(balances)
+        if sum(loaded.values()) != 0:
+            raise InvariantViolation(f"the balances sum to {sum(loaded.values())}, not 0")
+        negative = [a for a, v in loaded.items() if v < 0 and a != ISSUER]
+        if negative:
+            raise InvariantViolation(f"{negative[0]} has a negative balance "
+                                     f"({loaded[negative[0]]})")
+        self._balance.clear()
+        self._balance.update(loaded)
+
+    def touch(self, account: str, tx_time: str) -> None:
+        """`account` took part in a payment at `tx_time` (a row read back at start)."""
+        self._last_tx_time[account] = tx_time
 
     # --- the seed's fundsAvail -----------------------------------------------------
 

@@ -1,10 +1,14 @@
-"""The router's book: accounts plus the transaction table, rebuilt from ledger rows.
+"""The router's book: accounts plus the transaction table, from the ledger.
 
-Pure (no I/O). The ledger is the truth (DESIGN §1.2); `replay` feeds its rows in seq
-order and must give the same balances the router had before a restart. Opening balances
-are ledger rows `_issuer -> <id>` with the deterministic tx_id `_open:<id>`, so
-`missing_openings` after a replay names exactly the ones never issued: a restart never
-issues twice.
+Pure (no I/O). The ledger is the truth (DESIGN §1.2). At start the book takes the
+ledger's balances after its last row (`start_from`: no replay of every row) and
+`remember`s the most recent rows, so retries and `status` of recent payments are
+answered from memory; `base_seq` is that last row. A row at or below `base_seq` is
+already in the balances: if a retry of such an old payment comes back from the ledger as
+a `duplicate`, `commit` only releases its hold — money never moves twice. (`replay` still
+applies rows one by one, for tests and tools.) Opening balances are ledger rows
+`_issuer -> <id>` with the deterministic tx_id `_open:<id>`; issuing one again is a
+duplicate at the ledger, so a restart never issues twice.
 """
 
 from __future__ import annotations
@@ -34,6 +38,22 @@ class Book:
         self.accounts = Accounts()
         self.txs = TxTable()
         self.last_seq = 0
+        self.base_seq = 0  # rows up to here came in as balances (`start_from`)
+
+    def start_from(self, balances: list[tuple[str, int]], last_seq: int) -> None:
+        """Begin with the ledger's balances after row `last_seq`. Raises
+        InvariantViolation if they cannot be (they do not sum to zero, a payer is
+        negative)."""
+        self.accounts.load(balances)
+        self.base_seq = self.last_seq = last_seq
+
+    def remember(self, row: LedgerRow) -> None:
+        """A row at or below `base_seq` (its money is in the balances): known from now on
+        to retries and `status`, nothing moved."""
+        if self.txs.get(row.sender, row.tx_id) is None:
+            self.txs.record_row(row)
+        self.accounts.touch(row.sender, row.dtg)
+        self.accounts.touch(row.receiver, row.dtg)
 
     def replay(self, row: LedgerRow) -> None:
         """Apply one durable row read back from the ledger. Rows already known (same
@@ -55,6 +75,9 @@ class Book:
         is skipped."""
         if self.txs.get(row.sender, row.tx_id) is not None:
             return
+        if row.seq <= self.base_seq:  # issued before this start: in the balances
+            self.remember(row)
+            return
         self.txs.record_row(row)
         self.accounts.apply(row.sender, row.receiver, row.amount, held=False, tx_time=row.dtg)
         if row.seq > self.last_seq:
@@ -63,8 +86,13 @@ class Book:
     def commit(self, tx_id: str, sender: str, receiver: str, amount: int, seq: int,
                dtg: str) -> None:
         """The ledger just acked row `seq` for a payment that holds `amount` on its
-        sender: move the money, release the hold, mark the tx paid."""
-        self.accounts.apply(sender, receiver, amount, held=True, tx_time=dtg)
+        sender: move the money, release the hold, mark the tx paid. (A row at or below
+        `base_seq` — a retry of a payment made before this start — only releases the
+        hold: its money is in the balances the book started from.)"""
+        if seq <= self.base_seq:
+            self.accounts.release_hold(sender, amount)
+        else:
+            self.accounts.apply(sender, receiver, amount, held=True, tx_time=dtg)
         self.txs.mark_paid(sender, tx_id, seq, dtg)
         if seq > self.last_seq:
             self.last_seq = seq
@@ -72,8 +100,11 @@ class Book:
     def commit_leg(self, tx_id: str, sender: str, receiver: str, amount: int, memo: str,
                    seq: int, dtg: str) -> None:
         """An extra leg of a payment (e.g. a fee) was acked with the payment's main row:
-        move its money, release its hold, remember its row."""
-        self.accounts.apply(sender, receiver, amount, held=True, tx_time=dtg)
+        move its money, release its hold, remember its row (`commit`'s rule for old rows)."""
+        if seq <= self.base_seq:
+            self.accounts.release_hold(sender, amount)
+        else:
+            self.accounts.apply(sender, receiver, amount, held=True, tx_time=dtg)
         self.txs.add_paid(tx_id, TxParams(sender, receiver, amount, memo), seq, dtg)
         if seq > self.last_seq:
             self.last_seq = seq

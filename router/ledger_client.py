@@ -25,6 +25,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from common import PROTOCOL_VERSION
 from common.aio import Channel, open_channel
@@ -37,20 +38,26 @@ from common.messages import (
     Append,
     Appended,
     AppendResult,
+    Balances,
+    BalancesReply,
+    Found,
     Hello,
     LedgerRow,
+    Lookup,
     Message,
     Ping,
     Pong,
     Read,
     RowIn,
     Rows,
+    TxKey,
     Welcome,
     decoder_for,
 )
 from common.tls import ClientTls
 
 log = logging.getLogger("jackpay.router.ledger")
+Q = TypeVar("Q", bound=Message)
 
 _DECODER = decoder_for(LEDGER_REPLIES)
 MAX_ROWS_PER_APPEND = MAX_APPEND_ROWS
@@ -212,17 +219,30 @@ class LedgerClient:
 
     async def read(self, from_seq: int, limit: int, party: str | None = None) -> Rows:
         """One page of rows. Raises LedgerUnavailable if the ledger does not answer."""
+        return await self._query(Read(id=0, from_seq=from_seq, limit=limit, party=party), Rows)
+
+    async def lookup(self, keys: list[tuple[str, str]]) -> list[LedgerRow]:
+        """The rows the ledger has of these (sender, tx_id) payments (at most
+        MAX_APPEND_ROWS keys). Raises LedgerUnavailable."""
+        reply = await self._query(Lookup(id=0, keys=[TxKey(s, t) for s, t in keys]), Found)
+        return reply.rows
+
+    async def balances(self, after: str = "", limit: int = 1000) -> BalancesReply:
+        """One page of the ledger's balances. Raises LedgerUnavailable."""
+        return await self._query(Balances(id=0, after=after, limit=limit), BalancesReply)
+
+    async def _query(self, request: Message, expect: type[Q]) -> Q:
         ch = self._channel
         if ch is None or ch.closed:
             raise LedgerUnavailable(f"no connection to the ledger at {self.address}")
+        what = type(request).__name__.lower()
         try:
-            reply = await ch.request(Read(id=0, from_seq=from_seq, limit=limit, party=party),
-                                     timeout=self.timeout_s)
+            reply = await ch.request(request, timeout=self.timeout_s)
         except (ConnectionLost, TimeoutError, RequestFailed) as exc:
-            raise LedgerUnavailable(f"ledger at {self.address} did not answer a read: "
+            raise LedgerUnavailable(f"ledger at {self.address} did not answer a {what}: "
                                     f"{exc or type(exc).__name__}") from exc
-        if not isinstance(reply, Rows):
-            raise LedgerUnavailable(f"ledger answered read with {type(reply).__name__}")
+        if not isinstance(reply, expect):
+            raise LedgerUnavailable(f"ledger answered {what} with {type(reply).__name__}")
         return reply
 
     # --- appends -----------------------------------------------------------------

@@ -6,8 +6,10 @@ Rules:
   router has committed) must give exactly the router's live balances, account by account;
   a row of a payment whose append is still unanswered is skipped (the router has not
   applied it *yet*), and counted;
-- every ledger row must be a payment the router knows (its tx table has that sender's
-  tx_id at that seq); a row written behind the router's back is named by its seq;
+- every ledger row after the router's start (`base_seq`: the rows before it came in as
+  the ledger's balances) must be a payment the router knows (its tx table has that
+  sender's tx_id at that seq); a row written behind the router's back is named by its
+  seq;
 - every hold must be a payment in flight: the sum of the held payments' debits, per
   account, equals the router's holds;
 - the issued total: what `_issuer` paid out in the ledger equals minus its balance in the
@@ -27,7 +29,8 @@ from common.messages import ISSUER, Difference, LedgerRow
 def reconcile(rows: Iterable[LedgerRow], *, router_last_seq: int,
               balances: Mapping[str, int], holds: Mapping[str, int],
               in_flight_debits: Mapping[str, int], in_flight: set[tuple[str, str]],
-              known_seq: Callable[[str, str], int | None]) -> tuple[list[Difference], int, int]:
+              known_seq: Callable[[str, str], int | None],
+              base_seq: int = 0) -> tuple[list[Difference], int, int]:
     """(differences, rows read, rows skipped as in flight)."""
     replayed: dict[str, int] = defaultdict(int)
     issued = 0
@@ -40,7 +43,7 @@ def reconcile(rows: Iterable[LedgerRow], *, router_last_seq: int,
         if (r.sender, r.tx_id) in in_flight:
             skipped += 1
             continue
-        if known_seq(r.sender, r.tx_id) != r.seq:
+        if r.seq > base_seq and known_seq(r.sender, r.tx_id) != r.seq:
             diffs.append(Difference("row", r.sender, 0, r.amount,
                                     f"ledger row {r.seq} ({r.tx_id}: {r.sender} -> "
                                     f"{r.receiver}) is not a payment the router made"))

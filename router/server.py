@@ -62,7 +62,6 @@ from common.messages import (
     Receipt,
     ReconcileReply,
     Reject,
-    Rows,
     Status,
     StatusReply,
     TxState,
@@ -98,6 +97,7 @@ log = logging.getLogger("jackpay.router")
 _DECODER = decoder_for(ROUTER_REQUESTS)
 SERVER_NAME = "jackpay-router"
 REPLAY_PAGE_ROWS = 1000  # the ledger sends fewer when they would not fit one frame
+BALANCE_PAGE = 1000  # accounts per `balances` page (the ledger sends fewer to fit a frame)
 HISTORY_MAX_ROWS = 100
 # A hello or an auth is under 200 bytes: nothing larger is read before login.
 PRE_LOGIN_MAX_FRAME_BYTES = 1024
@@ -210,7 +210,7 @@ class RouterService:
         self.ledger.start()
         log_event(log, "waiting for the ledger", ledger=self.ledger.address)
         await self.ledger.wait_connected()
-        await self.replay()
+        await self.load_book()
         await self.issue_openings()
         self._start_plugins()
         keys = self.login_policy.keys if self.login_policy is not None else None
@@ -254,51 +254,71 @@ class RouterService:
                   tls=self.security.tls is not None,
                   keys=len(keys) if keys is not None else None)
 
-    async def replay(self) -> None:
-        """Rebuild the book from every ledger row, page by page (retrying on loss).
-
-        The next page is asked for before this one is applied, so the ledger prepares
-        it while the router applies this one (they overlap on two cores)."""
-        from_seq = 1
-        ahead: asyncio.Future[Rows] | None = None
+    async def load_book(self) -> None:
+        """Start the book from the ledger without replaying every row: its balances after
+        its last row (paged, all at one head), then the most recent `[router]
+        recent_rows` rows (retries and `status` of recent payments answered from
+        memory), then the rows of the plug-ins' accounts. Retries while the ledger is
+        away. Raises StartupFailed if the ledger's balances cannot be right."""
+        balances: list[tuple[str, int]] = []
+        while True:
+            try:
+                head = await self._read_balances(balances)
+                break
+            except LedgerUnavailable as exc:
+                balances.clear()
+                log_event(log, "loading the balances; retrying", logging.WARNING,
+                          error=str(exc))
+                await asyncio.sleep(0.1)
+                await self.ledger.wait_connected()
         try:
-            while True:
-                if ahead is None:
-                    ahead = asyncio.ensure_future(self.ledger.read(from_seq, REPLAY_PAGE_ROWS))
-                try:
-                    page = await ahead
-                except LedgerUnavailable as exc:
-                    ahead = None
-                    log_event(log, "replay interrupted; retrying", logging.WARNING,
-                              error=str(exc))
-                    await asyncio.sleep(0.1)
-                    await self.ledger.wait_connected()
-                    continue
-                ahead = None
-                more = bool(page.rows) and page.next_seq <= page.last_seq
-                if more:
-                    ahead = asyncio.ensure_future(
-                        self.ledger.read(page.next_seq, REPLAY_PAGE_ROWS))
-                try:
-                    for row in page.rows:
-                        self.book.replay(row)
-                    if self._plugin_rows is not None:
-                        mine = self.plugins.system_accounts
-                        self._plugin_rows.extend(r for r in page.rows
-                                                 if r.sender in mine or r.receiver in mine)
-                except InvariantViolation as exc:
-                    raise StartupFailed(f"the ledger does not replay cleanly: {exc}; run "
-                                        "`jackpay-ledger verify` on its file") from exc
-                if not more:
-                    break
-                from_seq = page.next_seq
-        finally:
-            if ahead is not None:
-                ahead.cancel()
-                with contextlib.suppress(asyncio.CancelledError, LedgerUnavailable):
-                    await ahead
-        log_event(log, "ledger replayed", rows=self.book.last_seq, txs=len(self.book.txs),
-                  total=self.book.accounts.total())
+            self.book.start_from(balances, head)
+        except InvariantViolation as exc:
+            raise StartupFailed(f"the ledger's balances cannot be right: {exc}; run "
+                                "`jackpay-ledger verify` on it") from exc
+        recent = self.cfg.router.recent_rows
+        rows = await self._read_rows(max(1, head - recent + 1), head) if recent else []
+        for row in rows:
+            self.book.remember(row)
+        if self._plugin_rows is not None:
+            for account in sorted(self.plugins.system_accounts):
+                self._plugin_rows.extend(await self._read_rows(1, head, party=account))
+            self._plugin_rows.sort(key=lambda r: r.seq)
+            self._plugin_rows = list({r.seq: r for r in self._plugin_rows}.values())
+        log_event(log, "book loaded", last_seq=head, accounts=len(balances),
+                  recent_rows=len(rows), total=self.book.accounts.total())
+
+    async def _read_balances(self, out: list[tuple[str, int]]) -> int:
+        """Every balance, page by page, into `out`; returns the head they are after.
+        Raises LedgerUnavailable (also if the head moved between pages: nothing else
+        writes while the router starts, so the ledger is not the one we think)."""
+        page = await self.ledger.balances("", BALANCE_PAGE)
+        head = page.last_seq, page.last_hash
+        out.extend(page.balances)
+        while page.more:
+            page = await self.ledger.balances(page.balances[-1][0], BALANCE_PAGE)
+            if (page.last_seq, page.last_hash) != head:
+                raise LedgerUnavailable("the ledger's head moved while its balances were read")
+            out.extend(page.balances)
+        return head[0]
+
+    async def _read_rows(self, from_seq: int, to_seq: int, *,
+                         party: str | None = None) -> list[LedgerRow]:
+        """Rows from_seq..to_seq (of `party`), paged, retrying while the ledger is away."""
+        rows: list[LedgerRow] = []
+        while from_seq <= to_seq:
+            try:
+                page = await self.ledger.read(from_seq, REPLAY_PAGE_ROWS, party=party)
+            except LedgerUnavailable as exc:
+                log_event(log, "reading the ledger; retrying", logging.WARNING, error=str(exc))
+                await asyncio.sleep(0.1)
+                await self.ledger.wait_connected()
+                continue
+            rows.extend(r for r in page.rows if r.seq <= to_seq)
+            if not page.rows or not (page.more if party else page.next_seq <= page.last_seq):
+                break
+            from_seq = page.next_seq
+        return rows
 
     async def issue_openings(self, participants: list[Participant] | None = None) -> None:
         """Append the opening balances (of the config's participants, or of
@@ -326,9 +346,10 @@ class RouterService:
                 if res.status == "conflict":
                     raise StartupFailed(f"ledger holds {row_in.tx_id} for another payment")
                 self.book.record_issued(durable_row(row_in, res))
-                log_event(log, "opening balance issued", tx_id=row_in.tx_id,
-                          receiver=row_in.receiver, amount=format_amount(row_in.amount),
-                          seq=res.seq)
+                if res.status == "written":
+                    log_event(log, "opening balance issued", tx_id=row_in.tx_id,
+                              receiver=row_in.receiver, amount=format_amount(row_in.amount),
+                              seq=res.seq)
             if self.book.missing_openings(openings):
                 await asyncio.sleep(0.1)
                 await self.ledger.wait_connected()
@@ -360,7 +381,8 @@ class RouterService:
                 diffs, read, skipped = reconcile(
                     rows, router_last_seq=book.last_seq, balances=book.accounts.snapshot(),
                     holds=book.accounts.holds(), in_flight_debits=debits,
-                    in_flight=in_flight, known_seq=self._known_seq)
+                    in_flight=in_flight, known_seq=self._known_seq,
+                    base_seq=book.base_seq)
                 return ReconcileReply(re=0, ok=not diffs, rows=read,
                                       router_last_seq=book.last_seq, differences=diffs,
                                       in_flight_skipped=skipped)
@@ -536,6 +558,10 @@ class PayerConnection:
             case History():
                 return self._history(session, ch, msg)
             case Status():
+                book = self.service.book
+                if book.base_seq and book.txs.get(msg.sender or session.payer_id,
+                                                  msg.tx_id) is None:
+                    return self._status_from_ledger(session, ch, msg)
                 ch.send_nowait(self._status(session, msg))
             case Hello(id=rid) | Auth(id=rid):
                 ch.reply_error(rid, ErrorCode.BAD_REQUEST, "this session already logged in")
@@ -676,6 +702,21 @@ class PayerConnection:
             reply = HistoryReply(re=msg.id, rows=rows, next_seq=rows[-1].seq + 1, more=True)
         if not ch.closed:
             ch.send_nowait(reply)
+
+    async def _status_from_ledger(self, session: Session, ch: Channel, msg: Status) -> None:
+        """A payment the router has not in memory (older than its start's recent rows):
+        the ledger knows whether it was paid."""
+        sender = msg.sender or session.payer_id
+        try:
+            rows = await self.service.ledger.lookup([(sender, msg.tx_id)])
+        except LedgerUnavailable as exc:
+            ch.reply_error(msg.id, ErrorCode.LEDGER_UNAVAILABLE, str(exc))
+            return
+        book = self.service.book
+        if rows and rows[0].seq <= book.base_seq and book.txs.get(sender, msg.tx_id) is None:
+            book.remember(rows[0])
+        if not ch.closed:
+            ch.send_nowait(self._status(session, msg))
 
     def _status(self, session: Session, msg: Status) -> StatusReply:
         """Only about a payment the caller sent or received: anything else is `unknown`,

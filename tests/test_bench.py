@@ -42,6 +42,7 @@ def test_bench_quick_reports_every_figure(tmp_path: Path) -> None:
     assert report["fsync"]["fsyncs_per_s"] > 0
     assert report["sessions"]["kib_per_idle_session"] is not None
     assert list(report["rebuild_s"]) == ["20000"]
+    assert list(report["ledger_start_s"]) == ["20000"]
     assert report["peak_payments_per_s"] > 0
     assert report["plain_peak_payments_per_s"] > 0
     ratios = report["ratios"]

@@ -47,6 +47,11 @@ EXAMPLES: list[m.Message] = [
     m.Reconcile(id=17),
     m.ReconcileReply(re=17, ok=False, rows=9, router_last_seq=9, differences=[
         m.Difference(what="balance", account="alice", router=5, ledger=4)]),
+    m.Lookup(id=23, keys=[m.TxKey(sender="alice", tx_id="t1")]),
+    m.Found(re=23, rows=[m.LedgerRow(seq=1, dtg="d", sender="alice", receiver="bob", amount=5,
+                                     tx_id="t1", memo="", hash="h")]),
+    m.Balances(id=24, after="alice", limit=10),
+    m.BalancesReply(re=24, balances=[("bob", 5)], last_seq=1, last_hash="h", more=True),
     m.ListParticipants(id=18),
     m.ParticipantsReply(re=18, participants=[m.ParticipantInfo(
         id="dave", name="Dave", kind="individual", opening_balance=500, max_incoming=None,
