@@ -141,7 +141,9 @@ class BalanceSnapshot:
 
 @dataclass(frozen=True)
 class StartInfo:
-    """`start`'s argument: the ledger as replayed (in seq order) and the balances after it."""
+    """`start`'s argument: the ledger rows of the plug-ins' system accounts (in seq order,
+    from the first seq any plug-in asked for with `jackpay_rows_from`) and every balance
+    after the ledger's last row."""
 
     rows: Sequence[LedgerRow]
     balances: Balances
@@ -157,9 +159,14 @@ class Specs:
         receivers and as senders of its system payments."""
 
     @hookspec
+    def jackpay_rows_from(self) -> int:  # type: ignore[empty-body]
+        """Before `start`: the first seq whose rows of its accounts the plug-in needs (its
+        own durable checkpoint covers the rows before). Without it: every row (1)."""
+
+    @hookspec
     def jackpay_start(self, info: StartInfo) -> None:
-        """Once, after the router replayed the ledger: rebuild state (with the plug-in's
-        own journal) before any payment runs."""
+        """Once, after the router loaded the ledger's balances: rebuild state (with the
+        plug-in's own journal) before any payment runs."""
 
     @hookspec(firstresult=True)
     def jackpay_validate(self, request: PaymentRequest) -> Veto | None:
@@ -309,6 +316,12 @@ class Plugins:
     def aborted(self, request: PaymentRequest, code: ErrorCode) -> None:
         if self._aborted:
             self._all(self._aborted, request, code)
+
+    def rows_from(self) -> int:
+        """The first seq any plug-in needs the rows of its accounts from (1: all)."""
+        asked = [a for a in self._all(self._impls.get("jackpay_rows_from", ()))
+                 if isinstance(a, int)]
+        return max(1, min(asked)) if asked else 1
 
     def start(self, info: StartInfo) -> None:
         self._all(self._impls.get("jackpay_start", ()), info)

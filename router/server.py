@@ -281,8 +281,12 @@ class RouterService:
         for row in rows:
             self.book.remember(row)
         if self._plugin_rows is not None:
+            try:
+                first = self.plugins.rows_from()
+            except PluginFailed as exc:
+                raise StartupFailed(f"{exc}; see the router's log") from exc
             for account in sorted(self.plugins.system_accounts):
-                self._plugin_rows.extend(await self._read_rows(1, head, party=account))
+                self._plugin_rows.extend(await self._read_rows(first, head, party=account))
             self._plugin_rows.sort(key=lambda r: r.seq)
             self._plugin_rows = list({r.seq: r for r in self._plugin_rows}.values())
         log_event(log, "book loaded", last_seq=head, accounts=len(balances),

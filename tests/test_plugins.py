@@ -51,14 +51,57 @@ BOOM = textwrap.dedent('''
 ''')
 
 
+TALLY = textwrap.dedent('''
+    """A test plug-in with its own account `_tally`: a payment with memo "tip" also pays
+    it 1; at start it writes down the seqs of the rows it was given, and asks for rows
+    from `rows_from` on (its checkpoint)."""
+    import json
+    from common.messages import RowIn
+    from router.plugins import Route, hookimpl
+
+    class Tally:
+        def __init__(self, settings, context):
+            self.rows_from = settings.get("rows_from")
+            self.out = context.state_dir / "started.json"
+
+        @hookimpl
+        def jackpay_system_accounts(self):
+            return ["_tally"]
+
+        @hookimpl
+        def jackpay_rows_from(self):
+            return self.rows_from
+
+        @hookimpl
+        def jackpay_start(self, info):
+            self.out.write_text(json.dumps([r.seq for r in info.rows]))
+
+        @hookimpl
+        def jackpay_route(self, request):
+            if request.memo != "tip":
+                return None
+            tip = RowIn(tx_id="_leg2:" + request.tx_id, sender=request.sender,
+                        receiver="_tally", amount=1)
+            main = RowIn(tx_id=request.tx_id, sender=request.sender,
+                         receiver=request.receiver, amount=request.amount, memo=request.memo)
+            return Route((tip, main), request.receiver)
+
+    def make(settings, context):
+        return Tally(settings, context)
+''')
+
+
 def install_test_plugin(folder: Path) -> Path:
-    """A real distribution on sys.path with a `jackpay.plugins` entry point `boom`."""
+    """A real distribution on sys.path with `jackpay.plugins` entry points `boom` and
+    `tally`."""
     site = folder / "site"
     dist = site / "jp_testplugin-1.0.dist-info"
     dist.mkdir(parents=True)
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: jp-testplugin\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[jackpay.plugins]\nboom = jp_testplugin:make\n")
+    (dist / "entry_points.txt").write_text("[jackpay.plugins]\nboom = jp_testplugin:make\n"
+                                           "tally = jp_tally:make\n")
     (site / "jp_testplugin.py").write_text(BOOM)
+    (site / "jp_tally.py").write_text(TALLY)
     return site
 
 
@@ -222,3 +265,27 @@ def test_routes_that_would_move_money_unasked_are_refused() -> None:
                                                        receiver="carol", amount=5), main))
     assert "without being offered" in str(problem(main, payee=None))
     assert "not the main leg's receiver" in str(problem(main, payee="carol"))
+
+
+async def test_a_plugin_gets_the_rows_of_its_accounts_from_its_own_checkpoint(
+        tmp_path: Path) -> None:
+    import json
+
+    net = Network(tmp_path / "net", participants={"alice": "10.00", "bob": "0.00"},
+                  router_settings={"plugins": ["tally"]})
+    with_site(net, install_test_plugin(tmp_path))
+    started = net.root / "plugins" / "tally" / "started.json"
+    async with running(net) as (alice, _):
+        for i in range(3):
+            await alice.send_payment("bob", 100, tx_id=f"t-{i}", memo="tip")
+        await alice.send_payment("bob", 100, tx_id="plain")  # no row of `_tally`
+        assert json.loads(started.read_text()) == []
+        net.procs["router"].stop()
+        net.restart("router")
+        assert json.loads(started.read_text()) == [2, 4, 6]  # every `_tally` row
+        net.plugin_settings = {"tally": {"rows_from": 4}}
+        net.write_config(ledger_port=net.procs["ledger"].addr[1])
+        net.procs["router"].stop()
+        net.restart("router")
+        assert json.loads(started.read_text()) == [4, 6]  # from its checkpoint on
+        assert (await net.inspect()).balances["_tally"] == 3
