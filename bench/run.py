@@ -4,6 +4,7 @@ machine's limits measured in the same run and JackPay's figures shown as ratios 
     scripts/bench                 # full run (a few minutes)
     scripts/bench --quick         # under a minute: smaller settings, no 1M-row rebuild
     scripts/bench --json          # one JSON document on stdout instead of tables
+    scripts/bench --store postgresql   # also: the ledger on PostgreSQL vs CSV vs pgbench
 
 Every payment is fsync'd by the ledger before the sender is told `paid`. Security is on,
 as in every network: TLS 1.3 on every link, payers logged in with their keys, the router
@@ -11,6 +12,15 @@ a mutual-TLS client of the ledger. For comparison only, the same closed-loop set
 (and the same offered rates) then run on a network started with TLS and login off —
 labelled `plain`, never a supported way to run a network — and the report gives
 secure / plain.
+
+`--store postgresql` (only when asked: it needs the PostgreSQL 15 server and about two
+more minutes) adds, in the same run, the store comparison: two throwaway clusters
+(ledger.pgcluster; fsync and synchronous_commit on), one alone (`postgres`) and one with
+a synchronous standby (`standby`); the same closed loop at saturation on a CSV network,
+a PostgreSQL one and a PostgreSQL-with-standby one, interleaved in rounds; p99 of an open
+loop at half each one's peak; the ledger's RSS and start time; and pgbench's built-in
+TPC-B (`pgbench -i -s 10`, then `-c 8 -j 2 -T S`) on each cluster (`pgbench`). Ratios:
+postgres / pgbench TPC-B, postgres / CSV, standby / CSV.
 """
 
 from __future__ import annotations
@@ -52,6 +62,7 @@ from common.messages import (
 from common.procs import Proc, python_module
 from common.tls import ClientTls, client_tls
 from common.version import add_version
+from ledger.pgcluster import PgCluster
 from ledger.rows import GENESIS_HASH, HEADER_LINE, format_line, make_row
 from payer_client.client import PayerClient, PayerCredentials
 
@@ -86,12 +97,16 @@ class Settings:
     plugin_seconds: float = 5.0  # each plug-in setting's closed loop
     metrics_rounds: int = 6  # interleaved pairs: metrics off / on and scraped every second
     metrics_seconds: float = 5.0
+    store_rounds: int = 3  # --store postgresql: interleaved rounds of csv / postgres / standby
+    store_concurrency: int = 256  # the closed loop at saturation
+    pgbench_seconds: float = 10.0
 
 
 QUICK = Settings(payers=20, concurrency=(1, 64), seconds=2.0, open_loop_s=2.0,
                  idle_sessions=200, rebuild_rows=(20_000,), echo_connections=20,
                  open_rates=(), plugin_rounds=1, plugin_seconds=1.0, metrics_rounds=1,
-                 metrics_seconds=1.0)
+                 metrics_seconds=1.0, store_rounds=1, store_concurrency=64,
+                 pgbench_seconds=3.0)
 
 
 def raise_fd_limit() -> None:
@@ -176,6 +191,7 @@ class Bench:
         self.report: dict[str, Any] = {"settings": settings.__dict__.copy(), "machine": machine()}
         self.probes = StallProbes()  # bench/stall.py: the host's stalls, in every setting
         self.open_echo: Callable[[str, float], Awaitable[Result]] | None = None
+        self.ledger_start_s: dict[str, float] = {}  # by network tag
 
     # --- processes -----------------------------------------------------------------
 
@@ -193,12 +209,14 @@ class Bench:
         self.procs.clear()
 
     def write_config(self, path: Path, payers: list[str], ledger_port: int, csv: str,
-                     opening: str = "1000000.00", router_extra: str = "") -> None:
+                     opening: str = "1000000.00", router_extra: str = "",
+                     dsn: str = "") -> None:
         """`router_extra`: TOML lines for [router] (`plugins = [...]`, `metrics_addr`)
         and the plug-in tables after them (a blank line separates the two)."""
         router_lines, _, tables = router_extra.partition("\n\n")
         lines = ["[network]", 'id = "bench"', f'keys_dir = "keys-{path.stem}"', "",
                  "[ledger]", 'host = "127.0.0.1"', f"port = {ledger_port}", f'path = "{csv}"',
+                 *([f'store = "postgresql"\ndsn = "{dsn}"'] if dsn else []),
                  "", "[router]", 'host = "127.0.0.1"', "port = 0",
                  f'admin_socket = "{path.stem}-admin.sock"', "offer_timeout_s = 10.0",
                  "ledger_timeout_s = 10.0", "outcome_pending_after_s = 30.0"]
@@ -212,13 +230,17 @@ class Bench:
         ensure_keys(load_config(path))
 
     def start_network(self, tag: str, payers: list[str], csv: str = "ledger.csv", *,
-                      plain: bool = False, router_extra: str = "") -> tuple[Proc, Proc, Path]:
+                      plain: bool = False, router_extra: str = "",
+                      dsn: str = "") -> tuple[Proc, Proc, Path]:
+        """`dsn`: the ledger on PostgreSQL there (else the CSV file `csv`)."""
         cfg = self.root / f"{tag}.toml"
         flag = [PLAIN_FLAG] if plain else []
-        self.write_config(cfg, payers, 0, csv, router_extra=router_extra)
+        self.write_config(cfg, payers, 0, csv, router_extra=router_extra, dsn=dsn)
+        t0 = time.perf_counter()
         ledger = self.start(f"{tag}-ledger", python_module("ledger", "--config", str(cfg),
                                                            *flag))
-        self.write_config(cfg, payers, ledger.addr[1], csv, router_extra=router_extra)
+        self.ledger_start_s[tag] = round(time.perf_counter() - t0, 2)
+        self.write_config(cfg, payers, ledger.addr[1], csv, router_extra=router_extra, dsn=dsn)
         router = self.start(f"{tag}-router", python_module("router", "--config", str(cfg),
                                                            *flag))
         return ledger, router, cfg
@@ -299,12 +321,13 @@ class Bench:
     # --- payments ------------------------------------------------------------------
 
     async def payment_network(self, *, plain: bool, tag: str = "",
-                              router_extra: str = "") -> _PaymentNetwork:
-        """A running network (ledger, router, `payers` clients logged in) to measure."""
+                              router_extra: str = "", dsn: str = "") -> _PaymentNetwork:
+        """A running network (ledger, router, `payers` clients logged in) to measure;
+        `dsn`: its ledger on PostgreSQL."""
         tag = tag or ("plain" if plain else "pay")
         payers = [f"p{i:04d}" for i in range(self.s.payers)]
         ledger, router, cfg = self.start_network(tag, payers, f"{tag}.csv", plain=plain,
-                                                 router_extra=router_extra)
+                                                 router_extra=router_extra, dsn=dsn)
         auditor = None if plain else client_tls(KeyStore.for_config(load_config(cfg)),
                                                  "ledger", identity="auditor")
         lch = await open_channel(*ledger.addr, decoder_for(LEDGER_REPLIES), name="ledger",
@@ -477,6 +500,82 @@ class Bench:
         self.report["metrics"] = {"settings": results, "router_cpu_us_per_payment": per_payment,
                                   "on_vs_off_router_cpu": on_vs_off, "scrapes": scrapes}
 
+    async def stores(self) -> None:
+        """CSV / PostgreSQL alone / PostgreSQL with a synchronous standby: the same closed
+        loop at saturation, interleaved in rounds (the machine in the same mood); then an
+        open loop at half each one's peak; ledger RSS and start; pgbench TPC-B on each
+        cluster. Raises ClusterError when PostgreSQL cannot be started."""
+        s = self.s
+        task = self.progress.add_task("stores", total=3 * s.store_rounds + 3 + 2)
+        alone = await asyncio.to_thread(PgCluster.create)
+        replicated: PgCluster | None = None
+        nets: list[tuple[str, _PaymentNetwork]] = []
+        try:
+            replicated = await asyncio.to_thread(PgCluster.create)
+
+            def attach(c: PgCluster) -> None:
+                c.add_standby("s1")
+                c.set_sync("s1")
+                c.wait_streaming("s1", sync=True)
+
+            await asyncio.to_thread(attach, replicated)
+            nets = [("csv", await self.payment_network(plain=False, tag="storecsv")),
+                    ("postgres", await self.payment_network(plain=False, tag="postgres",
+                                                            dsn=alone.dsn())),
+                    ("standby", await self.payment_network(
+                        plain=False, tag="standby", dsn=replicated.multi_host_dsn()))]
+            conc = s.store_concurrency
+            per_s: dict[str, list[float]] = {name: [] for name, _ in nets}
+            results: list[dict[str, Any]] = []
+            for i in range(s.store_rounds):
+                order = nets[i % 3:] + nets[:i % 3]
+                for name, net in order:
+                    res = await net.measured(closed_loop(
+                        f"store {name} closed C={conc}", net.op, conc, s.seconds), self)
+                    per_s[name].append(res.rate)
+                    results.append(net.results[-1])
+                    self.progress.advance(task)
+            peak = {name: max(v) for name, v in per_s.items()}
+            rss = {}
+            for name, net in nets:
+                res = await net.measured(open_loop(f"store {name} open {peak[name] / 2:.0f}/s",
+                                                   net.op, max(1.0, peak[name] / 2),
+                                                   s.open_loop_s), self)
+                results.append(net.results[-1])
+                rss[name] = rss_kib(net.ledger.pid)
+                self.progress.advance(task)
+            pgbench = {}
+            for name, cluster in (("pgbench", alone), ("pgbench standby", replicated)):
+                pgbench[name] = await asyncio.to_thread(run_pgbench, cluster, s.pgbench_seconds)
+                self.progress.advance(task)
+        finally:
+            for _, net in nets:
+                await net.close()
+            for c in (alone, replicated):
+                if c is not None:
+                    await asyncio.to_thread(c.destroy)
+        median = {name: sorted(v)[len(v) // 2] for name, v in per_s.items()}
+        tps = pgbench["pgbench"]["tps"]
+        self.report["stores"] = {
+            "settings": results,
+            "peak_per_s": {k: round(v, 1) for k, v in peak.items()},
+            "median_per_s": {k: round(v, 1) for k, v in median.items()},
+            "p99_ms_at_half_peak": {r["label"].split()[1]: r["p99_ms"] for r in results
+                                    if "offered_per_s" in r},
+            "ledger_rss_kib": rss,
+            "ledger_start_s": {name: self.ledger_start_s[net.ledger.name[:-len("-ledger")]]
+                               for name, net in nets},
+            "pgbench": pgbench,
+            "ratios": {
+                "postgres_vs_pgbench_tpcb": round(median["postgres"] / tps, 3) if tps else None,
+                "postgres_vs_csv": round(median["postgres"] / median["csv"], 3),
+                "standby_vs_csv": round(median["standby"] / median["csv"], 3),
+                "standby_vs_pgbench_tpcb_standby": round(
+                    median["standby"] / pgbench["pgbench standby"]["tps"], 3)
+                if pgbench["pgbench standby"]["tps"] else None,
+            },
+        }
+
     @staticmethod
     async def ledger_stats(ch: Channel) -> StatsReply:
         st = await ch.request(Stats(id=0))
@@ -545,6 +644,27 @@ class Bench:
             self.progress.advance(task)
         self.report["rebuild_s"] = out  # the router's start (the name is older than the change)
         self.report["ledger_start_s"] = ledger_s
+
+
+def run_pgbench(cluster: PgCluster, seconds: float) -> dict[str, Any]:
+    """pgbench's built-in TPC-B (three balance updates and a history insert per
+    transaction, one commit each) on `cluster`'s primary: `-i -s 10`, then `-c 8 -j 2`."""
+    node = cluster.primary
+    node.sql("DROP DATABASE IF EXISTS pgbench", "CREATE DATABASE pgbench")
+    conn = ["-h", str(node.socket_dir), "-p", str(node.port), "-U", "postgres"]
+    node.run("pgbench", "-i", "-q", "-s", "10", *conn, "pgbench", timeout=600)
+    out = node.run("pgbench", "-c", "8", "-j", "2", "-T", str(max(1, round(seconds))), *conn,
+                   "pgbench", timeout=seconds + 120)
+    tps = 0.0
+    latency = None
+    for line in out.splitlines():
+        if line.startswith("tps = "):
+            tps = float(line.split()[2])
+        elif line.startswith("latency average = "):
+            latency = float(line.split()[3])
+    return {"tps": round(tps, 1), "latency_ms_avg": latency, "clients": 8, "threads": 2,
+            "scale": 10, "seconds": max(1, round(seconds)),
+            "standby": bool(cluster.sync_names)}
 
 
 def synthetic_ledger(path: Path, payers: list[str], rows: int) -> None:
@@ -713,6 +833,23 @@ def render(report: dict[str, Any]) -> None:
                   f"of interleaved pairs): {metrics['on_vs_off_router_cpu']}; µs per payment "
                   f"off {cpu['off']}, on {cpu['on']}")
     con.print(f"ratios: {report.get('ratios')}")
+    stores = report.get("stores")
+    if stores:
+        st = Table(title="stores (security on; CSV / PostgreSQL alone / with a sync standby)")
+        for col in ("setting", "pay/s", "p50", "p99", "rows/commit", "commit ms", "CPU s L/R/B"):
+            st.add_column(col, justify="right")
+        for r in stores["settings"]:
+            cpu = r.get("cpu_s", {})
+            st.add_row(r["label"], f"{r['per_s']:,.0f}", _ms(r["p50_ms"]), _ms(r["p99_ms"]),
+                       str(r.get("rows_per_fsync")), str(r.get("fsync_ms_avg")),
+                       f"{cpu.get('ledger')}/{cpu.get('router')}/{cpu.get('bench')}")
+        for name, b in stores["pgbench"].items():
+            st.add_row(f"{name} TPC-B -c 8 -j 2", f"{b['tps']:,.0f}", "", "", "1",
+                       str(b["latency_ms_avg"]), "")
+        con.print(st)
+        con.print(f"stores: median pay/s {stores['median_per_s']}; p99 ms at half peak "
+                  f"{stores['p99_ms_at_half_peak']}; ledger RSS KiB {stores['ledger_rss_kib']}; "
+                  f"ledger start s {stores['ledger_start_s']}\nstore ratios: {stores['ratios']}")
     if "sessions" in report:
         con.print(f"router memory: {report['sessions']}")
     if "rebuild_s" in report:
@@ -736,6 +873,8 @@ async def amain(args: argparse.Namespace) -> int:
         try:
             await bench.limits()
             await bench.payments(compare_plain=not args.secure_only)
+            if args.store == "postgresql":
+                await bench.stores()
             if not args.skip_plugins:
                 await bench.plugin_costs()
             if not args.skip_metrics:
@@ -764,6 +903,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON report on stdout")
     p.add_argument("--payers", type=int, help="payer sessions (default 50)")
     p.add_argument("--skip-scale", action="store_true", help="skip memory and rebuild checks")
+    p.add_argument("--store", choices=["csv", "postgresql"], default="csv",
+                   help="postgresql: also compare the ledger on PostgreSQL (alone, with a "
+                        "sync standby) with CSV and pgbench TPC-B, in the same run")
     p.add_argument("--secure-only", action="store_true",
                    help="skip the plain (TLS and login off) comparison run")
     add_version(p)
