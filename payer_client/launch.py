@@ -27,6 +27,7 @@ import argparse
 import os
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,6 +143,11 @@ class LocalNetwork:
         standby) as synchronous_standby_names. The ledger then runs on it. Raises
         ClusterError."""
         root = self.run_dir / "pg"
+        if not root.exists() and not _servers_can_enter(self.run_dir):
+            # PostgreSQL runs as its own user when we are root: it must be able to enter
+            # every folder above its data. Keep the data in /tmp, linked from the run folder.
+            root.symlink_to(tempfile.mkdtemp(prefix="jackpay-up-pg-"))
+            os.chmod(root, 0o755)
         if (root / "cluster.json").exists():
             cluster = PgCluster.open(root)
             for node in [cluster.primary, *cluster.standbys]:
@@ -184,6 +190,13 @@ class LocalNetwork:
                               f"127.0.0.1:{node.port}", str(node.log_path))
             table.add_row("ledger store", "", self.dsn or "", f"sync: {self.cluster.sync_names!r}")
         return table
+
+
+def _servers_can_enter(folder: Path) -> bool:
+    """Whether PostgreSQL's own user (used when we are root) can reach `folder`."""
+    if os.geteuid() != 0:
+        return True
+    return all(os.stat(p).st_mode & 0o001 for p in [folder.resolve(), *folder.resolve().parents])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -246,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
         console.print("keys made for this network (kept for the next runs):\n  "
                       + "\n  ".join(net.created_keys), highlight=False)
     console.print(net.table())
+    if net.cluster is not None:  # whole, for copy and paste (the table may wrap it)
+        console.print(f"ledger store: postgresql, dsn {net.dsn}", soft_wrap=True,
+                      highlight=False)
     first = net.config.participants[0].id if net.config.participants else "alice"
     console.print(f"logs and pids in {run_dir}\ntry:  jackpay-payer balance --config "
                   f"{args.config} --id {first}\nCtrl-C stops everything.")

@@ -1,0 +1,97 @@
+"""`scripts/up --store postgresql` as a user runs it: a throwaway cluster (primary and a
+synchronous standby) beside the run folder's logs, the whole network on it, the DSN in
+the table, a payment through it, and Ctrl-C stops the network and then the cluster."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from netkit import REPO_ROOT, script_env
+from pg import pg_missing
+
+from ledger.pgcluster import PgCluster
+
+CONFIG = """\
+[network]
+id = "uppg"
+
+[ledger]
+host = "127.0.0.1"
+port = 0
+path = "ledger.csv"
+
+[router]
+host = "127.0.0.1"
+port = 0
+admin_socket = "admin.sock"
+
+[payer]
+control_dir = "ctl"
+
+[[participants]]
+id = "alice"
+opening_balance = "10.00"
+
+[[participants]]
+id = "bob"
+opening_balance = "2.00"
+"""
+
+
+def test_up_with_postgresql_runs_the_network_on_a_cluster_and_stops_it(tmp_path: Path) -> None:
+    import pytest
+
+    if (reason := pg_missing()) is not None:
+        pytest.skip(reason)
+    run_dir = tmp_path / "run"  # inside a 0700 folder: the cluster's data goes to /tmp
+    config = tmp_path / "network.toml"
+    config.write_text(CONFIG)
+    up = subprocess.Popen([str(REPO_ROOT / "scripts" / "up"), str(config), "--store",
+                           "postgresql", "--ephemeral", "--run-dir", str(run_dir)], cwd=tmp_path,
+                          env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+    seen: list[str] = []
+    assert up.stdout is not None
+    reader = threading.Thread(target=lambda: seen.extend(iter(up.stdout.readline, "")),  # type: ignore[union-attr]
+                              daemon=True)
+    reader.start()
+    cluster: PgCluster | None = None
+    try:
+        deadline = time.monotonic() + 120
+        while not any("Ctrl-C stops everything" in line for line in seen):
+            assert up.poll() is None, "".join(seen)
+            assert time.monotonic() < deadline, "".join(seen)
+            time.sleep(0.1)
+        text = "".join(seen)
+        assert "target_session_attrs=read-write" in text
+        assert "postgresql s1 (standby)" in text
+        cluster = PgCluster.open(run_dir / "pg")
+        assert cluster.sync_names == "s1"
+        assert cluster.primary.sql("SELECT sync_state FROM pg_stat_replication") == "sync"
+        sent = subprocess.run([sys.executable, "-m", "payer_client", "send", "--config", str(config),
+                               "--id", "alice", "bob", "0.01"], capture_output=True, text=True,
+                              timeout=60, env=dict(script_env(), PYTHONPATH=str(REPO_ROOT)),
+                              check=False)
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        assert sent.stdout.startswith("paid")
+        rows = cluster.primary.sql("SELECT count(*) FROM jackpay_rows WHERE sender = 'alice'",
+                                   database="jackpay")
+        assert int(rows) >= 1
+        up.send_signal(signal.SIGINT)
+        assert up.wait(60) == 0, "".join(seen)
+        assert not any(n.running() for n in cluster.nodes.values())
+    finally:
+        if up.poll() is None:  # a failure: let it stop its processes, then make sure
+            up.send_signal(signal.SIGTERM)
+            try:
+                up.wait(30)
+            except subprocess.TimeoutExpired:
+                up.kill()
+                up.wait()
+        if cluster is not None:
+            cluster.destroy()
