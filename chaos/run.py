@@ -242,6 +242,20 @@ class Chaos:
         await self._blocking(node.start)
         await self._blocking(cluster.wait_streaming, node.name, sync=True)
 
+    def outage_summary(self) -> list[dict[str, Any]]:
+        """Per standby outage: its length, the payments asked for before it ended that were
+        told `paid` only after it (their commits waited; the router said outcome_pending
+        and the payer daemons asked again), and those told `paid` while it lasted (after
+        the grace: must be 0)."""
+        w = self.workload
+        assert w is not None
+        return [{"seconds": round(back - died, 2),
+                 "waited_then_paid": sum(1 for t0, t1, kind in w.timeline
+                                         if kind == "ok" and t0 < back <= t1),
+                 "paid_while_down": sum(1 for t, _ in w.successes
+                                        if died + STANDBY_GRACE_S < t < back)}
+                for died, back in self.standby_outages]
+
     def paid_without_standby(self) -> list[Violation]:
         """A `paid` answered while the only synchronous standby was dead (after a short
         grace for answers already on their way)."""
@@ -407,7 +421,7 @@ def summarise(chaos: Chaos, report: Report, workload: Workload) -> dict[str, Any
         "store": chaos.store,
         "failovers": [{"rpo_lost": f.lost, "acked_before": f.acked, "rto_s": f.rto_s}
                       for f in chaos.failovers],
-        "standby_outages_s": [round(b - a, 2) for a, b in chaos.standby_outages],
+        "standby_outages": chaos.outage_summary(),
         "verdict": "PASS" if report.ok else "FAIL",
     }
 
@@ -438,8 +452,10 @@ async def amain(args: argparse.Namespace) -> int:
         print(f"ledger rows: {summary['ledger_rows']}")
         for i, f in enumerate(chaos.failovers, 1):
             print(f"failover {i}: {f}")
-        for i, (a, b) in enumerate(chaos.standby_outages, 1):
-            print(f"standby outage {i}: {b - a:.2f} s, commits waited (no paid while down)")
+        for i, o in enumerate(summary["standby_outages"], 1):
+            print(f"standby outage {i}: {o['seconds']:.2f} s, {o['paid_while_down']} paid while "
+                  f"down; {o['waited_then_paid']} payments waited and were paid once it was "
+                  "back")
         for v in summary["violations"]:
             print(f"VIOLATION {v}")
         print(f"verdict: {summary['verdict']}")

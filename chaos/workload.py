@@ -42,6 +42,8 @@ class Workload:
     undecided: dict[str, Operation] = field(default_factory=dict)
     last_success_at: float = 0.0
     successes: list[tuple[float, int]] = field(default_factory=list)  # (monotonic, seq) of every `paid`
+    # (started, answered, kind) of every attempt, monotonic: what waited across a fault
+    timeline: list[tuple[float, float, str]] = field(default_factory=list)
     _channels: dict[str, Channel] = field(default_factory=dict)
     _counter: int = 0
 
@@ -60,6 +62,7 @@ class Workload:
         return ch
 
     async def attempt(self, op: Operation) -> Attempt:
+        started = time.monotonic()
         try:
             ch = await self._channel(op.sender)
             reply = await ch.request(Send(id=0, to=op.receiver, amount=op.amount,
@@ -77,6 +80,7 @@ class Workload:
             self.last_success_at = time.monotonic()
             self.successes.append((self.last_success_at, reply.seq))
         op.attempts.append(result)
+        self.timeline.append((started, time.monotonic(), result.kind))
         if result.kind == "indeterminate":
             self.undecided[op.tx_id] = op
         else:

@@ -75,5 +75,7 @@ def test_chaos_run_passes(runs: dict[int, subprocess.Popen[str]], seed: int) -> 
         assert summary["failovers"]
         assert all(f["rpo_lost"] == 0 and f["acked_before"] > 0 for f in summary["failovers"])
         assert all(f["rto_s"] is not None for f in summary["failovers"])
+        assert summary["standby_outages"]  # commits waited: nobody told paid meanwhile
+        assert all(o["paid_while_down"] == 0 for o in summary["standby_outages"])
     # every ledger row is an opening balance or a payment its sender was told is paid
     assert summary["ledger_rows"] == summary["payers"] + summary["outcomes"]["ok"]
