@@ -91,3 +91,16 @@ def test_bench_quick_reports_every_figure(tmp_path: Path) -> None:
     assert metrics["on_vs_off_router_cpu"] == round(
         metrics["router_cpu_us_per_payment"]["on"][0]
         / metrics["router_cpu_us_per_payment"]["off"][0], 3)
+
+
+def test_bench_scale_starts_both_stores_on_a_built_ledger(tmp_path: Path) -> None:
+    proc = subprocess.run([str(REPO_ROOT / "scripts" / "bench"), "--scale", "--rows", "500",
+                           "--json"], capture_output=True, text=True, timeout=240,
+                          cwd=tmp_path, env=script_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["rows"] == report["postgres_rows"] == 500
+    for store in ("csv", "postgres"):
+        figures = report[store]
+        assert set(figures) == {"ledger_start_s", "router_start_s", "ledger_rss_mib"}
+        assert all(v > 0 for v in figures.values()), figures
