@@ -235,6 +235,7 @@ async def test_insufficient_funds(network: Network) -> None:
     await assert_failed_cleanly(network, alice, "insufficient_funds", amount=101)
     assert bob.offers == []
     assert await alice.pay("bob", 100) == "paid"  # exactly the balance is fine
+    await eventually(lambda: len(bob.settled) == 1)  # bob acked it before the teardown
 
 
 async def test_unknown_receiver(network: Network) -> None:
