@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import JackPayError
+from common.files import fsync_dir
 from common.messages import LedgerRow, RowIn
 from ledger.index import (
     LEG_PREFIX,
@@ -51,14 +52,6 @@ class PreparedBatch:
     rows: list[LedgerRow]
     data: bytes
     size_before: int
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def load_rows(data: bytes, source: str) -> tuple[list[LedgerRow], int]:
