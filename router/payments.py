@@ -214,6 +214,11 @@ class StepTimes:
         self.payment = Histogram()  # request → paid
 
 
+# Payments looked up at the ledger before they fail (`Pipeline.begin`) at once, at most:
+# beyond it they fail without asking, so refused payments cannot flood the ledger.
+MAX_LOOKUPS = 256
+
+
 class Pipeline:
     """Runs payments against the book, the registry of sessions and the ledger."""
 
@@ -228,6 +233,7 @@ class Pipeline:
         self._system_accounts = self.plugins.system_accounts
         self.shutting_down = False
         self.inflight: dict[tuple[str, str], Payment] = {}  # by (sender, tx_id)
+        self._lookups: set[asyncio.Task[None]] = set()  # `begin` asking the ledger first
         self.running_by_sender: dict[str, int] = {}
         self._idle: asyncio.Event | None = None  # set when `inflight` empties (drain)
         # Appends awaiting the ledger, by `outcome_pending` deadline; one timer for all.
@@ -249,12 +255,19 @@ class Pipeline:
 
     # --- entry points ----------------------------------------------------------------
 
-    def begin(self, sender: str, pay: Pay, reply: Reply) -> Outcome | None:
+    def begin(self, sender: str, pay: Pay, reply: Reply, *, asked: bool = False
+              ) -> Outcome | None:
         """Run (or join, or look up) the payment `pay` from `sender`.
 
         Returns the outcome when it is known now; otherwise None, and `reply` is called
         once later with the outcome (or `outcome_pending`). A new payment's synchronous
-        steps run now; replies and the ledger's answer drive the rest."""
+        steps run now; replies and the ledger's answer drive the rest.
+
+        The router keeps only its latest rows in memory (`Book.base_seq`): a tx_id it
+        does not know may be an older payment. One that would succeed is appended and
+        comes back `duplicate` (nothing moves twice); one that would fail at once (funds,
+        receiver, its session) is first looked up at the ledger (`asked` after that),
+        so a retry of a payment made long ago is answered `paid`, not with a failure."""
         tx_id = pay.tx_id
         request = PaymentRequest(sender, tx_id, pay.to, pay.amount, pay.memo, pay.mix)
         try:
@@ -272,6 +285,10 @@ class Pipeline:
             return Outcome(tx_id, k.code, k.message)
         if record is not None:
             return self._known(record, reply)
+        if (not asked and self.book.base_seq and len(self._lookups) < MAX_LOOKUPS
+                and self._fails_at_once(route)):
+            self._ask_ledger_first(sender, pay, reply)
+            return None
         if self.shutting_down:
             self._log_failure(request, main.receiver, ErrorCode.SHUTTING_DOWN, "validate", "")
             return Outcome(tx_id, ErrorCode.SHUTTING_DOWN,
@@ -282,6 +299,44 @@ class Pipeline:
                            f"{running} payments of yours are in flight (the limit); retry "
                            "the same tx_id when one has ended")
         return self._run(request, route, params, reply)
+
+    def _fails_at_once(self, route: Route) -> bool:
+        """Would this payment fail before it reaches the ledger (the facts of `Begin`)?"""
+        ledger = self.ledger
+        if not ledger.connected:
+            return False  # nothing to ask; it fails `ledger_unavailable` either way
+        accounts = self.book.accounts
+        legs = route.legs
+        if len(legs) == 1:  # the common case, without a dict
+            if not accounts.funds_available(legs[0].sender, legs[0].amount):
+                return True
+        else:
+            debits: dict[str, int] = {}
+            for leg in legs:
+                debits[leg.sender] = debits.get(leg.sender, 0) + leg.amount
+            if any(not accounts.funds_available(a, n) for a, n in debits.items()):
+                return True
+        receiver = legs[-1].receiver
+        if not (self.registry.receiver_exists(receiver) or receiver in self._system_accounts):
+            return True
+        return route.payee is not None and self.registry.session(route.payee) is None
+
+    def _ask_ledger_first(self, sender: str, pay: Pay, reply: Reply) -> None:
+        async def ask() -> None:
+            try:
+                rows = await self.ledger.lookup([(sender, pay.tx_id)])
+            except LedgerUnavailable:
+                rows = []
+            book = self.book
+            if rows and rows[0].seq <= book.base_seq and book.txs.get(sender, pay.tx_id) is None:
+                book.remember(rows[0])
+            outcome = self.begin(sender, pay, reply, asked=True)
+            if outcome is not None:
+                reply(outcome)
+
+        task = asyncio.get_running_loop().create_task(ask(), name=f"lookup:{pay.tx_id}")
+        self._lookups.add(task)
+        task.add_done_callback(self._lookups.discard)
 
     def submit(self, request: PaymentRequest) -> None:
         """Run a plug-in's system payment. Its outcome reaches the plug-ins through

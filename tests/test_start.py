@@ -111,12 +111,14 @@ async def test_the_ledger_answers_balances_page_by_page_and_lookups(tmp_path: Pa
 
 async def test_a_restarted_router_remembers_the_latest_rows_and_asks_for_older_ones(
         tmp_path: Path) -> None:
-    net = Network(tmp_path, participants={"alice": "100.00", "bob": "5.00"},
+    net = Network(tmp_path, participants={"alice": "100.00", "bob": "5.00", "carol": "5.00"},
                   router_settings={"recent_rows": 2})
     net.start_ledger()
     net.start_router()
     try:
-        async with net.client("alice") as alice, net.client("bob"):
+        async with net.client("alice") as alice, net.client("bob"), \
+                net.client("carol") as carol:
+            spent = await carol.send_payment("bob", 500, tx_id="all-of-it")  # carol: 0 left
             first = await alice.send_payment("bob", 100, tx_id="old-1")
             for i in range(4):
                 await alice.send_payment("bob", 100, tx_id=f"new-{i}")
@@ -129,16 +131,26 @@ async def test_a_restarted_router_remembers_the_latest_rows_and_asks_for_older_o
             again = await alice.send_payment("bob", 100, tx_id="old-1")  # older than kept
             assert (again.seq, again.dtg) == (first.seq, first.dtg)
             recent = await alice.send_payment("bob", 100, tx_id="new-3")  # kept in memory
-            assert recent.seq == 7
+            assert recent.seq == 9
             with pytest.raises(RequestFailed) as conflict:
                 await alice.send_payment("bob", 999, tx_id="old-1")
             assert conflict.value.code == "tx_id_conflict"
             status = await alice.status("old-1")
             assert (status.state, status.seq) == ("paid", first.seq)
+        async with net.client("carol") as carol, net.client("bob"):
+            # carol could not pay it now (insufficient funds): the router asks the ledger
+            # before it answers a failure, and the old payment is paid, once.
+            again_spent = await carol.send_payment("bob", 500, tx_id="all-of-it")
+            assert again_spent.seq == spent.seq
+            with pytest.raises(RequestFailed) as poor:
+                await carol.send_payment("bob", 500, tx_id="never-made")
+            assert poor.value.code == "insufficient_funds"
         state = await net.wait_quiet()
         assert state.balances["alice"] == 10000 - 500  # five payments, each once
         assert state.holds == {}
-        assert len(ledger_rows(net)) == 7  # 2 openings + 5 payments; no row twice
+        assert state.balances["bob"] == 500 + 500 + 500
+        assert state.balances.get("carol", 0) == 0
+        assert len(ledger_rows(net)) == 9  # 3 openings + 6 payments; no row twice
         done = await asyncio.to_thread(subprocess.run, [
             sys.executable, "-m", "router", "reconcile", "--config", str(net.config_path)],
             capture_output=True, text=True, cwd=REPO_ROOT, env=net.env(), timeout=60)
