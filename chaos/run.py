@@ -145,8 +145,12 @@ class Chaos:
         self.standby_outages: list[tuple[float, float]] = []  # (died, restarted), monotonic
         self.workload: Workload | None = None
         self.payer_ids = [f"payer{i}" for i in range(payers)]
+        # recent_rows: a restarted router keeps only its 20 latest rows in memory, so
+        # the daemons' retries after a restart exercise the ledger's lookup and
+        # `duplicate` paths (router/payments.py, Book.base_seq), not only the table.
         router_settings: dict[str, Any] = {"outcome_pending_after_s": 1.0,
-                                           "offer_timeout_s": 1.0, "ledger_timeout_s": 0.5}
+                                           "offer_timeout_s": 1.0, "ledger_timeout_s": 0.5,
+                                           "recent_rows": 20}
         plugin_settings: dict[str, dict[str, Any]] = {}
         if mix:
             router_settings.update(plugins=["mixer"], plugin_tick_s=0.1)
