@@ -54,7 +54,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -201,6 +201,9 @@ class PgStore:
         self._follow: asyncio.Task[None] | None = None  # the background reconnect
         self._closed = False
         self._fenced: str | None = None  # found by a background reconnect
+        # Told at once when a background reconnect finds the store fenced (the service
+        # stops then, not at its next append).
+        self.on_fenced: Callable[[str], None] | None = None
         self._sync_names = ""  # the first server's synchronous_standby_names
         self.reconnects = 0
 
@@ -288,6 +291,8 @@ class PgStore:
             except Fenced as exc:
                 self._fenced = str(exc)
                 log_event(log, "fenced while reconnecting", logging.ERROR, reason=str(exc))
+                if self.on_fenced is not None:
+                    self.on_fenced(self._fenced)
                 return
             self.reconnects += 1
             log_event(log, "reconnected to the writable server", seconds=round(

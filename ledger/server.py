@@ -114,6 +114,8 @@ class LedgerServer:
         self._stopping = False
         self.fenced: str | None = None  # why this service may no longer write
         self.on_fenced: asyncio.Event = asyncio.Event()
+        if hasattr(store, "on_fenced"):  # a store that can learn it while idle
+            store.on_fenced = self._fenced_while_idle
         self._reads: set[asyncio.Task[None]] = set()
         self._started = time.monotonic()
         self.appends = 0
@@ -399,6 +401,15 @@ class LedgerServer:
                   slow_since_last_line=self._slow_unlogged)
         self._slow_logged_at = now
         self._slow_unlogged = 0
+
+    def _fenced_while_idle(self, reason: str) -> None:
+        """The store found, between appends, that another ledger service holds it: stop
+        taking appends now (queued ones are answered when their batch finds it)."""
+        if self.fenced is None:
+            self.fenced = reason
+            log_event(log, "fenced: another ledger service holds the store; not writing "
+                      "again", logging.ERROR, reason=reason)
+        self.on_fenced.set()
 
     async def _write_batch(self, batch: list[_Queued]) -> None:
         store = self.store

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 from netkit import Network
 from pg import new_cluster
@@ -148,6 +149,28 @@ async def test_a_stale_ledger_service_stops_and_exits_3(network: Network, pg_dsn
     assert network.procs["ledger"].wait(10) == 3
     assert (await taker.read_rows(1, 10, None)).rows[-1].tx_id == "tx1"
     await taker.aclose()
+
+
+async def test_an_idle_stale_ledger_service_stops_when_it_reconnects(
+        network: Network, pg_dsn: str) -> None:
+    """No append needed: the service's lost connection is re-made in the background, finds
+    the store taken over, and the service stops (exit 3) at once."""
+    network.ledger_settings.update(store="postgresql", dsn=pg_dsn)
+    network.write_config()
+    network.start_ledger()
+    taker = await PgStore.open(pg_dsn)
+    try:
+        conn = await asyncpg.connect(pg_dsn)
+        try:  # the old service's writer connection goes away (a network blip, a restart)
+            await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                               "WHERE application_name = 'jackpay-ledger' AND pid <> $1",
+                               taker._backend[0] if taker._backend else 0)
+        finally:
+            await conn.close()
+        assert network.procs["ledger"].wait(15) == 3
+        assert "fenced" in network.procs["ledger"].log_path.read_text()
+    finally:
+        await taker.aclose()
 
 
 def test_a_postgresql_store_needs_a_dsn(tmp_path: Path) -> None:
