@@ -5,8 +5,7 @@ ledger's balances after its last row (`start_from`: no replay of every row) and
 `remember`s the most recent rows, so retries and `status` of recent payments are
 answered from memory; `base_seq` is that last row. A row at or below `base_seq` is
 already in the balances: if a retry of such an old payment comes back from the ledger as
-a `duplicate`, `commit` only releases its hold — money never moves twice. (`replay` still
-applies rows one by one, for tests and tools.) Opening balances are ledger rows
+a `duplicate`, `commit` only releases its hold — money never moves twice. Opening balances are ledger rows
 `_issuer -> <id>` with the deterministic tx_id `_open:<id>`; issuing one again is a
 duplicate at the ledger, so a restart never issues twice.
 """
@@ -15,7 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.errors import InvariantViolation
 from common.messages import ISSUER, LedgerRow, RowIn
 from router.accounts import Accounts
 from router.transactions import TxParams, TxTable
@@ -55,22 +53,9 @@ class Book:
         self.accounts.touch(row.sender, row.dtg)
         self.accounts.touch(row.receiver, row.dtg)
 
-    def replay(self, row: LedgerRow) -> None:
-        """Apply one durable row read back from the ledger. Rows already known (same
-        tx_id and seq) are skipped. Raises InvariantViolation on a row that breaks the
-        book's rules (out of order, or a payer going negative)."""
-        known = self.txs.get(row.sender, row.tx_id)
-        if known is not None and known.seq == row.seq:
-            return
-        if row.seq <= self.last_seq:
-            raise InvariantViolation(f"ledger row {row.seq} after row {self.last_seq}")
-        self.txs.record_row(row)
-        self.accounts.apply(row.sender, row.receiver, row.amount, held=False, tx_time=row.dtg)
-        self.last_seq = row.seq
-
     def record_issued(self, row: LedgerRow) -> None:
         """An opening balance this router just had written (at start or when a
-        participant is added at run time): like `replay`, but other payments may have
+        participant is added at run time). Other payments may have
         committed later rows meanwhile, so the order is not checked. A row already known
         is skipped."""
         if self.txs.get(row.sender, row.tx_id) is not None:
