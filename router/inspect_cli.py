@@ -151,7 +151,7 @@ def admin_path(args: argparse.Namespace, prog: str) -> str | None:
               file=sys.stderr)
         return None
     try:
-        cfg = load_config(args.config)
+        cfg = load_config(args.config, with_changes=False)  # only the socket path is needed
     except ConfigError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return None

@@ -170,29 +170,43 @@ class ParticipantOps:
         pid = req.payer
         if svc.registry.participant(pid) is not None:
             raise OperatorRefused(ErrorCode.BAD_REQUEST, f"{pid} is already a participant")
-        key_note = self._place_key(pid, req.key)
+        key_note, written = self._place_key(pid, req.key)
         p = Participant(id=pid, name=req.name, kind=req.kind,
                         opening_balance=format_amount(req.opening_balance),
                         max_incoming=None if req.max_incoming is None
                         else format_amount(req.max_incoming))
-        self._record(ParticipantChanges(
-            added=[a for a in self.changes.added if a.id != pid] + [p],
-            suspended=[s for s in self.changes.suspended if s != pid]))
+        try:
+            self._record(ParticipantChanges(
+                added=[a for a in self.changes.added if a.id != pid] + [p],
+                suspended=[s for s in self.changes.suspended if s != pid]))
+        except OperatorRefused:
+            if written is not None:  # nothing changed: not the key file either
+                written.unlink(missing_ok=True)
+            raise
         self._admit(p)
         log_event(log, "participant added", payer=pid, kind=p.kind,
                   opening_balance=p.opening_balance, key=req.key is not None)
-        notes = [n for n in (key_note, await self._issue_opening(p)) if n]
-        return ParticipantChanged(re=req.id, participant=self.info(p), note="; ".join(notes))
+        notes = [key_note]
+        opening = self._start_opening(p)
+        if opening is not None:
+            done, _ = await asyncio.wait({opening}, timeout=OPENING_WAIT_S)
+            if not done:
+                notes.append("opening balance not issued yet (the ledger does not answer); "
+                             "the router keeps trying")
+            elif opening.exception() is not None:
+                notes.append(f"opening balance not issued: {opening.exception()}")
+        return ParticipantChanged(re=req.id, participant=self.info(p),
+                                  note="; ".join(n for n in notes if n))
 
-    def _place_key(self, pid: str, key: bytes | None) -> str:
+    def _place_key(self, pid: str, key: bytes | None) -> tuple[str, Path | None]:
         """Write the participant's public key file (or check the one there). Returns a
-        note for the operator. Raises OperatorRefused."""
+        note for the operator and the file if this call wrote it. Raises OperatorRefused."""
         keys = self.service.keys
         path = keys.payer_public(pid)
         if key is None:
             if path.exists():
-                return ""
-            return f"no key yet: run `jackpay-keys CONFIG` to make {pid}'s key pair"
+                return "", None
+            return f"no key yet: run `jackpay-keys CONFIG` to make {pid}'s key pair", None
         try:
             wanted = Ed25519PublicKey.from_public_bytes(key)
         except ValueError:
@@ -206,14 +220,14 @@ class ParticipantOps:
                 raise OperatorRefused(ErrorCode.BAD_REQUEST,
                                       f"{path} holds another key; remove it first (or add "
                                       "without a key to keep it)")
-            return ""
+            return "", None
         try:
             path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
             write_atomically(path, public_pem(wanted), 0o644, exclusive=True)
         except OSError as exc:
             raise OperatorRefused(ErrorCode.INTERNAL_ERROR,
                                   f"cannot write {path}: {exc.strerror or exc}") from None
-        return ""
+        return "", path
 
     def _admit(self, p: Participant) -> None:
         """Into the registry and the login keys."""
@@ -225,29 +239,22 @@ class ParticipantOps:
                 log_event(log, "participant cannot log in yet", logging.WARNING, payer=p.id,
                           reason=problem)
 
-    async def _issue_opening(self, p: Participant) -> str:
-        """Issue the opening balance in a task that outlives the wait; a note if it is not
-        done within OPENING_WAIT_S."""
+    def _start_opening(self, p: Participant) -> asyncio.Task[None] | None:
+        """Issue the participant's opening balance in a task of its own (it retries until
+        the ledger has it; a refusal is logged); None when there is none to issue."""
         if p.opening_minor <= 0:
-            return ""
-        task = asyncio.get_running_loop().create_task(self._opening(p), name=f"open:{p.id}")
+            return None
+        task = asyncio.get_running_loop().create_task(self.service.issue_openings([p]),
+                                                      name=f"open:{p.id}")
         self._openings.add(task)
-        task.add_done_callback(self._openings.discard)
-        done, _ = await asyncio.wait({task}, timeout=OPENING_WAIT_S)
-        if not done:
-            return "opening balance not issued yet (the ledger does not answer); the router "\
-                   "keeps trying"
-        if task.exception() is not None:
-            return f"opening balance not issued: {task.exception()}"
-        return ""
+        task.add_done_callback(self._opening_done)
+        return task
 
-    async def _opening(self, p: Participant) -> None:
-        try:
-            await self.service.issue_openings([p])
-        except JackPayError as exc:
-            log_event(log, "opening balance not issued", logging.ERROR, payer=p.id,
-                      error=str(exc))
-            raise
+    def _opening_done(self, task: asyncio.Task[None]) -> None:
+        self._openings.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log_event(log, "opening balance not issued", logging.ERROR,
+                      task=task.get_name(), error=str(task.exception()))
 
     def suspend(self, rid: int, payer_id: str) -> ParticipantChanged:
         """Raises OperatorRefused."""
@@ -318,11 +325,7 @@ class ParticipantOps:
             self._admit(p)
         svc.cfg = msgspec.structs.replace(svc.cfg, participants=wanted.participants)
         for p in plan.added:
-            if p.opening_minor > 0:
-                task = asyncio.get_running_loop().create_task(self._opening(p),
-                                                              name=f"open:{p.id}")
-                self._openings.add(task)
-                task.add_done_callback(self._openings.discard)
+            self._start_opening(p)
         log_event(log, "reloaded", added=",".join(p.id for p in plan.added) or None,
                   removed=",".join(plan.removed) or None,
                   changed=",".join(p.id for p in plan.changed) or None,

@@ -112,6 +112,30 @@ async def test_a_participant_added_at_run_time_pays_at_once_and_survives_a_resta
         net.stop_all()
 
 
+async def test_an_addition_that_cannot_be_recorded_changes_nothing(tmp_path: Path) -> None:
+    net = Network(tmp_path, participants={"alice": "10.00"})
+    net.start_ledger()  # (it writes the config: the line below goes in after)
+    text = net.config_path.read_text().replace(
+        'id = "testnet"', 'id = "testnet"\nparticipants_file = "state/participants.json"')
+    net.config_path.write_text(text)
+    net.start_router()
+    try:
+        (net.root / "state").write_text("a file where the folder should be")
+        key = Ed25519PrivateKey.generate()
+        pub = tmp_path / "dave.pub"
+        pub.write_bytes(public_pem(key.public_key()))
+        refused = await op(net, "participants", "add", "dave", "--opening-balance", "1.00",
+                           "--key", str(pub))
+        assert refused.returncode == 1
+        assert "cannot record the change" in refused.stderr
+        (net.root / "state").unlink()
+        assert not net.keys.payer_public("dave").exists()  # its key file was taken back
+        assert "dave" not in await listing(net)
+        assert "dave" not in (await net.inspect()).balances
+    finally:
+        net.stop_all()
+
+
 async def test_added_without_a_key_it_logs_in_once_jackpay_keys_made_one(tmp_path: Path) -> None:
     net = up(tmp_path, alice="10.00")
     try:
