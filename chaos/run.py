@@ -101,11 +101,16 @@ def make_schedule(seed: int, seconds: float, payers: list[str],
         out.append(Fault(round(t, 2), kind, target, duration))
         t += duration + rng.uniform(0.3, 1.2)
     if store == "postgresql":
-        for i, kind in enumerate(PG_FAULTS):
-            if kind not in {f.kind for f in out} and len(out) > i:
-                slot = len(out) // 2 - i if len(out) > 2 else i
-                f = out[slot]
-                out[slot] = Fault(f.at_s, kind, "", f.duration_s)
+        for kind in PG_FAULTS:
+            if kind in {f.kind for f in out}:
+                continue
+            # Replace a fault that is not a PostgreSQL one (never the other PG fault).
+            free = [i for i, f in enumerate(out) if f.kind not in PG_FAULTS]
+            if not free:
+                break
+            slot = free[len(free) // 2]
+            f = out[slot]
+            out[slot] = Fault(f.at_s, kind, "", f.duration_s)
     return out
 
 

@@ -79,3 +79,17 @@ def test_chaos_run_passes(runs: dict[int, subprocess.Popen[str]], seed: int) -> 
         assert all(o["paid_while_down"] == 0 for o in summary["standby_outages"])
     # every ledger row is an opening balance or a payment its sender was told is paid
     assert summary["ledger_rows"] == summary["payers"] + summary["outcomes"]["ok"]
+
+
+@pytest.mark.parametrize("seconds", [6.0, 30.0])
+def test_a_postgresql_schedule_always_kills_the_primary_and_the_standby(seconds: float) -> None:
+    from chaos.run import PG_FAULTS, make_schedule
+
+    payers = [f"payer{i}" for i in range(4)]
+    for seed in range(300):
+        kinds = [f.kind for f in make_schedule(seed, seconds, payers, "postgresql")]
+        if len(kinds) >= len(PG_FAULTS):
+            assert set(PG_FAULTS) <= set(kinds), (seed, kinds)
+        assert "ledger_write_failure" not in kinds
+        assert make_schedule(seed, seconds, payers, "postgresql") == make_schedule(
+            seed, seconds, payers, "postgresql")  # deterministic
