@@ -68,6 +68,7 @@ from ledger.rows import GENESIS_HASH, HEADER_LINE, format_line, make_row
 from payer_client.client import PayerClient, PayerCredentials
 
 PLAIN_FLAG = "--plain-benchmark-only"
+PAYOUT_WAIT_S = 120.0  # the mixer's rounds close within max_wait_s; far more is a failure
 REPO_ROOT = str(Path(__file__).resolve().parents[1])
 # The plug-in comparison: the mixer enabled (idle for direct payments), short rounds.
 MIXER_PLUGINS = """plugins = ["mixer"]
@@ -409,14 +410,16 @@ class Bench:
         # Mixed: deposits for `seconds`, then until the pool is empty (payouts made).
         before = await self.ledger_stats(mixer.lch)
         cpu0 = cpu_seconds(mixer.router.pid)
-        t0 = time.perf_counter()
         res = await closed_loop(f"mixed C={conc} (deposit + payouts)", mixer.mixed_op, conc,
                                 self.s.plugin_seconds)
-        while True:  # polled: the pool's balance lives in another process
-            if not (await inspect_router(mixer.admin)).balances.get("_mixer"):
-                break
+        deadline = time.perf_counter() + PAYOUT_WAIT_S
+        while (await inspect_router(mixer.admin)).balances.get("_mixer"):
+            # polled: the pool's balance lives in another process
+            if time.perf_counter() > deadline:
+                raise RuntimeError(f"the mixer's pool still holds money {PAYOUT_WAIT_S:.0f} s "
+                                   "after the last deposit; see the router's log")
             await asyncio.sleep(0.05)
-        elapsed = time.perf_counter() - t0 - 0.3  # the closed loop's warm-up
+        elapsed = time.perf_counter() - res.began  # from the measured span's start
         after = await self.ledger_stats(mixer.lch)
         deposits = res.ok
         # per_s: deposits while the loop ran (what a payer sees); paid_out_per_s: counted
@@ -870,8 +873,8 @@ async def amain(args: argparse.Namespace) -> int:
         bench = Bench(Path(tmp), settings, progress)
         env = dict(os.environ)
         env["PYTHONPATH"] = REPO_ROOT
-        await bench.probes.start(env)
         try:
+            await bench.probes.start(env)
             await bench.limits()
             await bench.payments(compare_plain=not args.secure_only)
             if args.store == "postgresql":

@@ -66,17 +66,22 @@ class Scale:
         """Ledger, then router, on the config `tag`; both stopped after."""
         cfg = self.root / f"{tag}.toml"
         self.bench.write_config(cfg, PAYERS, 0, csv, opening="0.00")
-        t0 = time.perf_counter()
-        ledger = self._start(f"{tag}-ledger",
-                             python_module("ledger", "--config", str(cfg), *extra))
-        ledger_s = time.perf_counter() - t0
-        rss = rss_kib(ledger.pid)
-        self.bench.write_config(cfg, PAYERS, ledger.addr[1], csv, opening="0.00")
-        t0 = time.perf_counter()
-        router = self._start(f"{tag}-router", python_module("router", "--config", str(cfg)))
-        router_s = time.perf_counter() - t0
-        router.stop()
-        ledger.stop()
+        started: list[Proc] = []
+        try:
+            t0 = time.perf_counter()
+            ledger = self._start(f"{tag}-ledger",
+                                 python_module("ledger", "--config", str(cfg), *extra))
+            ledger_s = time.perf_counter() - t0
+            started.append(ledger)
+            rss = rss_kib(ledger.pid)
+            self.bench.write_config(cfg, PAYERS, ledger.addr[1], csv, opening="0.00")
+            t0 = time.perf_counter()
+            started.append(self._start(f"{tag}-router",
+                                       python_module("router", "--config", str(cfg))))
+            router_s = time.perf_counter() - t0
+        finally:
+            for proc in reversed(started):
+                proc.stop()
         return {"ledger_start_s": round(ledger_s, 2), "router_start_s": round(router_s, 2),
                 "ledger_rss_mib": round(rss / 1024, 1)}
 

@@ -52,7 +52,8 @@ def _spin_time(n: int) -> float:
 
 
 def probe(cpu: int, period_s: float = PERIOD_S, work_s: float = WORK_S) -> None:
-    """Run until stdin closes or the process is killed; print slow periods."""
+    """Run until the process that started it is gone (or it is killed); print slow
+    periods. A real-time probe must never outlive a bench that died."""
     with contextlib.suppress(OSError, AttributeError):
         os.sched_setaffinity(0, {cpu})
     realtime = True
@@ -64,8 +65,9 @@ def probe(cpu: int, period_s: float = PERIOD_S, work_s: float = WORK_S) -> None:
     print(f"READY stall cpu={cpu} realtime={int(realtime)} loops={n}", flush=True)
     out = sys.stdout
     slow = work_s * SLOW_FACTOR
+    parent = os.getppid()
     next_at = time.perf_counter()
-    while True:
+    while os.getppid() == parent:  # re-parented: the bench is gone
         t0 = time.perf_counter()
         x = 0
         for i in range(n):
@@ -141,10 +143,10 @@ class StallProbes:
                 sys.executable, "-m", "bench.stall", "--cpu", str(cpu),
                 stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL, env=env)
             assert proc.stdout is not None
+            self._procs.append(proc)  # stopped by `stop` even if it never gets ready
             ready = await asyncio.wait_for(proc.stdout.readline(), 30)
             if b"realtime=0" in ready:
                 self.stalls.realtime = False
-            self._procs.append(proc)
             self._readers.append(asyncio.get_running_loop().create_task(self._read(proc)))
 
     async def _read(self, proc: asyncio.subprocess.Process) -> None:
