@@ -83,8 +83,11 @@ class Accounts:
         self._balance.update(loaded)
 
     def touch(self, account: str, tx_time: str) -> None:
-        """`account` took part in a payment at `tx_time` (a row read back at start)."""
-        self._last_tx_time[account] = tx_time
+        """`account` took part in a payment at `tx_time` (a row read back from the
+        ledger): its last transaction time unless it has a later one (ISO 8601 UTC
+        strings order as times)."""
+        if tx_time > self._last_tx_time.get(account, ""):
+            self._last_tx_time[account] = tx_time
 
     # --- the seed's fundsAvail -----------------------------------------------------
 

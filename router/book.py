@@ -90,7 +90,8 @@ class Book:
             self.accounts.release_hold(sender, amount)
         else:
             self.accounts.apply(sender, receiver, amount, held=True, tx_time=dtg)
-        self.txs.add_paid(tx_id, TxParams(sender, receiver, amount, memo), seq, dtg)
+        if self.txs.get(sender, tx_id) is None:  # (a `status` may have recalled it already)
+            self.txs.add_paid(tx_id, TxParams(sender, receiver, amount, memo), seq, dtg)
         if seq > self.last_seq:
             self.last_seq = seq
 

@@ -38,8 +38,10 @@ from common.config import RouterConfig
 from common.errors import ConnectionLost, ErrorCode, InvariantViolation, RequestFailed
 from common.logs import log_event
 from common.messages import (
+    MAX_APPEND_ROWS,
     AppendResult,
     Cancel,
+    LedgerRow,
     Message,
     Offer,
     Pay,
@@ -148,7 +150,8 @@ class Payment(Core):
     and moves), plus what only the shell needs — the request and route it came from, its
     transaction record and the replies waiting for its outcome."""
 
-    __slots__ = ("_replies", "mark", "record", "request", "route", "started")
+    __slots__ = ("_replies", "deferred", "mark", "maybe_old", "record", "request", "route",
+                 "started")
 
     def __init__(self, record: TxRecord, request: PaymentRequest, route: Route) -> None:
         legs = route.legs
@@ -161,6 +164,11 @@ class Payment(Core):
         self.started = time.monotonic()
         self.mark = 0.0  # when the step being timed began (metrics: offer, append)
         self._replies: list[Reply] = []
+        # Begun after the router started from the ledger's balances with a tx_id it did
+        # not know: it may be an older payment, so a failure is checked at the ledger
+        # before it is recorded and answered (`Pipeline._record_failure`).
+        self.maybe_old = False
+        self.deferred: list[RecordFailure | Answer] | None = None
 
     @property
     def ended(self) -> bool:
@@ -255,23 +263,18 @@ class Pipeline:
 
     # --- entry points ----------------------------------------------------------------
 
-    def begin(self, sender: str, pay: Pay, reply: Reply, *, asked: bool = False
-              ) -> Outcome | None:
+    def begin(self, sender: str, pay: Pay, reply: Reply) -> Outcome | None:
         """Run (or join, or look up) the payment `pay` from `sender`.
 
         Returns the outcome when it is known now; otherwise None, and `reply` is called
         once later with the outcome (or `outcome_pending`). A new payment's synchronous
-        steps run now; replies and the ledger's answer drive the rest.
-
-        The router keeps only its latest rows in memory (`Book.base_seq`): a tx_id it
-        does not know may be an older payment. One that would succeed is appended and
-        comes back `duplicate` (nothing moves twice); one that would fail at once (funds,
-        receiver, its session) is first looked up at the ledger (`asked` after that),
-        so a retry of a payment made long ago is answered `paid`, not with a failure."""
+        steps run now; replies and the ledger's answer drive the rest. A payment already
+        known is answered from its record, whatever has changed since (a suspension, a
+        plug-in's rule): the first outcome stands."""
         tx_id = pay.tx_id
         request = PaymentRequest(sender, tx_id, pay.to, pay.amount, pay.memo, pay.mix)
         try:
-            self.validate(request)
+            self.validate(request, known=self.book.txs.get(sender, tx_id) is not None)
             route = self._route(request)
         except PaymentKilled as k:
             self._log_failure(request, pay.to, k.code, "validate", k.message)
@@ -285,10 +288,6 @@ class Pipeline:
             return Outcome(tx_id, k.code, k.message)
         if record is not None:
             return self._known(record, reply)
-        if (not asked and self.book.base_seq and len(self._lookups) < MAX_LOOKUPS
-                and self._fails_at_once(route)):
-            self._ask_ledger_first(sender, pay, reply)
-            return None
         if self.shutting_down:
             self._log_failure(request, main.receiver, ErrorCode.SHUTTING_DOWN, "validate", "")
             return Outcome(tx_id, ErrorCode.SHUTTING_DOWN,
@@ -300,43 +299,18 @@ class Pipeline:
                            "the same tx_id when one has ended")
         return self._run(request, route, params, reply)
 
-    def _fails_at_once(self, route: Route) -> bool:
-        """Would this payment fail before it reaches the ledger (the facts of `Begin`)?"""
-        ledger = self.ledger
-        if not ledger.connected:
-            return False  # nothing to ask; it fails `ledger_unavailable` either way
-        accounts = self.book.accounts
-        legs = route.legs
-        if len(legs) == 1:  # the common case, without a dict
-            if not accounts.funds_available(legs[0].sender, legs[0].amount):
-                return True
-        else:
-            debits: dict[str, int] = {}
-            for leg in legs:
-                debits[leg.sender] = debits.get(leg.sender, 0) + leg.amount
-            if any(not accounts.funds_available(a, n) for a, n in debits.items()):
-                return True
-        receiver = legs[-1].receiver
-        if not (self.registry.receiver_exists(receiver) or receiver in self._system_accounts):
-            return True
-        return route.payee is not None and self.registry.session(route.payee) is None
-
-    def _ask_ledger_first(self, sender: str, pay: Pay, reply: Reply) -> None:
-        async def ask() -> None:
-            try:
-                rows = await self.ledger.lookup([(sender, pay.tx_id)])
-            except LedgerUnavailable:
-                rows = []
-            book = self.book
-            if rows and rows[0].seq <= book.base_seq and book.txs.get(sender, pay.tx_id) is None:
-                book.remember(rows[0])
-            outcome = self.begin(sender, pay, reply, asked=True)
-            if outcome is not None:
-                reply(outcome)
-
-        task = asyncio.get_running_loop().create_task(ask(), name=f"lookup:{pay.tx_id}")
-        self._lookups.add(task)
-        task.add_done_callback(self._lookups.discard)
+    async def recall(self, keys: list[tuple[str, str]]) -> list[LedgerRow]:
+        """The ledger's rows of these (sender, tx_id) payments; those from before the
+        router's start (`Book.base_seq`) are remembered, so they are known from now on.
+        Raises LedgerUnavailable."""
+        found: list[LedgerRow] = []
+        for i in range(0, len(keys), MAX_APPEND_ROWS):
+            found += await self.ledger.lookup(keys[i:i + MAX_APPEND_ROWS])
+        book = self.book
+        for row in found:
+            if row.seq <= book.base_seq and book.txs.get(row.sender, row.tx_id) is None:
+                book.remember(row)
+        return found
 
     def submit(self, request: PaymentRequest) -> None:
         """Run a plug-in's system payment. Its outcome reaches the plug-ins through
@@ -380,6 +354,7 @@ class Pipeline:
         if not request.system:
             self.running_by_sender[sender] = self.running_by_sender.get(sender, 0) + 1
         payment = Payment(self.book.txs.begin(tx_id, params), request, route)
+        payment.maybe_old = self.book.base_seq > 0
         self.inflight[(sender, tx_id)] = payment
         if reply is not None:
             payment._replies.append(reply)
@@ -420,7 +395,7 @@ class Pipeline:
 
     # --- before the run: validate, route, look up ------------------------------------
 
-    def validate(self, request: PaymentRequest) -> None:
+    def validate(self, request: PaymentRequest, *, known: bool = False) -> None:
         """Raises PaymentKilled: bad_request (to self, reserved tx_id), unknown_receiver
         (a reserved account such as `_issuer`), participant_suspended (the sender or the
         receiver), a plug-in's veto, plugin_failed."""
@@ -431,6 +406,8 @@ class Pipeline:
         if is_reserved(request.receiver):
             raise PaymentKilled(ErrorCode.UNKNOWN_RECEIVER,
                                 f"{request.receiver} is a reserved account")
+        if known:  # answered from its record: later rules do not change a first outcome
+            return
         suspended = self.registry.suspended
         if suspended and (request.sender in suspended or request.receiver in suspended):
             who = request.sender if request.sender in suspended else request.receiver
@@ -713,6 +690,17 @@ class Pipeline:
         task.add_done_callback(self._background.discard)
 
     def _record_failure(self, p: Payment, a: RecordFailure) -> None:
+        if (p.maybe_old and a.code is not ErrorCode.TX_ID_CONFLICT
+                and len(self._lookups) < MAX_LOOKUPS):
+            # Perhaps a retry of a payment from before the start: ask the ledger before
+            # this failure is recorded or answered (its Answer waits in `deferred`).
+            p.maybe_old = False
+            p.deferred = [a]
+            task = asyncio.get_running_loop().create_task(self._settle_maybe_old(p),
+                                                          name=f"recall:{p.tx_id}")
+            self._lookups.add(task)
+            task.add_done_callback(self._lookups.discard)
+            return
         try:
             self.book.txs.mark_failed(p.sender, p.tx_id, a.code.value)
             self._log_failure(p.request, p.receiver, a.code, a.step, a.message)
@@ -720,7 +708,50 @@ class Pipeline:
             self._aborted(p.request, a.code)
 
     def _answer(self, p: Payment, a: Answer) -> None:
+        if p.deferred is not None:
+            p.deferred.append(a)
+            return
         p.answer(a.outcome)
+
+    async def _settle_maybe_old(self, p: Payment) -> None:
+        """A payment the router did not know failed before its row was written: if the
+        ledger has that (sender, tx_id) from before the start, it was paid then (answer
+        it so) or it is another payment (tx_id_conflict); if not, the failure stands; if
+        the ledger cannot tell, nothing is recorded and the sender may retry the tx_id."""
+        deferred, p.deferred = p.deferred or [], None
+        failure = next(a for a in deferred if isinstance(a, RecordFailure))
+        answers = [a for a in deferred if isinstance(a, Answer)]
+        try:
+            rows = await self.ledger.lookup([(p.sender, p.tx_id)])
+        except LedgerUnavailable as exc:
+            self.book.txs.forget_pending(p.sender, p.tx_id)
+            self._log_failure(p.request, p.receiver, ErrorCode.LEDGER_UNAVAILABLE,
+                              failure.step, f"{failure.code.value}, unconfirmed: {exc}")
+            self._aborted(p.request, ErrorCode.LEDGER_UNAVAILABLE)
+            p.answer(Outcome(p.tx_id, ErrorCode.LEDGER_UNAVAILABLE,
+                             f"{failure.message}; the ledger could not confirm that this "
+                             "tx_id is new: retry the same tx_id"))
+            return
+        row = rows[0] if rows else None
+        if row is None:
+            self._record_failure(p, failure)
+            for a in answers:
+                p.answer(a.outcome)
+            return
+        book = self.book
+        if TxParams(row.sender, row.receiver, row.amount, row.memo) == p.params:
+            book.txs.record_row(row)  # pending -> paid, as the ledger says
+            book.accounts.touch(row.sender, row.dtg)
+            book.accounts.touch(row.receiver, row.dtg)
+            log_event(log, "payment", tx_id=p.tx_id, sender=p.sender, receiver=row.receiver,
+                      amount=format_amount(row.amount), outcome="paid", seq=row.seq,
+                      found="ledger")
+            p.answer(Outcome(p.tx_id, seq=row.seq, dtg=row.dtg))
+            return
+        self._record_failure(p, RecordFailure(ErrorCode.TX_ID_CONFLICT, failure.step,
+                                              "tx_id used before for another payment"))
+        p.answer(Outcome(p.tx_id, ErrorCode.TX_ID_CONFLICT,
+                         f"tx_id {p.tx_id} was already used for another payment"))
 
     def _report_pending(self, p: Payment, a: ReportPending) -> None:
         if p.phase is Phase.ABANDONED:

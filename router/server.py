@@ -333,6 +333,18 @@ class RouterService:
         openings = [Opening(p.id, p.opening_minor) for p in chosen]
         while True:
             rows = self.book.missing_openings(openings)
+            if rows and self.book.base_seq:
+                # Issued before this start (older than the recent rows): the ledger's
+                # row wins over a changed config, and nothing is sent again.
+                try:
+                    await self.pipeline.recall([(r.sender, r.tx_id) for r in rows])
+                except LedgerUnavailable as exc:
+                    log_event(log, "opening balances not looked up yet; retrying",
+                              logging.WARNING, error=str(exc))
+                    await asyncio.sleep(0.1)
+                    await self.ledger.wait_connected()
+                    continue
+                rows = self.book.missing_openings(openings)
             if not rows:
                 return
             futs = [self.ledger.append(r) for r in rows]
@@ -710,15 +722,11 @@ class PayerConnection:
     async def _status_from_ledger(self, session: Session, ch: Channel, msg: Status) -> None:
         """A payment the router has not in memory (older than its start's recent rows):
         the ledger knows whether it was paid."""
-        sender = msg.sender or session.payer_id
         try:
-            rows = await self.service.ledger.lookup([(sender, msg.tx_id)])
+            await self.service.pipeline.recall([(msg.sender or session.payer_id, msg.tx_id)])
         except LedgerUnavailable as exc:
             ch.reply_error(msg.id, ErrorCode.LEDGER_UNAVAILABLE, str(exc))
             return
-        book = self.service.book
-        if rows and rows[0].seq <= book.base_seq and book.txs.get(sender, msg.tx_id) is None:
-            book.remember(rows[0])
         if not ch.closed:
             ch.send_nowait(self._status(session, msg))
 

@@ -131,6 +131,13 @@ class TxTable:
         rec.state, rec.seq, rec.dtg = TxState.PAID, seq, dtg
         return rec
 
+    def forget_pending(self, sender: str, tx_id: str) -> None:
+        """Drop a pending record whose outcome cannot be told (nothing was written for
+        it): the sender may run the same tx_id again."""
+        rec = self.get(sender, tx_id)
+        if rec is not None and rec.state is TxState.PENDING:
+            del self._records[(sender, tx_id)]
+
     def mark_paid(self, sender: str, tx_id: str, seq: int, dtg: str) -> TxRecord:
         rec = self._move(sender, tx_id, TxState.PAID)
         rec.seq, rec.dtg = seq, dtg

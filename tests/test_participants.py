@@ -160,6 +160,8 @@ async def test_a_suspended_participant_gets_a_clear_code_and_keeps_its_balance(
     try:
         bob = net.client("bob")
         await bob.connect()
+        async with net.client("alice") as alice:
+            before = await alice.send_payment("bob", 100, tx_id="before")
         net.participants["carl"] = "1.00"  # a daemon, to see what its user is told
         net.write_config(ledger_port=net.procs["ledger"].addr[1])
         assert (await op(net, "reload")).returncode == 0
@@ -189,9 +191,12 @@ async def test_a_suspended_participant_gets_a_clear_code_and_keeps_its_balance(
                 await alice.send_payment("bob", 100, tx_id="a-1")
             assert failed.value.code == "participant_suspended"
             assert not failed.value.retriable
+            # A payment made before the suspension keeps its outcome when retried.
+            again = await alice.send_payment("bob", 100, tx_id="before")
+            assert again.seq == before.seq
         state = await net.wait_quiet()
-        assert state.balances["bob"] == 500
-        assert state.balances["alice"] == 1000
+        assert state.balances["bob"] == 600
+        assert state.balances["alice"] == 900
         assert state.holds == {}
 
         net.procs["router"].stop()  # suspended across a restart too

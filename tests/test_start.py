@@ -137,9 +137,21 @@ async def test_a_restarted_router_remembers_the_latest_rows_and_asks_for_older_o
             assert conflict.value.code == "tx_id_conflict"
             status = await alice.status("old-1")
             assert (status.state, status.seq) == ("paid", first.seq)
+        async with net.client("alice") as alice:  # bob offline: the re-run fails...
+            offline = await alice.send_payment("bob", 100, tx_id="new-0")
+            assert offline.seq == 6  # ...and the ledger, asked before it is answered, says paid
         async with net.client("carol") as carol, net.client("bob"):
             # carol could not pay it now (insufficient funds): the router asks the ledger
             # before it answers a failure, and the old payment is paid, once.
+            net.procs["ledger"].stop()  # unless the ledger cannot tell: nothing recorded
+            with pytest.raises(RequestFailed) as unsure:
+                await carol.send_payment("bob", 500, tx_id="all-of-it")
+            assert unsure.value.code == "ledger_unavailable"
+            net.restart("ledger")
+            for _ in range(100):
+                if (await net.inspect()).ledger_connected:
+                    break
+                await asyncio.sleep(0.05)
             again_spent = await carol.send_payment("bob", 500, tx_id="all-of-it")
             assert again_spent.seq == spent.seq
             with pytest.raises(RequestFailed) as poor:
@@ -155,5 +167,13 @@ async def test_a_restarted_router_remembers_the_latest_rows_and_asks_for_older_o
             sys.executable, "-m", "router", "reconcile", "--config", str(net.config_path)],
             capture_output=True, text=True, cwd=REPO_ROOT, env=net.env(), timeout=60)
         assert done.returncode == 0, done.stdout + done.stderr
+        # A changed opening balance in the config: the ledger's row wins, as ever (the
+        # router looks `_open:alice` up, older than its recent rows, and sends nothing).
+        net.participants["alice"] = "999.00"
+        net.write_config(ledger_port=net.procs["ledger"].addr[1])
+        net.procs["router"].stop()
+        net.restart("router")
+        assert (await net.wait_quiet()).balances["alice"] == 10000 - 500
+        assert len(ledger_rows(net)) == 9
     finally:
         net.stop_all()
