@@ -492,7 +492,8 @@ class PgStore:
                             "RETURNING epoch", self.epoch)
                         if epoch is None:
                             raise Fenced(f"the store was taken over by another ledger service "
-                                         f"(this one had epoch {self.epoch})")
+                                         f"(this one had epoch {self.epoch})",
+                                         in_doubt=bool(keys))
                         recs = await conn.fetch(_LOOKUP, [k[0] for k in keys],
                                                 [k[1] for k in keys])
                     head = await conn.fetchrow(_HEAD)
@@ -513,10 +514,14 @@ class PgStore:
                 continue
             self._adopt(conn, backend)
             acked = self.index.last_seq
-            if (head[0] if head is not None else 0) < acked:
-                log_event(log, "acknowledged rows are missing on the writable server "
-                          "(was a server without them promoted?)", logging.ERROR,
-                          acknowledged=acked, stored=head[0] if head is not None else 0)
+            stored = head[0] if head is not None else 0
+            if stored < acked:
+                # A server without them was promoted: receipts already given name rows it
+                # lacks. Writing on would give their seqs to other payments.
+                self._fenced = (f"acknowledged rows are missing on the writable server "
+                                f"(acknowledged up to seq {acked}, stored up to {stored}: "
+                                "was a server without them promoted?); not writing again")
+                raise Fenced(self._fenced, in_doubt=bool(keys))
             if head is None:
                 self.index.set_head(0, GENESIS_HASH)
             else:

@@ -115,7 +115,7 @@ class LedgerServer:
         self.fenced: str | None = None  # why this service may no longer write
         self.on_fenced: asyncio.Event = asyncio.Event()
         if hasattr(store, "on_fenced"):  # a store that can learn it while idle
-            store.on_fenced = self._fenced_while_idle
+            store.on_fenced = self._stop_writing
         self._reads: set[asyncio.Task[None]] = set()
         self._started = time.monotonic()
         self.appends = 0
@@ -135,6 +135,7 @@ class LedgerServer:
             max_frame_bytes=self.max_frame_bytes, tls=access.tls,
             handshake_timeout_s=access.handshake_timeout_s, limits=access.limits)
         self._writer = asyncio.create_task(self._write_loop(), name="ledger-writer")
+        self._writer.add_done_callback(self._writer_ended)
         sock = self._server.sockets[0].getsockname()
         self.host, self.port = sock[0], sock[1]
         return self.host, self.port
@@ -378,6 +379,15 @@ class LedgerServer:
             rows += n
         return taken
 
+    def _writer_ended(self, task: asyncio.Task[None]) -> None:
+        """The write loop ends only at stop; if it died of a bug, no append could ever be
+        answered again: say why and stop the process (exit 3), never look healthy."""
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        log.error("the write loop failed; stopping", exc_info=exc)
+        self._stop_writing(f"the write loop failed: {exc!r}")
+
     async def _write_loop(self) -> None:
         while True:
             if not self._queue:
@@ -402,13 +412,12 @@ class LedgerServer:
         self._slow_logged_at = now
         self._slow_unlogged = 0
 
-    def _fenced_while_idle(self, reason: str) -> None:
-        """The store found, between appends, that another ledger service holds it: stop
-        taking appends now (queued ones are answered when their batch finds it)."""
+    def _stop_writing(self, reason: str) -> None:
+        """The store must not be written again (found between appends, or by a batch):
+        stop taking appends now and let the process stop (exit 3)."""
         if self.fenced is None:
             self.fenced = reason
-            log_event(log, "fenced: another ledger service holds the store; not writing "
-                      "again", logging.ERROR, reason=reason)
+            log_event(log, "fenced: not writing again", logging.ERROR, reason=reason)
         self.on_fenced.set()
 
     async def _write_batch(self, batch: list[_Queued]) -> None:
@@ -417,17 +426,17 @@ class LedgerServer:
             out = await store.append_batch([q.request.rows for q in batch], utc_now_dtg(),
                                            [q.request.atomic for q in batch])
         except Fenced as exc:
-            self.fenced = str(exc)
-            log_event(log, "fenced: another ledger service holds the store; not writing "
-                      "again", logging.ERROR, reason=self.fenced)
+            self._stop_writing(str(exc))
             for q in batch:
-                q.channel.reply_error(q.request.id, ErrorCode.SHUTTING_DOWN,
-                                      f"not written: {self.fenced}")
+                if exc.in_doubt:  # perhaps written: no answer; the router re-sends elsewhere
+                    q.channel.close()
+                else:
+                    q.channel.reply_error(q.request.id, ErrorCode.SHUTTING_DOWN,
+                                          f"not written: {self.fenced}")
             for q in self._queue:
                 q.channel.reply_error(q.request.id, ErrorCode.SHUTTING_DOWN,
                                       f"not written: {self.fenced}")
             self._queue.clear()
-            self.on_fenced.set()
             return
         failure = out.failure
         if failure is not None:

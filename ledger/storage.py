@@ -36,8 +36,14 @@ class WriteFailed(JackPayError):
 
 
 class Fenced(JackPayError):
-    """A newer ledger service holds the log (its fencing epoch is higher): this service's
-    write was refused inside the database, and it must not write again."""
+    """This service must not write again: a newer ledger service holds the log (its
+    fencing epoch is higher), or rows it acknowledged are missing from the log. With
+    `in_doubt`, it was found while settling a batch whose outcome is unknown: that batch
+    must not be answered "not written" (its requesters re-send to the next service)."""
+
+    def __init__(self, message: str, *, in_doubt: bool = False) -> None:
+        super().__init__(message)
+        self.in_doubt = in_doubt
 
 
 @dataclass(slots=True)

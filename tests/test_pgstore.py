@@ -133,6 +133,32 @@ async def test_a_stale_store_is_fenced_and_the_new_one_writes(pg_dsn: str) -> No
     await new.aclose()
 
 
+async def test_acknowledged_rows_missing_after_a_reconnect_stop_the_store(pg_dsn: str) -> None:
+    """As after a promotion of a server that lacks rows already acknowledged: the store
+    must stop writing, never give those seqs to other payments."""
+    store = await PgStore.open(pg_dsn)
+    try:
+        await store.append_batch([[row(1)], [row(2)], [row(3)]], DTG, None)
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            await conn.execute("DELETE FROM jackpay_rows WHERE seq = 3")
+            await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                               "WHERE application_name = 'jackpay-ledger'")
+        finally:
+            await conn.close()
+        with pytest.raises(Fenced, match="acknowledged rows are missing"):
+            await store.append_batch([[row(4)]], DTG, None)
+        with pytest.raises(Fenced):  # and it stays so
+            await store.append_batch([[row(5)]], DTG, None)
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            assert await conn.fetchval("SELECT max(seq) FROM jackpay_rows") == 2
+        finally:
+            await conn.close()
+    finally:
+        await store.aclose()
+
+
 async def test_a_stale_ledger_service_stops_and_exits_3(network: Network, pg_dsn: str) -> None:
     network.ledger_settings.update(store="postgresql", dsn=pg_dsn)
     network.write_config()
