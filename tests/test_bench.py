@@ -94,6 +94,9 @@ def test_bench_quick_reports_every_figure(tmp_path: Path) -> None:
 
 
 def test_bench_scale_starts_both_stores_on_a_built_ledger(tmp_path: Path) -> None:
+    from pg import require_pg
+
+    require_pg()
     proc = subprocess.run([str(REPO_ROOT / "scripts" / "bench"), "--scale", "--rows", "500",
                            "--json"], capture_output=True, text=True, timeout=240,
                           cwd=tmp_path, env=script_env())

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from netkit import REPO_ROOT
-from pg import pg_missing
+from pg import pg_missing, require_pg
 
 SEEDS = (3, 11, 42)
 MIX_SEED = 1005  # with --mix: the mixer on, half the payments mixed
@@ -49,7 +49,7 @@ def runs() -> Iterator[dict[int, subprocess.Popen[str]]]:
 @pytest.mark.parametrize("seed", [*SEEDS, MIX_SEED, PG_SEED])
 def test_chaos_run_passes(runs: dict[int, subprocess.Popen[str]], seed: int) -> None:
     if seed not in runs:
-        pytest.skip(f"no PostgreSQL: {pg_missing()}")
+        require_pg()
     try:
         out, err = runs[seed].communicate(timeout=90)
     except subprocess.TimeoutExpired:

@@ -328,10 +328,9 @@ async def test_failover_promote_then_rewind_the_old_primary(replicated: PgCluste
 def test_the_cluster_command_line_starts_stops_and_destroys(tmp_path: Path) -> None:
     import tempfile
 
-    from pg import pg_missing
+    from pg import require_pg
 
-    if (reason := pg_missing()) is not None:
-        pytest.skip(reason)
+    require_pg()
     root = Path(tempfile.mkdtemp(prefix="jackpay-pgcli-")) / "cluster"  # not in tmp_path: 0700
     root.parent.chmod(0o755)  # the servers' user must be able to enter it
     cli = [sys.executable, "-m", "ledger.pgcluster"]

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from netkit import REPO_ROOT, script_env
-from pg import pg_missing
+from pg import require_pg
 
 from ledger.pgcluster import PgCluster
 
@@ -44,10 +44,7 @@ opening_balance = "2.00"
 
 
 def test_up_with_postgresql_runs_the_network_on_a_cluster_and_stops_it(tmp_path: Path) -> None:
-    import pytest
-
-    if (reason := pg_missing()) is not None:
-        pytest.skip(reason)
+    require_pg()
     run_dir = tmp_path / "run"  # inside a 0700 folder: the cluster's data goes to /tmp
     config = tmp_path / "network.toml"
     config.write_text(CONFIG)
