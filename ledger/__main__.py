@@ -45,6 +45,11 @@ from ledger.verify import verify_file
 
 log = logging.getLogger("jackpay.ledger")
 
+# What reaching a database can raise that is not a bug: it is down, refuses us, or the
+# DSN does not parse (a port that is not a number).
+DB_ERRORS = (OSError, TimeoutError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError,
+             asyncpg.ClientConfigurationError)
+
 
 def _serve_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jackpay-ledger", description="Run the JackPay ledger.",
@@ -81,8 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         if is_dsn(vargs.path):
             try:
                 ok, line, _ = asyncio.run(verify_database(vargs.path))
-            except (OSError, TimeoutError, asyncpg.PostgresError,
-                    asyncpg.InterfaceError) as exc:
+            except DB_ERRORS as exc:
                 print(f"FAIL cannot read the database: {exc}")
                 return 2
             print(line)
@@ -142,7 +146,7 @@ def _export(argv: list[str]) -> int:
         return 2
     try:
         n = asyncio.run(export_csv(dsn, args.csv))
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except DB_ERRORS as exc:
         print(f"jackpay-ledger export: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {n} rows to {args.csv}")
@@ -155,7 +159,7 @@ async def _open_store(path: Path, dsn: str) -> LedgerStorage | None:
         where = dsn.split("@")[-1]
         try:
             return await PgStore.open(dsn)
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except DB_ERRORS as exc:
             print(f"jackpay-ledger: cannot open the database at {where}: {exc}; is it "
                   "running, and is the DSN right?", file=sys.stderr)
             return None

@@ -243,6 +243,24 @@ def test_export_and_verify_from_the_command_line(tmp_path: Path, pg_dsn: str) ->
                               timeout=60)
         assert done.returncode == 0, done.stdout + done.stderr
         assert done.stdout.startswith("OK")
+    # A row changed behind the ledger's back: the database's chain no longer verifies.
+    async def tamper() -> None:
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            await conn.execute("UPDATE jackpay_rows SET amount = amount + 1 WHERE seq = 2")
+        finally:
+            await conn.close()
+
+    asyncio.run(tamper())
+    done = subprocess.run([*cli, "verify", pg_dsn], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stdout.startswith("FAIL")
+    # A DSN that does not parse: a message and exit 2, not a traceback.
+    done = subprocess.run([*cli, "verify", "postgresql://u:pw@127.0.0.1:abc/db"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert "cannot read the database" in done.stdout
 
 
 # --- replication: a cluster of this module's own, with a synchronous standby ----------
