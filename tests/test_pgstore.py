@@ -160,7 +160,7 @@ async def test_acknowledged_rows_missing_after_a_reconnect_stop_the_store(pg_dsn
 
 
 async def test_a_stale_ledger_service_stops_and_exits_3(network: Network, pg_dsn: str) -> None:
-    network.ledger_settings.update(store="postgresql", dsn=pg_dsn)
+    network.store, network.dsn = "postgresql", pg_dsn
     network.write_config()
     network.start_ledger()
     ch = await network.ledger_channel()
@@ -181,7 +181,7 @@ async def test_an_idle_stale_ledger_service_stops_when_it_reconnects(
         network: Network, pg_dsn: str) -> None:
     """No append needed: the service's lost connection is re-made in the background, finds
     the store taken over, and the service stops (exit 3) at once."""
-    network.ledger_settings.update(store="postgresql", dsn=pg_dsn)
+    network.store, network.dsn = "postgresql", pg_dsn
     network.write_config()
     network.start_ledger()
     taker = await PgStore.open(pg_dsn)
