@@ -124,8 +124,14 @@ async def test_a_failing_barrier_sends_nothing_and_fails_the_rows() -> None:
             await asyncio.wait_for(client.append(ROW), 5)
         assert refused.value.code == "plugin_failed"
         got: list[AppendResult | BaseException] = []
-        client.append_cb(ROW, got.append)  # the callback path, the same way
-        await asyncio.sleep(0.1)
+        answered = asyncio.Event()
+
+        def done(result: AppendResult | BaseException) -> None:
+            got.append(result)
+            answered.set()
+
+        client.append_cb(ROW, done)  # the callback path, the same way
+        await asyncio.wait_for(answered.wait(), 5)
         assert len(got) == 1
         assert isinstance(got[0], LedgerRefused)
         assert got[0].code == "plugin_failed"

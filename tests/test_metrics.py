@@ -63,10 +63,13 @@ async def test_metrics_change_as_payments_flow(tmp_path: Path) -> None:
                 await alice.send_payment("bob", 100, tx_id=f"m{i}")
             with pytest.raises(Exception, match="insufficient_funds"):
                 await alice.send_payment("bob", 10**9, tx_id="too-much")
-        await asyncio.sleep(0.3)  # bob's daemon acks `settled`
+        for _ in range(100):  # bob's daemon counts a payment once `settled` reaches it
+            bob_metrics = await asyncio.to_thread(scrape, bob_at)
+            if bob_metrics.get("jackpay_payer_received_total") == 3:
+                break
+            await asyncio.sleep(0.05)
         after = await asyncio.to_thread(scrape, router_at)
         ledger_after = await asyncio.to_thread(scrape, ledger_at)
-        bob_metrics = await asyncio.to_thread(scrape, bob_at)
     finally:
         net.stop_all()
     paid = 'jackpay_router_payments_total{outcome="paid"}'

@@ -333,10 +333,14 @@ async def test_failover_promote_then_rewind_the_old_primary(replicated: PgCluste
     out = await asyncio.wait_for(pg.append_batch([[row(102)]], DTG, None), 30)
     assert out.failure is None
     await pg.aclose()
-    await asyncio.sleep(0.2)
-    on_old = await asyncio.to_thread(replicated.nodes[old_primary].sql,
-                                     "SELECT string_agg(tx_id, ',' ORDER BY seq) FROM jackpay_rows "
-                                     "WHERE seq > " + str(before), database="jackpay")
+    query = ("SELECT string_agg(tx_id, ',' ORDER BY seq) FROM jackpay_rows WHERE seq > "
+             + str(before))
+    for _ in range(100):  # a synchronous commit is flushed on the standby, not yet replayed
+        on_old = await asyncio.to_thread(replicated.nodes[old_primary].sql, query,
+                                         database="jackpay")
+        if on_old == "tx100,tx101,tx102":
+            break
+        await asyncio.sleep(0.05)
     assert on_old == "tx100,tx101,tx102"
     ok, line, _ = await verify_database(replicated.multi_host_dsn())
     assert ok, line
