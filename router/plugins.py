@@ -117,11 +117,12 @@ class StatusNote(msgspec.Struct, frozen=True):
 @dataclass(frozen=True)
 class PluginContext:
     """What a plug-in gets at creation: the network's id, a folder of its own for durable
-    state (created, beside the router's config), and the system accounts it may use."""
+    state (created, beside the router's config), and whether an id is a participant now
+    (participants come and go at run time: `jackpay-router participants`, reload)."""
 
     network_id: str
     state_dir: Path
-    participants: frozenset[str]
+    is_participant: Callable[[str], bool]
 
 
 class Balances(Protocol):
@@ -385,7 +386,7 @@ def load_plugins(names: Sequence[str], settings: Mapping[str, Mapping[str, Any]]
                               f"{', '.join(known) or 'none'})")
         own = dict(settings.get(name, {}))
         state_dir = context.state_dir / name
-        ctx = PluginContext(context.network_id, state_dir, context.participants)
+        ctx = PluginContext(context.network_id, state_dir, context.is_participant)
         try:
             # Its state may link payers to payees (the mixer's journal): owner only.
             state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -171,7 +171,7 @@ class RouterService:
             self.plugins = load_plugins(
                 rc.plugins, cfg.plugins,
                 PluginContext(cfg.network.id, cfg.resolve(rc.plugin_state_dir),
-                              frozenset(p.id for p in cfg.participants)),
+                              self.registry.receiver_exists),
                 factories=plugin_factories)
         except ConfigError as exc:
             raise StartupFailed(str(exc)) from None

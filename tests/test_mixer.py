@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from netkit import Network
+from netkit import REPO_ROOT, Network
 
 from common.errors import ErrorCode, RequestFailed
 from common.messages import Offer
@@ -309,9 +311,17 @@ async def test_a_mixed_deposit_is_mixed_until_its_round(tmp_path: Path) -> None:
         with pytest.raises(RequestFailed) as unknown:
             await alice.send_payment("nobody", 250, mix=True)
         assert unknown.value.code is ErrorCode.UNKNOWN_RECEIVER
+        # One added at run time is a payee for the mixer at once (no restart).
+        added = await asyncio.to_thread(subprocess.run, [
+            sys.executable, "-m", "router", "participants", "add", "newcomer", "--config",
+            str(net.config_path)], capture_output=True, text=True, cwd=REPO_ROOT,
+            env=net.env(), timeout=60)
+        assert added.returncode == 0, added.stderr
+        await alice.send_payment("newcomer", 250, tx_id="to-the-newcomer", mix=True)
         state = await net.inspect()
-        assert state.balances["_mixer"] == 250
+        assert state.balances["_mixer"] == 500
         assert paid.balance == 100_000 - 250
+        assert state.balances["p00"] == 100_000 - 500
     finally:
         await alice.close()
         await bob.close()

@@ -127,7 +127,7 @@ class MixerPlugin:
     def jackpay_validate(self, request: PaymentRequest) -> Veto | None:
         if not request.mix:
             return None
-        if request.receiver not in self.context.participants:
+        if not self.context.is_participant(request.receiver):
             return Veto(f"{request.receiver} is not a participant of this network",
                         ErrorCode.UNKNOWN_RECEIVER)
         limit = self.mixer.settings.max_waiting_per_payer
