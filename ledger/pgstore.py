@@ -52,6 +52,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import socket
 import time
 from collections.abc import Callable, Iterable
@@ -61,6 +62,7 @@ from typing import Any
 import asyncpg
 from asyncpg.connect_utils import SessionAttribute
 
+from common.files import fsync_dir
 from common.logs import log_event
 from common.messages import LedgerRow, RowIn
 from ledger.index import Key, ReadResult, RecentIndex, resolve
@@ -562,7 +564,7 @@ async def export_csv(dsn: str, path: Path) -> int:
     store writes for the same rows) from the database, from one snapshot; the file
     appears whole (temp file, fsync, rename). Returns the rows written."""
     conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT_S)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")  # two exports never share one
     n = 0
     try:
         # An offline tool: nothing else runs on this loop, blocking writes are fine.
@@ -576,6 +578,7 @@ async def export_csv(dsn: str, path: Path) -> int:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)  # the new name itself is durable
     finally:
         tmp.unlink(missing_ok=True)
         await conn.close()

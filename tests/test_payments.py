@@ -454,7 +454,7 @@ async def test_ledger_frozen_during_append_gives_outcome_pending_then_one_end(
     started = time.monotonic()
     try:
         assert await alice.pay("bob", 100, "t-doubt") == "outcome_pending"
-        assert 0.9 <= time.monotonic() - started < 3.0
+        assert time.monotonic() - started >= 0.9  # not before outcome_pending_after_s
         status = await alice.client.status("t-doubt")
         assert status.state == "pending"
         balance, available = await alice.balance()
