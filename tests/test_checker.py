@@ -118,3 +118,44 @@ def test_no_progress_after_heal() -> None:
     report = check(ledger(BASE), history(), require_success_after_heal=True,
                    succeeded_after_heal=False)
     assert kinds(report) == {"no_progress_after_heal"}
+
+
+# --- the mixer's promises (check_mixer), on doctored ledgers and journals ---------------
+
+MIX_BASE = [
+    ("_open:alice", "_issuer", "alice", 1000),
+    ("_open:bob", "_issuer", "bob", 1000),
+    ("d1", "alice", "_mixer", 500),
+    ("d2", "bob", "_mixer", 500),
+]
+ROUND = {"e": "round", "id": 1, "deposits": [["alice", "d1"], ["bob", "d2"]],
+         "notes": [["carol", 500, "alice", "d1", False], ["dave", 500, "bob", "d2", False]]}
+
+
+def note(i: int, receiver: str, amount: int = 500, attempt: int = 0) -> tuple[str, str, str, int]:
+    from jackpay_plugins.mixer.pool import note_tx_id
+
+    return (note_tx_id(1, i, attempt), "_mixer", receiver, amount)
+
+
+def mixer_kinds(entries: list[tuple[str, str, str, int]],
+                journal: list[dict[str, object]] | None = None) -> list[str]:
+    from chaos.checker import check_mixer
+
+    return sorted({v.kind for v in check_mixer(ledger(entries), journal or [ROUND])})
+
+
+def test_a_clean_mixer_round_has_no_violation() -> None:
+    assert mixer_kinds([*MIX_BASE, note(0, "carol"), note(1, "dave")]) == []
+
+
+def test_every_broken_mixer_promise_is_named() -> None:
+    paid = [*MIX_BASE, note(0, "carol"), note(1, "dave")]
+    assert mixer_kinds([*paid, note(1, "dave", attempt=1)]) == ["payout_twice",
+                                                                "stranded_deposit"]
+    assert mixer_kinds([*MIX_BASE, note(0, "carol"), note(1, "mallory")]) == ["payout_wrong"]
+    assert mixer_kinds([*MIX_BASE, note(0, "carol")]) == ["stranded_deposit"]  # note 1 unpaid
+    assert "payout_unplanned" in mixer_kinds([*paid, ("_mix:r9:n0:a0", "_mixer", "eve", 1)])
+    assert mixer_kinds([*paid, ("d3", "alice", "_mixer", 500)]) == ["stranded_deposit"]
+    assert mixer_kinds([*paid, ("odd", "_mixer", "eve", 1)]) == ["mixer_row",
+                                                                 "stranded_deposit"]
