@@ -203,7 +203,8 @@ async def serve(path: Path, host: str, port: int, lc: LedgerConfig, access: Ledg
         extra["metrics"] = f"{mh}:{mp}"
     log_event(log, "ledger serving", addr=f"{h}:{p}", store=store.kind,
               path=str(path) if store.kind == "csv" else dsn.split("@")[-1],
-              rows=store.last_seq, metrics=extra.get("metrics"))
+              rows=store.last_seq, metrics=extra.get("metrics"),
+              rows_read_at_open=getattr(store, "rows_read_at_open", None))
     print_ready("ledger", addr=f"{h}:{p}", rows=store.last_seq, **extra)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

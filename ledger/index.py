@@ -102,24 +102,29 @@ def request_keys(requests: Iterable[list[RowIn]]) -> list[Key]:
 
 
 class MemoryIndex:
-    """Every row in memory: lookups by (sender, tx_id), reads by seq and by party."""
+    """Rows after `base_seq` in memory (the CSV store: the rows its index on disk does not
+    hold yet), with lookups by (sender, tx_id), pages by seq and by party, and the
+    balances of every account (those before `base_seq` given at construction)."""
 
-    def __init__(self, rows: list[LedgerRow] | None = None) -> None:
-        self.rows: list[LedgerRow] = []
+    def __init__(self, rows: list[LedgerRow] | None = None, *, base_seq: int = 0,
+                 base_hash: str = GENESIS_HASH, balances: dict[str, int] | None = None) -> None:
+        self.base_seq = base_seq
+        self._base_hash = base_hash
+        self.rows: list[LedgerRow] = []  # seq base_seq + 1, base_seq + 2, ...
         self.by_tx: dict[Key, LedgerRow] = {}
-        # seqs of the rows each account sent or received, ascending: `read(party=…)` is
-        # a binary search, not a scan of the whole ledger on the event loop.
+        # seqs of the rows each account sent or received, ascending: `page(party=…)` is
+        # a binary search, not a scan on the event loop.
         self.by_party: dict[str, list[int]] = {}
-        self.balances: dict[str, int] = {}  # after the last row, by account
+        self.balances: dict[str, int] = dict(balances or {})  # after the last row
         self.add(rows or [])
 
     @property
     def last_seq(self) -> int:
-        return len(self.rows)
+        return self.base_seq + len(self.rows)
 
     @property
     def last_hash(self) -> str:
-        return self.rows[-1].hash if self.rows else GENESIS_HASH
+        return self.rows[-1].hash if self.rows else self._base_hash
 
     def add(self, rows: list[LedgerRow]) -> None:
         """Durable rows, in seq order, continuing the chain."""
@@ -135,17 +140,42 @@ class MemoryIndex:
             balances[row.sender] = balances.get(row.sender, 0) - row.amount
             balances[row.receiver] = balances.get(row.receiver, 0) + row.amount
 
-    def read(self, from_seq: int, limit: int, party: str | None = None) -> ReadResult:
-        """Rows with seq >= from_seq (at most `limit`); with `party`, only its rows."""
-        start = from_seq - 1
+    def forget_through(self, seq: int) -> None:
+        """Drop the rows up to `seq` (kept elsewhere now); balances stay whole."""
+        n = min(seq, self.last_seq) - self.base_seq
+        if n <= 0:
+            return
+        gone, self.rows = self.rows[:n], self.rows[n:]
+        self.base_seq += n
+        self._base_hash = gone[-1].hash
+        parties: set[str] = set()
+        for row in gone:
+            del self.by_tx[(row.sender, row.tx_id)]
+            parties.add(row.sender)
+            parties.add(row.receiver)
+        for p in parties:
+            seqs = self.by_party[p]
+            del seqs[: bisect.bisect_right(seqs, self.base_seq)]
+            if not seqs:
+                del self.by_party[p]
+
+    def page(self, from_seq: int, limit: int, party: str | None = None) -> list[LedgerRow]:
+        """Rows held here with seq >= from_seq (at most `limit`); with `party`, only its."""
+        base = self.base_seq
         if party is None:
-            page = self.rows[start : start + limit]
-            return ReadResult(page, from_seq + len(page), from_seq + len(page) <= self.last_seq)
+            start = max(from_seq - base - 1, 0)
+            return self.rows[start : start + limit]
         seqs = self.by_party.get(party, [])
         i = bisect.bisect_left(seqs, from_seq)
-        page = [self.rows[seq - 1] for seq in seqs[i : i + limit]]
-        return ReadResult(page, page[-1].seq + 1 if page else max(from_seq, self.last_seq + 1),
-                          i + len(page) < len(seqs))
+        return [self.rows[seq - base - 1] for seq in seqs[i : i + limit]]
+
+    def read(self, from_seq: int, limit: int, party: str | None = None) -> ReadResult:
+        """Rows with seq >= from_seq (at most `limit`); with `party`, only its rows.
+        Complete only when base_seq is 0 (nothing kept elsewhere)."""
+        got = self.page(from_seq, limit + 1, party)
+        page = got[:limit]
+        nxt = page[-1].seq + 1 if page else max(from_seq, self.last_seq + 1)
+        return ReadResult(page, nxt, len(got) > limit)
 
 
 def balances_page(balances: dict[str, int], after: str, limit: int

@@ -155,10 +155,15 @@ def _parse_line_carefully(line: str) -> LedgerRow:
 
 def check_chain(prev: LedgerRow | None, row: LedgerRow) -> str | None:
     """Why `row` cannot follow `prev` (None if it can): seq order and hash chain."""
-    expected_seq = 1 if prev is None else prev.seq + 1
-    if row.seq != expected_seq:
-        return f"seq {row.seq} where {expected_seq} was expected (row missing or reordered)"
-    prev_hash = GENESIS_HASH if prev is None else prev.hash
+    if prev is None:
+        return check_link(0, GENESIS_HASH, row)
+    return check_link(prev.seq, prev.hash, row)
+
+
+def check_link(prev_seq: int, prev_hash: str, row: LedgerRow) -> str | None:
+    """Why `row` cannot follow the row (prev_seq, prev_hash) (None if it can)."""
+    if row.seq != prev_seq + 1:
+        return f"seq {row.seq} where {prev_seq + 1} was expected (row missing or reordered)"
     want = chain_hash(prev_hash, row.seq, row.dtg, row.sender, row.receiver, row.amount,
                       row.tx_id, row.memo)
     if want != row.hash:
