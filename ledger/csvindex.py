@@ -24,6 +24,7 @@ Rules:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import queue
@@ -40,7 +41,7 @@ from ledger.rows import GENESIS_HASH, HEADER_LINE
 
 log = logging.getLogger("jackpay.ledger")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 COMMIT_EVERY_S = 1.0
 COMMIT_EVERY_ROWS = 50_000
 _IN_CHUNK = 400  # keys per `IN (...)` query, under SQLite's parameter limit
@@ -48,7 +49,11 @@ _IN_CHUNK = 400  # keys per `IN (...)` query, under SQLite's parameter limit
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS head (
     one INTEGER PRIMARY KEY CHECK (one = 1),
-    version INTEGER NOT NULL, seq INTEGER NOT NULL, size INTEGER NOT NULL, hash TEXT NOT NULL);
+    version INTEGER NOT NULL, seq INTEGER NOT NULL, size INTEGER NOT NULL, hash TEXT NOT NULL,
+    -- sum over accounts of balance * (a 64-bit hash of the name), mod 2**64: kept with
+    -- every commit, recomputed at open (`inconsistency`), so balances wrong in ways that
+    -- cancel out are caught too
+    balance_check INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS rows (seq INTEGER PRIMARY KEY, pos INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS keys (key INTEGER NOT NULL, seq INTEGER NOT NULL,
                                  PRIMARY KEY (key, seq)) WITHOUT ROWID;
@@ -62,6 +67,28 @@ _TABLES = ("head", "rows", "keys", "accounts", "party")
 
 def index_path(ledger_path: Path) -> Path:
     return ledger_path.with_name(ledger_path.name + ".index")
+
+
+def remove_index(ledger_path: Path) -> None:
+    """Delete the index of this ledger file (it is rebuilt from the file at the next open)."""
+    where = index_path(ledger_path)
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{where}{suffix}").unlink(missing_ok=True)
+
+
+class IndexOfAnotherVersion(sqlite3.DatabaseError):
+    """The index was written by another version of this module: rebuilt, never read."""
+
+
+@functools.lru_cache(maxsize=65536)
+def _name_hash(name: str) -> int:
+    return key_hash(name, "")
+
+
+def _wrap(n: int) -> int:
+    """`n` mod 2**64, as the signed 64-bit integer SQLite stores."""
+    n &= (1 << 64) - 1
+    return n - (1 << 64) if n >= 1 << 63 else n
 
 
 def key_hash(sender: str, tx_id: str) -> int:
@@ -90,12 +117,20 @@ class IndexDb:
         self.db.execute("PRAGMA cache_size=-65536")  # 64 MiB
         self.db.execute("PRAGMA journal_size_limit=67108864")  # the WAL shrinks back to 64 MiB
         self._ids: dict[str, int] | None = None  # account name -> id (writers only)
+        self._check: int | None = None  # head.balance_check as of the open transaction
 
     @classmethod
     def open(cls, path: Path, *, any_thread: bool = False) -> IndexDb:
         """Open (creating the schema if needed). Raises sqlite3.Error on a damaged file."""
         idx = cls(path, any_thread=any_thread)
         try:
+            tables = {r[0] for r in idx.db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if "head" in tables:
+                version = idx.db.execute("SELECT max(version) FROM head").fetchone()[0]
+                if version != FORMAT_VERSION:
+                    raise IndexOfAnotherVersion(f"{path} was written by version {version} of "
+                                                f"the index, this is {FORMAT_VERSION}")
             idx.db.executescript(_SCHEMA)
             if idx.db.execute("SELECT count(*) FROM head").fetchone()[0] == 0:
                 idx._reset_head()
@@ -108,14 +143,13 @@ class IndexDb:
         self.db.close()
 
     def _reset_head(self) -> None:
-        self.db.execute("INSERT OR REPLACE INTO head VALUES (1, ?, ?, ?, ?)",
+        self.db.execute("INSERT OR REPLACE INTO head VALUES (1, ?, ?, ?, ?, 0)",
                         (FORMAT_VERSION, EMPTY_HEAD.seq, EMPTY_HEAD.size, EMPTY_HEAD.hash))
+        self._check = None
 
-    def head(self) -> Head | None:
-        """The head, or None when the index was written by another version of it."""
-        version, seq, size, h = self.db.execute(
-            "SELECT version, seq, size, hash FROM head").fetchone()
-        return Head(seq, size, h) if version == FORMAT_VERSION else None
+    def head(self) -> Head:
+        seq, size, h = self.db.execute("SELECT seq, size, hash FROM head").fetchone()
+        return Head(seq, size, h)
 
     def inconsistency(self, head: Head, last: LedgerRow) -> str | None:
         """What in the index contradicts its own head (`last` is the head's row, read from
@@ -125,13 +159,26 @@ class IndexDb:
         top = db.execute("SELECT max(seq) FROM rows").fetchone()[0] or 0
         if top != head.seq:
             return f"its last row is {top}, its head says {head.seq}"
-        total = db.execute("SELECT coalesce(sum(balance), 0) FROM accounts").fetchone()[0]
+        # One entry per row in each table (~0.1 s per million rows): a row lost from the
+        # middle of either would let a payment be found nowhere and written twice.
+        for table in ("rows", "keys"):
+            n = db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+            if n != head.seq:
+                return f"its {table} table has {n} entries for {head.seq} rows"
+        balances = self.balances()
+        total = sum(balances.values())
         if total != 0:
             return f"its balances add up to {total}, not 0"
+        kept = db.execute("SELECT balance_check FROM head").fetchone()[0]
+        if _wrap(sum(b * _name_hash(a) for a, b in balances.items())) != kept:
+            return "its balances do not match the check kept with them"
         if db.execute("SELECT 1 FROM keys WHERE key = ? AND seq = ?",
                       (key_hash(last.sender, last.tx_id), last.seq)).fetchone() is None:
             return f"row {last.seq} cannot be found by its payment"
         return None
+
+    def is_empty(self) -> bool:
+        return self.db.execute("SELECT 1 FROM rows LIMIT 1").fetchone() is None
 
     def clear(self) -> None:
         """Forget every row (before a rebuild)."""
@@ -178,9 +225,13 @@ class IndexDb:
         if self._ids is None:
             self._ids = {name: i for i, name in db.execute("SELECT id, name FROM accounts")}
         ids = self._ids
+        if self._check is None:
+            self._check = db.execute("SELECT balance_check FROM head").fetchone()[0]
+        check = self._check
         deltas: dict[int, int] = {}
         party: list[tuple[int, int]] = []
         for row in rows:
+            check += row.amount * (_name_hash(row.receiver) - _name_hash(row.sender))
             for name in (row.sender, row.receiver):
                 if name not in ids:
                     cur = db.execute("INSERT INTO accounts (name, balance) VALUES (?, 0)", (name,))
@@ -200,19 +251,21 @@ class IndexDb:
         db.executemany("INSERT INTO party (account, seq) VALUES (?, ?)", party)
         db.executemany("UPDATE accounts SET balance = balance + ? WHERE id = ?",
                        [(d, a) for a, d in deltas.items()])
+        self._check = _wrap(check)
 
     def begin(self) -> None:
         self.db.execute("BEGIN")
 
     def commit(self, head: Head) -> None:
-        self.db.execute("UPDATE head SET seq = ?, size = ?, hash = ?",
-                        (head.seq, head.size, head.hash))
+        self.db.execute("UPDATE head SET seq = ?, size = ?, hash = ?, balance_check = ?",
+                        (head.seq, head.size, head.hash, self._check or 0))
         self.db.execute("COMMIT")
 
     def rollback(self) -> None:
         if self.db.in_transaction:
             self.db.execute("ROLLBACK")
         self._ids = None
+        self._check = None
 
 
 class _Flush:
@@ -280,8 +333,8 @@ class IndexWriter:
                     db.commit(head)
                     self.committed = head
                     open_since, uncommitted = None, 0
-            except (sqlite3.Error, OSError) as exc:
-                self.failed = f"the index {db.path} cannot be written: {exc}"
+            except Exception as exc:  # sqlite3.Error, OSError, or a bug: stop indexing
+                self.failed = f"the index {db.path} cannot be written: {exc!r}"
                 log_event(log, "index not written; rows stay in memory until restart",
                           logging.ERROR, error=str(exc))
                 try:
