@@ -206,8 +206,9 @@ class Network:
         snapshot) and formatted as `jackpay-ledger export --csv` writes them."""
         if self.store == "csv":
             return self.ledger_path.read_text() if self.ledger_path.exists() else ""
-        query = ("SELECT seq, dtg, sender, receiver, amount, tx_id, memo, hash "
-                 "FROM jackpay_rows ORDER BY seq")
+        query = ("SELECT seq, dtg, sender, receiver, amount, tx_id, memo, hash, "
+                 "coalesce(encode(sender_sig, 'hex'), ''), "
+                 "coalesce(encode(receiver_sig, 'hex'), '') FROM jackpay_rows ORDER BY seq")
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         done = subprocess.run([str(find_bindir() / "psql"), "-X", "-q", "-At", "-F", "\x1f",
                                "-R", "\x1e", "-v", "ON_ERROR_STOP=1", "-d",
@@ -219,9 +220,11 @@ class Network:
         for rec in done.stdout.split("\x1e"):
             if rec.strip("\n"):
                 f = rec.strip("\n").split("\x1f")
-                out.append(format_line(LedgerRow(seq=int(f[0]), dtg=f[1], sender=f[2],
-                                                 receiver=f[3], amount=int(f[4]), tx_id=f[5],
-                                                 memo=f[6], hash=f[7])))
+                out.append(format_line(LedgerRow(
+                    seq=int(f[0]), dtg=f[1], sender=f[2], receiver=f[3], amount=int(f[4]),
+                    tx_id=f[5], memo=f[6], hash=f[7],
+                    sender_sig=bytes.fromhex(f[8]) if f[8] else None,
+                    receiver_sig=bytes.fromhex(f[9]) if f[9] else None)))
         return "".join(out)
 
     def env(self) -> dict[str, str]:

@@ -56,8 +56,11 @@ from chaos.workload import Workload
 from common.aio import run
 from common.procs import fsize_limit
 from jackpay_plugins.mixer.journal import Journal
+from ledger.audit import SignatureAudit
 from ledger.pgcluster import PgCluster
 from ledger.pgstore import verify_database
+from ledger.store import load_rows
+from ledger.verify import signature_audit
 
 PROCESS_FAULTS = ["kill_router", "kill_ledger", "kill_payer", "pause_router", "pause_ledger",
                   "ledger_write_failure"]
@@ -147,6 +150,7 @@ class Chaos:
         self.store = store
         self.cluster: PgCluster | None = None
         self.failovers: list[Failover] = []
+        self.signatures: SignatureAudit | None = None  # the audit of the final ledger
         self.standby_outages: list[tuple[float, float]] = []  # (died, restarted), monotonic
         self.workload: Workload | None = None
         self.payer_ids = [f"payer{i}" for i in range(payers)]
@@ -390,6 +394,14 @@ class Chaos:
         ledger_bytes = await self._blocking(self.ledger_bytes)
         report = check(ledger_bytes, workload.ops, view,
                        require_success_after_heal=True, succeeded_after_heal=progressed)
+        # `jackpay-ledger verify --keys` on the final ledger: every debit ordered, every
+        # credit accepted by the participant's own key.
+        self.signatures = signature_audit(str(self.net.config_path))
+        rows, _ = load_rows(ledger_bytes, "ledger")
+        for row in rows:
+            self.signatures.add(row)
+        if (problem := self.signatures.finish()) is not None:
+            report.violations.append(Violation("signatures", problem))
         if self.cluster is not None:
             ok, line, _ = await verify_database(self.net.dsn)
             if not ok:
@@ -427,6 +439,7 @@ def summarise(chaos: Chaos, report: Report, workload: Workload) -> dict[str, Any
         "attempted": len(workload.ops), "outcomes": dict(first),
         "indeterminate_then_resolved": resolved, "faults_injected": dict(chaos.injected),
         "ledger_rows": report.rows, "violations": [str(v) for v in report.violations],
+        "signatures": chaos.signatures.summary() if chaos.signatures else None,
         "store": chaos.store,
         "failovers": [{"rpo_lost": f.lost, "acked_before": f.acked, "rto_s": f.rto_s}
                       for f in chaos.failovers],
@@ -457,6 +470,7 @@ async def amain(args: argparse.Namespace) -> int:
             print("  " + line)
         print(f"attempted {summary['attempted']} payments; outcomes {summary['outcomes']}")
         print(f"indeterminate then resolved: {summary['indeterminate_then_resolved']}")
+        print(f"verify --keys: {summary['signatures']}")
         print(f"faults injected: {summary['faults_injected']}")
         print(f"ledger rows: {summary['ledger_rows']}")
         for i, f in enumerate(chaos.failovers, 1):

@@ -53,6 +53,7 @@ class ErrorCode(enum.StrEnum):
     PAYMENT_REFUSED = "payment_refused"
     PLUGIN_FAILED = "plugin_failed"
     PARTICIPANT_SUSPENDED = "participant_suspended"
+    BAD_SIGNATURE = "bad_signature"
 
     @property
     def retriable(self) -> bool:
@@ -94,6 +95,9 @@ _INFO: dict[ErrorCode, _CodeInfo] = {
                                               "server-side); nothing moved"),
     ErrorCode.PARTICIPANT_SUSPENDED: _CodeInfo(False, "the sender or the receiver is suspended by "
                                                       "the network's operator; nothing moved"),
+    ErrorCode.BAD_SIGNATURE: _CodeInfo(False, "the sender's `pay` or the receiver's `receipt` "
+                                              "is not signed by its key over this payment; "
+                                              "nothing moved"),
 }
 
 # Refuse an incomplete registry at import time rather than at the first error.

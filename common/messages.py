@@ -115,17 +115,21 @@ class Error(Message, tag="error", frozen=True):
 # --- ledger --------------------------------------------------------------------------
 
 
-class RowIn(Record, frozen=True):
-    """A payment to record; the ledger assigns seq, dtg and hash."""
+class RowIn(Record, frozen=True, omit_defaults=True):
+    """A payment to record; the ledger assigns seq, dtg and hash. The signatures, when
+    the payment has them (common/signing.py): the sender's order and the receiver's
+    acceptance, kept in the row and covered by its hash."""
 
     tx_id: TxId
     sender: AccountId
     receiver: AccountId
     amount: Amount
     memo: Memo = ""
+    sender_sig: Signature | None = None
+    receiver_sig: Signature | None = None
 
 
-class LedgerRow(Record, frozen=True):
+class LedgerRow(Record, frozen=True, omit_defaults=True):
     """One durable ledger row (DESIGN §4). `amount` in minor units on the wire.
 
     Rows only ever come from the ledger, which validated every field when the row was
@@ -140,6 +144,8 @@ class LedgerRow(Record, frozen=True):
     tx_id: str
     memo: str
     hash: str
+    sender_sig: bytes | None = None
+    receiver_sig: bytes | None = None
 
 
 class Append(Message, tag="append", frozen=True):
@@ -251,6 +257,9 @@ class Pay(Message, tag="pay", frozen=True):
     amount: Amount
     memo: Memo = ""
     mix: bool = False  # through the mixer (a plug-in): the ledger names `_mixer`, not `to`
+    # The sender's Ed25519 signature over the row this payment writes (common/signing.py);
+    # required by a router with security on.
+    sig: Signature | None = None
 
 
 class Paid(Message, tag="paid", frozen=True):
@@ -331,6 +340,9 @@ class Offer(Message, tag="offer", frozen=True):
 class Receipt(Message, tag="receipt", frozen=True):
     re: ReqId
     tx_id: TxId
+    # The receiver's Ed25519 signature over the offered row (common/signing.py, tag
+    # jackpay-receipt-v1); required by a router with security on.
+    sig: Signature | None = None
 
 
 class Reject(Message, tag="reject", frozen=True):

@@ -1,7 +1,7 @@
 """`python -m ledger` / `jackpay-ledger`: run the ledger service; `verify` and `export` offline.
 
     jackpay-ledger --config network.toml [--host H] [--port P] [--path CSV] [--dsn DSN]
-    jackpay-ledger verify ledger.csv | postgresql://USER@HOST:PORT/DB
+    jackpay-ledger verify ledger.csv | postgresql://USER@HOST:PORT/DB [--keys network.toml]
     jackpay-ledger export --csv OUT.csv (--dsn DSN | --config network.toml)
 
 The store is the config's `[ledger] store`: the CSV file at `path`, or PostgreSQL at `dsn`
@@ -41,7 +41,7 @@ from ledger.pgstore import PgStore, export_csv, is_dsn, verify_database
 from ledger.server import LedgerAccess, LedgerServer
 from ledger.storage import LedgerStorage
 from ledger.store import LedgerCorrupt, LedgerStore
-from ledger.verify import verify_file
+from ledger.verify import signature_audit, verify_file
 
 log = logging.getLogger("jackpay.ledger")
 
@@ -82,16 +82,26 @@ def main(argv: list[str] | None = None) -> int:
         vp = argparse.ArgumentParser(prog="jackpay-ledger verify",
                                      description="Check a ledger CSV file or database offline.")
         vp.add_argument("path", help="the CSV file, or a postgresql:// DSN")
+        vp.add_argument("--keys", metavar="CONFIG",
+                        help="also check every row's signatures against the public keys of "
+                             "the participants of this network config")
         vargs = vp.parse_args(args_list[1:])
+        audit = None
+        if vargs.keys:
+            try:
+                audit = signature_audit(vargs.keys)
+            except ConfigError as exc:
+                print(f"FAIL cannot read the keys: {exc}")
+                return 2
         if is_dsn(vargs.path):
             try:
-                ok, line, _ = asyncio.run(verify_database(vargs.path))
+                ok, line, _ = asyncio.run(verify_database(vargs.path, audit))
             except DB_ERRORS as exc:
                 print(f"FAIL cannot read the database: {exc}")
                 return 2
             print(line)
             return 0 if ok else 1
-        verdict = verify_file(Path(vargs.path))
+        verdict = verify_file(Path(vargs.path), audit)
         print(verdict.line)
         return 0 if verdict.ok else 1
     if args_list[:1] == ["export"]:

@@ -76,7 +76,8 @@ def resolve(requests: list[list[RowIn]], dtg: str, atomic: list[bool] | None, *,
                 res.rows.append(existing)
                 continue
             seq += 1
-            row = make_row(prev_hash, seq, dtg, r.sender, r.receiver, r.amount, r.tx_id, r.memo)
+            row = make_row(prev_hash, seq, dtg, r.sender, r.receiver, r.amount, r.tx_id, r.memo,
+                           r.sender_sig, r.receiver_sig)
             prev_hash = row.hash
             pending[key] = row
             new_rows.append(row)

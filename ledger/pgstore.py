@@ -65,6 +65,7 @@ from asyncpg.connect_utils import SessionAttribute
 from common.files import fsync_dir
 from common.logs import log_event
 from common.messages import LedgerRow, RowIn
+from ledger.audit import SignatureAudit
 from ledger.index import Key, ReadResult, RecentIndex, resolve
 from ledger.rows import GENESIS_HASH, HEADER_LINE, check_chain, format_line
 from ledger.storage import SLOW_FSYNC_US, AppendOutcome, Fenced, StoreStats
@@ -89,8 +90,13 @@ CREATE TABLE IF NOT EXISTS jackpay_rows (
     tx_id    text   NOT NULL,
     memo     text   NOT NULL,
     hash     text   NOT NULL,
+    sender_sig   bytea,
+    receiver_sig bytea,
     UNIQUE (sender, tx_id)
 );
+-- Tables made before signed payments get the two columns (NULL: unsigned).
+ALTER TABLE jackpay_rows ADD COLUMN IF NOT EXISTS sender_sig bytea;
+ALTER TABLE jackpay_rows ADD COLUMN IF NOT EXISTS receiver_sig bytea;
 CREATE INDEX IF NOT EXISTS jackpay_rows_sender_seq ON jackpay_rows (sender, seq);
 CREATE INDEX IF NOT EXISTS jackpay_rows_receiver_seq ON jackpay_rows (receiver, seq);
 CREATE TABLE IF NOT EXISTS jackpay_balances (
@@ -104,9 +110,12 @@ CREATE TABLE IF NOT EXISTS jackpay_fence (
     since  timestamptz NOT NULL
 );
 INSERT INTO jackpay_fence VALUES (1, 0, '', now()) ON CONFLICT (id) DO NOTHING;
+DROP FUNCTION IF EXISTS jackpay_append(bigint, text, bigint[], text[], text[], text[],
+                                       bigint[], text[], text[], text[]);
 CREATE OR REPLACE FUNCTION jackpay_append(
     p_epoch bigint, p_prev_hash text, p_seq bigint[], p_dtg text[], p_sender text[],
-    p_receiver text[], p_amount bigint[], p_tx_id text[], p_memo text[], p_hash text[])
+    p_receiver text[], p_amount bigint[], p_tx_id text[], p_memo text[], p_hash text[],
+    p_sender_sig bytea[], p_receiver_sig bytea[])
 RETURNS bigint LANGUAGE plpgsql AS $$
 DECLARE
     held bigint;
@@ -121,9 +130,10 @@ BEGIN
         RAISE EXCEPTION 'batch from seq % does not continue the stored chain', p_seq[1]
             USING ERRCODE = '{CHAIN_STATE}';
     END IF;
-    INSERT INTO jackpay_rows (seq, dtg, sender, receiver, amount, tx_id, memo, hash)
+    INSERT INTO jackpay_rows (seq, dtg, sender, receiver, amount, tx_id, memo, hash,
+                              sender_sig, receiver_sig)
         SELECT * FROM unnest(p_seq, p_dtg, p_sender, p_receiver, p_amount, p_tx_id,
-                             p_memo, p_hash);
+                             p_memo, p_hash, p_sender_sig, p_receiver_sig);
     INSERT INTO jackpay_balances AS b (account, balance)
         SELECT account, sum(delta) FROM (
             SELECT s AS account, -a AS delta FROM unnest(p_sender, p_amount) AS u(s, a)
@@ -135,8 +145,8 @@ BEGIN
 END $$;
 """
 
-_COLUMNS = "seq, dtg, sender, receiver, amount, tx_id, memo, hash"
-_APPEND = "SELECT jackpay_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+_COLUMNS = "seq, dtg, sender, receiver, amount, tx_id, memo, hash, sender_sig, receiver_sig"
+_APPEND = "SELECT jackpay_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
 _HEAD = "SELECT seq, hash FROM jackpay_rows ORDER BY seq DESC LIMIT 1"
 _LOOKUP = (f"SELECT {_COLUMNS} FROM jackpay_rows JOIN unnest($1::text[], $2::text[]) "
            "AS k(s, t) ON sender = k.s AND tx_id = k.t")
@@ -159,7 +169,8 @@ def is_dsn(text: str) -> bool:
 
 def _row(rec: Any) -> LedgerRow:
     return LedgerRow(seq=rec[0], dtg=rec[1], sender=rec[2], receiver=rec[3], amount=rec[4],
-                     tx_id=rec[5], memo=rec[6], hash=rec[7])
+                     tx_id=rec[5], memo=rec[6], hash=rec[7], sender_sig=rec[8],
+                     receiver_sig=rec[9])
 
 
 def _definite(exc: BaseException) -> bool:
@@ -447,7 +458,8 @@ class PgStore:
             raise ConnectionError("no connection to the database")
         args = (self.epoch, self.index.last_hash, [r.seq for r in rows], [r.dtg for r in rows],
                 [r.sender for r in rows], [r.receiver for r in rows], [r.amount for r in rows],
-                [r.tx_id for r in rows], [r.memo for r in rows], [r.hash for r in rows])
+                [r.tx_id for r in rows], [r.memo for r in rows], [r.hash for r in rows],
+                [r.sender_sig for r in rows], [r.receiver_sig for r in rows])
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter_ns()
         self._slow_handle = loop.call_later(SLOW_COMMIT_LOG_S, self._still_committing, t0,
@@ -585,7 +597,8 @@ async def export_csv(dsn: str, path: Path) -> int:
     return n
 
 
-async def verify_database(dsn: str) -> tuple[bool, str, int]:
+async def verify_database(dsn: str, audit: SignatureAudit | None = None
+                          ) -> tuple[bool, str, int]:
     """Check the stored ledger: seq order and hash chain of every row, no (sender, tx_id)
     twice, balances equal to a replay of the rows. Returns (ok, one-line verdict, rows)."""
     from common.messages import ISSUER
@@ -605,7 +618,11 @@ async def verify_database(dsn: str) -> tuple[bool, str, int]:
                     return False, f"FAIL {where}: row {row.seq}: {problem}", 0
                 if row.sender == ISSUER:
                     issued += row.amount
+                if audit is not None:
+                    audit.add(row)
                 prev = row
+            if audit is not None and (problem := audit.finish()) is not None:
+                return False, f"FAIL {where}: {problem}", 0
             twice = await conn.fetchrow(
                 "SELECT sender, tx_id, min(seq), max(seq) FROM jackpay_rows "
                 "GROUP BY sender, tx_id HAVING count(*) > 1 LIMIT 1")
@@ -626,5 +643,6 @@ async def verify_database(dsn: str) -> tuple[bool, str, int]:
         await conn.close()
     n = prev.seq if prev else 0
     last = prev.hash[:16] if prev else "-"
+    signed = f"; {audit.summary()}" if audit is not None else ""
     return True, (f"OK {where}: {n} rows, sequence and hash chain intact, balances match, "
-                  f"last hash {last}…, issued {format_amount(issued)}"), n
+                  f"last hash {last}…, issued {format_amount(issued)}{signed}"), n

@@ -2,8 +2,13 @@
 
 File format (DESIGN §4), one row per physical line, UTF-8, `\\n` line ends:
 
-    dtg,sender,receiver,amount,seq,tx_id,memo,hash
+    dtg,sender,receiver,amount,seq,tx_id,memo,hash,sender_sig,receiver_sig
 
+- A row without signatures has the first eight cells only (as every row had before
+  signed payments); a row with either signature has all ten, an absent one empty. The
+  signatures are Ed25519, as 128 lowercase hex digits (common/signing.py says over what).
+  A file begun before signed payments keeps its eight-name header (`HEADER_V1_LINE`);
+  its signed rows carry the two extra cells all the same.
 - `amount` is a decimal string ("12.50"); inside JackPay it is integer minor units.
 - `memo` may hold any text. So that each row stays on one line and no spreadsheet ever
   runs a formula from it, the memo cell is *encoded*: `\\` → `\\\\`, LF → `\\n`, CR → `\\r`,
@@ -12,7 +17,10 @@ File format (DESIGN §4), one row per physical line, UTF-8, `\\n` line ends:
   handled by ordinary CSV quoting. `decode_memo(encode_memo(m)) == m` for every string.
 - `hash` = SHA-256 (hex) of the canonical JSON array
   `[prev_hash, seq, dtg, sender, receiver, amount_minor, tx_id, memo]` (memo decoded,
-  compact separators, UTF-8, non-ASCII kept), with `prev_hash` = 64 zeros for seq 1.
+  compact separators, UTF-8, non-ASCII kept), with `prev_hash` = 64 zeros for seq 1;
+  for a row with a signature, two more elements: the signatures' hex ("" when absent).
+  So unsigned rows hash exactly as before, and a signature cannot be removed or changed
+  without breaking the chain.
   Any edit, deletion, insertion or reordering of rows breaks the chain.
 """
 
@@ -28,8 +36,10 @@ from common.messages import ACCOUNT_PATTERN, LedgerRow
 from common.messages import SYSTEM_TX_ID_PATTERN as TX_ID_PATTERN
 from common.money import MAX_AMOUNT, AmountError, format_amount, parse_amount
 
-HEADER = ["dtg", "sender", "receiver", "amount", "seq", "tx_id", "memo", "hash"]
+HEADER_V1 = ["dtg", "sender", "receiver", "amount", "seq", "tx_id", "memo", "hash"]
+HEADER = [*HEADER_V1, "sender_sig", "receiver_sig"]
 HEADER_LINE = ",".join(HEADER) + "\n"
+HEADER_V1_LINE = ",".join(HEADER_V1) + "\n"  # files begun before signed payments
 GENESIS_HASH = "0" * 64
 MAX_MEMO_CHARS = 256
 
@@ -37,6 +47,7 @@ _ACCOUNT_RE = re.compile(ACCOUNT_PATTERN)
 _TX_ID_RE = re.compile(TX_ID_PATTERN)
 _DTG_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z")
 _HASH_RE = re.compile(r"[0-9a-f]{64}")
+_SIG_RE = re.compile(r"[0-9a-f]{128}")
 _CONTROL_RE = re.compile(r"[\\\x00-\x1f\x7f]")
 _JSON = msgspec.json.Encoder()
 _FORMULA_START = ("=", "+", "-", "@", "'")
@@ -68,19 +79,25 @@ def decode_memo(cell: str) -> str:
 
 
 def chain_hash(prev_hash: str, seq: int, dtg: str, sender: str, receiver: str,
-               amount: int, tx_id: str, memo: str) -> str:
+               amount: int, tx_id: str, memo: str, sender_sig: bytes | None = None,
+               receiver_sig: bytes | None = None) -> str:
     # msgspec's JSON is byte-for-byte json.dumps(..., separators=(",", ":"),
     # ensure_ascii=False).encode() for these values (tested), at a fraction of the cost.
-    canonical = _JSON.encode([prev_hash, seq, dtg, sender, receiver, amount, tx_id, memo])
-    return hashlib.sha256(canonical).hexdigest()
+    fields: list[object] = [prev_hash, seq, dtg, sender, receiver, amount, tx_id, memo]
+    if sender_sig or receiver_sig:
+        fields += [(sender_sig or b"").hex(), (receiver_sig or b"").hex()]
+    return hashlib.sha256(_JSON.encode(fields)).hexdigest()
 
 
 def make_row(prev_hash: str, seq: int, dtg: str, sender: str, receiver: str,
-             amount: int, tx_id: str, memo: str) -> LedgerRow:
+             amount: int, tx_id: str, memo: str, sender_sig: bytes | None = None,
+             receiver_sig: bytes | None = None) -> LedgerRow:
     """A new row chained onto `prev_hash`."""
-    h = chain_hash(prev_hash, seq, dtg, sender, receiver, amount, tx_id, memo)
+    h = chain_hash(prev_hash, seq, dtg, sender, receiver, amount, tx_id, memo, sender_sig,
+                   receiver_sig)
     return LedgerRow(seq=seq, dtg=dtg, sender=sender, receiver=receiver, amount=amount,
-                     tx_id=tx_id, memo=memo, hash=h)
+                     tx_id=tx_id, memo=memo, hash=h, sender_sig=sender_sig or None,
+                     receiver_sig=receiver_sig or None)
 
 
 def _quote(cell: str) -> str:
@@ -91,15 +108,18 @@ def _quote(cell: str) -> str:
 
 def format_line(row: LedgerRow) -> str:
     """The row's CSV line, newline included."""
-    return (f"{row.dtg},{row.sender},{row.receiver},{format_amount(row.amount)},{row.seq},"
-            f"{row.tx_id},{_quote(encode_memo(row.memo))},{row.hash}\n")
+    line = (f"{row.dtg},{row.sender},{row.receiver},{format_amount(row.amount)},{row.seq},"
+            f"{row.tx_id},{_quote(encode_memo(row.memo))},{row.hash}")
+    if row.sender_sig or row.receiver_sig:
+        line += f",{(row.sender_sig or b'').hex()},{(row.receiver_sig or b'').hex()}"
+    return line + "\n"
 
 
 _FAST_LINE_RE = re.compile(
     r"(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z),"
     + r"(" + ACCOUNT_PATTERN.strip("^$") + r"),(" + ACCOUNT_PATTERN.strip("^$") + r"),"
     + r"([0-9]+)\.([0-9]{2}),([1-9][0-9]*),(" + TX_ID_PATTERN.strip("^$") + r"),"
-    + r"([^,\"'\\]*),([0-9a-f]{64})"
+    + r"([^,\"'\\]*),([0-9a-f]{64})(?:,([0-9a-f]{128})?,([0-9a-f]{128})?)?"
 )
 
 
@@ -112,11 +132,14 @@ def parse_line(line: str) -> LedgerRow:
     """
     m = _FAST_LINE_RE.fullmatch(line)
     if m is not None:
-        dtg, sender, receiver, whole, cents, seq_s, tx_id, memo, h = m.groups()
+        dtg, sender, receiver, whole, cents, seq_s, tx_id, memo, h, ssig, rsig = m.groups()
         amount = int(whole) * 100 + int(cents)
-        if 0 < amount <= MAX_AMOUNT and len(memo) <= MAX_MEMO_CHARS:
+        if (0 < amount <= MAX_AMOUNT and len(memo) <= MAX_MEMO_CHARS
+                and (ssig or rsig or not line.endswith(",,"))):
             return LedgerRow(seq=int(seq_s), dtg=dtg, sender=sender, receiver=receiver,
-                             amount=amount, tx_id=tx_id, memo=memo, hash=h)
+                             amount=amount, tx_id=tx_id, memo=memo, hash=h,
+                             sender_sig=bytes.fromhex(ssig) if ssig else None,
+                             receiver_sig=bytes.fromhex(rsig) if rsig else None)
     return _parse_line_carefully(line)
 
 
@@ -128,9 +151,18 @@ def _parse_line_carefully(line: str) -> LedgerRow:
             raise RowFormatError(f"not a CSV row: {exc}") from None
     else:  # fast path: no quoted cell, so a comma always separates cells
         cells = line.split(",")
-    if len(cells) != len(HEADER):
-        raise RowFormatError(f"expected {len(HEADER)} cells, found {len(cells)}")
-    dtg, sender, receiver, amount_s, seq_s, tx_id, memo_cell, h = cells
+    if len(cells) not in (len(HEADER_V1), len(HEADER)):
+        raise RowFormatError(f"expected {len(HEADER_V1)} cells (unsigned) or {len(HEADER)}, "
+                             f"found {len(cells)}")
+    dtg, sender, receiver, amount_s, seq_s, tx_id, memo_cell, h = cells[:8]
+    sigs: list[bytes | None] = [None, None]
+    for i, (name, cell) in enumerate(zip(HEADER[8:], cells[8:], strict=False)):
+        if cell and not _SIG_RE.fullmatch(cell):
+            raise RowFormatError(f"{name} is not 128 lowercase hex digits")
+        sigs[i] = bytes.fromhex(cell) if cell else None
+    if len(cells) == len(HEADER) and sigs == [None, None]:
+        raise RowFormatError("signature cells present but both empty (an unsigned row has "
+                             f"{len(HEADER_V1)} cells)")
     if not _DTG_RE.fullmatch(dtg):
         raise RowFormatError(f"dtg {dtg!r} is not an ISO-8601 UTC time with microseconds")
     for name, value in (("sender", sender), ("receiver", receiver)):
@@ -150,7 +182,7 @@ def _parse_line_carefully(line: str) -> LedgerRow:
     if len(memo) > MAX_MEMO_CHARS:
         raise RowFormatError(f"memo longer than {MAX_MEMO_CHARS} characters")
     return LedgerRow(seq=int(seq_s), dtg=dtg, sender=sender, receiver=receiver, amount=amount,
-                     tx_id=tx_id, memo=memo, hash=h)
+                     tx_id=tx_id, memo=memo, hash=h, sender_sig=sigs[0], receiver_sig=sigs[1])
 
 
 def check_chain(prev: LedgerRow | None, row: LedgerRow) -> str | None:
@@ -165,7 +197,7 @@ def check_link(prev_seq: int, prev_hash: str, row: LedgerRow) -> str | None:
     if row.seq != prev_seq + 1:
         return f"seq {row.seq} where {prev_seq + 1} was expected (row missing or reordered)"
     want = chain_hash(prev_hash, row.seq, row.dtg, row.sender, row.receiver, row.amount,
-                      row.tx_id, row.memo)
+                      row.tx_id, row.memo, row.sender_sig, row.receiver_sig)
     if want != row.hash:
         return "hash does not match the row's content and the previous hash (row edited?)"
     return None

@@ -24,6 +24,7 @@ Rules:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sqlite3
@@ -31,6 +32,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from common.errors import JackPayError
 from common.files import fsync_dir
@@ -44,6 +46,7 @@ from ledger.csvindex import (
     index_path,
     index_rows,
     key_hash,
+    remove_index,
 )
 from ledger.index import (
     LEG_PREFIX,
@@ -58,18 +61,21 @@ from ledger.index import (
 from ledger.rows import (
     GENESIS_HASH,
     HEADER_LINE,
+    HEADER_V1_LINE,
     RowFormatError,
     check_link,
     format_line,
     parse_line,
 )
-from ledger.storage import SLOW_FSYNC_US, AppendOutcome, StoreStats, WriteFailed
+from ledger.storage import SLOW_FSYNC_US, AppendOutcome, Fenced, StoreStats, WriteFailed
 
 __all__ = ["LEG_PREFIX", "SLOW_FSYNC_US", "IndexUnavailable", "LedgerCorrupt", "LedgerStore", "PreparedBatch",
            "ReadResult", "Resolution", "WriteFailed", "load_rows"]
 
 
 log = logging.getLogger("jackpay.ledger")
+
+HEADERS = (HEADER_LINE.encode(), HEADER_V1_LINE.encode())  # new files get the first
 
 CHUNK_BYTES = 32 * 1024 * 1024  # read at a time when the open parses the file's tail
 # No row's line is longer (a 256-character memo of control characters is 1,536 bytes).
@@ -118,6 +124,10 @@ def scan_lines(data: bytes, pos: int, prev_seq: int, prev_hash: str, source: str
     return rows, starts, pos
 
 
+def _index_chunk(db: IndexDb, rows: list[LedgerRow], starts: list[int], end: int) -> None:
+    index_rows(db, [(rows, starts, end)])
+
+
 def _torn_group(rows: list[LedgerRow]) -> int:
     """Where the trailing extra legs of a payment whose main row is missing begin."""
     cut = len(rows)
@@ -136,9 +146,9 @@ def load_rows(data: bytes, source: str) -> tuple[list[LedgerRow], int]:
     """
     if not data:
         return [], 0
-    header = HEADER_LINE.encode()
-    if not data.startswith(header):
-        if header.startswith(data):  # torn header: the file never held a row
+    header = next((h for h in HEADERS if data.startswith(h)), None)
+    if header is None:
+        if any(h.startswith(data) for h in HEADERS):  # torn header: never held a row
             return [], 0
         raise LedgerCorrupt(f"{source}: line 1 is not the ledger header {HEADER_LINE.strip()!r}")
     rows, starts, pos = scan_lines(data, len(header), 0, GENESIS_HASH, source)
@@ -168,11 +178,14 @@ class LedgerStore:
         self.truncated_bytes = 0
         self.rebuilt: str | None = None  # why the index was rebuilt at open, if it was
         self.index_unavailable: str | None = None  # why every row is kept in memory
+        self.index_damaged: str | None = None  # found damaged while serving: stop writing
+        self.on_fenced: Callable[[str], None] | None = None  # set by the server
         self.rows_read_at_open = 0  # rows parsed at open (the tail after the index's head)
         self.broken: str | None = None
         self._fd = -1
         self._size = 0
         self._base_size = 0  # bytes of the file through mem.base_seq
+        self._empty = EMPTY_HEAD  # the head before any row (its size: the file's header)
         self._reader: IndexDb | None = None
         self._writer: IndexWriter | None = None
 
@@ -188,21 +201,25 @@ class LedgerStore:
     def _open(self) -> None:
         created = not self.path.exists()
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        db: IndexDb | None = None
+        reader: IndexDb | None = None
         try:
             size = self._check_header(fd)
-            db: IndexDb | None
-            reader: IndexDb | None
+            # The rows read below may have been written by a process that died before
+            # their fsync: make them durable before anything is answered from them.
+            os.fsync(fd)
             try:
-                head, good, db, reader = self._open_with_index(fd, size)
+                head, good, db, reader, balances = self._open_with_index(fd, size)
                 rows: list[LedgerRow] = []
             except IndexUnavailable as exc:
                 self.index_unavailable = str(exc)
                 log_event(log, "no index: reading the whole file into memory (a slow start, "
                           "and memory grows with the ledger)", logging.WARNING, why=str(exc))
-                db = reader = None
                 rows = []
-                _, good = self._read_tail(fd, EMPTY_HEAD, lambda chunk, _s, _e: rows.extend(chunk))
-                head = EMPTY_HEAD
+                self.rows_read_at_open = 0
+                _, good = self._read_tail(fd, self._empty,
+                                          lambda chunk, _s, _e: rows.extend(chunk))
+                head, balances = self._empty, None
             if good < size:
                 # Only a torn tail gets here (scan_lines raises on anything else).
                 os.ftruncate(fd, good)
@@ -211,48 +228,75 @@ class LedgerStore:
             if created:
                 fsync_dir(self.path.resolve().parent)
         except BaseException:
+            for conn in (reader, db):
+                if conn is not None:
+                    conn.close()
             os.close(fd)
             raise
         self._fd = fd
         self._size = self._base_size = good
         self._reader = reader
-        balances = reader.balances() if reader is not None else None
         self.mem = MemoryIndex(rows, base_seq=head.seq, base_hash=head.hash, balances=balances)
         if db is not None:
             self._writer = IndexWriter(db, head)
 
-    def _open_with_index(self, fd: int, size: int) -> tuple[Head, int, IndexDb, IndexDb]:
+    def _open_with_index(self, fd: int, size: int
+                         ) -> tuple[Head, int, IndexDb, IndexDb, dict[str, int]]:
         """Check the index against the file and index the rows after its head. Returns the
-        head, the trusted length of the file, the writer's and the reader's connections.
+        head, the trusted length of the file, the writer's and the reader's connections,
+        and the balances. An index found damaged on the way is deleted and rebuilt once.
         Raises IndexUnavailable when the index cannot be opened or written."""
-        db = self._open_index()
-        try:
-            head = self._usable_head(fd, size, db)
-            if self.rebuilt:
-                log_event(log, "rebuilding the ledger's index from the whole file",
-                          logging.WARNING, path=str(self.path), why=self.rebuilt, bytes=size)
-            head, good = self._read_tail(
-                fd, head, lambda rows, starts, end: index_rows(db, [(rows, starts, end)]))
-            return head, good, db, IndexDb(db.path)
-        except sqlite3.Error as exc:
-            db.close()
-            raise IndexUnavailable(f"cannot write the index {db.path}: {exc}") from exc
-        except BaseException:
-            db.close()
-            raise
+        for attempt in (1, 2):
+            db = self._open_index()
+            reader: IndexDb | None = None
+            try:
+                head = self._usable_head(fd, size, db)
+                if self.rebuilt:
+                    log_event(log, "rebuilding the ledger's index from the whole file",
+                              logging.WARNING, path=str(self.path), why=self.rebuilt,
+                              bytes=size)
+                head, good = self._read_tail(fd, head, functools.partial(_index_chunk, db))
+                reader = IndexDb(db.path)
+                return head, good, db, reader, reader.balances()
+            except sqlite3.OperationalError as exc:  # cannot write there, locked, disk full
+                self._close(db, reader)
+                raise IndexUnavailable(f"cannot write the index {db.path}: {exc}") from exc
+            except sqlite3.DatabaseError as exc:  # damaged, found once a page was read
+                self._close(db, reader)
+                if attempt == 2:
+                    raise IndexUnavailable(f"the rebuilt index {db.path} is damaged: "
+                                           f"{exc}") from exc
+                self.rebuilt = f"the index {db.path} is damaged ({exc})"
+                self.rows_read_at_open = 0
+                remove_index(self.path)
+            except BaseException:
+                self._close(db, reader)
+                raise
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _close(*conns: IndexDb | None) -> None:
+        for conn in conns:
+            if conn is not None:
+                conn.close()
 
     def _check_header(self, fd: int) -> int:
-        """The file's size once it starts with the header (written if the file is new or
-        its header torn). Raises LedgerCorrupt if it starts with something else."""
-        header = HEADER_LINE.encode()
+        """The file's size once it starts with a header (written if the file is new or
+        its header torn); sets `_empty` (the head before any row). A file begun before
+        signed payments keeps its shorter header. Raises LedgerCorrupt if the file starts
+        with something else."""
         size = os.fstat(fd).st_size
-        first = os.pread(fd, len(header), 0)
-        if first == header:
-            return size
-        if size <= len(header) and header.startswith(first):  # never held a row
+        first = os.pread(fd, len(HEADERS[0]), 0)
+        for header in HEADERS:
+            if first.startswith(header):
+                self._empty = Head(0, len(header), GENESIS_HASH)
+                return size
+        header = HEADERS[0]
+        if size <= len(header) and any(h.startswith(first) for h in HEADERS):  # no row yet
             os.ftruncate(fd, 0)
             os.write(fd, header)
             os.fsync(fd)
+            self._empty = Head(0, len(header), GENESIS_HASH)
             return len(header)
         raise LedgerCorrupt(f"{self.path}: line 1 is not the ledger header "
                             f"{HEADER_LINE.strip()!r}")
@@ -265,8 +309,7 @@ class LedgerStore:
             raise IndexUnavailable(f"cannot open the index {where}: {exc}") from exc
         except sqlite3.DatabaseError as exc:  # not a database: damaged, rebuilt below
             self.rebuilt = f"the index {where} could not be read ({exc})"
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{where}{suffix}").unlink(missing_ok=True)
+        remove_index(self.path)
         try:
             return IndexDb.open(where, any_thread=True)
         except sqlite3.Error as exc:
@@ -275,21 +318,23 @@ class LedgerStore:
     def _usable_head(self, fd: int, size: int, db: IndexDb) -> Head:
         """The index's head if it describes this file; else the index is emptied."""
         head = db.head()
-        if head is not None and head.seq == 0:
-            return EMPTY_HEAD
-        why = "the index was written by another version"
-        if head is not None:
-            why = (f"the index names row {head.seq} ending at byte {head.size}, which this "
-                   "file does not have (another file, or an older copy restored)")
-            row = self._row_ending_at(fd, head.size) if head.size <= size else None
-            if row is not None and (row.seq, row.hash) == (head.seq, head.hash):
-                problem = db.inconsistency(head, row)
-                if problem is None:
-                    return head
-                why = f"the index contradicts itself: {problem}"
+        if head.seq == 0:
+            if not db.is_empty():  # rows without a head: a damaged index
+                self.rebuilt = self.rebuilt or "the index holds rows but names none"
+                db.clear()
+            return self._empty
+        why = (f"the index names row {head.seq} ending at byte {head.size}, which this file "
+               "does not have (another file, or an older copy restored)")
+        fits = head.seq > 0 and self._empty.size < head.size <= size
+        row = self._row_ending_at(fd, head.size) if fits else None
+        if row is not None and (row.seq, row.hash) == (head.seq, head.hash):
+            problem = db.inconsistency(head, row)
+            if problem is None:
+                return head
+            why = f"the index contradicts itself: {problem}"
         self.rebuilt = self.rebuilt or why
         db.clear()
-        return EMPTY_HEAD
+        return self._empty
 
     @staticmethod
     def _row_ending_at(fd: int, end: int) -> LedgerRow | None:
@@ -387,14 +432,38 @@ class LedgerStore:
         for k in keys:
             wanted.setdefault(key_hash(*k), []).append(k)
         found: dict[Key, LedgerRow] = {}
-        for h, _seq, pos in self._reader.candidates(list(wanted), through):
+        try:
+            candidates = self._reader.candidates(list(wanted), through)
+        except sqlite3.DatabaseError as exc:
+            self._index_damaged(exc)
+        for h, _seq, pos in candidates:
             row = self._row_at(pos)
             key = (row.sender, row.tx_id)
             if key in wanted[h]:  # else another key with the same 64-bit hash
                 found[key] = row
         return found
 
+    def _index_damaged(self, exc: sqlite3.DatabaseError) -> NoReturn:
+        """The index failed while serving: it cannot be trusted for anything now. It is
+        deleted (the next start rebuilds it from the file) and this service stops writing
+        (exit 3): a lookup that cannot be answered could let a payment in twice."""
+        reason = (f"the ledger's index {index_path(self.path)} is damaged ({exc}); it was "
+                  "deleted and is rebuilt from the file at the next start: restart the ledger")
+        if self.index_damaged is None:
+            self.index_damaged = reason
+            remove_index(self.path)
+            log_event(log, "index damaged", logging.ERROR, reason=reason)
+            if self.on_fenced is not None:
+                self.on_fenced(reason)
+        raise Fenced(reason) from exc
+
     def _read_disk(self, from_seq: int, limit: int, party: str | None) -> list[LedgerRow]:
+        try:
+            return self._read_disk_pages(from_seq, limit, party)
+        except sqlite3.DatabaseError as exc:
+            self._index_damaged(exc)
+
+    def _read_disk_pages(self, from_seq: int, limit: int, party: str | None) -> list[LedgerRow]:
         through = self.mem.base_seq
         assert self._reader is not None
         if party is not None:
@@ -489,7 +558,10 @@ class LedgerStore:
 
     async def append_batch(self, requests: list[list[RowIn]], dtg: str,
                            atomic: list[bool] | None) -> AppendOutcome:
-        """resolve → write_durably → commit, blocking on the event loop (no await)."""
+        """resolve → write_durably → commit, blocking on the event loop (no await).
+        Raises Fenced when the index was found damaged."""
+        if self.index_damaged is not None:
+            raise Fenced(self.index_damaged)
         resolutions, prepared = self.resolve(requests, dtg, atomic)
         if not prepared.rows:
             return AppendOutcome(resolutions)

@@ -1,7 +1,10 @@
-"""`ledger verify PATH`: check a ledger file offline and print a one-line verdict.
+"""`ledger verify PATH [--keys CONFIG]`: check a ledger file offline and print a one-line
+verdict.
 
 Checks the header, the format of every cell, the sequence and the hash chain, that no
-line is torn, and that no payment — (sender, tx_id) — is recorded twice. Exit code 0 when the file is sound, 1 when it is not, 2 when unreadable.
+line is torn, and that no payment — (sender, tx_id) — is recorded twice; with `--keys`,
+every row's signatures against the participants' public keys (ledger/audit.py). Exit
+code 0 when the file is sound, 1 when it is not, 2 when unreadable.
 """
 
 from __future__ import annotations
@@ -9,8 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.config import load_config
+from common.keys import KeyFileError, KeyStore
 from common.messages import ISSUER
 from common.money import format_amount
+from ledger.audit import SignatureAudit
 from ledger.store import LedgerCorrupt, load_rows
 
 
@@ -21,7 +27,8 @@ class Verdict:
     rows: int = 0
 
 
-def verify_file(path: Path) -> Verdict:
+def verify_file(path: Path, audit: SignatureAudit | None = None) -> Verdict:
+    """With `audit`, the rows' signatures are checked too (ledger/audit.py)."""
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -43,5 +50,28 @@ def verify_file(path: Path) -> Verdict:
                                   f"twice (rows {first} and {r.seq})")
     last = rows[-1].hash[:16] if rows else "-"
     issued = sum(r.amount for r in rows if r.sender == ISSUER)
+    signed = ""
+    if audit is not None:
+        for r in rows:
+            audit.add(r)
+        problem = audit.finish()
+        if problem is not None:
+            return Verdict(False, f"FAIL {path}: {problem}")
+        signed = f"; {audit.summary()}"
     return Verdict(True, f"OK {path}: {len(rows)} rows, sequence and hash chain intact, "
-                         f"last hash {last}…, issued {format_amount(issued)}", len(rows))
+                         f"last hash {last}…, issued {format_amount(issued)}{signed}", len(rows))
+
+
+def signature_audit(config: str) -> SignatureAudit:
+    """An audit of signed payments with the public keys of `config`'s participants (a
+    participant without a key file is listed without one: its signed rows fail). Raises
+    ConfigError."""
+    cfg = load_config(config, with_changes=True)
+    store = KeyStore.for_config(cfg)
+    keys = {}
+    for p in cfg.participants:
+        try:
+            keys[p.id] = store.load_payer_public(p.id)
+        except KeyFileError:
+            continue
+    return SignatureAudit(cfg.network.id, frozenset(p.id for p in cfg.participants), keys)

@@ -62,6 +62,7 @@ from common.messages import (
     Welcome,
     decoder_for,
 )
+from common.signing import PAY_TAG, RECEIPT_TAG, sign, signed_row
 from common.tls import ClientTls, client_tls
 
 log = logging.getLogger("jackpay.payer.client")
@@ -277,8 +278,29 @@ class PayerClient:
 
     def create_payment(self, to: str, amount_minor: int, memo: str = "",
                        tx_id: str | None = None, *, mix: bool = False) -> Pay:
-        """A validated payment to send (tx_id generated when None). Raises ValueError."""
-        return make_pay(to, amount_minor, memo, tx_id, mix=mix)
+        """A validated payment to send (tx_id generated when None), signed by this payer
+        when it has credentials. Raises ValueError."""
+        return self.signed(make_pay(to, amount_minor, memo, tx_id, mix=mix))
+
+    def signed(self, pay: Pay) -> Pay:
+        """`pay` with this payer's signature over the row it writes (common/signing.py);
+        as it is without credentials (the benchmark's plain run) or already signed."""
+        creds = self.credentials
+        if creds is None or pay.sig is not None:
+            return pay
+        receiver, memo = signed_row(pay.to, pay.memo, pay.mix)
+        sig = sign(creds.key, PAY_TAG, creds.network_id, self.payer_id, pay.tx_id, receiver,
+                   pay.amount, memo)
+        return msgspec.structs.replace(pay, sig=sig)
+
+    def _receipt(self, offer: Offer) -> Receipt:
+        """The receipt of `offer`, signed by this payer (its acceptance of the row)."""
+        creds = self.credentials
+        if creds is None:
+            return Receipt(re=offer.id, tx_id=offer.tx_id)
+        sig = sign(creds.key, RECEIPT_TAG, creds.network_id, offer.sender, offer.tx_id,
+                   self.payer_id, offer.amount, offer.memo)
+        return Receipt(re=offer.id, tx_id=offer.tx_id, sig=sig)
 
     async def send_payment(self, pay_or_to: Pay | str, amount: int | None = None,
                            memo: str = "", tx_id: str | None = None,
@@ -290,7 +312,7 @@ class PayerClient:
         outcome is unknown: re-send the same `tx_id` (never moves money twice).
         """
         if isinstance(pay_or_to, Pay):
-            pay = pay_or_to
+            pay = self.signed(pay_or_to)
         else:
             if amount is None:
                 raise ValueError("amount is required when paying by receiver id")
@@ -339,7 +361,7 @@ class PayerClient:
                 ch.send_nowait(Pong(re=rid))
             case Offer():
                 if self.on_offer is None:
-                    _send_quietly(ch, Receipt(re=msg.id, tx_id=msg.tx_id))
+                    _send_quietly(ch, self._receipt(msg))
                     return None
                 return self._answer_offer(ch, msg)
             case Settled():
@@ -378,7 +400,7 @@ class PayerClient:
             log.exception("on_offer callback failed; rejecting %s", offer.tx_id)
             decision = "receiver could not process the offer"
         if decision is None or decision is True:
-            _send_quietly(ch, Receipt(re=offer.id, tx_id=offer.tx_id))
+            _send_quietly(ch, self._receipt(offer))
         else:
             reason = decision if isinstance(decision, str) else "declined"
             _send_quietly(ch, Reject(re=offer.id, tx_id=offer.tx_id, reason=reason[:256]))

@@ -146,6 +146,7 @@ class OfferAnswer(enum.Enum):
     RECEIPT = "receipt"
     REJECTED = "rejected"  # a reject, or an error reply
     WRONG = "wrong"  # a receipt for another tx_id, or an unexpected reply
+    BAD_SIGNATURE = "bad_signature"  # a receipt not signed by the payee over this payment
     TIMEOUT = "timeout"
     LOST = "lost"  # the connection dropped while the offer was out
     GONE = "gone"  # the payee's session was gone before the offer could go out
@@ -154,6 +155,7 @@ class OfferAnswer(enum.Enum):
 class OfferAnswered(msgspec.Struct, frozen=True, gc=False):
     answer: OfferAnswer
     detail: str = ""
+    sig: bytes | None = None  # the payee's signature of a RECEIPT, kept in the main row
 
 
 class LedgerAnswer(enum.Enum):
@@ -336,8 +338,14 @@ def _on_pong(p: Core, e: PingAnswered, now: float) -> list[Action]:
 def _on_offer_answered(p: Core, e: OfferAnswered, now: float) -> list[Action]:
     answer = e.answer
     if answer is OfferAnswer.RECEIPT:
+        if e.sig is not None:
+            main = p.legs[-1]
+            p.legs = (*p.legs[:-1], msgspec.structs.replace(main, receiver_sig=e.sig))
         return _append(p)
     payee = p.payee
+    if answer is OfferAnswer.BAD_SIGNATURE:
+        return _fail(p, ErrorCode.BAD_SIGNATURE,
+                     e.detail or f"{payee}'s receipt is not signed by its key over this payment")
     if answer is OfferAnswer.TIMEOUT:
         return _fail(p, ErrorCode.RECEIVER_TIMEOUT, e.detail or f"{payee} did not answer the offer")
     if answer is OfferAnswer.LOST:

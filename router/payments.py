@@ -34,11 +34,12 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import msgspec
+
 from common.config import RouterConfig
 from common.errors import ConnectionLost, ErrorCode, InvariantViolation, RequestFailed
 from common.logs import log_event
 from common.messages import (
-    MAX_APPEND_ROWS,
     AppendResult,
     Cancel,
     LedgerRow,
@@ -106,6 +107,7 @@ from router.plugins import (
     route_problem,
 )
 from router.sessions import Registry
+from router.signatures import PaymentSignatures
 from router.transactions import TxIdConflict, TxParams, TxRecord, TxState
 
 __all__ = ["Outcome", "Payment", "Pipeline", "Reply", "pending_outcome"]
@@ -222,6 +224,9 @@ class StepTimes:
         self.payment = Histogram()  # request → paid
 
 
+# Keys per `lookup`: the reply (a signed row is ~330 bytes) must fit the ledger's frame.
+LOOKUP_KEYS = 128
+
 # Payments looked up at the ledger before they fail (`Pipeline.begin`) at once, at most:
 # beyond it they fail without asking, so refused payments cannot flood the ledger.
 MAX_LOOKUPS = 256
@@ -231,8 +236,11 @@ class Pipeline:
     """Runs payments against the book, the registry of sessions and the ledger."""
 
     def __init__(self, book: Book, registry: Registry, ledger: LedgerClient,
-                 cfg: RouterConfig, plugins: Plugins | None = None) -> None:
+                 cfg: RouterConfig, plugins: Plugins | None = None,
+                 signatures: PaymentSignatures | None = None) -> None:
         self.book = book
+        # Signed payments (router/signatures.py): None only on the benchmark's plain run.
+        self.signatures = signatures
         self.registry = registry
         self.ledger = ledger
         self.cfg = cfg
@@ -280,6 +288,17 @@ class Pipeline:
             self._log_failure(request, pay.to, k.code, "validate", k.message)
             return Outcome(tx_id, k.code, k.message)
         main = route.legs[-1]
+        if self.signatures is not None:
+            if not self.signatures.ordered(main, pay.sig):
+                how = "not signed" if pay.sig is None else f"not signed by {sender}'s key"
+                message = (f"`pay` is {how} over this payment (the row it writes: {sender} → "
+                           f"{main.receiver}, {format_amount(main.amount)}, tx_id {tx_id}, "
+                           "its memo; docs/PROTOCOL.md §7)")
+                self._log_failure(request, main.receiver, ErrorCode.BAD_SIGNATURE, "validate",
+                                  message)
+                return Outcome(tx_id, ErrorCode.BAD_SIGNATURE, message)
+            main = msgspec.structs.replace(main, sender_sig=pay.sig)
+            route = Route((*route.legs[:-1], main), route.payee)
         params = TxParams(sender, main.receiver, main.amount, main.memo)
         try:
             record = self.lookup(tx_id, params)
@@ -304,8 +323,8 @@ class Pipeline:
         router's start (`Book.base_seq`) are remembered, so they are known from now on.
         Raises LedgerUnavailable."""
         found: list[LedgerRow] = []
-        for i in range(0, len(keys), MAX_APPEND_ROWS):
-            found += await self.ledger.lookup(keys[i:i + MAX_APPEND_ROWS])
+        for i in range(0, len(keys), LOOKUP_KEYS):
+            found += await self.ledger.lookup(keys[i:i + LOOKUP_KEYS])
         book = self.book
         for row in found:
             if row.seq <= book.base_seq and book.txs.get(row.sender, row.tx_id) is None:
@@ -529,7 +548,14 @@ class Pipeline:
         if self.times is not None:
             self.times.offer.observe(time.monotonic() - p.mark)
         if type(reply) is Receipt and reply.tx_id == p.tx_id:  # the common case first
-            return OfferAnswered(OfferAnswer.RECEIPT)
+            signatures = self.signatures
+            if signatures is None:
+                return OfferAnswered(OfferAnswer.RECEIPT)
+            if signatures.accepted(p.legs[-1], reply.sig):
+                return OfferAnswered(OfferAnswer.RECEIPT, sig=reply.sig)
+            how = "not signed" if reply.sig is None else "not signed by its key"
+            return OfferAnswered(OfferAnswer.BAD_SIGNATURE,
+                                 f"{p.payee}'s receipt is {how} over this payment")
         payee = p.payee
         if isinstance(reply, TimeoutError):
             return OfferAnswered(OfferAnswer.TIMEOUT, f"{payee} did not answer the offer in "

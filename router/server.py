@@ -90,6 +90,7 @@ from router.plugins import (
 )
 from router.reconcile import reconcile
 from router.sessions import Registry, Session
+from router.signatures import PaymentSignatures
 from router.transactions import TxState as RecordState
 
 log = logging.getLogger("jackpay.router")
@@ -175,7 +176,10 @@ class RouterService:
                 factories=plugin_factories)
         except ConfigError as exc:
             raise StartupFailed(str(exc)) from None
-        self.pipeline = Pipeline(self.book, self.registry, self.ledger, rc, self.plugins)
+        signatures = (PaymentSignatures(cfg.network.id, security.login.keys)
+                      if security.login is not None else None)
+        self.pipeline = Pipeline(self.book, self.registry, self.ledger, rc, self.plugins,
+                                 signatures)
         if self.plugins.wants_flush:
             self.ledger.before_send = self.plugins.flush
         self._plugin_rows: list[LedgerRow] | None = [] if self.plugins.enabled else None

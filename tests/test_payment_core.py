@@ -150,11 +150,22 @@ def test_a_receipt_sends_every_leg_in_one_append() -> None:
     assert [r.tx_id for r in rows] == ["_leg2:t1", "t1"]  # the main row closes the group
 
 
+def test_the_payees_signed_receipt_goes_into_the_main_row_only() -> None:
+    sig = bytes(range(64))
+    legs = (Leg(leg_tx_id("t1", 2), "alice", "_fees", 10),
+            Leg("t1", "alice", "bob", 500, sender_sig=b"s" * 64))
+    p = Core("t1", "alice", "bob", 500, legs, "bob")
+    handle(p, Begin((1000,), True, True, Link.FRESH), NOW)
+    rows = handle(p, OfferAnswered(OfferAnswer.RECEIPT, sig=sig), NOW)[0].rows  # type: ignore[union-attr]
+    assert [(r.sender_sig, r.receiver_sig) for r in rows] == [(None, None), (b"s" * 64, sig)]
+
+
 @pytest.mark.parametrize(("answer", "code"), [
     (OfferAnswer.REJECTED, ErrorCode.RECEIVER_REJECTED),
     (OfferAnswer.WRONG, ErrorCode.RECEIVER_REJECTED),
     (OfferAnswer.TIMEOUT, ErrorCode.RECEIVER_TIMEOUT),
     (OfferAnswer.LOST, ErrorCode.RECEIVER_UNREACHABLE),
+    (OfferAnswer.BAD_SIGNATURE, ErrorCode.BAD_SIGNATURE),
 ])
 def test_an_offer_that_fails_releases_and_cancels(answer: OfferAnswer, code: ErrorCode) -> None:
     p = offered()

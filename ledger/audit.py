@@ -1,0 +1,155 @@
+"""`jackpay-ledger verify FILE --keys CONFIG`: prove, offline, that every debit in the
+ledger was ordered by its payer and every credit accepted by its receiver. Pure: rows
+and public keys in, a verdict out (no files, no clock).
+
+Rules, row by row, once signing began (the first row that carries a signature; rows
+before it were written before signed payments and are counted as `unsigned`, never
+passed off as signed):
+- a row debiting a participant carries the participant's signature of that row (tag
+  jackpay-pay-v1, common/signing.py) — or it is an extra leg (`_leg<n>:<tx_id>`) of a
+  payment whose main row, in the same group right after it, is signed by the same payer
+  (a fee is authorised by the payment it belongs to);
+- a row crediting a participant carries the participant's acceptance (tag
+  jackpay-receipt-v1), except an opening balance (`_open:<id>`);
+- rows debiting a system account (`_issuer`, `_mixer`, a plug-in's) are counted as
+  `system`: who signs those (an issuer key off the router, the router's key for pools)
+  is not built yet, so they are reported, not proven.
+The first row that breaks a rule is named and the audit stops there.
+
+What it cannot see: a row removed, or an unsigned row inserted before signing began,
+with the whole chain recomputed after it — the payers' receipts are the defence there.
+Keys: each participant's current key; a key rotated since a row was signed fails that
+row (keys with validity periods are not built yet).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from common.messages import LedgerRow
+from common.signing import PAY_TAG, RECEIPT_TAG, verify
+from ledger.index import LEG_PREFIX
+
+OPENING_PREFIX = "_open:"
+
+
+class MissingKey(Exception):
+    """A participant's signature must be checked and its public key was not given."""
+
+
+@dataclass(slots=True)
+class AuditCounts:
+    rows: int = 0
+    unsigned: int = 0  # before signing began
+    ordered: int = 0  # debits of participants signed by them
+    legs: int = 0  # extra legs authorised by their payment's signed main row
+    accepted: int = 0  # credits of participants signed by them
+    openings: int = 0  # opening balances (credited without a receipt)
+    system: int = 0  # debits of system accounts (not proven yet)
+
+
+@dataclass(slots=True)
+class SignatureAudit:
+    """Feed every row in seq order (`add`), then `finish`. `problem` is the first broken
+    rule ("row N: …"), None while all hold."""
+
+    network_id: str
+    participants: frozenset[str]
+    keys: dict[str, Ed25519PublicKey]  # the participants' public keys (a missing one fails)
+    counts: AuditCounts = field(default_factory=AuditCounts)
+    problem: str | None = None
+    signing: bool = False  # a signed row has been seen
+    _legs: list[LedgerRow] = field(default_factory=list)  # waiting for their main row
+
+    def add(self, row: LedgerRow) -> None:
+        if self.problem is not None:
+            return
+        try:
+            self._add(row)
+        except MissingKey as exc:
+            self.problem = (f"row {row.seq}: no public key for participant {exc.args[0]}, "
+                            "whose signature it carries")
+
+    def _add(self, row: LedgerRow) -> None:
+        self.counts.rows += 1
+        if not self.signing and (row.sender_sig or row.receiver_sig):
+            self.signing = True
+        if not self.signing:
+            self.counts.unsigned += 1
+            return
+        if row.tx_id.startswith(LEG_PREFIX):
+            self._legs.append(row)
+            return
+        self._check(row)
+        self._close_group(row)
+
+    def finish(self) -> str | None:
+        if self.problem is None and self._legs:
+            leg = self._legs[0]
+            self.problem = f"row {leg.seq}: extra leg {leg.tx_id} has no main row after it"
+        return self.problem
+
+    def _close_group(self, main: LedgerRow) -> None:
+        legs, self._legs = self._legs, []
+        for leg in legs:
+            if self.problem is not None:
+                return
+            own = leg.tx_id.split(":", 1)[-1]
+            if leg.sender in self.participants:
+                if leg.sender != main.sender or own != main.tx_id or not main.sender_sig:
+                    self.problem = (f"row {leg.seq}: {leg.sender}'s debit {leg.tx_id} is not "
+                                    "part of a payment it signed")
+                    return
+                self.counts.legs += 1
+            else:
+                self.counts.system += 1
+            self._check_credit(leg)
+
+    def _check(self, row: LedgerRow) -> None:
+        sender = row.sender
+        if sender in self.participants:
+            if row.sender_sig is None:
+                self.problem = (f"row {row.seq}: {sender}'s debit (tx_id {row.tx_id}) is not "
+                                f"signed by {sender}: a payment its payer never ordered")
+                return
+            if not self._verify(sender, row.sender_sig, PAY_TAG, row):
+                self.problem = (f"row {row.seq}: the sender's signature does not verify with "
+                                f"{sender}'s key (the row was changed, or signed by another key)")
+                return
+            self.counts.ordered += 1
+        else:
+            self.counts.system += 1
+        self._check_credit(row)
+
+    def _check_credit(self, row: LedgerRow) -> None:
+        receiver = row.receiver
+        if self.problem is not None or receiver not in self.participants:
+            return
+        if row.tx_id.startswith(OPENING_PREFIX):
+            self.counts.openings += 1
+            return
+        if row.receiver_sig is None:
+            self.problem = (f"row {row.seq}: {receiver}'s credit (tx_id {row.tx_id}) carries "
+                            f"no acceptance signed by {receiver}")
+            return
+        if not self._verify(receiver, row.receiver_sig, RECEIPT_TAG, row):
+            self.problem = (f"row {row.seq}: the receiver's signature does not verify with "
+                            f"{receiver}'s key (the row was changed, or signed by another key)")
+            return
+        self.counts.accepted += 1
+
+    def _verify(self, who: str, sig: bytes, tag: bytes, row: LedgerRow) -> bool:
+        key = self.keys.get(who)
+        if key is None:
+            raise MissingKey(who)
+        return verify(key, sig, tag, self.network_id, row.sender, row.tx_id, row.receiver,
+                      row.amount, row.memo)
+
+    def summary(self) -> str:
+        c = self.counts
+        return (f"signatures: {c.ordered} debits signed by their payers, {c.legs} legs of "
+                f"signed payments, {c.accepted} credits accepted by their receivers, "
+                f"{c.openings} openings, {c.system} system debits not proven yet, "
+                f"{c.unsigned} rows from before signing began")

@@ -1,0 +1,131 @@
+"""Signed payments end to end, with real processes: the sender's signature on `pay`, the
+receiver's on `receipt`, both kept in the ledger row, and `jackpay-ledger verify --keys`
+proving offline that every debit was ordered and every credit accepted."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import msgspec
+import pytest
+from netkit import Network
+from test_payments import (
+    assert_conserved,
+    assert_router_agrees,
+    connect,
+    eventually,
+    ledger_rows,
+    up,
+)
+
+from common.errors import RequestFailed
+from common.keys import KeyStore
+from common.messages import Paid, Receipt
+from common.signing import PAY_TAG, RECEIPT_TAG, sign, verify
+from ledger.rows import format_line, make_row, parse_line
+from payer_client.client import make_pay
+
+
+def verify_cli(net: Network, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ledger", "verify", str(net.ledger_path),
+                           *extra], capture_output=True, text=True, timeout=60, env=net.env())
+
+
+async def test_a_paid_row_carries_the_order_and_the_acceptance(network: Network) -> None:
+    up(network, {"alice": "10.00", "bob": "5.00"})
+    alice, _bob = await connect(network, "alice"), await connect(network, "bob")
+    paid = await alice.client.send_payment("bob", 250, "lunch, on me", "t-signed")
+    row = parse_line(network.ledger_csv().splitlines()[-1])
+    assert row.seq == paid.seq
+    store = KeyStore.for_config(network.config)
+    net_id = network.config.network.id
+    assert row.sender_sig is not None
+    assert row.receiver_sig is not None
+    assert verify(store.load_payer_public("alice"), row.sender_sig, PAY_TAG, net_id, "alice",
+                  "t-signed", "bob", 250, "lunch, on me")
+    assert verify(store.load_payer_public("bob"), row.receiver_sig, RECEIPT_TAG, net_id,
+                  "alice", "t-signed", "bob", 250, "lunch, on me")
+    done = verify_cli(network, "--keys", str(network.config_path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 debits signed by their payers" in done.stdout
+    assert "1 credits accepted by their receivers" in done.stdout
+
+
+@pytest.mark.parametrize("forgery", ["another key", "another amount", "unsigned"])
+async def test_a_pay_not_signed_by_its_sender_over_this_payment_moves_nothing(
+        network: Network, forgery: str) -> None:
+    up(network, {"alice": "10.00", "bob": "5.00"})
+    alice, bob = await connect(network, "alice"), await connect(network, "bob")
+    rows_before = ledger_rows(network)
+    store = KeyStore.for_config(network.config)
+    net_id = network.config.network.id
+    pay = make_pay("bob", 300, "", "t-forged")
+    if forgery == "another key":
+        sig = sign(store.load_payer_key("bob"), PAY_TAG, net_id, "alice", "t-forged", "bob",
+                   300, "")
+    else:  # alice's own key, over 1.00 instead of 3.00
+        sig = sign(store.load_payer_key("alice"), PAY_TAG, net_id, "alice", "t-forged", "bob",
+                   100, "")
+    if forgery != "unsigned":
+        pay = msgspec.structs.replace(pay, sig=sig)
+    with pytest.raises(RequestFailed) as info:
+        await alice.client._request(pay, Paid)  # as sent: the client does not re-sign it
+    assert info.value.code == "bad_signature"
+    assert not info.value.retriable
+    assert ledger_rows(network) == rows_before
+    assert await alice.assert_no_hold() == 1000
+    assert bob.offers == []  # refused before anything was held or offered
+    # refused before it began: the tx_id is not taken, a signed re-send of it pays
+    assert (await alice.client.status("t-forged")).state == "unknown"
+    await assert_router_agrees(network)
+    assert (await alice.client.send_payment("bob", 300, "", "t-forged")).balance == 700
+
+
+async def test_a_receipt_signed_by_another_key_fails_the_payment(
+        network: Network, monkeypatch: pytest.MonkeyPatch) -> None:
+    up(network, {"alice": "10.00", "bob": "5.00", "carol": "1.00"})
+    alice, bob = await connect(network, "alice"), await connect(network, "bob")
+    store = KeyStore.for_config(network.config)
+    net_id = network.config.network.id
+    carol_key = store.load_payer_key("carol")
+
+    def carols_receipt(offer: object) -> Receipt:  # bob's daemon answers, carol's key signs
+        from common.messages import Offer
+        assert isinstance(offer, Offer)
+        return Receipt(re=offer.id, tx_id=offer.tx_id, sig=sign(
+            carol_key, RECEIPT_TAG, net_id, offer.sender, offer.tx_id, "bob", offer.amount,
+            offer.memo))
+
+    monkeypatch.setattr(bob.client, "_receipt", carols_receipt)
+    rows_before = ledger_rows(network)
+    assert await alice.pay("bob", 200, "t-bad-receipt") == "bad_signature"
+    assert ledger_rows(network) == rows_before
+    assert [o.tx_id for o in bob.offers] == ["t-bad-receipt"]
+    await eventually(lambda: [c.tx_id for c in bob.cancels] == ["t-bad-receipt"])
+    assert bob.cancels[0].code == "bad_signature"
+    assert await alice.assert_no_hold() == 1000
+    assert await bob.assert_no_hold() == 500
+    assert_conserved(network)
+    await assert_router_agrees(network)
+
+
+async def test_verify_keys_names_a_row_forged_into_the_file(network: Network) -> None:
+    up(network, {"alice": "10.00", "bob": "5.00", "mallory": "0"})
+    alice, _bob = await connect(network, "alice"), await connect(network, "bob")
+    for i in range(3):
+        await alice.client.send_payment("bob", 100, "", f"t{i}")
+    network.stop_all()
+    assert verify_cli(network, "--keys", str(network.config_path)).returncode == 0
+    # A forged debit of alice's to mallory, the hash chain recomputed: the file alone
+    # (sequence, chain) cannot tell; the missing signature can.
+    lines = network.ledger_csv().splitlines(keepends=True)
+    last = parse_line(lines[-1].rstrip("\n"))
+    forged = make_row(last.hash, last.seq + 1, last.dtg, "alice", "mallory", 500, "t-x", "")
+    network.ledger_path.write_text("".join(lines) + format_line(forged))
+    plain = verify_cli(network)
+    assert plain.returncode == 0, plain.stdout  # sequence and chain are intact
+    done = verify_cli(network, "--keys", str(network.config_path))
+    assert done.returncode == 1
+    assert done.stdout.startswith("FAIL")
+    assert f"row {forged.seq}: alice's debit (tx_id t-x) is not signed by alice" in done.stdout

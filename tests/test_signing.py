@@ -1,0 +1,218 @@
+"""Signed payments, the pure parts: the signed bytes (byte for byte, as docs/PROTOCOL.md
+§7a shows them), signed ledger rows (format, hash chain, old files), and the offline
+audit of a ledger's signatures (ledger/audit.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from common.messages import LedgerRow
+from common.signing import (
+    MIXER_POOL,
+    PAY_TAG,
+    RECEIPT_TAG,
+    payment_bytes,
+    sign,
+    signed_row,
+    verify,
+)
+from ledger.audit import SignatureAudit
+from ledger.rows import (
+    GENESIS_HASH,
+    HEADER_V1_LINE,
+    RowFormatError,
+    check_chain,
+    format_line,
+    make_row,
+    parse_line,
+)
+from ledger.store import load_rows
+
+NET = "demo"
+KEYS = {name: Ed25519PrivateKey.from_private_bytes(bytes([i]) * 32)
+        for i, name in enumerate(("alice", "bob", "carol", "mallory"), start=1)}
+PUBLIC = {name: k.public_key() for name, k in KEYS.items() if name != "mallory"}
+DTG = "2026-12-01T10:00:00.000000Z"
+
+
+def test_the_signed_bytes_are_the_documented_ones() -> None:
+    """docs/PROTOCOL.md §7a's worked example, byte for byte."""
+    data = payment_bytes(PAY_TAG, "demo", "alice", "t1", "bob", 1250, "lunch")
+    assert data.hex() == (
+        "0000000e6a61636b7061792d7061792d76310000000464656d6f00000005616c696365000000027431"
+        "00000003626f620000000431323530000000056c756e6368")
+    key = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+    assert key.sign(data).hex() == (
+        "f659c1bc1cc7fdb5be0da55a50a2aa006f2edef2a73c008c7bd3f37f2288715cf8661379b1e8a23d5b"
+        "34a27be67a5612979772e2888b58f55bbc5c7ce43f2a07")
+
+
+@pytest.mark.parametrize("change", ["tag", "network", "sender", "tx_id", "receiver", "amount",
+                                    "memo", "key"])
+def test_a_signature_is_good_for_exactly_one_row_and_meaning(change: str) -> None:
+    fields = {"tag": PAY_TAG, "network_id": NET, "sender": "alice", "tx_id": "t1",
+              "receiver": "bob", "amount": 1250, "memo": "lunch"}
+    sig = sign(KEYS["alice"], **fields)  # type: ignore[arg-type]
+    assert verify(PUBLIC["alice"], sig, **fields)  # type: ignore[arg-type]
+    other = {"tag": RECEIPT_TAG, "network": "prod", "sender": "carol", "tx_id": "t2",
+             "receiver": "carol", "amount": 1251, "memo": "lunch!"}
+    key = PUBLIC["bob"] if change == "key" else PUBLIC["alice"]
+    if change != "key":
+        fields["network_id" if change == "network" else change] = other[change]
+    assert not verify(key, sig, **fields)  # type: ignore[arg-type]
+
+
+def test_length_prefixes_keep_fields_apart() -> None:
+    assert (payment_bytes(PAY_TAG, NET, "ab", "c", "bob", 1, "")
+            != payment_bytes(PAY_TAG, NET, "a", "bc", "bob", 1, ""))
+
+
+def test_a_mixed_payment_signs_the_pool_never_the_payee() -> None:
+    assert signed_row("bob", "secret memo", mix=True) == (MIXER_POOL, "")
+    assert signed_row("bob", "lunch", mix=False) == ("bob", "lunch")
+
+
+# --- signed rows in the ledger ---------------------------------------------------------
+
+
+def signed(prev: str, seq: int, sender: str, receiver: str, amount: int, tx_id: str,
+           memo: str = "", *, by: str | None = None, accepted_by: str | None = None,
+           ) -> LedgerRow:
+    ssig = (sign(KEYS[by], PAY_TAG, NET, sender, tx_id, receiver, amount, memo)
+            if by else None)
+    rsig = (sign(KEYS[accepted_by], RECEIPT_TAG, NET, sender, tx_id, receiver, amount, memo)
+            if accepted_by else None)
+    return make_row(prev, seq, DTG, sender, receiver, amount, tx_id, memo, ssig, rsig)
+
+
+def test_a_signed_row_has_ten_cells_and_round_trips() -> None:
+    row = signed(GENESIS_HASH, 1, "alice", "bob", 500, "t1", "a, \"quoted\" memo",
+                 by="alice", accepted_by="bob")
+    line = format_line(row)
+    assert line.count(",") >= 9
+    assert line.rstrip("\n").split(",")[-2] == (row.sender_sig or b"").hex()
+    assert parse_line(line.rstrip("\n")) == row
+    assert check_chain(None, row) is None
+    unsigned = make_row(GENESIS_HASH, 1, DTG, "alice", "bob", 500, "t1", "")
+    assert format_line(unsigned).count(",") == 7  # as every row before signed payments
+    only_sender = signed(GENESIS_HASH, 1, "alice", "_mixer", 500, "t1", by="alice")
+    assert format_line(only_sender).endswith(",\n")
+    assert parse_line(format_line(only_sender).rstrip("\n")) == only_sender
+
+
+def test_the_hash_chain_covers_the_signatures() -> None:
+    row = signed(GENESIS_HASH, 1, "alice", "bob", 500, "t1", by="alice", accepted_by="bob")
+    for stripped in ({"sender_sig": None}, {"receiver_sig": None},
+                     {"sender_sig": None, "receiver_sig": None}):
+        fields = {f: getattr(row, f) for f in row.__struct_fields__} | stripped
+        assert check_chain(None, LedgerRow(**fields)) is not None  # type: ignore[arg-type]
+    # and an unsigned row hashes exactly as before signed payments (the 8-field array)
+    unsigned = make_row(GENESIS_HASH, 1, DTG, "alice", "bob", 500, "t1", "")
+    before = json.dumps([GENESIS_HASH, 1, DTG, "alice", "bob", 500, "t1", ""],
+                        separators=(",", ":"), ensure_ascii=False).encode()
+    assert unsigned.hash == hashlib.sha256(before).hexdigest()
+
+
+@pytest.mark.parametrize("bad", [
+    ",,",  # signature cells present, both empty: an unsigned row has eight cells
+    ",abc,",  # not 128 hex digits
+    "," + "A" * 128 + ",",  # upper case
+    ",,," ,  # eleven cells
+])
+def test_malformed_signature_cells_are_refused(bad: str) -> None:
+    line = format_line(make_row(GENESIS_HASH, 1, DTG, "alice", "bob", 5, "t1", "")).rstrip("\n")
+    with pytest.raises(RowFormatError):
+        parse_line(line + bad)
+
+
+def test_a_file_begun_before_signed_payments_still_loads_with_signed_rows_after() -> None:
+    old = make_row(GENESIS_HASH, 1, DTG, "_issuer", "alice", 900, "_open:alice", "")
+    new = signed(old.hash, 2, "alice", "bob", 100, "t1", by="alice", accepted_by="bob")
+    data = (HEADER_V1_LINE + format_line(old) + format_line(new)).encode()
+    rows, good = load_rows(data, "old.csv")
+    assert rows == [old, new]
+    assert good == len(data)
+
+
+# --- the audit -----------------------------------------------------------------------------
+
+
+def audit(rows: list[LedgerRow]) -> SignatureAudit:
+    a = SignatureAudit(NET, frozenset(("alice", "bob", "carol")), dict(PUBLIC))
+    for r in rows:
+        a.add(r)
+    a.finish()
+    return a
+
+
+def chain(*specs: tuple[str, str, int, str, dict[str, str]]) -> list[LedgerRow]:
+    rows: list[LedgerRow] = []
+    prev = GENESIS_HASH
+    for seq, (sender, receiver, amount, tx_id, who) in enumerate(specs, start=1):
+        row = signed(prev, seq, sender, receiver, amount, tx_id, **who)  # type: ignore[arg-type]
+        rows.append(row)
+        prev = row.hash
+    return rows
+
+
+GOOD: tuple[tuple[str, str, int, str, dict[str, str]], ...] = (
+    ("_issuer", "alice", 1000, "_open:alice", {}),
+    ("_issuer", "bob", 1000, "_open:bob", {}),
+    ("alice", "bob", 100, "t1", {"by": "alice", "accepted_by": "bob"}),
+    ("alice", "_fees", 5, "_leg2:t2", {}),  # a fee, authorised by t2 right after it
+    ("alice", "carol", 50, "t2", {"by": "alice", "accepted_by": "carol"}),
+    ("bob", "_mixer", 20, "m1", {"by": "bob"}),  # a deposit: the pool does not sign
+    ("_mixer", "carol", 20, "_mix:1:0", {"accepted_by": "carol"}),  # a payout
+)
+
+
+def test_a_sound_signed_ledger_passes_and_is_counted() -> None:
+    a = audit(chain(*GOOD))
+    assert a.problem is None
+    c = a.counts
+    # the two openings come before the first signed row: counted as unsigned
+    assert (c.ordered, c.legs, c.accepted, c.openings, c.system, c.unsigned) == (3, 1, 3, 0, 1, 2)
+
+
+@pytest.mark.parametrize(("forge", "named"), [
+    # a debit of alice's that she never signed, chain recomputed
+    (("alice", "bob", 999, "forged", {"accepted_by": "bob"}), "not signed by alice"),
+    # signed by someone else's key
+    (("alice", "bob", 999, "forged", {"by": "mallory", "accepted_by": "bob"}), "does not verify"),
+    # alice's signature moved onto bob's debit
+    (("bob", "carol", 999, "forged", {"by": "alice", "accepted_by": "carol"}), "does not verify"),
+    # a credit bob never accepted
+    (("alice", "bob", 7, "forged", {"by": "alice"}), "no acceptance signed by bob"),
+    # a fee leg with no payment of its payer after it
+    (("alice", "_fees", 5, "_leg2:nothing", {}), "not part of a payment it signed"),
+])
+def test_a_forged_row_is_named(forge: tuple[str, str, int, str, dict[str, str]],
+                               named: str) -> None:
+    rows = chain(*GOOD, forge, ("bob", "alice", 1, "after", {"by": "bob", "accepted_by": "alice"}))
+    a = audit(rows)
+    assert a.problem is not None
+    assert a.problem.startswith("row 8:")
+    assert named in a.problem
+
+
+def test_rows_before_signing_began_are_counted_unsigned_never_passed_off_as_signed() -> None:
+    rows = chain(("_issuer", "alice", 1000, "_open:alice", {}),
+                 ("alice", "bob", 100, "old", {}),  # written before signed payments
+                 ("alice", "bob", 100, "new", {"by": "alice", "accepted_by": "bob"}),
+                 ("alice", "bob", 100, "forged", {}))
+    a = audit(rows)
+    assert a.counts.unsigned == 2
+    assert a.problem is not None
+    assert a.problem.startswith("row 4:")
+
+
+def test_a_participant_without_a_key_fails_its_signed_rows() -> None:
+    a = SignatureAudit(NET, frozenset(("alice", "bob")), {"bob": PUBLIC["bob"]})
+    for r in chain(("alice", "bob", 1, "t", {"by": "alice", "accepted_by": "bob"})):
+        a.add(r)
+    assert a.problem is not None
+    assert "no public key for participant alice" in a.problem
