@@ -68,6 +68,7 @@ from ledger.rows import GENESIS_HASH, HEADER_LINE, format_line, make_row
 from payer_client.client import PayerClient, PayerCredentials
 
 PLAIN_FLAG = "--plain-benchmark-only"
+UNSIGNED_FLAG = "--unsigned-benchmark-only"
 PAYOUT_WAIT_S = 120.0  # the mixer's rounds close within max_wait_s; far more is a failure
 REPO_ROOT = str(Path(__file__).resolve().parents[1])
 # The plug-in comparison: the mixer enabled (idle for direct payments), short rounds.
@@ -99,6 +100,7 @@ class Settings:
     plugin_seconds: float = 5.0  # each plug-in setting's closed loop
     metrics_rounds: int = 6  # interleaved pairs: metrics off / on and scraped every second
     metrics_seconds: float = 5.0
+    signature_rounds: int = 3  # interleaved pairs: unsigned / signed, at saturation
     store_rounds: int = 3  # --store postgresql: interleaved rounds of csv / postgres / standby
     store_concurrency: int = 256  # the closed loop at saturation
     pgbench_seconds: float = 10.0
@@ -107,7 +109,7 @@ class Settings:
 QUICK = Settings(payers=20, concurrency=(1, 64), seconds=2.0, open_loop_s=2.0,
                  idle_sessions=200, rebuild_rows=(20_000,), echo_connections=20,
                  open_rates=(), plugin_rounds=1, plugin_seconds=1.0, metrics_rounds=1,
-                 metrics_seconds=1.0, store_rounds=1, store_concurrency=64,
+                 metrics_seconds=1.0, signature_rounds=1, store_rounds=1, store_concurrency=64,
                  pgbench_seconds=3.0)
 
 
@@ -233,8 +235,9 @@ class Bench:
 
     def start_network(self, tag: str, payers: list[str], csv: str = "ledger.csv", *,
                       plain: bool = False, router_extra: str = "",
-                      dsn: str = "") -> tuple[Proc, Proc, Path]:
-        """`dsn`: the ledger on PostgreSQL there (else the CSV file `csv`)."""
+                      dsn: str = "", unsigned: bool = False) -> tuple[Proc, Proc, Path]:
+        """`dsn`: the ledger on PostgreSQL there (else the CSV file `csv`). `unsigned`:
+        the router does not check payments' signatures (the comparison of their cost)."""
         cfg = self.root / f"{tag}.toml"
         flag = [PLAIN_FLAG] if plain else []
         self.write_config(cfg, payers, 0, csv, router_extra=router_extra, dsn=dsn)
@@ -243,8 +246,9 @@ class Bench:
                                                            *flag))
         self.ledger_start_s[tag] = round(time.perf_counter() - t0, 2)
         self.write_config(cfg, payers, ledger.addr[1], csv, router_extra=router_extra, dsn=dsn)
+        router_flags = [*flag, UNSIGNED_FLAG] if unsigned else flag
         router = self.start(f"{tag}-router", python_module("router", "--config", str(cfg),
-                                                           *flag))
+                                                           *router_flags))
         return ledger, router, cfg
 
     def clients(self, cfg: Path, router: Proc, payers: list[str], *, plain: bool = False,
@@ -323,19 +327,22 @@ class Bench:
     # --- payments ------------------------------------------------------------------
 
     async def payment_network(self, *, plain: bool, tag: str = "",
-                              router_extra: str = "", dsn: str = "") -> _PaymentNetwork:
+                              router_extra: str = "", dsn: str = "",
+                              unsigned: bool = False) -> _PaymentNetwork:
         """A running network (ledger, router, `payers` clients logged in) to measure;
-        `dsn`: its ledger on PostgreSQL."""
+        `dsn`: its ledger on PostgreSQL; `unsigned`: payments not signed nor checked."""
         tag = tag or ("plain" if plain else "pay")
         payers = [f"p{i:04d}" for i in range(self.s.payers)]
         ledger, router, cfg = self.start_network(tag, payers, f"{tag}.csv", plain=plain,
-                                                 router_extra=router_extra, dsn=dsn)
+                                                 router_extra=router_extra, dsn=dsn,
+                                                 unsigned=unsigned)
         auditor = None if plain else client_tls(KeyStore.for_config(load_config(cfg)),
                                                  "ledger", identity="auditor")
         lch = await open_channel(*ledger.addr, decoder_for(LEDGER_REPLIES), name="ledger",
                                  tls=auditor)
         await lch.request(Hello(id=0, version=PROTOCOL_VERSION, role="admin", peer="bench"))
-        clients = self.clients(cfg, router, payers, plain=plain, request_timeout_s=60)
+        clients = self.clients(cfg, router, payers, plain=plain, request_timeout_s=60,
+                               sign=not unsigned)
         for c in clients:
             await c.connect()
         net = _PaymentNetwork("plain " if plain else "", ledger, router, lch, clients, payers)
@@ -467,6 +474,35 @@ class Bench:
         pairs = sorted(y / x for x, y in zip(per_payment[a[1]], per_payment[b[1]], strict=True)
                        if x)
         return results, per_payment, round(pairs[len(pairs) // 2], 3) if pairs else None
+
+    async def signature_cost(self) -> None:
+        """What signed payments cost: the same closed loop at saturation on a network
+        whose payers sign every `pay` and `receipt` (inside the timed loop, as real payers
+        do) and whose router checks both, and on one where nobody signs and the router
+        checks nothing (`unsigned`, the router's hidden `--unsigned-benchmark-only`),
+        interleaved pairs. Reports payments/s and router CPU per payment of each, and the
+        median of the pairs' signed / unsigned payments/s (issue 12's target: >= 0.5)."""
+        rounds = self.s.signature_rounds
+        task = self.progress.add_task("signatures", total=2 * rounds)
+        signed = await self.payment_network(plain=False, tag="signed")
+        unsigned = await self.payment_network(plain=False, tag="unsigned", unsigned=True)
+        conc = self.s.store_concurrency
+        try:
+            results, per_payment, cpu_ratio = await self.interleaved(
+                (unsigned, "unsigned"), (signed, "signed"), rounds, self.s.seconds,
+                f"direct C={conc} ", conc, task)
+        finally:
+            for net in (signed, unsigned):
+                await net.close()
+        rates: dict[str, list[float]] = {"unsigned": [], "signed": []}
+        for r in results:
+            rates[r["label"].rsplit(" ", 1)[1]].append(r["per_s"])
+        pairs = sorted(s / u for u, s in zip(rates["unsigned"], rates["signed"], strict=True)
+                       if u)
+        self.report["signatures"] = {
+            "settings": results, "per_s": rates, "router_cpu_us_per_payment": per_payment,
+            "signed_vs_unsigned_per_s": round(pairs[len(pairs) // 2], 3) if pairs else None,
+            "signed_vs_unsigned_router_cpu": cpu_ratio}
 
     async def metrics_cost(self) -> None:
         """The cost of counting: router CPU per payment with metrics off and on (scraped
@@ -836,6 +872,13 @@ def render(report: dict[str, Any]) -> None:
         con.print(f"metrics on (scraped every second) / off, router CPU per payment (median "
                   f"of interleaved pairs): {metrics['on_vs_off_router_cpu']}; µs per payment "
                   f"off {cpu['off']}, on {cpu['on']}")
+    sigs = report.get("signatures")
+    if sigs:
+        cpu = sigs["router_cpu_us_per_payment"]
+        con.print(f"signed / unsigned payments/s at saturation (median of interleaved pairs): "
+                  f"{sigs['signed_vs_unsigned_per_s']} (target >= 0.5); payments/s unsigned "
+                  f"{sigs['per_s']['unsigned']}, signed {sigs['per_s']['signed']}; router µs "
+                  f"per payment unsigned {cpu['unsigned']}, signed {cpu['signed']}")
     con.print(f"ratios: {report.get('ratios')}")
     stores = report.get("stores")
     if stores:
@@ -883,6 +926,8 @@ async def amain(args: argparse.Namespace) -> int:
                 await bench.plugin_costs()
             if not args.skip_metrics:
                 await bench.metrics_cost()
+            if not args.skip_signatures:
+                await bench.signature_cost()
             if not args.skip_scale:
                 await bench.sessions()
                 await bench.rebuild()
@@ -922,6 +967,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="skip the plug-in comparison (none / mixer idle / mixed payments)")
     p.add_argument("--skip-metrics", action="store_true",
                    help="skip the metrics comparison (router CPU with metrics off / on)")
+    p.add_argument("--skip-signatures", action="store_true",
+                   help="skip the signed / unsigned payments comparison")
     args = p.parse_args(argv)
     return run(lambda: amain(args))
 

@@ -365,6 +365,12 @@ class Chaos:
         finally:
             for task in self._rto_tasks:
                 task.cancel()
+            # Whatever failed (a process that would not start, a crash in the checker),
+            # nothing this run started outlives it.
+            for proxy in (self.proxy_r, self.proxy_l):
+                if proxy is not None:
+                    await proxy.stop()
+            await self._blocking(self.net.stop_all)
             if self.cluster is not None:
                 await self._blocking(self.cluster.destroy)
 

@@ -167,11 +167,15 @@ class PayerClient:
         request_timeout_s: float = 20.0,
         connect_timeout_s: float = 5.0,
         local_addr: tuple[str, int] | None = None,
+        sign: bool = True,
     ) -> None:
         self.host = host
         self.port = port
         self.payer_id = payer_id
         self.credentials = credentials
+        # False: payments and receipts go unsigned — only against a router started with
+        # the benchmark's `--unsigned-benchmark-only`; a real router refuses them.
+        self.sign = sign
         self.on_offer = on_offer
         self.on_settled = on_settled
         self.on_cancel = on_cancel
@@ -286,7 +290,7 @@ class PayerClient:
         """`pay` with this payer's signature over the row it writes (common/signing.py);
         as it is without credentials (the benchmark's plain run) or already signed."""
         creds = self.credentials
-        if creds is None or pay.sig is not None:
+        if creds is None or pay.sig is not None or not self.sign:
             return pay
         receiver, memo = signed_row(pay.to, pay.memo, pay.mix)
         sig = sign(creds.key, PAY_TAG, creds.network_id, self.payer_id, pay.tx_id, receiver,
@@ -296,7 +300,7 @@ class PayerClient:
     def _receipt(self, offer: Offer) -> Receipt:
         """The receipt of `offer`, signed by this payer (its acceptance of the row)."""
         creds = self.credentials
-        if creds is None:
+        if creds is None or not self.sign:
             return Receipt(re=offer.id, tx_id=offer.tx_id)
         sig = sign(creds.key, RECEIPT_TAG, creds.network_id, offer.sender, offer.tx_id,
                    self.payer_id, offer.amount, offer.memo)

@@ -47,6 +47,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--log-level", default="INFO")
     # No TLS and no login: for the benchmark's comparison run only.
     ap.add_argument("--plain-benchmark-only", action="store_true", help=argparse.SUPPRESS)
+    # TLS and login, but payments' signatures not checked: the benchmark's comparison only.
+    ap.add_argument("--unsigned-benchmark-only", action="store_true", help=argparse.SUPPRESS)
     add_version(ap)
     return ap.parse_args(argv)
 
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config)
         ledger_host, ledger_port = _ledger_address(args, cfg)
         security = RouterSecurity.from_config(cfg, plain=args.plain_benchmark_only)
-        if security.tls is None:
+        if security.tls is None or args.unsigned_benchmark_only:
             refuse_plain_off_loopback(args.host or cfg.router.host, "jackpay-router")
     except ConfigError as exc:
         print(f"jackpay-router: {exc}", file=sys.stderr)
@@ -99,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     if security.tls is None:
         log_event(log, "PLAIN TCP, NO LOGIN: benchmark comparison only, never a network",
                   logging.WARNING)
+    if args.unsigned_benchmark_only:
+        log_event(log, "PAYMENT SIGNATURES NOT CHECKED: benchmark comparison only, never a "
+                  "network", logging.WARNING)
     admin = cfg.resolve(cfg.router.admin_socket)
     try:
         service = RouterService(
@@ -110,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             ledger_host=ledger_host,
             ledger_port=ledger_port,
             config_path=Path(args.config),
+            check_signatures=not args.unsigned_benchmark_only,
         )
     except StartupFailed as exc:  # a plug-in that cannot be loaded or configured
         print(f"jackpay-router: {exc}", file=sys.stderr)

@@ -153,9 +153,11 @@ class RouterService:
     def __init__(self, cfg: NetworkConfig, security: RouterSecurity, *, host: str, port: int,
                  ledger_host: str, ledger_port: int, admin_path: Path | None = None,
                  plugin_factories: dict[str, Any] | None = None,
-                 config_path: Path | None = None) -> None:
+                 config_path: Path | None = None, check_signatures: bool = True) -> None:
         """Raises StartupFailed for a plug-in that cannot be loaded or a participants file
-        that cannot be read. `config_path`: the file `reload` reads again."""
+        that cannot be read. `config_path`: the file `reload` reads again.
+        `check_signatures` False: payments are not checked for their signatures — the
+        benchmark's `unsigned` comparison only, never a network."""
         self.cfg = cfg
         self.keys = KeyStore.for_config(cfg)
         self.security = security
@@ -177,7 +179,7 @@ class RouterService:
         except ConfigError as exc:
             raise StartupFailed(str(exc)) from None
         signatures = (PaymentSignatures(cfg.network.id, security.login.keys)
-                      if security.login is not None else None)
+                      if security.login is not None and check_signatures else None)
         self.pipeline = Pipeline(self.book, self.registry, self.ledger, rc, self.plugins,
                                  signatures)
         if self.plugins.wants_flush:
@@ -520,6 +522,8 @@ class RouterService:
         self.admin.spawn(reload())
 
     async def _close_links(self) -> None:
+        if self.pipeline.signatures is not None:
+            self.pipeline.signatures.stop()
         await self.participant_ops.aclose()
         await self.admin.aclose()
         await self.ledger.aclose()

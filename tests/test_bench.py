@@ -91,6 +91,12 @@ def test_bench_quick_reports_every_figure(tmp_path: Path) -> None:
     assert metrics["on_vs_off_router_cpu"] == round(
         metrics["router_cpu_us_per_payment"]["on"][0]
         / metrics["router_cpu_us_per_payment"]["off"][0], 3)
+    sigs = report["signatures"]  # signed / unsigned payments, interleaved at saturation
+    assert [s["label"] for s in sigs["settings"]] == ["direct C=64 unsigned",
+                                                      "direct C=64 signed"]
+    assert all(s["ok"] > 0 for s in sigs["settings"])
+    assert sigs["signed_vs_unsigned_per_s"] == round(
+        sigs["per_s"]["signed"][0] / sigs["per_s"]["unsigned"][0], 3)
 
 
 def test_bench_scale_starts_both_stores_on_a_built_ledger(tmp_path: Path) -> None:

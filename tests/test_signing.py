@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -216,3 +217,57 @@ def test_a_participant_without_a_key_fails_its_signed_rows() -> None:
         a.add(r)
     assert a.problem is not None
     assert "no public key for participant alice" in a.problem
+
+
+# --- the router's checks, off the event loop -----------------------------------------------
+
+
+class _Keys:
+    """Stands in for router.keyring.PayerKeys: the raw public keys by participant."""
+
+    def raw(self, payer_id: str) -> bytes | None:
+        from common.keys import raw_public
+
+        return raw_public(PUBLIC[payer_id]) if payer_id in PUBLIC else None
+
+
+async def test_the_router_checks_signatures_on_its_thread_and_answers_on_the_loop() -> None:
+    import asyncio
+    import threading
+
+    from common.messages import RowIn
+    from router.signatures import PaymentSignatures
+
+    checks = PaymentSignatures(NET, _Keys())  # type: ignore[arg-type]
+    row = RowIn(tx_id="t1", sender="alice", receiver="bob", amount=5, memo="m")
+    good = sign(KEYS["alice"], PAY_TAG, NET, "alice", "t1", "bob", 5, "m")
+    accepted = sign(KEYS["bob"], RECEIPT_TAG, NET, "alice", "t1", "bob", 5, "m")
+    loop_thread = threading.get_ident()
+    answers: dict[str, tuple[bool, int]] = {}
+    done = asyncio.Event()
+
+    def answer(name: str) -> Callable[[bool], None]:
+        def cb(ok: bool) -> None:
+            answers[name] = (ok, threading.get_ident())
+            if len(answers) == 6:
+                done.set()
+        return cb
+
+    try:
+        checks.check_order(row, good, answer("order"))
+        checks.check_acceptance(row, accepted, answer("acceptance"))
+        checks.check_order(row, accepted, answer("receipt as order"))  # the wrong tag
+        checks.check_order(row, sign(KEYS["mallory"], PAY_TAG, NET, "alice", "t1", "bob", 5,
+                                     "m"), answer("another key"))
+        checks.check_order(row, None, answer("unsigned"))  # no thread needed
+        checks.check_order(RowIn(tx_id="t1", sender="nobody", receiver="bob", amount=5),
+                           good, answer("no key"))
+        await asyncio.wait_for(done.wait(), 10)
+    finally:
+        checks.stop()
+    assert {k: ok for k, (ok, _) in answers.items()} == {
+        "order": True, "acceptance": True, "receipt as order": False, "another key": False,
+        "unsigned": False, "no key": False}
+    assert {t for _, t in answers.values()} == {loop_thread}  # every answer on the loop
+    assert checks.ordered(row, good)
+    assert not checks.accepted(row, good)
