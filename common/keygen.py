@@ -41,6 +41,7 @@ from common.config import NetworkConfig, load_config
 from common.errors import ConfigError
 from common.files import write_atomically
 from common.keys import KeyFileError, KeyStore
+from common.signing import openings_json, read_openings, sign_opening
 from common.version import add_version
 
 CA_DAYS = 3650
@@ -195,6 +196,45 @@ class _Keys:
                       exts)
         self.write(self.store.cert(name), cert.public_bytes(_PEM), verb, not_after)
 
+    def new_signer(self, name: str, verb: str) -> None:
+        key = Ed25519PrivateKey.generate()
+        self.write(self.store.key(name), _private_pem(key), verb)
+        self.write(self.store.signer_public(name), keys.public_pem(key.public_key()), verb)
+
+    def ensure_signers(self) -> None:
+        """The issuer's and the router's signing keys, then the config's opening balances
+        signed by the issuer (`keys/public/openings.json`, rewritten when one is missing or
+        its amount changed). Without the issuer's private key here (kept offline, as it
+        should be), the openings are left as they are, with a note."""
+        s = self.store
+        for name in keys.SIGNERS:
+            priv, pub = s.key(name), s.signer_public(name)
+            if priv.exists() and not pub.exists():
+                self.write(pub, keys.public_pem(s.load_signer(name).public_key()), "created")
+            elif pub.exists() and not priv.exists():
+                self.note_no_key(pub, priv, name)
+            elif not priv.exists():
+                self.new_signer(name, "created")
+        try:
+            signed = read_openings(s.openings)
+        except ValueError as exc:
+            raise KeyFileError(str(exc)) from None
+        wanted = {p.id: p.opening_minor for p in self.cfg.participants if p.opening_minor > 0}
+        stale = sorted(pid for pid, amount in wanted.items()
+                       if signed.get(pid, (None, b""))[0] != amount)
+        if not stale:
+            return
+        if not s.key(keys.ISSUER_SIGNER).exists():
+            self.say(f"note: {len(stale)} opening balances ({', '.join(stale[:5])}) are not "
+                     f"signed: the issuer's private key is not here ({_show(s.key('issuer'))})")
+            return
+        issuer = s.load_signer(keys.ISSUER_SIGNER)
+        for pid in stale:
+            signed[pid] = (wanted[pid], sign_opening(issuer, self.cfg.network.id, pid,
+                                                     wanted[pid]))
+        self.write(s.openings, openings_json(signed), "signed" if s.openings.exists()
+                   else "created")
+
     def new_payer(self, payer_id: str, verb: str) -> None:
         key = Ed25519PrivateKey.generate()
         self.write(self.store.payer_private(payer_id), _private_pem(key), verb)
@@ -236,6 +276,7 @@ class _Keys:
                     s.load_payer_public(p.id)):  # e.g. a --rotate cut off between the two
                 self.say(f"warning: {_show(pub)} is not the public half of {_show(priv)}: "
                          f"{p.id} cannot log in; run  jackpay-keys CONFIG --rotate {p.id}")
+        self.ensure_signers()
         return self.lines
 
     def renew(self, within_days: int) -> list[str]:

@@ -9,6 +9,9 @@ keys outlive every run and every tool finds them from the config alone:
     keys/public/router-client.crt      the router's client certificate at the ledger (CN router)
     keys/public/auditor.crt            a read-only client certificate at the ledger (CN auditor)
     keys/public/payers/<id>.pub        each participant's Ed25519 public key (PEM)
+    keys/public/issuer.pub             the issuer's Ed25519 key: signs opening balances
+    keys/public/pool-signer.pub        the router's Ed25519 key for debits of system accounts
+    keys/public/openings.json          the opening balances, signed by the issuer
     keys/private/ca.key                ... and the private halves, mode 0600
     keys/private/<name>.key
     keys/private/payers/<id>.key
@@ -41,6 +44,12 @@ TLS_SERVERS = ("router", "ledger")
 # Clients at the ledger: the certificate's common name is the identity the ledger sees.
 TLS_CLIENTS = {"router-client": "router", "auditor": "auditor"}
 ROUTER_IDENTITY = "router"
+# Ed25519 signing identities (common/signing.py): the issuer signs opening balances (its
+# private key belongs offline, never on the router); the router signs debits of system
+# accounts (pools such as `_mixer`) with `pool-signer`.
+ISSUER_SIGNER = "issuer"
+POOL_SIGNER = "pool-signer"
+SIGNERS = (ISSUER_SIGNER, POOL_SIGNER)
 
 
 class KeyFileError(ConfigError):
@@ -121,6 +130,22 @@ class KeyStore:
 
     def payer_private(self, payer_id: str) -> Path:
         return self.private_dir / "payers" / f"{payer_id}.key"
+
+    def signer_public(self, name: str) -> Path:
+        """The public half of a signing identity (`issuer`, `pool-signer`)."""
+        return self.public_dir / f"{name}.pub"
+
+    @property
+    def openings(self) -> Path:
+        return self.public_dir / "openings.json"
+
+    def load_signer(self, name: str) -> Ed25519PrivateKey:
+        """A signing identity's private key. Raises KeyFileError."""
+        return load_ed25519_private(self.key(name))
+
+    def load_signer_public(self, name: str) -> Ed25519PublicKey:
+        path = self.signer_public(name)
+        return load_public_key(read_public_file(path), str(path))
 
     def server_name(self, server: str) -> str:
         """The DNS name in a server's certificate: what clients verify and what payers

@@ -25,6 +25,9 @@ What the row names is what is signed: for `send --mix` the main row pays the poo
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -33,6 +36,46 @@ from common.auth import length_prefixed
 PAY_TAG = b"jackpay-pay-v1"
 RECEIPT_TAG = b"jackpay-receipt-v1"
 MIXER_POOL = "_mixer"  # the account a mixed payment's main row pays (jackpay_plugins.mixer)
+ISSUER = "_issuer"
+OPENING_MEMO = "opening balance"
+
+
+def opening_tx_id(payer_id: str) -> str:
+    """The tx_id of a participant's opening balance (`_issuer` -> id): issued once."""
+    return f"_open:{payer_id}"
+
+
+def sign_opening(key: Ed25519PrivateKey, network_id: str, payer_id: str, amount: int) -> bytes:
+    """The issuer's order of a participant's opening balance."""
+    return sign(key, PAY_TAG, network_id, ISSUER, opening_tx_id(payer_id), payer_id, amount,
+                OPENING_MEMO)
+
+
+def read_openings(path: Path) -> dict[str, tuple[int, bytes]]:
+    """`keys/public/openings.json`: {payer id: {"amount": minor units, "sig": hex}}.
+    Missing file: {}. Raises ValueError for a file that is not that."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    out: dict[str, tuple[int, bytes]] = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a JSON object of signed openings")
+    for pid, entry in data.items():
+        try:
+            amount, sig = entry["amount"], bytes.fromhex(entry["sig"])
+        except (TypeError, KeyError, ValueError):
+            raise ValueError(f"{path}: the entry of {pid!r} is not "
+                             '{"amount": minor units, "sig": hex}') from None
+        if not isinstance(amount, int) or isinstance(amount, bool) or len(sig) != 64:
+            raise ValueError(f"{path}: the entry of {pid!r} has a bad amount or signature")
+        out[pid] = (amount, sig)
+    return out
+
+
+def openings_json(openings: dict[str, tuple[int, bytes]]) -> bytes:
+    return (json.dumps({pid: {"amount": a, "sig": s.hex()} for pid, (a, s)
+                        in sorted(openings.items())}, indent=2) + "\n").encode()
 
 
 def payment_bytes(tag: bytes, network_id: str, sender: str, tx_id: str, receiver: str,

@@ -11,9 +11,13 @@ passed off as signed):
   (a fee is authorised by the payment it belongs to);
 - a row crediting a participant carries the participant's acceptance (tag
   jackpay-receipt-v1), except an opening balance (`_open:<id>`);
-- rows debiting a system account (`_issuer`, `_mixer`, a plug-in's) are counted as
-  `system`: who signs those (an issuer key off the router, the router's key for pools)
-  is not built yet, so they are reported, not proven.
+- a row debiting `_issuer` (an opening balance) carries the issuer's signature (its key
+  lives off the router: `jackpay-keys` signs the openings of the config), and a row
+  debiting another system account (a pool such as `_mixer`) carries the router's
+  pool-signer signature; without those public keys such rows are counted as `system`,
+  reported, not proven;
+- a system account other than `_issuer` never pays out more than was paid into it (its
+  balance never goes below zero), from the first row on.
 The first row that breaks a rule is named and the audit stops there.
 
 What it cannot see: a row removed, or an unsigned row inserted before signing began,
@@ -28,7 +32,7 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from common.messages import LedgerRow
+from common.messages import ISSUER, LedgerRow
 from common.signing import PAY_TAG, RECEIPT_TAG, verify
 from ledger.index import LEG_PREFIX
 
@@ -44,6 +48,8 @@ class AuditCounts:
     rows: int = 0
     unsigned: int = 0  # before signing began
     ordered: int = 0  # debits of participants signed by them
+    issued: int = 0  # debits of `_issuer` signed by the issuer
+    pooled: int = 0  # debits of other system accounts signed by the router
     legs: int = 0  # extra legs authorised by their payment's signed main row
     accepted: int = 0  # credits of participants signed by them
     openings: int = 0  # opening balances (credited without a receipt)
@@ -58,7 +64,10 @@ class SignatureAudit:
     network_id: str
     participants: frozenset[str]
     keys: dict[str, Ed25519PublicKey]  # the participants' public keys (a missing one fails)
+    issuer: Ed25519PublicKey | None = None  # signs `_issuer`'s debits (openings)
+    pool_signer: Ed25519PublicKey | None = None  # the router's: signs other system debits
     counts: AuditCounts = field(default_factory=AuditCounts)
+    pools: dict[str, int] = field(default_factory=dict)  # system accounts' balances
     problem: str | None = None
     signing: bool = False  # a signed row has been seen
     _legs: list[LedgerRow] = field(default_factory=list)  # waiting for their main row
@@ -74,6 +83,9 @@ class SignatureAudit:
 
     def _add(self, row: LedgerRow) -> None:
         self.counts.rows += 1
+        self._pool_balances(row)
+        if self.problem is not None:
+            return
         if not self.signing and (row.sender_sig or row.receiver_sig):
             self.signing = True
         if not self.signing:
@@ -84,6 +96,15 @@ class SignatureAudit:
             return
         self._check(row)
         self._close_group(row)
+
+    def _pool_balances(self, row: LedgerRow) -> None:
+        pools = self.pools
+        for account, delta in ((row.sender, -row.amount), (row.receiver, row.amount)):
+            if account.startswith("_") and account != ISSUER:
+                pools[account] = pools.get(account, 0) + delta
+        if row.sender in pools and pools[row.sender] < 0:
+            self.problem = (f"row {row.seq}: {row.sender} pays out more than was paid into it "
+                            f"({pools[row.sender]} minor units below zero)")
 
     def finish(self) -> str | None:
         if self.problem is None and self._legs:
@@ -104,7 +125,7 @@ class SignatureAudit:
                     return
                 self.counts.legs += 1
             else:
-                self.counts.system += 1
+                self._check_system(leg)
             self._check_credit(leg)
 
     def _check(self, row: LedgerRow) -> None:
@@ -120,8 +141,30 @@ class SignatureAudit:
                 return
             self.counts.ordered += 1
         else:
-            self.counts.system += 1
+            self._check_system(row)
+            if self.problem is not None:
+                return
         self._check_credit(row)
+
+    def _check_system(self, row: LedgerRow) -> None:
+        """A debit of a system account: the issuer's (openings) or the router's (pools)."""
+        key, who = ((self.issuer, "the issuer") if row.sender == ISSUER
+                    else (self.pool_signer, "the router's pool-signer"))
+        if key is None:
+            self.counts.system += 1
+            return
+        if row.sender_sig is None or not verify(key, row.sender_sig, PAY_TAG, self.network_id,
+                                                row.sender, row.tx_id, row.receiver,
+                                                row.amount, row.memo):
+            how = "not signed" if row.sender_sig is None else "signed by another key than"
+            self.problem = (f"row {row.seq}: {row.sender}'s debit (tx_id {row.tx_id}) is {how} "
+                            f"{who} key: money {'minted' if row.sender == ISSUER else 'moved'} "
+                            "without its authority")
+            return
+        if row.sender == ISSUER:
+            self.counts.issued += 1
+        else:
+            self.counts.pooled += 1
 
     def _check_credit(self, row: LedgerRow) -> None:
         receiver = row.receiver
@@ -151,5 +194,6 @@ class SignatureAudit:
         c = self.counts
         return (f"signatures: {c.ordered} debits signed by their payers, {c.legs} legs of "
                 f"signed payments, {c.accepted} credits accepted by their receivers, "
-                f"{c.openings} openings, {c.system} system debits not proven yet, "
+                f"{c.issued} openings signed by the issuer, {c.pooled} pool debits signed by "
+                f"the router, {c.system} system debits not proven (no key given), "
                 f"{c.unsigned} rows from before signing began")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.config import load_config
-from common.keys import KeyFileError, KeyStore
+from common.keys import ISSUER_SIGNER, POOL_SIGNER, SIGNERS, KeyFileError, KeyStore
 from common.messages import ISSUER
 from common.money import format_amount
 from ledger.audit import SignatureAudit
@@ -74,4 +74,9 @@ def signature_audit(config: str) -> SignatureAudit:
             keys[p.id] = store.load_payer_public(p.id)
         except KeyFileError:
             continue
-    return SignatureAudit(cfg.network.id, frozenset(p.id for p in cfg.participants), keys)
+    signers = {}
+    for name in SIGNERS:
+        if store.signer_public(name).exists():
+            signers[name] = store.load_signer_public(name)
+    return SignatureAudit(cfg.network.id, frozenset(p.id for p in cfg.participants), keys,
+                          issuer=signers.get(ISSUER_SIGNER), pool_signer=signers.get(POOL_SIGNER))

@@ -15,14 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from common.messages import ISSUER, LedgerRow, RowIn
+from common.signing import OPENING_MEMO, opening_tx_id
 from router.accounts import Accounts
 from router.transactions import TxParams, TxTable
 
-OPENING_MEMO = "opening balance"
-
-
-def opening_tx_id(payer_id: str) -> str:
-    return f"_open:{payer_id}"
+__all__ = ["OPENING_MEMO", "Book", "Opening", "opening_tx_id"]
 
 
 @dataclass(frozen=True, slots=True)

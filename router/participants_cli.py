@@ -30,8 +30,10 @@ from pathlib import Path
 import msgspec
 
 from common.aio import run
-from common.errors import RequestFailed
-from common.keys import KeyFileError, load_public_key, raw_public
+from common.config import load_config
+from common.errors import ConfigError, RequestFailed
+from common.files import write_atomically
+from common.keys import ISSUER_SIGNER, KeyFileError, KeyStore, load_public_key, raw_public
 from common.messages import (
     PAYER_ID_PATTERN,
     AddParticipant,
@@ -47,6 +49,7 @@ from common.messages import (
 )
 from common.money import AmountError, format_amount, parse_amount
 from common.participants import KINDS
+from common.signing import openings_json, read_openings, sign_opening
 from router.inspect_cli import NotAnswering, admin_path, ask
 
 TIMEOUT_S = 15.0  # an add waits up to 5 s for its opening balance
@@ -175,7 +178,31 @@ def main(argv: list[str]) -> int:
     except ValueError as exc:
         print(f"{prog} {args.command}: {exc}", file=sys.stderr)
         return 2
+    if isinstance(request, AddParticipant) and request.opening_balance > 0 and args.config:
+        note = _sign_opening(args.config, request.payer, request.opening_balance)
+        if note:
+            print(f"{prog} add: {note}", file=sys.stderr)
     return _exchange(f"{prog} {args.command}", args, request)
+
+
+def _sign_opening(config: str, payer_id: str, amount: int) -> str | None:
+    """Sign the new participant's opening balance with the issuer's key, when it is here,
+    into keys/public/openings.json (the router presents it with the row). Returns a note
+    when it cannot (the opening is then issued unsigned, and `verify --keys` names it)."""
+    try:
+        cfg = load_config(config)
+        store = KeyStore.for_config(cfg)
+        if not store.key(ISSUER_SIGNER).exists():
+            return (f"the opening balance of {payer_id} goes unsigned: the issuer's key "
+                    f"({store.key(ISSUER_SIGNER)}) is not here; `jackpay-ledger verify --keys` "
+                    "will name its row")
+        signed = read_openings(store.openings)
+        signed[payer_id] = (amount, sign_opening(store.load_signer(ISSUER_SIGNER),
+                                                 cfg.network.id, payer_id, amount))
+        write_atomically(store.openings, openings_json(signed), 0o644)
+    except (ConfigError, ValueError, OSError) as exc:
+        return f"the opening balance of {payer_id} could not be signed ({exc}); it goes unsigned"
+    return None
 
 
 def reload_main(argv: list[str]) -> int:

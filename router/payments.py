@@ -237,10 +237,14 @@ class Pipeline:
 
     def __init__(self, book: Book, registry: Registry, ledger: LedgerClient,
                  cfg: RouterConfig, plugins: Plugins | None = None,
-                 signatures: PaymentSignatures | None = None) -> None:
+                 signatures: PaymentSignatures | None = None,
+                 sign_system: Callable[[RowIn], bytes | None] | None = None) -> None:
         self.book = book
         # Signed payments (router/signatures.py): None only on the benchmark's plain run.
         self.signatures = signatures
+        # The router's signature of a system payment's debit (a pool's: the mixer's
+        # payouts), with its pool-signer key; None: unsigned.
+        self.sign_system = sign_system
         self.registry = registry
         self.ledger = ledger
         self.cfg = cfg
@@ -360,6 +364,11 @@ class Pipeline:
             raise InvariantViolation(f"system payment {request.tx_id} from {request.sender} "
                                      f"to {request.receiver} is not allowed")
         route = direct_route(request)
+        if self.sign_system is not None:
+            main = route.legs[-1]
+            sig = self.sign_system(main)
+            if sig is not None:
+                route = Route((msgspec.structs.replace(main, sender_sig=sig),), route.payee)
         params = TxParams(request.sender, request.receiver, request.amount, request.memo)
         if request.receiver in self.registry.suspended:
             self._log_failure(request, request.receiver, ErrorCode.PARTICIPANT_SUSPENDED,

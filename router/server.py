@@ -36,11 +36,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
 from common import PROTOCOL_VERSION
 from common.aio import Channel, accept_hello, claim_unix_path, start_channel_server
 from common.config import NetworkConfig, server_limits
 from common.errors import ConfigError, ConnectionLost, ErrorCode, InvariantViolation, JackPayError
-from common.keys import KeyStore
+from common.keys import ISSUER_SIGNER, POOL_SIGNER, KeyStore
 from common.limits import FailedLogins
 from common.logs import ThrottledEvents, log_event
 from common.messages import (
@@ -62,6 +65,7 @@ from common.messages import (
     Receipt,
     ReconcileReply,
     Reject,
+    RowIn,
     Status,
     StatusReply,
     TxState,
@@ -72,6 +76,7 @@ from common.messages import (
 from common.metrics import serve_metrics
 from common.money import format_amount
 from common.participants import Participant
+from common.signing import PAY_TAG, read_openings, sign, verify
 from common.tls import ClientTls, client_tls, server_context
 from router.admin import AdminServer
 from router.book import Book, Opening
@@ -118,6 +123,9 @@ class RouterSecurity:
     tls: ssl.SSLContext | None  # the payer port's server context
     ledger_tls: ClientTls | None  # to the ledger, with the router's client certificate
     login: LoginPolicy | None  # what logins are checked against (the participants' keys)
+    # Signs the debits of system accounts (the mixer's payouts): common/keys.POOL_SIGNER.
+    pool_signer: Ed25519PrivateKey | None = None
+    issuer: Ed25519PublicKey | None = None  # checks the signed openings it presents
 
     @classmethod
     def from_config(cls, cfg: NetworkConfig, *, plain: bool = False) -> RouterSecurity:
@@ -129,7 +137,8 @@ class RouterSecurity:
                    client_tls(store, "ledger", identity="router-client"),
                    LoginPolicy(cfg.network.id, store.server_name("router"),
                                PayerKeys(store, [p.id for p in cfg.participants]),
-                               FailedLogins(cfg.router.failed_logins_per_minute)))
+                               FailedLogins(cfg.router.failed_logins_per_minute)),
+                   store.load_signer(POOL_SIGNER), store.load_signer_public(ISSUER_SIGNER))
 
 
 def connection_budget(wanted: int) -> int:
@@ -180,8 +189,17 @@ class RouterService:
             raise StartupFailed(str(exc)) from None
         signatures = (PaymentSignatures(cfg.network.id, security.login.keys)
                       if security.login is not None and check_signatures else None)
+        pool = security.pool_signer
+        net_id = cfg.network.id
+
+        def sign_system(row: RowIn) -> bytes | None:
+            if pool is None or signatures is None:
+                return None
+            return sign(pool, PAY_TAG, net_id, row.sender, row.tx_id, row.receiver, row.amount,
+                        row.memo)
+
         self.pipeline = Pipeline(self.book, self.registry, self.ledger, rc, self.plugins,
-                                 signatures)
+                                 signatures, sign_system)
         if self.plugins.wants_flush:
             self.ledger.before_send = self.plugins.flush
         self._plugin_rows: list[LedgerRow] | None = [] if self.plugins.enabled else None
@@ -353,6 +371,7 @@ class RouterService:
                 rows = self.book.missing_openings(openings)
             if not rows:
                 return
+            rows = self._signed_openings(rows)
             futs = [self.ledger.append(r) for r in rows]
             results = await asyncio.gather(*futs, return_exceptions=True)
             for row_in, res in zip(rows, results, strict=True):
@@ -375,6 +394,32 @@ class RouterService:
             if self.book.missing_openings(openings):
                 await asyncio.sleep(0.1)
                 await self.ledger.wait_connected()
+
+    def _signed_openings(self, rows: list[RowIn]) -> list[RowIn]:
+        """The openings with the issuer's signatures from `keys/public/openings.json`
+        (`jackpay-keys` signs them where the issuer's key is). One without a good
+        signature is issued unsigned, and said so: `verify --keys` will name it."""
+        issuer = self.security.issuer
+        if issuer is None:  # the benchmark's plain run
+            return rows
+        try:
+            signed = read_openings(self.keys.openings)
+        except (ValueError, OSError) as exc:
+            log_event(log, "signed openings unreadable", logging.ERROR, error=str(exc))
+            signed = {}
+        out = []
+        for row in rows:
+            amount, sig = signed.get(row.receiver, (None, b""))
+            if amount == row.amount and verify(issuer, sig, PAY_TAG, self.cfg.network.id,
+                                               row.sender, row.tx_id, row.receiver,
+                                               row.amount, row.memo):
+                row = msgspec.structs.replace(row, sender_sig=sig)
+            else:
+                log_event(log, "opening balance not signed by the issuer; issued unsigned "
+                          "(run jackpay-keys CONFIG where the issuer's key is, then restart)",
+                          logging.WARNING, tx_id=row.tx_id, amount=format_amount(row.amount))
+            out.append(row)
+        return out
 
     async def reconcile(self) -> ReconcileReply:
         """The live book against a replay of the ledger (router/reconcile.py). Reads

@@ -19,11 +19,13 @@ from common.config import NetworkConfig, load_config
 from common.keygen import ensure_keys, main, renew, rotate
 from common.keys import KeyFileError, KeyStore, load_public_key, public_pem, raw_public
 
-TOML = '[network]\nid = "testnet"\n\n[[participants]]\nid = "alice"\n\n[[participants]]\nid = "bob"\n'
+TOML = ('[network]\nid = "testnet"\n\n[[participants]]\nid = "alice"\nopening_balance = "10.00"\n'
+        '\n[[participants]]\nid = "bob"\n')
 PRIVATE = ["ca.key", "router.key", "ledger.key", "router-client.key", "auditor.key",
-           "payers/alice.key", "payers/bob.key"]
+           "payers/alice.key", "payers/bob.key", "issuer.key", "pool-signer.key"]
 PUBLIC = ["ca.crt", "router.crt", "ledger.crt", "router-client.crt", "auditor.crt",
-          "payers/alice.pub", "payers/bob.pub"]
+          "payers/alice.pub", "payers/bob.pub", "issuer.pub", "pool-signer.pub",
+          "openings.json"]
 
 
 @pytest.fixture
@@ -399,3 +401,29 @@ def test_creating_never_overwrites(cfg: NetworkConfig, store: KeyStore) -> None:
     assert store.key("router").read_bytes() == before
     assert sorted(p.name for p in (store.root / "private").iterdir()) == sorted(
         [*(n for n in PRIVATE if "/" not in n), "payers"])  # no temp file left behind
+
+
+def test_the_openings_are_signed_by_the_issuer_and_re_signed_when_changed(
+        cfg_path: Path) -> None:
+    from common.signing import PAY_TAG, read_openings, verify
+
+    cfg = load_config(cfg_path)
+    ensure_keys(cfg)
+    store = KeyStore.for_config(cfg)
+    issuer = store.load_signer_public("issuer")
+    signed = read_openings(store.openings)
+    assert set(signed) == {"alice"}  # bob opens with nothing: no row, nothing to sign
+    amount, sig = signed["alice"]
+    assert amount == 1000
+    assert verify(issuer, sig, PAY_TAG, "testnet", "_issuer", "_open:alice", "alice", 1000,
+                  "opening balance")
+    cfg_path.write_text(TOML.replace('"10.00"', '"12.00"'))
+    lines = ensure_keys(load_config(cfg_path))
+    assert lines == ["signed keys/public/openings.json (0644)"]
+    assert read_openings(store.openings)["alice"][0] == 1200
+    # The issuer's key kept offline: nothing is signed, and it says so.
+    store.key("issuer").rename(cfg_path.parent / "issuer.key.offline")
+    cfg_path.write_text(TOML.replace('"10.00"', '"13.00"'))
+    lines = ensure_keys(load_config(cfg_path))
+    assert any("not signed: the issuer's private key is not here" in line for line in lines)
+    assert read_openings(store.openings)["alice"][0] == 1200

@@ -110,6 +110,13 @@ async def test_a_participant_added_at_run_time_pays_at_once_and_survives_a_resta
         assert (await net.wait_quiet()).balances["bob"] == 600
     finally:
         net.stop_all()
+    # The add signed dave's opening with the issuer's key (here, as in a test network):
+    # the whole ledger, his opening included, passes the signature audit.
+    from ledger.verify import signature_audit, verify_file
+
+    verdict = verify_file(net.ledger_path, signature_audit(str(net.config_path)))
+    assert verdict.ok, verdict.line
+    assert "3 openings signed by the issuer" in verdict.line
 
 
 async def test_an_addition_that_cannot_be_recorded_changes_nothing(tmp_path: Path) -> None:

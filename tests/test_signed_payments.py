@@ -50,6 +50,10 @@ async def test_a_paid_row_carries_the_order_and_the_acceptance(network: Network)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "1 debits signed by their payers" in done.stdout
     assert "1 credits accepted by their receivers" in done.stdout
+    # the openings were signed by the issuer (jackpay-keys), not by the router
+    assert "2 openings signed by the issuer" in done.stdout
+    assert "0 system debits not proven" in done.stdout
+    assert "0 rows from before signing began" in done.stdout
 
 
 @pytest.mark.parametrize("forgery", ["another key", "another amount", "unsigned"])

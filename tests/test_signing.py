@@ -271,3 +271,73 @@ async def test_the_router_checks_signatures_on_its_thread_and_answers_on_the_loo
     assert {t for _, t in answers.values()} == {loop_thread}  # every answer on the loop
     assert checks.ordered(row, good)
     assert not checks.accepted(row, good)
+
+
+# --- system rows: the issuer's openings, the router's pool debits ---------------------------
+
+ISSUER_KEY = Ed25519PrivateKey.from_private_bytes(b"\x11" * 32)
+POOL_KEY = Ed25519PrivateKey.from_private_bytes(b"\x22" * 32)
+
+
+def system_row(prev: str, seq: int, sender: str, receiver: str, amount: int, tx_id: str,
+               memo: str, key: Ed25519PrivateKey | None, accepted_by: str | None = None
+               ) -> LedgerRow:
+    ssig = sign(key, PAY_TAG, NET, sender, tx_id, receiver, amount, memo) if key else None
+    rsig = (sign(KEYS[accepted_by], RECEIPT_TAG, NET, sender, tx_id, receiver, amount, memo)
+            if accepted_by else None)
+    return make_row(prev, seq, DTG, sender, receiver, amount, tx_id, memo, ssig, rsig)
+
+
+def audit_all(rows: list[LedgerRow]) -> SignatureAudit:
+    a = SignatureAudit(NET, frozenset(("alice", "bob", "carol")), dict(PUBLIC),
+                       issuer=ISSUER_KEY.public_key(), pool_signer=POOL_KEY.public_key())
+    for r in rows:
+        a.add(r)
+    a.finish()
+    return a
+
+
+def ledger_of(*rows: tuple[str, str, int, str, str, Ed25519PrivateKey | None, str | None]
+              ) -> list[LedgerRow]:
+    out: list[LedgerRow] = []
+    prev = GENESIS_HASH
+    for seq, (sender, receiver, amount, tx_id, memo, key, accepted_by) in enumerate(rows, 1):
+        if sender.startswith("_"):
+            row = system_row(prev, seq, sender, receiver, amount, tx_id, memo, key, accepted_by)
+        else:
+            row = signed(prev, seq, sender, receiver, amount, tx_id, memo, by=sender,
+                         accepted_by=accepted_by)
+        out.append(row)
+        prev = row.hash
+    return out
+
+
+OPEN = ("_issuer", "alice", 1000, "_open:alice", "opening balance", ISSUER_KEY, None)
+
+
+def test_openings_signed_by_the_issuer_and_pool_debits_by_the_router_pass() -> None:
+    rows = ledger_of(OPEN, ("alice", "_mixer", 300, "m1", "", None, None),
+                     ("_mixer", "bob", 300, "_mix:1", "", POOL_KEY, "bob"))
+    a = audit_all(rows)
+    assert a.problem is None
+    c = a.counts
+    assert (c.issued, c.ordered, c.pooled, c.accepted, c.system, c.unsigned) == (1, 1, 1, 1, 0, 0)
+
+
+@pytest.mark.parametrize(("bad", "named"), [
+    # minted: an opening the issuer never signed (the router signed it, or nobody did)
+    (("_issuer", "bob", 5000, "_open:bob", "opening balance", POOL_KEY, None), "minted"),
+    (("_issuer", "bob", 5000, "_open:bob", "opening balance", None, None), "minted"),
+    # a pool debit not signed by the router's key
+    (("_mixer", "bob", 100, "_mix:2", "", ISSUER_KEY, "bob"), "moved without its authority"),
+    # the pool pays out more than was paid in (signed by the router all the same)
+    (("_mixer", "bob", 400, "_mix:2", "", POOL_KEY, "bob"), "pays out more than was paid"),
+])
+def test_system_rows_without_their_authority_are_named(
+        bad: tuple[str, str, int, str, str, Ed25519PrivateKey | None, str | None],
+        named: str) -> None:
+    rows = ledger_of(OPEN, ("alice", "_mixer", 300, "m1", "", None, None), bad)
+    a = audit_all(rows)
+    assert a.problem is not None
+    assert a.problem.startswith("row 3:")
+    assert named in a.problem
