@@ -131,13 +131,9 @@ class SignatureAudit:
     def _check(self, row: LedgerRow) -> None:
         sender = row.sender
         if sender in self.participants:
-            if row.sender_sig is None:
-                self.problem = (f"row {row.seq}: {sender}'s debit (tx_id {row.tx_id}) is not "
-                                f"signed by {sender}: a payment its payer never ordered")
-                return
-            if not self._verify(sender, row.sender_sig, PAY_TAG, row):
-                self.problem = (f"row {row.seq}: the sender's signature does not verify with "
-                                f"{sender}'s key (the row was changed, or signed by another key)")
+            if not self._signed_by(sender, "sender", row.sender_sig, PAY_TAG, row,
+                                   f"{sender}'s debit (tx_id {row.tx_id}) is not signed by "
+                                   f"{sender}: a payment its payer never ordered"):
                 return
             self.counts.ordered += 1
         else:
@@ -173,15 +169,22 @@ class SignatureAudit:
         if row.tx_id.startswith(OPENING_PREFIX):
             self.counts.openings += 1
             return
-        if row.receiver_sig is None:
-            self.problem = (f"row {row.seq}: {receiver}'s credit (tx_id {row.tx_id}) carries "
-                            f"no acceptance signed by {receiver}")
-            return
-        if not self._verify(receiver, row.receiver_sig, RECEIPT_TAG, row):
-            self.problem = (f"row {row.seq}: the receiver's signature does not verify with "
-                            f"{receiver}'s key (the row was changed, or signed by another key)")
-            return
-        self.counts.accepted += 1
+        if self._signed_by(receiver, "receiver", row.receiver_sig, RECEIPT_TAG, row,
+                           f"{receiver}'s credit (tx_id {row.tx_id}) carries no acceptance "
+                           f"signed by {receiver}"):
+            self.counts.accepted += 1
+
+    def _signed_by(self, who: str, role: str, sig: bytes | None, tag: bytes, row: LedgerRow,
+                   unsigned: str) -> bool:
+        """Whether participant `who` signed the row (as its `role`); else `problem`."""
+        if sig is None:
+            self.problem = f"row {row.seq}: {unsigned}"
+            return False
+        if not self._verify(who, sig, tag, row):
+            self.problem = (f"row {row.seq}: the {role}'s signature does not verify with "
+                            f"{who}'s key (the row was changed, or signed by another key)")
+            return False
+        return True
 
     def _verify(self, who: str, sig: bytes, tag: bytes, row: LedgerRow) -> bool:
         key = self.keys.get(who)

@@ -17,13 +17,14 @@ import asyncio
 import gc
 import os
 import random
-import shutil
 import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from test_ledger_index import copy_index as save_index
+from test_ledger_index import index_files, restore_index
 
 from common.messages import LedgerRow, RowIn
 from ledger import csvindex
@@ -64,24 +65,6 @@ def fill(path: Path, first: int, last: int, per_batch: int = 1) -> None:
     for i in range(first, last + 1, per_batch):
         append(store, [[pay(j)] for j in range(i, min(i + per_batch, last + 1))])
     store.close()
-
-
-def index_files(path: Path) -> list[Path]:
-    where = index_path(path)
-    return [p for p in (where, Path(f"{where}-wal"), Path(f"{where}-shm")) if p.exists()]
-
-
-def save_index(path: Path, to: Path) -> None:
-    to.mkdir()
-    for p in index_files(path):
-        shutil.copy(p, to / p.name)
-
-
-def restore_index(saved: Path, path: Path) -> None:
-    for p in index_files(path):
-        p.unlink()
-    for p in saved.iterdir():
-        shutil.copy(p, path.parent / p.name)
 
 
 def balances_of(n: int) -> dict[str, int]:
@@ -482,6 +465,9 @@ KILLED_WHILE_SERVING = """
 import os, signal, sys
 sys.path.insert(0, sys.argv[2])
 from pathlib import Path
+from test_ledger_index import copy_index as save_index
+from test_ledger_index import index_files, restore_index
+
 from ledger import csvindex
 from ledger.storage import Fenced
 csvindex.COMMIT_EVERY_S = 0.0
