@@ -55,12 +55,13 @@ from chaos.proxy import FaultProxy
 from chaos.workload import Workload
 from common.aio import run
 from common.procs import fsize_limit
+from common.proofs import check_proofs
 from jackpay_plugins.mixer.journal import Journal
 from ledger.audit import SignatureAudit
 from ledger.pgcluster import PgCluster
 from ledger.pgstore import verify_database
 from ledger.store import load_rows
-from ledger.verify import signature_audit
+from ledger.verify import receipt_check, signature_audit
 
 PROCESS_FAULTS = ["kill_router", "kill_ledger", "kill_payer", "pause_router", "pause_ledger",
                   "ledger_write_failure"]
@@ -151,6 +152,7 @@ class Chaos:
         self.cluster: PgCluster | None = None
         self.failovers: list[Failover] = []
         self.signatures: SignatureAudit | None = None  # the audit of the final ledger
+        self.receipts_held = 0  # the ledger's receipts kept by the daemons, all checked
         self.standby_outages: list[tuple[float, float]] = []  # (died, restarted), monotonic
         self.workload: Workload | None = None
         self.payer_ids = [f"payer{i}" for i in range(payers)]
@@ -408,6 +410,15 @@ class Chaos:
             self.signatures.add(row)
         if (problem := self.signatures.finish()) is not None:
             report.violations.append(Violation("signatures", problem))
+        # The ledger's receipts the payers' daemons kept: every one must hold against the
+        # final ledger (a row acknowledged, then lost or rewritten, would break one).
+        folder = self.net.config.resolve(self.net.config.payer.receipts_dir)
+        if folder.is_dir():
+            kept = receipt_check(str(self.net.config_path), folder)
+            self.receipts_held = len(kept.proofs)
+            if (problem := check_proofs(kept.proofs, rows, kept.network_id,
+                                        kept.ledger_key)) is not None:
+                report.violations.append(Violation("receipts", problem))
         if self.cluster is not None:
             ok, line, _ = await verify_database(self.net.dsn)
             if not ok:
@@ -446,6 +457,7 @@ def summarise(chaos: Chaos, report: Report, workload: Workload) -> dict[str, Any
         "indeterminate_then_resolved": resolved, "faults_injected": dict(chaos.injected),
         "ledger_rows": report.rows, "violations": [str(v) for v in report.violations],
         "signatures": chaos.signatures.summary() if chaos.signatures else None,
+        "receipts_checked": chaos.receipts_held,
         "store": chaos.store,
         "failovers": [{"rpo_lost": f.lost, "acked_before": f.acked, "rto_s": f.rto_s}
                       for f in chaos.failovers],
@@ -476,7 +488,8 @@ async def amain(args: argparse.Namespace) -> int:
             print("  " + line)
         print(f"attempted {summary['attempted']} payments; outcomes {summary['outcomes']}")
         print(f"indeterminate then resolved: {summary['indeterminate_then_resolved']}")
-        print(f"verify --keys: {summary['signatures']}")
+        print(f"verify --keys: {summary['signatures']}; receipts checked: "
+              f"{summary['receipts_checked']}")
         print(f"faults injected: {summary['faults_injected']}")
         print(f"ledger rows: {summary['ledger_rows']}")
         for i, f in enumerate(chaos.failovers, 1):

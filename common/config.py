@@ -120,6 +120,9 @@ class PayerConfig(_Section):
     control_dir: str = "."
     reconnect_max_s: Seconds = 2.0
     request_timeout_s: Seconds = 20.0
+    # The ledger's receipts of every paid and settled payment, one JSON-lines file per
+    # payer (`<id>.jsonl`): what `jackpay-ledger verify --receipts` checks a ledger against.
+    receipts_dir: str = "receipts"
 
 
 class NetworkConfig(_Section):

@@ -25,6 +25,7 @@ Rules:
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -296,9 +297,22 @@ class _Keys:
                     self.say(f"warning: cannot renew {_show(cert)}: its key is not here")
         return self.lines
 
+    def retire(self, payer_id: str) -> None:
+        """Keep the participant's current public key in its history, valid until now, so
+        rows it signed before still verify (`jackpay-ledger verify --keys`)."""
+        s = self.store
+        if not s.payer_public(payer_id).exists():
+            return
+        path = s.payer_retired(payer_id)
+        entries = json.loads(path.read_text()) if path.exists() else []
+        entries.append({"public": keys.raw_public(s.load_payer_public(payer_id)).hex(),
+                        "until": self.now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")})
+        self.write(path, (json.dumps(entries, indent=2) + "\n").encode(), "updated")
+
     def rotate(self, names: list[str]) -> list[str]:
         for is_payer, name in _rotation_targets(self.cfg, names):
             if is_payer:
+                self.retire(name)
                 self.new_payer(name, "rotated")
             else:
                 self.issue_tls(name, "rotated")

@@ -11,6 +11,7 @@ keys outlive every run and every tool finds them from the config alone:
     keys/public/payers/<id>.pub        each participant's Ed25519 public key (PEM)
     keys/public/issuer.pub             the issuer's Ed25519 key: signs opening balances
     keys/public/pool-signer.pub        the router's Ed25519 key for debits of system accounts
+    keys/public/ledger-signer.pub      the ledger's Ed25519 key: seals its chain head
     keys/public/openings.json          the opening balances, signed by the issuer
     keys/private/ca.key                ... and the private halves, mode 0600
     keys/private/<name>.key
@@ -26,6 +27,7 @@ Rules:
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
 from dataclasses import dataclass
@@ -49,7 +51,8 @@ ROUTER_IDENTITY = "router"
 # accounts (pools such as `_mixer`) with `pool-signer`.
 ISSUER_SIGNER = "issuer"
 POOL_SIGNER = "pool-signer"
-SIGNERS = (ISSUER_SIGNER, POOL_SIGNER)
+LEDGER_SIGNER = "ledger-signer"  # the ledger's: seals its chain head in every receipt
+SIGNERS = (ISSUER_SIGNER, POOL_SIGNER, LEDGER_SIGNER)
 
 
 class KeyFileError(ConfigError):
@@ -127,6 +130,32 @@ class KeyStore:
 
     def payer_public(self, payer_id: str) -> Path:
         return self.payers_public_dir / f"{payer_id}.pub"
+
+    def payer_retired(self, payer_id: str) -> Path:
+        """The participant's retired public keys, with when each stopped being valid."""
+        return self.payers_public_dir / f"{payer_id}.retired.json"
+
+    def load_payer_retired(self, payer_id: str) -> list[tuple[str, Ed25519PublicKey]]:
+        """(valid until, key) of every retired key, oldest first; `until` is a ledger time
+        (`2026-12-01T10:00:00.000000Z`). Raises KeyFileError for a file that is not that."""
+        path = self.payer_retired(payer_id)
+        try:
+            entries = json.loads(read_public_file(path))
+        except KeyFileError:
+            if not path.exists():
+                return []
+            raise
+        except ValueError as exc:
+            raise KeyFileError(f"{path} is not JSON: {exc}") from None
+        out = []
+        try:
+            for e in entries:
+                key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(e["public"]))
+                out.append((str(e["until"]), key))
+        except (TypeError, KeyError, ValueError):
+            raise KeyFileError(f"{path}: entries must be {{\"public\": hex, \"until\": "
+                               "time}") from None
+        return sorted(out, key=lambda e: e[0])
 
     def payer_private(self, payer_id: str) -> Path:
         return self.private_dir / "payers" / f"{payer_id}.key"

@@ -42,6 +42,9 @@ Signature = Annotated[bytes, msgspec.Meta(min_length=64, max_length=64)]
 ISSUER = "_issuer"
 # Bounded so that the reply (about 150 bytes per row) always fits the default frame limit.
 MAX_APPEND_ROWS = 256
+# Upper bound of one encoded AppendResult, with its seal (tests/test_messages.py checks it):
+# an append's rows are capped so that the reply fits one frame.
+APPEND_RESULT_BYTES = 320
 
 
 class Message(msgspec.Struct, tag_field="t", forbid_unknown_fields=True, frozen=True,
@@ -156,15 +159,39 @@ class Append(Message, tag="append", frozen=True):
     atomic: bool = False
 
 
-class AppendResult(Record, frozen=True):
+class Seal(Record, frozen=True):
+    """The ledger's signature of its chain head after a durable batch (common/signing.py
+    `head_bytes`): the head's hash commits to every row up to `head_seq`."""
+
+    head_seq: Seq
+    head_hash: str
+    sig: Signature
+
+
+class AppendResult(Record, frozen=True, omit_defaults=True):
     """`written`: a new row; `duplicate`: the same payment was already recorded (its seq,
     dtg and hash are returned); `conflict`: the tx_id is recorded with other content
-    (nothing written; seq, dtg and hash of the existing row)."""
+    (nothing written; seq, dtg and hash of the existing row). `seal`: the ledger's
+    signed chain head, at or after this row (not on conflicts)."""
 
     status: Literal["written", "duplicate", "conflict"]
     seq: Seq
     dtg: str
     hash: str
+    seal: Seal | None = None
+
+
+class LedgerProof(Record, frozen=True):
+    """What a payer keeps of a paid payment (`paid.proof`, `settled.proof`): its row's
+    seq and hash, and the ledger's signed chain head at or after it. Later, anyone with
+    the ledger file and the ledger's public key can tell whether that row was removed or
+    rewritten (`jackpay-ledger verify FILE --receipts DIR`)."""
+
+    seq: Seq
+    hash: str
+    head_seq: Seq
+    head_hash: str
+    sig: Signature
 
 
 class Appended(Message, tag="appended", frozen=True):
@@ -270,6 +297,7 @@ class Paid(Message, tag="paid", frozen=True):
     seq: Seq
     dtg: str
     balance: Balance
+    proof: LedgerProof | None = None  # the ledger's receipt (absent for older payments)
 
 
 class GetBalance(Message, tag="balance", frozen=True):
@@ -360,6 +388,7 @@ class Settled(Message, tag="settled", frozen=True):
     sender: AccountId = msgspec.field(name="from")
     seq: Seq
     balance: Balance
+    proof: LedgerProof | None = None  # the ledger's receipt (absent for older payments)
 
 
 class Cancel(Message, tag="cancel", frozen=True):

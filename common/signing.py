@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from common.auth import length_prefixed
 
 PAY_TAG = b"jackpay-pay-v1"
+LEDGER_TAG = b"jackpay-ledger-v1"  # the ledger's seal of its chain head
 RECEIPT_TAG = b"jackpay-receipt-v1"
 MIXER_POOL = "_mixer"  # the account a mixed payment's main row pays (jackpay_plugins.mixer)
 ISSUER = "_issuer"
@@ -83,6 +84,14 @@ def payment_bytes(tag: bytes, network_id: str, sender: str, tx_id: str, receiver
     """The exact bytes signed for the row (sender, tx_id, receiver, amount, memo)."""
     return length_prefixed(tag, network_id.encode(), sender.encode(), tx_id.encode(),
                            receiver.encode(), str(amount).encode(), memo.encode())
+
+
+def head_bytes(network_id: str, head_seq: int, head_hash: str) -> bytes:
+    """The exact bytes the ledger signs after a durable batch: its chain head. The head's
+    hash commits to every row before it (the hash chain), so one signature per batch
+    seals each of its rows and all those before."""
+    return length_prefixed(LEDGER_TAG, network_id.encode(), str(head_seq).encode(),
+                           head_hash.encode())
 
 
 def signed_row(to: str, memo: str, mix: bool) -> tuple[str, str]:

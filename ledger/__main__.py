@@ -31,7 +31,7 @@ import asyncpg
 from common.aio import run
 from common.config import LedgerConfig, NetworkConfig, load_config, server_limits
 from common.errors import ConfigError
-from common.keys import KeyStore
+from common.keys import LEDGER_SIGNER, KeyStore
 from common.logs import log_event, setup_logging
 from common.metrics import serve_metrics
 from common.procs import print_ready
@@ -41,7 +41,7 @@ from ledger.pgstore import PgStore, export_csv, is_dsn, verify_database
 from ledger.server import LedgerAccess, LedgerServer
 from ledger.storage import LedgerStorage
 from ledger.store import LedgerCorrupt, LedgerStore
-from ledger.verify import signature_audit, verify_file
+from ledger.verify import receipt_check, signature_audit, verify_file
 
 log = logging.getLogger("jackpay.ledger")
 
@@ -71,9 +71,13 @@ def _serve_parser() -> argparse.ArgumentParser:
 def ledger_access(cfg: NetworkConfig, *, plain: bool = False) -> LedgerAccess:
     """The ledger's TLS context and who it admits. Raises ConfigError (KeyFileError)."""
     lc = cfg.ledger
-    tls = None if plain else server_context(KeyStore.for_config(cfg), "ledger",
-                                            client_certs=True)
-    return LedgerAccess(tls, frozenset(lc.auditors), lc.handshake_timeout_s, server_limits(lc))
+    if plain:
+        return LedgerAccess(None, frozenset(lc.auditors), lc.handshake_timeout_s,
+                            server_limits(lc))
+    store = KeyStore.for_config(cfg)
+    return LedgerAccess(server_context(store, "ledger", client_certs=True),
+                        frozenset(lc.auditors), lc.handshake_timeout_s, server_limits(lc),
+                        store.load_signer(LEDGER_SIGNER), cfg.network.id)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,15 +89,24 @@ def main(argv: list[str] | None = None) -> int:
         vp.add_argument("--keys", metavar="CONFIG",
                         help="also check every row's signatures against the public keys of "
                              "the participants of this network config")
+        vp.add_argument("--receipts", metavar="DIR", type=Path,
+                        help="also hold the file against the ledger's receipts kept by "
+                             "payers (*.jsonl in DIR); needs --keys (the ledger's key)")
         vargs = vp.parse_args(args_list[1:])
-        audit = None
+        audit = receipts = None
+        if vargs.receipts and not vargs.keys:
+            vp.error("--receipts needs --keys CONFIG (the ledger's public key is there)")
         if vargs.keys:
             try:
                 audit = signature_audit(vargs.keys)
-            except ConfigError as exc:
-                print(f"FAIL cannot read the keys: {exc}")
+                if vargs.receipts:
+                    receipts = receipt_check(vargs.keys, vargs.receipts)
+            except (ConfigError, ValueError, OSError) as exc:
+                print(f"FAIL cannot read the keys or the receipts: {exc}")
                 return 2
         if is_dsn(vargs.path):
+            if receipts is not None:
+                vp.error("--receipts checks a file: `jackpay-ledger export --csv` it first")
             try:
                 ok, line, _ = asyncio.run(verify_database(vargs.path, audit))
             except DB_ERRORS as exc:
@@ -101,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             print(line)
             return 0 if ok else 1
-        verdict = verify_file(Path(vargs.path), audit)
+        verdict = verify_file(Path(vargs.path), audit, receipts)
         print(verdict.line)
         return 0 if verdict.ok else 1
     if args_list[:1] == ["export"]:

@@ -22,13 +22,16 @@ The first row that breaks a rule is named and the audit stops there.
 
 What it cannot see: a row removed, or an unsigned row inserted before signing began,
 with the whole chain recomputed after it — the payers' receipts are the defence there.
-Keys: each participant's current key; a key rotated since a row was signed fails that
-row (keys with validity periods are not built yet).
+Keys: a row verifies with the participant's key valid when it was written — the current
+one, or one retired by `jackpay-keys --rotate` after the row (kept with its end of validity
+in `keys/public/payers/<id>.retired.json`), or the one retired within a minute before it
+(signed before the rotation, written just after).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -37,6 +40,12 @@ from common.signing import PAY_TAG, RECEIPT_TAG, verify
 from ledger.index import LEG_PREFIX
 
 OPENING_PREFIX = "_open:"
+ROTATION_GRACE = timedelta(seconds=60)
+_DTG = "%Y-%m-%dT%H:%M:%S.%fZ"
+
+
+def _plus(dtg: str, delta: timedelta) -> str:
+    return (datetime.strptime(dtg, _DTG) + delta).strftime(_DTG)
 
 
 class MissingKey(Exception):
@@ -64,6 +73,9 @@ class SignatureAudit:
     network_id: str
     participants: frozenset[str]
     keys: dict[str, Ed25519PublicKey]  # the participants' public keys (a missing one fails)
+    # Each participant's retired keys: (valid until, key), oldest first (jackpay-keys
+    # --rotate keeps them). A row verifies with the key valid when it was written.
+    retired: dict[str, list[tuple[str, Ed25519PublicKey]]] = field(default_factory=dict)
     issuer: Ed25519PublicKey | None = None  # signs `_issuer`'s debits (openings)
     pool_signer: Ed25519PublicKey | None = None  # the router's: signs other system debits
     counts: AuditCounts = field(default_factory=AuditCounts)
@@ -187,11 +199,22 @@ class SignatureAudit:
         return True
 
     def _verify(self, who: str, sig: bytes, tag: bytes, row: LedgerRow) -> bool:
-        key = self.keys.get(who)
-        if key is None:
+        keys = self._keys_at(who, row.dtg)
+        if not keys:
             raise MissingKey(who)
-        return verify(key, sig, tag, self.network_id, row.sender, row.tx_id, row.receiver,
-                      row.amount, row.memo)
+        return any(verify(key, sig, tag, self.network_id, row.sender, row.tx_id, row.receiver,
+                          row.amount, row.memo) for key in keys)
+
+    def _keys_at(self, who: str, dtg: str) -> list[Ed25519PublicKey]:
+        """The key valid at `dtg` (a row's time); and the one retired just before, within
+        ROTATION_GRACE (a payment signed before the rotation, written just after it)."""
+        keys: list[Ed25519PublicKey] = []
+        for until, key in self.retired.get(who, ()):
+            if dtg < until:
+                return [*keys, key]
+            keys = [key] if dtg < _plus(until, ROTATION_GRACE) else []
+        current = self.keys.get(who)
+        return [*keys, current] if current is not None else keys
 
     def summary(self) -> str:
         c = self.counts

@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prometheus_client.core import Metric
 
 from common import PROTOCOL_VERSION
@@ -38,6 +39,7 @@ from common.keys import ROUTER_IDENTITY
 from common.limits import ServerLimits
 from common.logs import log_event
 from common.messages import (
+    APPEND_RESULT_BYTES,
     LEDGER_REQUESTS,
     Append,
     Appended,
@@ -52,6 +54,7 @@ from common.messages import (
     Pong,
     Read,
     Rows,
+    Seal,
     Stats,
     StatsReply,
     Welcome,
@@ -59,6 +62,7 @@ from common.messages import (
     encode,
 )
 from common.metrics import BUCKETS_ROWS, Histogram, counter, gauge
+from common.signing import head_bytes
 from ledger.storage import SLOW_FSYNC_US, Fenced, LedgerStorage
 
 log = logging.getLogger("jackpay.ledger")
@@ -68,8 +72,6 @@ log = logging.getLogger("jackpay.ledger")
 LEDGER_ROLES = ("router", "admin", "client")
 
 _DECODER = decoder_for(LEDGER_REQUESTS)
-# Upper bound of one encoded AppendResult, to refuse appends whose reply could not be sent.
-APPEND_RESULT_BYTES = 160
 
 
 def utc_now_dtg() -> str:
@@ -85,6 +87,10 @@ class LedgerAccess:
     auditors: frozenset[str] = frozenset({"auditor"})
     handshake_timeout_s: float = 10.0
     limits: ServerLimits | None = None
+    # Seals the chain head after every batch (`seal` in each append result), so payers
+    # keep receipts that show a removed or rewritten row later. None: no seals (plain).
+    sealer: Ed25519PrivateKey | None = None
+    network_id: str = ""
 
 
 @dataclass(slots=True)
@@ -412,6 +418,15 @@ class LedgerServer:
         self._slow_logged_at = now
         self._slow_unlogged = 0
 
+    def _seal(self) -> Seal | None:
+        """The signed chain head, once per batch (one Ed25519 signature: ~35 µs)."""
+        key, store = self.access.sealer, self.store
+        if key is None or store.last_seq == 0:
+            return None
+        head_seq, head_hash = store.last_seq, store.last_hash
+        sig = key.sign(head_bytes(self.access.network_id, head_seq, head_hash))
+        return Seal(head_seq=head_seq, head_hash=head_hash, sig=sig)
+
     def _stop_writing(self, reason: str) -> None:
         """The store must not be written again (found between appends, or by a batch):
         stop taking appends now and let the process stop (exit 3)."""
@@ -449,6 +464,7 @@ class LedgerServer:
             if out.durable_us >= SLOW_FSYNC_US:
                 self._note_slow_fsync(out.durable_us, len(out.written))
         last_seq = store.last_seq
+        seal = self._seal() if failure is None else None
         for q, res in zip(batch, out.resolutions, strict=True):
             # After a failed write, a request fails if any of its answers names a row of
             # this batch: its own new rows, and also a `duplicate` or `conflict` resolved
@@ -457,7 +473,8 @@ class LedgerServer:
             if failure is not None and any(r.seq > last_seq for r in res.rows):
                 q.channel.reply_error(q.request.id, ErrorCode.LEDGER_WRITE_FAILED, failure)
                 continue
-            results = [AppendResult(status=s, seq=r.seq, dtg=r.dtg, hash=r.hash)  # type: ignore[arg-type]
+            results = [AppendResult(status=s, seq=r.seq, dtg=r.dtg, hash=r.hash,  # type: ignore[arg-type]
+                                    seal=None if s == "conflict" else seal)
                        for s, r in zip(res.status, res.rows, strict=True)]
             self._send(q.channel, Appended(re=q.request.id, results=results))
             for s, r in zip(res.status, res.rows, strict=True):

@@ -12,12 +12,36 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from common.config import load_config
-from common.keys import ISSUER_SIGNER, POOL_SIGNER, SIGNERS, KeyFileError, KeyStore
+from common.keys import (
+    ISSUER_SIGNER,
+    LEDGER_SIGNER,
+    POOL_SIGNER,
+    KeyFileError,
+    KeyStore,
+)
 from common.messages import ISSUER
 from common.money import format_amount
+from common.proofs import KeptProof, check_proofs, read_proofs
 from ledger.audit import SignatureAudit
 from ledger.store import LedgerCorrupt, load_rows
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiptCheck:
+    proofs: list[tuple[str, KeptProof]]
+    network_id: str
+    ledger_key: Ed25519PublicKey
+
+
+def receipt_check(config: str, folder: Path) -> ReceiptCheck:
+    """The receipts kept in `folder`, with the ledger's public key of `config`'s network.
+    Raises ConfigError (no key), ValueError (a line that is not a receipt), OSError."""
+    cfg = load_config(config)
+    key = KeyStore.for_config(cfg).load_signer_public(LEDGER_SIGNER)
+    return ReceiptCheck(read_proofs(folder), cfg.network.id, key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,8 +51,10 @@ class Verdict:
     rows: int = 0
 
 
-def verify_file(path: Path, audit: SignatureAudit | None = None) -> Verdict:
-    """With `audit`, the rows' signatures are checked too (ledger/audit.py)."""
+def verify_file(path: Path, audit: SignatureAudit | None = None,
+                receipts: ReceiptCheck | None = None) -> Verdict:
+    """With `audit`, the rows' signatures are checked too (ledger/audit.py); with
+    `receipts`, the payers' receipts against the rows (common/proofs.py)."""
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -58,6 +84,11 @@ def verify_file(path: Path, audit: SignatureAudit | None = None) -> Verdict:
         if problem is not None:
             return Verdict(False, f"FAIL {path}: {problem}")
         signed = f"; {audit.summary()}"
+    if receipts is not None:
+        problem = check_proofs(receipts.proofs, rows, receipts.network_id, receipts.ledger_key)
+        if problem is not None:
+            return Verdict(False, f"FAIL {path}: {problem}")
+        signed += f"; {len(receipts.proofs)} receipts of the ledger hold"
     return Verdict(True, f"OK {path}: {len(rows)} rows, sequence and hash chain intact, "
                          f"last hash {last}…, issued {format_amount(issued)}{signed}", len(rows))
 
@@ -69,14 +100,16 @@ def signature_audit(config: str) -> SignatureAudit:
     cfg = load_config(config, with_changes=True)
     store = KeyStore.for_config(cfg)
     keys = {}
+    retired = {}
     for p in cfg.participants:
+        retired[p.id] = store.load_payer_retired(p.id)
         try:
             keys[p.id] = store.load_payer_public(p.id)
         except KeyFileError:
             continue
     signers = {}
-    for name in SIGNERS:
+    for name in (ISSUER_SIGNER, POOL_SIGNER):
         if store.signer_public(name).exists():
             signers[name] = store.load_signer_public(name)
     return SignatureAudit(cfg.network.id, frozenset(p.id for p in cfg.participants), keys,
-                          issuer=signers.get(ISSUER_SIGNER), pool_signer=signers.get(POOL_SIGNER))
+                          retired=retired, issuer=signers.get(ISSUER_SIGNER), pool_signer=signers.get(POOL_SIGNER))

@@ -39,6 +39,7 @@ from common.messages import Cancel, Event, Message, Offer, Paid, Pay, Settled
 from common.metrics import counter, counters, gauge, serve_metrics
 from common.money import format_amount
 from common.procs import print_ready
+from common.proofs import KeptProof, proof_line
 from common.tls import TlsFailed
 from payer_client.client import PayerClient, PayerCredentials
 from payer_client.control import ControlServer
@@ -94,6 +95,8 @@ class PayerDaemon:
         self.router_port = router_port
         self.policy = AcceptancePolicy(payer_id, participant.max_incoming_minor)
         self.control = ControlServer(self, config.control_socket(payer_id))
+        # The ledger's receipts of this payer's payments, kept for an audit (common/proofs.py).
+        self.receipts_path = config.resolve(config.payer.receipts_dir) / f"{payer_id}.jsonl"
         self.client: PayerClient | None = None
         self.suspended = False  # the router refused our last login: participant_suspended
         self.outbox: dict[str, Outgoing] = {}
@@ -308,7 +311,20 @@ class PayerDaemon:
                         amount=offer.amount, memo=offer.memo))
         return None
 
+    def keep(self, proof: KeptProof) -> None:
+        """Append one receipt to the payer's receipts file (flushed; a lost one costs
+        evidence, never money, so it is logged and the daemon goes on)."""
+        try:
+            self.receipts_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.receipts_path, "ab") as f:
+                f.write(proof_line(proof))
+        except OSError as exc:
+            log_event(log, "receipt not kept", logging.WARNING, tx_id=proof.tx_id,
+                      error=exc.strerror or str(exc))
+
     async def _on_settled(self, msg: Settled) -> None:
+        if msg.proof is not None:
+            self.keep(KeptProof.of(msg.proof, msg.tx_id, msg.sender, "settled"))
         offer = self.offers.pop((msg.sender, msg.tx_id), None)
         sender = msg.sender
         amount = offer.amount if offer else 0
@@ -400,6 +416,8 @@ class PayerDaemon:
                     continue
                 log_event(log, "payment", **fields, outcome="paid", seq=paid.seq,
                           balance=format_amount(paid.balance))
+                if paid.proof is not None:
+                    self.keep(KeptProof.of(paid.proof, pay.tx_id, self.payer_id, "paid"))
                 self.outcomes["paid"] = self.outcomes.get("paid", 0) + 1
                 self.emit(Event(kind="paid", tx_id=pay.tx_id, peer=pay.to, amount=pay.amount,
                                 memo=pay.memo, balance=paid.balance, seq=paid.seq))

@@ -33,6 +33,7 @@ from common.errors import ConnectionLost, ErrorCode, RequestFailed
 from common.framing import DEFAULT_MAX_FRAME_BYTES
 from common.logs import log_event
 from common.messages import (
+    APPEND_RESULT_BYTES,
     LEDGER_REPLIES,
     MAX_APPEND_ROWS,
     Append,
@@ -62,7 +63,7 @@ Q = TypeVar("Q", bound=Message)
 _DECODER = decoder_for(LEDGER_REPLIES)
 MAX_ROWS_PER_APPEND = MAX_APPEND_ROWS
 # Upper bound of one encoded AppendResult in the ledger's reply (it refuses bigger batches).
-REPLY_BYTES_PER_ROW = 160
+REPLY_BYTES_PER_ROW = APPEND_RESULT_BYTES
 FIRST_RETRY_S = 0.05
 
 

@@ -29,7 +29,7 @@ from typing import Any
 import msgspec
 
 from common.errors import ErrorCode, InvariantViolation
-from common.messages import RowIn
+from common.messages import LedgerProof, RowIn
 from common.money import format_amount
 
 
@@ -81,6 +81,7 @@ class Outcome(msgspec.Struct, frozen=True, gc=False):
     message: str = ""
     seq: int | None = None
     dtg: str | None = None
+    proof: LedgerProof | None = None  # the ledger's receipt of a paid one, when it gave one
 
 
 def pending_outcome(tx_id: str) -> Outcome:
@@ -171,6 +172,7 @@ class LedgerAnswered(msgspec.Struct, frozen=True, gc=False):
     results: tuple[tuple[int, str], ...] = ()  # (seq, dtg) per leg, when WRITTEN
     code: ErrorCode | None = None  # when REFUSED
     detail: str = ""
+    proof: LedgerProof | None = None  # the main row's, with the ledger's sealed head
 
 
 class PendingDue(msgspec.Struct, frozen=True, gc=False):
@@ -225,6 +227,7 @@ class Commit(msgspec.Struct, frozen=True, gc=False):
 class Settle(msgspec.Struct, frozen=True, gc=False):
     payee: str
     seq: int
+    proof: LedgerProof | None = None
 
 
 class CancelOffer(msgspec.Struct, frozen=True, gc=False):
@@ -369,9 +372,10 @@ def _on_ledger_answered(p: Core, e: LedgerAnswered, now: float) -> list[Action]:
         seq, dtg = e.results[-1]
         p.phase = Phase.PAID
         p.step = "apply"
-        actions: list[Action] = [Commit(e.results), Answer(Outcome(p.tx_id, seq=seq, dtg=dtg))]
+        actions: list[Action] = [Commit(e.results),
+                                 Answer(Outcome(p.tx_id, seq=seq, dtg=dtg, proof=e.proof))]
         if p.payee is not None:
-            actions.append(Settle(p.payee, seq))
+            actions.append(Settle(p.payee, seq, e.proof))
         actions.append(_DONE)
         return actions
     if answer is LedgerAnswer.CANCELLED:  # unknown outcome: a replay tells it later

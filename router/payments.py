@@ -42,6 +42,7 @@ from common.logs import log_event
 from common.messages import (
     AppendResult,
     Cancel,
+    LedgerProof,
     LedgerRow,
     Message,
     Offer,
@@ -737,7 +738,7 @@ class Pipeline:
                           receiver=payee, error=str(reply) or type(reply).__name__)
 
         rid = ch.next_id()
-        ch.send_nowait(Settled(id=rid, tx_id=tx_id, sender=p.sender, seq=a.seq,
+        ch.send_nowait(Settled(id=rid, tx_id=tx_id, sender=p.sender, seq=a.seq, proof=a.proof,
                                balance=self.book.accounts.balance(payee)))
         self._unacked += 1
         ch.expect_reply(rid, self.cfg.settle_timeout_s, acked)
@@ -922,7 +923,12 @@ def _appended(result: AppendResult | BaseException) -> Event:
     """The ledger's answer to a one-leg append, as a core event."""
     if type(result) is AppendResult:
         if result.status != "conflict":  # written, or a duplicate: durable
-            return LedgerAnswered(LedgerAnswer.WRITTEN, ((result.seq, result.dtg),))
+            seal = result.seal
+            proof = None if seal is None else LedgerProof(
+                seq=result.seq, hash=result.hash, head_seq=seal.head_seq,
+                head_hash=seal.head_hash, sig=seal.sig)
+            return LedgerAnswered(LedgerAnswer.WRITTEN, ((result.seq, result.dtg),),
+                                  proof=proof)
         return LedgerAnswered(LedgerAnswer.CONFLICT)
     if isinstance(result, asyncio.CancelledError):
         return LedgerAnswered(LedgerAnswer.CANCELLED)
@@ -939,6 +945,7 @@ def _ledger_answer(futs: tuple[asyncio.Future[AppendResult], ...] | list[asyncio
     """The ledger's answer to a payment's append (one future per leg), as a core event:
     the first leg that did not get written decides; else every leg's (seq, dtg)."""
     results: list[tuple[int, str]] = []
+    proof = None
     for fut in futs:
         answer: AppendResult | BaseException
         if fut.cancelled():  # the ledger client was closed under it: the outcome is unknown
@@ -949,4 +956,5 @@ def _ledger_answer(futs: tuple[asyncio.Future[AppendResult], ...] | list[asyncio
         if not (isinstance(event, LedgerAnswered) and event.answer is LedgerAnswer.WRITTEN):
             return event
         results.extend(event.results)
-    return LedgerAnswered(LedgerAnswer.WRITTEN, tuple(results))
+        proof = event.proof  # the main leg's, which comes last
+    return LedgerAnswered(LedgerAnswer.WRITTEN, tuple(results), proof=proof)

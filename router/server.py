@@ -749,7 +749,8 @@ class PayerConnection:
                 assert outcome.dtg is not None
                 ch.send_nowait(Paid(re=rid, tx_id=outcome.tx_id, seq=outcome.seq,
                                     dtg=outcome.dtg,
-                                    balance=self.service.book.accounts.balance(payer_id)))
+                                    balance=self.service.book.accounts.balance(payer_id),
+                                    proof=outcome.proof))
             else:
                 ch.send_nowait(Error(re=rid, code=outcome.code.value, message=outcome.message,
                                      tx_id=outcome.tx_id))

@@ -22,10 +22,11 @@ from common.keys import KeyFileError, KeyStore, load_public_key, public_pem, raw
 TOML = ('[network]\nid = "testnet"\n\n[[participants]]\nid = "alice"\nopening_balance = "10.00"\n'
         '\n[[participants]]\nid = "bob"\n')
 PRIVATE = ["ca.key", "router.key", "ledger.key", "router-client.key", "auditor.key",
-           "payers/alice.key", "payers/bob.key", "issuer.key", "pool-signer.key"]
+           "payers/alice.key", "payers/bob.key", "issuer.key", "pool-signer.key",
+           "ledger-signer.key"]
 PUBLIC = ["ca.crt", "router.crt", "ledger.crt", "router-client.crt", "auditor.crt",
           "payers/alice.pub", "payers/bob.pub", "issuer.pub", "pool-signer.pub",
-          "openings.json"]
+          "ledger-signer.pub", "openings.json"]
 
 
 @pytest.fixture
@@ -262,12 +263,19 @@ def test_a_missing_ca_key_is_an_error_when_something_must_be_signed(
 
 def test_rotate_a_participant(cfg: NetworkConfig, store: KeyStore) -> None:
     before = snapshot(store.root)
+    old_public = raw_public(store.load_payer_public("alice"))
     lines = rotate(cfg, ["alice"])
-    assert lines == ["rotated keys/private/payers/alice.key (0600)",
+    assert lines == ["updated keys/public/payers/alice.retired.json (0644)",
+                     "rotated keys/private/payers/alice.key (0600)",
                      "rotated keys/public/payers/alice.pub (0644)"]
     after = snapshot(store.root)
-    changed = {k for k in after if after[k][0] != before[k][0]}
-    assert changed == {"private/payers/alice.key", "public/payers/alice.pub"}
+    changed = {k for k in after if after.get(k, (None,))[0] != before.get(k, (None,))[0]}
+    assert changed == {"private/payers/alice.key", "public/payers/alice.pub",
+                       "public/payers/alice.retired.json"}
+    # the old public key is kept, with when it stopped: rows it signed still verify
+    [(until, retired)] = store.load_payer_retired("alice")
+    assert raw_public(retired) == old_public
+    assert until.endswith("Z")
     assert raw_public(store.load_payer_key("alice").public_key()) == raw_public(
         store.load_payer_public("alice"))
     assert mode(store.payer_private("alice")) == 0o600

@@ -149,3 +149,12 @@ def test_protocol_doc_lists_every_message_and_code() -> None:
         assert f"`{tag}`" in doc, f"docs/PROTOCOL.md does not describe `{tag}`"
     for code in ErrorCode:
         assert f"`{code.value}`" in doc, f"docs/PROTOCOL.md does not list `{code.value}`"
+
+
+def test_an_append_result_with_its_seal_fits_the_bound_appends_are_cut_by() -> None:
+    import msgspec as ms
+
+    biggest = m.AppendResult(status="duplicate", seq=2**63 - 1,
+                             dtg="2026-12-01T10:00:00.000000Z", hash="f" * 64,
+                             seal=m.Seal(head_seq=2**63 - 1, head_hash="f" * 64, sig=b"\xff" * 64))
+    assert len(ms.msgpack.encode(biggest)) <= m.APPEND_RESULT_BYTES

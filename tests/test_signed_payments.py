@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -22,6 +23,7 @@ from test_payments import (
 from common.errors import RequestFailed
 from common.keys import KeyStore
 from common.messages import Paid, Receipt
+from common.proofs import KeptProof, proof_line
 from common.signing import PAY_TAG, RECEIPT_TAG, sign, verify
 from ledger.rows import format_line, make_row, parse_line
 from payer_client.client import make_pay
@@ -133,3 +135,75 @@ async def test_verify_keys_names_a_row_forged_into_the_file(network: Network) ->
     assert done.returncode == 1
     assert done.stdout.startswith("FAIL")
     assert f"row {forged.seq}: alice's debit (tx_id t-x) is not signed by alice" in done.stdout
+
+
+async def test_receipts_kept_by_payers_find_a_row_deleted_with_the_chain_recomputed(
+        network: Network, tmp_path: Path) -> None:
+    """The ledger seals its chain head in every `paid` and `settled`; a payer keeps those
+    receipts. Deleting a row and recomputing the whole chain fools `verify` (sequence and
+    chain are intact again) and `verify --keys` (every signature still holds) — not the
+    receipts."""
+    up(network, {"alice": "10.00", "bob": "5.00"})
+    alice, bob = await connect(network, "alice"), await connect(network, "bob")
+    kept = tmp_path / "receipts"
+    kept.mkdir()
+    lines = []
+    for i in range(4):
+        paid = await alice.client.send_payment("bob", 100 + i, "", f"t{i}")
+        assert paid.proof is not None
+        assert paid.proof.seq == paid.seq
+        lines.append(proof_line(KeptProof.of(paid.proof, f"t{i}", "alice", "paid")))
+    await eventually(lambda: len(bob.settled) == 4)
+    assert all(s.proof is not None and s.proof.seq == s.seq for s in bob.settled)
+    (kept / "alice.jsonl").write_bytes(b"".join(lines))
+    network.stop_all()
+    keys = ("--keys", str(network.config_path), "--receipts", str(kept))
+    done = verify_cli(network, *keys)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "4 receipts of the ledger hold" in done.stdout
+    # Delete alice's second payment (row 4: two openings first) and recompute the chain.
+    rows = [parse_line(line) for line in network.ledger_csv().splitlines()[1:]]
+    del rows[3]
+    header = network.ledger_csv().splitlines(keepends=True)[0]
+    out, prev = [header], "0" * 64
+    for seq, r in enumerate(rows, 1):
+        row = make_row(prev, seq, r.dtg, r.sender, r.receiver, r.amount, r.tx_id, r.memo,
+                       r.sender_sig, r.receiver_sig)
+        out.append(format_line(row))
+        prev = row.hash
+    for p in network.ledger_path.parent.glob("ledger.csv.index*"):
+        p.unlink()
+    network.ledger_path.write_text("".join(out))
+    assert verify_cli(network).returncode == 0  # the chain is whole again
+    assert verify_cli(network, "--keys", str(network.config_path)).returncode == 0
+    done = verify_cli(network, *keys)
+    assert done.returncode == 1
+    assert "receipt of alice's tx_id t1 (alice.jsonl:2)" in done.stdout
+    assert "rows were removed or rewritten" in done.stdout
+    # and a receipt the ledger never signed is a forgery
+    forged = KeptProof.of(msgspec.structs.replace(paid.proof, sig=b"\x01" * 64), "t3",
+                          "alice", "paid")
+    (kept / "alice.jsonl").write_bytes(proof_line(forged))
+    assert "not signed by the ledger's key" in verify_cli(network, *keys).stdout
+
+
+async def test_rows_signed_before_a_key_rotation_verify_with_the_retired_key(
+        network: Network) -> None:
+    from common.keygen import rotate
+
+    up(network, {"alice": "10.00", "bob": "5.00"})
+    alice, _bob = await connect(network, "alice"), await connect(network, "bob")
+    await alice.client.send_payment("bob", 100, "", "before")
+    await alice.client.close()
+    lines = rotate(network.config, ["alice"])
+    retired = KeyStore.for_config(network.config).payer_retired("alice")
+    assert any(str(retired.name) in line for line in lines)
+    alice = await connect(network, "alice")  # logs in with the new key
+    await alice.client.send_payment("bob", 100, "", "after")
+    network.stop_all()
+    done = verify_cli(network, "--keys", str(network.config_path))
+    assert done.returncode == 0, done.stdout
+    retired.unlink()  # without the history, alice's row from before cannot be proven
+    done = verify_cli(network, "--keys", str(network.config_path))
+    assert done.returncode == 1
+    assert "row 3: the sender's signature does not verify with alice's key" in done.stdout

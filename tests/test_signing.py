@@ -341,3 +341,37 @@ def test_system_rows_without_their_authority_are_named(
     assert a.problem is not None
     assert a.problem.startswith("row 3:")
     assert named in a.problem
+
+
+def test_a_rotated_key_verifies_the_rows_it_signed_and_only_those() -> None:
+    old, new = KEYS["alice"], Ed25519PrivateKey.from_private_bytes(b"\x33" * 32)
+    rotated = "2026-12-01T12:00:00.000000Z"
+
+    def row(prev: str, seq: int, dtg: str, key: Ed25519PrivateKey) -> LedgerRow:
+        ssig = sign(key, PAY_TAG, NET, "alice", f"t{seq}", "bob", 1, "")
+        rsig = sign(KEYS["bob"], RECEIPT_TAG, NET, "alice", f"t{seq}", "bob", 1, "")
+        return make_row(prev, seq, dtg, "alice", "bob", 1, f"t{seq}", "", ssig, rsig)
+
+    def audit_rows(*specs: tuple[str, Ed25519PrivateKey], retired: bool = True) -> str | None:
+        a = SignatureAudit(NET, frozenset(("alice", "bob")),
+                           {"alice": new.public_key(), "bob": PUBLIC["bob"]},
+                           retired={"alice": [(rotated, old.public_key())]} if retired else {})
+        prev = GENESIS_HASH
+        for seq, (dtg, key) in enumerate(specs, 1):
+            r = row(prev, seq, dtg, key)
+            a.add(r)
+            prev = r.hash
+        return a.finish()
+
+    before, just_after, later = ("2026-12-01T11:00:00.000000Z", "2026-12-01T12:00:30.000000Z",
+                                 "2026-12-01T13:00:00.000000Z")
+    assert audit_rows((before, old), (just_after, old), (just_after, new), (later, new)) is None
+    problem = audit_rows((before, old), (later, old))  # the old key, an hour after
+    assert problem is not None
+    assert problem.startswith("row 2:")
+    problem = audit_rows((before, new))  # the new key before it existed
+    assert problem is not None
+    assert problem.startswith("row 1:")
+    problem = audit_rows((before, old), retired=False)  # without the history: unproven
+    assert problem is not None
+    assert problem.startswith("row 1:")

@@ -1,0 +1,90 @@
+"""The ledger's receipts as a payer keeps them, and how an auditor checks them.
+
+A payer's daemon appends one JSON line per `paid` and `settled` that carried a proof
+(common/messages.py `LedgerProof`) to `<[payer] receipts_dir>/<payer id>.jsonl`:
+
+    {"tx_id": "t-1", "sender": "alice", "role": "paid", "seq": 12, "hash": "…",
+     "head_seq": 15, "head_hash": "…", "sig": "<128 hex digits>"}
+
+`sig` is the ledger's Ed25519 signature of its chain head (common/signing.py
+`head_bytes`); the head's hash commits to every row up to it. `check_proofs` holds them
+against a ledger's rows (`jackpay-ledger verify FILE --keys CONFIG --receipts DIR`): a
+receipt the ledger did not sign is a forgery; a row or a sealed head the file no longer
+has, or has with another hash, means rows were removed or rewritten after the ledger
+acknowledged them — even if the whole chain was recomputed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from common.messages import LedgerProof, LedgerRow
+from common.signing import head_bytes
+
+
+class KeptProof(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    tx_id: str
+    sender: str
+    role: Literal["paid", "settled"]
+    seq: int
+    hash: str
+    head_seq: int
+    head_hash: str
+    sig: str  # hex
+
+    @classmethod
+    def of(cls, proof: LedgerProof, tx_id: str, sender: str,
+           role: Literal["paid", "settled"]) -> KeptProof:
+        return cls(tx_id, sender, role, proof.seq, proof.hash, proof.head_seq,
+                   proof.head_hash, proof.sig.hex())
+
+
+_ENCODER = msgspec.json.Encoder()
+_DECODER = msgspec.json.Decoder(KeptProof)
+
+
+def proof_line(kept: KeptProof) -> bytes:
+    return _ENCODER.encode(kept) + b"\n"
+
+
+def read_proofs(folder: Path) -> list[tuple[str, KeptProof]]:
+    """Every receipt in the `*.jsonl` files of `folder`, with where it was read ("FILE:LINE").
+    Raises ValueError naming a line that is not a receipt, OSError."""
+    out: list[tuple[str, KeptProof]] = []
+    for path in sorted(folder.glob("*.jsonl")):
+        for n, line in enumerate(path.read_bytes().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                out.append((f"{path.name}:{n}", _DECODER.decode(line)))
+            except msgspec.DecodeError as exc:
+                raise ValueError(f"{path}:{n}: not a receipt: {exc}") from None
+    return out
+
+
+def check_proofs(proofs: Sequence[tuple[str, KeptProof]], rows: Sequence[LedgerRow],
+                 network_id: str, ledger_key: Ed25519PublicKey) -> str | None:
+    """The first receipt the rows contradict (what and where), or None when they hold
+    every one. `rows[i]` must be the row of seq i + 1 (a whole, verified ledger)."""
+    for where, p in proofs:
+        name = f"receipt of {p.sender}'s tx_id {p.tx_id} ({where})"
+        try:
+            ledger_key.verify(bytes.fromhex(p.sig), head_bytes(network_id, p.head_seq,
+                                                               p.head_hash))
+        except (InvalidSignature, ValueError):
+            return f"{name}: not signed by the ledger's key (a forged receipt)"
+        for seq, want, what in ((p.seq, p.hash, "its row"),
+                                (p.head_seq, p.head_hash, "the chain head the ledger sealed")):
+            if not 1 <= seq <= len(rows):
+                return (f"{name}: {what} was seq {seq}, and the ledger now ends at "
+                        f"{len(rows)}: rows acknowledged by the ledger were removed")
+            if rows[seq - 1].hash != want:
+                return (f"{name}: {what} (seq {seq}) had hash {want[:16]}…, the ledger now "
+                        f"holds {rows[seq - 1].hash[:16]}…: rows were removed or rewritten")
+    return None
