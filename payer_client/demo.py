@@ -7,8 +7,10 @@ person can provoke from the CLI, a receiver (dave) that never answers the offer,
 ledger stopped, and a real write failure at the ledger (restarted under a file-size
 limit) — each showing that no money moved. Then a stranger who knows alice's name fails
 to pay as alice; it prints every outcome, the balances and the ledger, runs
-`python -m router reconcile` and `python -m ledger verify`, and stops everything. Exit 0 only if every outcome was the expected one, the ledger verifies
-and the balances add up; 1 otherwise.
+`python -m router reconcile` and `python -m ledger verify --keys --receipts` (the hash
+chain, every row's signatures, the ledger's receipts the daemons kept), and stops
+everything. Exit 0 only if every outcome was the expected one, the ledger verifies and
+the balances add up; 1 otherwise.
 """
 
 from __future__ import annotations
@@ -302,9 +304,14 @@ class Demo:
             self.failures.append(f"expected 6 ledger rows, found {len(rows)}")
 
     def verify(self) -> None:
-        path = self.net.config.resolve(self.net.config.ledger.path)
-        self.console.rule("python -m ledger verify")
-        proc = subprocess.run([sys.executable, "-m", "ledger", "verify", str(path)],
+        """Sequence and hash chain; every row's signatures (`--keys`); and the ledger's
+        receipts the daemons kept (`--receipts`)."""
+        cfg = self.net.config
+        path = cfg.resolve(cfg.ledger.path)
+        receipts = cfg.resolve(cfg.payer.receipts_dir)
+        self.console.rule("python -m ledger verify --keys --receipts")
+        proc = subprocess.run([sys.executable, "-m", "ledger", "verify", str(path), "--keys",
+                               str(self.config), "--receipts", str(receipts)],
                               capture_output=True, text=True, check=False, timeout=60,
                               cwd=self.root, env=self.net.env())
         self.console.print((proc.stdout + proc.stderr).strip(), highlight=False)
