@@ -231,6 +231,8 @@ class RouterService:
             await claim_unix_path(self.admin.path, "another router")
         except ConfigError as exc:
             raise StartupFailed(str(exc)) from None
+        if self.pipeline.signatures is not None:
+            await self.pipeline.signatures.start()  # router/verifier.py, its own process
         self.ledger.start()
         log_event(log, "waiting for the ledger", ledger=self.ledger.address)
         await self.ledger.wait_connected()
@@ -568,7 +570,7 @@ class RouterService:
 
     async def _close_links(self) -> None:
         if self.pipeline.signatures is not None:
-            self.pipeline.signatures.stop()
+            await self.pipeline.signatures.aclose()
         await self.participant_ops.aclose()
         await self.admin.aclose()
         await self.ledger.aclose()

@@ -4,24 +4,30 @@
 passes puts the signature into the row, where the ledger's hash chain covers it.
 
 An Ed25519 verification costs about as much as the router spends on a whole payment
-(~95 µs with libsodium here, ~130 µs with OpenSSL), so it does not run on the event loop:
-`check` hands it to a verifier thread (libsodium through PyNaCl releases the GIL while it
-works, so the other core does it) and calls back on the loop. Under load the thread takes
-every job waiting and answers them with one wake-up of the loop, so the loop's share is
-a few microseconds a check. docs/PERFORMANCE.md has what it costs.
+(~95 µs with libsodium here, ~130 µs with OpenSSL), so it does not run on the event loop,
+nor on a thread of the router (that thread would share the loop's GIL): `check_order` and
+`check_acceptance` queue the job for a verifier process (router/verifier.py, started by
+`start`), and every job queued in one turn of the loop goes to it in one pipe write; its
+answers (one byte a job, in order) come back on the loop. If the process dies, a new one
+is started and every unanswered job is sent again. docs/PERFORMANCE.md has what it costs.
 
 Rules:
 - a check's callback runs on the event loop, once, with True or False;
 - at most MAX_WAITING checks wait at once (`busy`): beyond, the caller refuses the
   request (`rate_limited`) instead of letting the queue grow;
+- checks queued before `start` wait for it;
 - a missing signature or key fails the check at once, without the thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import logging
-import threading
+import os
+import struct
+import sys
 from collections import deque
 from collections.abc import Callable
 
@@ -31,11 +37,16 @@ import nacl.exceptions
 from common.messages import RowIn
 from common.signing import PAY_TAG, RECEIPT_TAG, payment_bytes
 from router.keyring import PayerKeys
+from router.verifier import encode_job
 
 log = logging.getLogger("jackpay.router")
 
 MAX_WAITING = 20_000
+VERIFIER_ARGS = ("-m", "router.verifier")
 Done = Callable[[bool], None]
+_LEN = struct.Struct(">I")
+# where `router` is importable from, for the verifier process
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def verify_raw(public_key: bytes, sig: bytes, data: bytes) -> bool:
@@ -51,13 +62,17 @@ class PaymentSignatures:
     def __init__(self, network_id: str, keys: PayerKeys) -> None:
         self.network_id = network_id
         self.keys = keys
-        self._jobs: deque[tuple[bytes, bytes, bytes, Done]] = deque()
-        self._wake = threading.Condition()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._pending: deque[tuple[bytes, Done]] = deque()  # sent or to send, in order
+        self._unsent = 0  # how many at the end of `_pending` are not written yet
+        self._flush_soon = False
+        self._proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
         self._stopping = False
+        self._inline = False  # the verifier keeps dying: check on the loop instead
+        self._deaths: deque[float] = deque(maxlen=5)
         self.checked = 0
         self.refused = 0
+        self.restarts = 0
 
     # --- synchronous (tests, tools) ------------------------------------------------
 
@@ -81,11 +96,11 @@ class PaymentSignatures:
         job = self._job(row.receiver, RECEIPT_TAG, row, sig)
         return job is not None and verify_raw(*job)
 
-    # --- off the event loop -----------------------------------------------------------
+    # --- in the verifier process ------------------------------------------------------
 
     @property
     def busy(self) -> bool:
-        return len(self._jobs) >= MAX_WAITING
+        return len(self._pending) >= MAX_WAITING
 
     def check_order(self, row: RowIn, sig: bytes | None, done: Done) -> None:
         self._submit(self._job(row.sender, PAY_TAG, row, sig), done)
@@ -98,52 +113,91 @@ class PaymentSignatures:
             self.refused += 1
             done(False)
             return
-        if self._thread is None:
-            self._start()
-        self._jobs.append((*job, done))
-        if len(self._jobs) == 1:
-            with self._wake:
-                self._wake.notify()
+        if self._inline:
+            done(verify_raw(*job))
+            return
+        self._pending.append((encode_job(*job), done))
+        self._unsent += 1
+        if not self._flush_soon:
+            self._flush_soon = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
-    def _start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="signature-checks", daemon=True)
-        self._thread.start()
+    def _flush(self) -> None:
+        """Every job queued since the last write, in one write."""
+        self._flush_soon = False
+        proc = self._proc
+        if proc is None or proc.stdin is None or not self._unsent:
+            return
+        first = len(self._pending) - self._unsent
+        payload = b"".join(job for job, _ in itertools.islice(self._pending, first, None))
+        self._unsent = 0
+        try:
+            proc.stdin.write(_LEN.pack(len(payload)) + payload)
+        except (ConnectionError, RuntimeError):
+            pass  # it died: the reader sees it and starts another, which gets them all
 
-    def stop(self) -> None:
-        """Stop the thread (the checks still waiting are dropped: the router is stopping)."""
+    async def start(self) -> None:
+        """Start the verifier process (and send it whatever is queued)."""
+        env = dict(os.environ)
+        env["PYTHONPATH"] = _REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable, *VERIFIER_ARGS, stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, env=env)
+        self._unsent = len(self._pending)  # a new process: every unanswered job again
+        self._reader = asyncio.get_running_loop().create_task(self._read(self._proc))
+        self._flush()
+
+    async def _read(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        while True:
+            data = await proc.stdout.read(65536)
+            if not data:
+                break
+            for ok in data:
+                _, done = self._pending.popleft()
+                self.checked += 1
+                if not ok:
+                    self.refused += 1
+                try:
+                    done(ok == 1)
+                except Exception:  # one payment's failure must not drop the others' answers
+                    log.exception("a signature check's callback failed")
+        if self._stopping:
+            return
+        code = await proc.wait()
+        loop = asyncio.get_running_loop()
+        self._deaths.append(loop.time())
+        if len(self._deaths) == self._deaths.maxlen and loop.time() - self._deaths[0] < 10:
+            # It cannot run here (a broken install?): slower on the loop beats no answers.
+            log.error("the signature verifier process keeps ending (exit %s); checking "
+                      "signatures on the event loop from now on", code)
+            self._inline = True
+            pending, self._pending = self._pending, deque()
+            self._unsent = 0
+            for job, done in pending:
+                key, sig, data = job[:32], job[32:96], job[100:]
+                done(verify_raw(key, sig, data))
+            return
+        self.restarts += 1
+        log.error("the signature verifier process ended (exit %s); starting another", code)
+        await asyncio.sleep(0.1)
+        if not self._stopping:
+            await self.start()
+
+    async def aclose(self) -> None:
+        """Stop the verifier process (the checks still waiting are dropped: the router is
+        stopping)."""
         self._stopping = True
-        with self._wake:
-            self._wake.notify()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def _run(self) -> None:
-        jobs = self._jobs
-        while not self._stopping:
-            if not jobs:
-                with self._wake:
-                    if not jobs and not self._stopping:
-                        self._wake.wait(timeout=1.0)
-                continue
-            results: list[tuple[Done, bool]] = []
-            while jobs and len(results) < 512:
-                key, sig, data, done = jobs.popleft()
-                results.append((done, verify_raw(key, sig, data)))
-            loop = self._loop
-            assert loop is not None
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            if proc.stdin is not None:
+                proc.stdin.close()
             try:
-                loop.call_soon_threadsafe(self._deliver, results)
-            except RuntimeError:  # the loop is closed: the router has stopped
-                return
-
-    def _deliver(self, results: list[tuple[Done, bool]]) -> None:
-        for done, ok in results:
-            self.checked += 1
-            if not ok:
-                self.refused += 1
-            try:
-                done(ok)
-            except Exception:  # one payment's failure must not drop the others' answers
-                log.exception("a signature check's callback failed")
+                await asyncio.wait_for(proc.wait(), 5)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader

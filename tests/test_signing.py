@@ -231,7 +231,7 @@ class _Keys:
         return raw_public(PUBLIC[payer_id]) if payer_id in PUBLIC else None
 
 
-async def test_the_router_checks_signatures_on_its_thread_and_answers_on_the_loop() -> None:
+async def test_the_router_checks_signatures_in_its_process_and_answers_on_the_loop() -> None:
     import asyncio
     import threading
 
@@ -253,8 +253,9 @@ async def test_the_router_checks_signatures_on_its_thread_and_answers_on_the_loo
                 done.set()
         return cb
 
+    checks.check_order(row, good, answer("order"))  # queued before the process starts
+    await checks.start()
     try:
-        checks.check_order(row, good, answer("order"))
         checks.check_acceptance(row, accepted, answer("acceptance"))
         checks.check_order(row, accepted, answer("receipt as order"))  # the wrong tag
         checks.check_order(row, sign(KEYS["mallory"], PAY_TAG, NET, "alice", "t1", "bob", 5,
@@ -263,8 +264,15 @@ async def test_the_router_checks_signatures_on_its_thread_and_answers_on_the_loo
         checks.check_order(RowIn(tx_id="t1", sender="nobody", receiver="bob", amount=5),
                            good, answer("no key"))
         await asyncio.wait_for(done.wait(), 10)
+        # the verifier process dies: a new one answers the checks still waiting
+        assert checks._proc is not None
+        checks._proc.kill()
+        again = asyncio.Event()
+        checks.check_order(row, good, lambda ok: again.set() if ok else None)
+        await asyncio.wait_for(again.wait(), 10)
+        assert checks.restarts == 1
     finally:
-        checks.stop()
+        await checks.aclose()
     assert {k: ok for k, (ok, _) in answers.items()} == {
         "order": True, "acceptance": True, "receipt as order": False, "another key": False,
         "unsigned": False, "no key": False}
@@ -375,3 +383,30 @@ def test_a_rotated_key_verifies_the_rows_it_signed_and_only_those() -> None:
     problem = audit_rows((before, old), retired=False)  # without the history: unproven
     assert problem is not None
     assert problem.startswith("row 1:")
+
+
+async def test_a_verifier_that_cannot_run_leaves_the_checks_to_the_loop(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    from common.messages import RowIn
+    from router import signatures as sigmod
+
+    monkeypatch.setattr(sigmod, "VERIFIER_ARGS", ("-c", "raise SystemExit(3)"))
+    checks = sigmod.PaymentSignatures(NET, _Keys())  # type: ignore[arg-type]
+    row = RowIn(tx_id="t1", sender="alice", receiver="bob", amount=5)
+    good = sign(KEYS["alice"], PAY_TAG, NET, "alice", "t1", "bob", 5, "")
+    answers: list[bool] = []
+    checks.check_order(row, good, answers.append)
+    checks.check_order(row, b"\x00" * 64, answers.append)
+    await checks.start()
+    try:
+        for _ in range(200):  # five quick deaths, then the loop answers what waited
+            if len(answers) == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert answers == [True, False]
+        checks.check_order(row, good, answers.append)  # and answers at once from now on
+        assert answers == [True, False, True]
+    finally:
+        await checks.aclose()
