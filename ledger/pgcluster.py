@@ -415,6 +415,33 @@ class PgCluster:
         return cluster
 
     @classmethod
+    def start_or_create(cls, root: Path, *, standbys: int = 1, sync: str | None = None,
+                        port: int = 0) -> PgCluster:
+        """The cluster in `root` started again if there is one; else a new one: a primary
+        and `standbys` streaming standbys, `sync` (default: s1 when there is a standby) as
+        synchronous_standby_names, each listed standby waited for as synchronous. Raises
+        ClusterError (a new cluster is stopped again)."""
+        if (root / STATE_FILE).exists():
+            cluster = cls.open(root)
+            for node in [cluster.primary, *cluster.standbys]:
+                node.start()
+            return cluster
+        cluster = cls.create(root, port=port)
+        try:
+            for i in range(1, standbys + 1):
+                cluster.add_standby(f"s{i}")
+            names = sync if sync is not None else ("s1" if standbys else "")
+            if names:
+                cluster.set_sync(names)
+            listed = set(names.replace("(", " ").replace(")", " ").replace(",", " ").split())
+            for node in cluster.standbys:
+                cluster.wait_streaming(node.name, sync=node.name in listed)
+        except BaseException:
+            cluster.stop()
+            raise
+        return cluster
+
+    @classmethod
     def open(cls, root: Path) -> PgCluster:
         """The cluster described by `root`/cluster.json (servers running or not)."""
         root = root.resolve()
@@ -612,25 +639,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _start(root: Path, port: int, standbys: int, sync: str | None) -> int:
     if not 0 <= port <= 65535 or standbys < 0:
         raise ClusterError("--port must be 0-65535 and --standbys at least 0")
-    if (root / STATE_FILE).exists():
-        cluster = PgCluster.open(root)
-        cluster.primary.start()
-        for node in cluster.standbys:
-            node.start()
-    else:
-        cluster = PgCluster.create(root, port=port)
-        try:
-            for i in range(1, standbys + 1):
-                cluster.add_standby(f"s{i}")
-            names = sync if sync is not None else ("s1" if standbys else "")
-            if names:
-                cluster.set_sync(names)
-            listed = set(names.replace("(", " ").replace(")", " ").replace(",", " ").split())
-            for node in cluster.standbys:
-                cluster.wait_streaming(node.name, sync=node.name in listed)
-        except BaseException:
-            cluster.stop()
-            raise
+    cluster = PgCluster.start_or_create(root, standbys=standbys, sync=sync, port=port)
     print(f"primary {cluster.primary.name} {cluster.dsn()}")
     for node in cluster.standbys:
         print(f"standby {node.name} {node.dsn()}")

@@ -148,23 +148,7 @@ class LocalNetwork:
             # every folder above its data. Keep the data in /tmp, linked from the run folder.
             root.symlink_to(tempfile.mkdtemp(prefix="jackpay-up-pg-"))
             os.chmod(root, 0o755)
-        if (root / "cluster.json").exists():
-            cluster = PgCluster.open(root)
-            for node in [cluster.primary, *cluster.standbys]:
-                node.start()
-        else:
-            cluster = PgCluster.create(root)
-            try:
-                for i in range(1, standbys + 1):
-                    cluster.add_standby(f"s{i}")
-                names = sync if sync is not None else ("s1" if standbys else "")
-                if names:
-                    cluster.set_sync(names)
-                for node in cluster.standbys:
-                    cluster.wait_streaming(node.name)
-            except BaseException:
-                cluster.stop()
-                raise
+        cluster = PgCluster.start_or_create(root, standbys=standbys, sync=sync)
         self.cluster = cluster
         self.dsn = cluster.multi_host_dsn()
         return cluster
