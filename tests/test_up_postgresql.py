@@ -7,40 +7,13 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 from netkit import REPO_ROOT, script_env
 from pg import require_pg
+from test_scripts_paths import CONFIG, Lines
 
 from ledger.pgcluster import PgCluster
-
-CONFIG = """\
-[network]
-id = "uppg"
-
-[ledger]
-host = "127.0.0.1"
-port = 0
-path = "ledger.csv"
-
-[router]
-host = "127.0.0.1"
-port = 0
-admin_socket = "admin.sock"
-
-[payer]
-control_dir = "ctl"
-
-[[participants]]
-id = "alice"
-opening_balance = "10.00"
-
-[[participants]]
-id = "bob"
-opening_balance = "2.00"
-"""
 
 
 def test_up_with_postgresql_runs_the_network_on_a_cluster_and_stops_it(tmp_path: Path) -> None:
@@ -52,18 +25,11 @@ def test_up_with_postgresql_runs_the_network_on_a_cluster_and_stops_it(tmp_path:
                            "postgresql", "--ephemeral", "--run-dir", str(run_dir)], cwd=tmp_path,
                           env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)
-    seen: list[str] = []
-    assert up.stdout is not None
-    reader = threading.Thread(target=lambda: seen.extend(iter(up.stdout.readline, "")),  # type: ignore[union-attr]
-                              daemon=True)
-    reader.start()
+    lines = Lines(up)
+    seen = lines.seen
     cluster: PgCluster | None = None
     try:
-        deadline = time.monotonic() + 120
-        while not any("Ctrl-C stops everything" in line for line in seen):
-            assert up.poll() is None, "".join(seen)
-            assert time.monotonic() < deadline, "".join(seen)
-            time.sleep(0.1)
+        assert lines.wait_for("Ctrl-C stops everything", 120), "".join(seen)
         text = "".join(seen)
         assert "target_session_attrs=read-write" in text
         assert "postgresql s1 (standby)" in text
