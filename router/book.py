@@ -19,7 +19,13 @@ from common.signing import OPENING_MEMO, opening_tx_id
 from router.accounts import Accounts
 from router.transactions import TxParams, TxTable
 
-__all__ = ["OPENING_MEMO", "Book", "Opening", "opening_tx_id"]
+__all__ = ["OPENING_MEMO", "Book", "Opening", "opening_row", "opening_tx_id"]
+
+
+def opening_row(payer_id: str, amount: int) -> RowIn:
+    """The row of a participant's opening balance (`_issuer` -> id, signed by the issuer)."""
+    return RowIn(tx_id=opening_tx_id(payer_id), sender=ISSUER, receiver=payer_id,
+                 amount=amount, memo=OPENING_MEMO)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,8 +105,6 @@ class Book:
         for o in openings:
             if o.amount <= 0:
                 continue
-            tx_id = opening_tx_id(o.payer_id)
-            if self.txs.get(ISSUER, tx_id) is None:
-                rows.append(RowIn(tx_id=tx_id, sender=ISSUER, receiver=o.payer_id,
-                                  amount=o.amount, memo=OPENING_MEMO))
+            if self.txs.get(ISSUER, opening_tx_id(o.payer_id)) is None:
+                rows.append(opening_row(o.payer_id, o.amount))
         return rows

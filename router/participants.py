@@ -46,6 +46,7 @@ from common.messages import (
 )
 from common.money import format_amount
 from common.participants import Participant, ParticipantChanges, load_changes, save_changes
+from router.book import opening_row
 
 if TYPE_CHECKING:
     from router.server import RouterService
@@ -170,6 +171,13 @@ class ParticipantOps:
         pid = req.payer
         if svc.registry.participant(pid) is not None:
             raise OperatorRefused(ErrorCode.BAD_REQUEST, f"{pid} is already a participant")
+        if req.opening_balance > 0 and svc.security.issuer is not None and \
+                svc.opening_signatures([opening_row(pid, req.opening_balance)]) == [None]:
+            raise OperatorRefused(
+                ErrorCode.BAD_REQUEST, f"the opening balance of {pid} is not signed by the "
+                "issuer's key (the router never mints): run `jackpay-router participants add` "
+                "where keys/private/issuer.key is (it signs the opening), or `jackpay-keys "
+                "CONFIG` there after adding the opening to openings.json's participants")
         key_note, written = self._place_key(pid, req.key)
         p = Participant(id=pid, name=req.name, kind=req.kind,
                         opening_balance=format_amount(req.opening_balance),

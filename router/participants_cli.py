@@ -188,20 +188,20 @@ def main(argv: list[str]) -> int:
 def _sign_opening(config: str, payer_id: str, amount: int) -> str | None:
     """Sign the new participant's opening balance with the issuer's key, when it is here,
     into keys/public/openings.json (the router presents it with the row). Returns a note
-    when it cannot (the opening is then issued unsigned, and `verify --keys` names it)."""
+    when it cannot (the router then refuses the addition unless the opening was signed
+    before, elsewhere)."""
     try:
-        cfg = load_config(config)
+        cfg = load_config(config, with_changes=False)  # the network id and its keys only
         store = KeyStore.for_config(cfg)
         if not store.key(ISSUER_SIGNER).exists():
-            return (f"the opening balance of {payer_id} goes unsigned: the issuer's key "
-                    f"({store.key(ISSUER_SIGNER)}) is not here; `jackpay-ledger verify --keys` "
-                    "will name its row")
+            return (f"the opening balance of {payer_id} is not signed here: the issuer's key "
+                    f"({store.key(ISSUER_SIGNER)}) is not on this machine")
         signed = read_openings(store.openings)
         signed[payer_id] = (amount, sign_opening(store.load_signer(ISSUER_SIGNER),
                                                  cfg.network.id, payer_id, amount))
         write_atomically(store.openings, openings_json(signed), 0o644)
     except (ConfigError, ValueError, OSError) as exc:
-        return f"the opening balance of {payer_id} could not be signed ({exc}); it goes unsigned"
+        return f"the opening balance of {payer_id} could not be signed ({exc})"
     return None
 
 

@@ -397,30 +397,42 @@ class RouterService:
                 await asyncio.sleep(0.1)
                 await self.ledger.wait_connected()
 
-    def _signed_openings(self, rows: list[RowIn]) -> list[RowIn]:
-        """The openings with the issuer's signatures from `keys/public/openings.json`
-        (`jackpay-keys` signs them where the issuer's key is). One without a good
-        signature is issued unsigned, and said so: `verify --keys` will name it."""
+    def opening_signatures(self, rows: list[RowIn]) -> list[bytes | None]:
+        """The issuer's signature of each opening row, from `keys/public/openings.json`
+        (`jackpay-keys` signs them where the issuer's key is): None where it is missing
+        or not good (or on the benchmark's plain run, which has no keys)."""
         issuer = self.security.issuer
-        if issuer is None:  # the benchmark's plain run
-            return rows
+        if issuer is None:
+            return [None] * len(rows)
         try:
             signed = read_openings(self.keys.openings)
         except (ValueError, OSError) as exc:
             log_event(log, "signed openings unreadable", logging.ERROR, error=str(exc))
             signed = {}
-        out = []
+        out: list[bytes | None] = []
         for row in rows:
             amount, sig = signed.get(row.receiver, (None, b""))
-            if amount == row.amount and verify(issuer, sig, PAY_TAG, self.cfg.network.id,
-                                               row.sender, row.tx_id, row.receiver,
-                                               row.amount, row.memo):
-                row = msgspec.structs.replace(row, sender_sig=sig)
-            else:
-                log_event(log, "opening balance not signed by the issuer; issued unsigned "
-                          "(run jackpay-keys CONFIG where the issuer's key is, then restart)",
-                          logging.WARNING, tx_id=row.tx_id, amount=format_amount(row.amount))
-            out.append(row)
+            good = amount == row.amount and verify(issuer, sig, PAY_TAG, self.cfg.network.id,
+                                                   row.sender, row.tx_id, row.receiver,
+                                                   row.amount, row.memo)
+            out.append(sig if good else None)
+        return out
+
+    def _signed_openings(self, rows: list[RowIn]) -> list[RowIn]:
+        """The openings with the issuer's signatures. The router never mints: an opening
+        the issuer has not signed is not issued (StartupFailed names it), except on the
+        benchmark's plain run, which has no keys."""
+        if self.security.issuer is None:
+            return rows
+        out = []
+        for row, sig in zip(rows, self.opening_signatures(rows), strict=True):
+            if sig is None:
+                raise StartupFailed(
+                    f"the opening balance of {row.receiver} ({format_amount(row.amount)}) is "
+                    f"not signed by the issuer's key: run `jackpay-keys CONFIG` where "
+                    f"keys/private/issuer.key is (it signs {self.keys.openings.name}), then "
+                    "start again; the router never mints without it")
+            out.append(msgspec.structs.replace(row, sender_sig=sig))
         return out
 
     async def reconcile(self) -> ReconcileReply:

@@ -207,3 +207,40 @@ async def test_rows_signed_before_a_key_rotation_verify_with_the_retired_key(
     done = verify_cli(network, "--keys", str(network.config_path))
     assert done.returncode == 1
     assert "row 3: the sender's signature does not verify with alice's key" in done.stdout
+
+
+def test_the_router_never_issues_an_opening_the_issuer_did_not_sign(network: Network) -> None:
+    """A config opening missing from (or changed in) the signed openings: the router
+    refuses to start, naming it and the fix, and nothing is written."""
+    from common.procs import ProcessFailed
+    from common.signing import openings_json, read_openings
+
+    network.participants = {"alice": "10.00", "bob": "5.00"}
+    network.write_config()
+    network.start_ledger()  # (it writes the config and the keys again: edit them after)
+    store = KeyStore.for_config(network.config)
+    signed = read_openings(store.openings)
+    del signed["bob"]
+    store.openings.write_bytes(openings_json(signed))
+    with pytest.raises(ProcessFailed):
+        network.start_router()
+    log = network.procs["router"].log_path.read_text()
+    assert "opening balance of bob (5.00) is not signed by the issuer's key" in log
+    assert "jackpay-keys CONFIG" in log
+    assert "_open:" not in network.ledger_csv()  # not even alice's: all or nothing
+
+
+async def test_an_opening_added_at_run_time_without_the_issuer_key_is_refused(
+        network: Network) -> None:
+    from test_participants import listing, op
+
+    up(network, {"alice": "10.00"})
+    store = KeyStore.for_config(network.config)
+    store.key("issuer").rename(network.root / "issuer.key.offline")  # kept offline
+    refused = await op(network, "participants", "add", "dave", "--opening-balance", "1.00")
+    assert refused.returncode == 1
+    assert "not signed by the issuer's key (the router never mints)" in refused.stderr
+    assert "dave" not in await listing(network)
+    assert "_open:dave" not in network.ledger_csv()
+    added = await op(network, "participants", "add", "erin")  # no opening: nothing to sign
+    assert added.returncode == 0, added.stderr
