@@ -42,6 +42,7 @@ from common.config import NetworkConfig, load_config
 from common.errors import ConfigError
 from common.files import write_atomically
 from common.keys import KeyFileError, KeyStore
+from common.messages import DTG_FORMAT
 from common.signing import openings_json, read_openings, sign_opening
 from common.version import add_version
 
@@ -306,7 +307,7 @@ class _Keys:
         path = s.payer_retired(payer_id)
         entries = json.loads(path.read_text()) if path.exists() else []
         entries.append({"public": keys.raw_public(s.load_payer_public(payer_id)).hex(),
-                        "until": self.now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")})
+                        "until": self.now.strftime(DTG_FORMAT)})
         self.write(path, (json.dumps(entries, indent=2) + "\n").encode(), "updated")
 
     def rotate(self, names: list[str]) -> list[str]:

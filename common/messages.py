@@ -40,6 +40,8 @@ Nonce = Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
 Signature = Annotated[bytes, msgspec.Meta(min_length=64, max_length=64)]
 
 ISSUER = "_issuer"
+# A ledger row's time (`dtg`): UTC with microseconds, e.g. 2026-12-01T10:00:00.000000Z.
+DTG_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 # Bounded so that the reply (about 150 bytes per row) always fits the default frame limit.
 MAX_APPEND_ROWS = 256
 # Upper bound of one encoded AppendResult, with its seal (tests/test_messages.py checks it):

@@ -32,18 +32,19 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from common.auth import length_prefixed
+from common.messages import ISSUER
 
 PAY_TAG = b"jackpay-pay-v1"
 LEDGER_TAG = b"jackpay-ledger-v1"  # the ledger's seal of its chain head
 RECEIPT_TAG = b"jackpay-receipt-v1"
 MIXER_POOL = "_mixer"  # the account a mixed payment's main row pays (jackpay_plugins.mixer)
-ISSUER = "_issuer"
 OPENING_MEMO = "opening balance"
+OPENING_PREFIX = "_open:"
 
 
 def opening_tx_id(payer_id: str) -> str:
     """The tx_id of a participant's opening balance (`_issuer` -> id): issued once."""
-    return f"_open:{payer_id}"
+    return f"{OPENING_PREFIX}{payer_id}"
 
 
 def sign_opening(key: Ed25519PrivateKey, network_id: str, payer_id: str, amount: int) -> bytes:

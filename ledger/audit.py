@@ -35,17 +35,15 @@ from datetime import datetime, timedelta
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from common.messages import ISSUER, LedgerRow
-from common.signing import PAY_TAG, RECEIPT_TAG, verify
+from common.messages import DTG_FORMAT, ISSUER, LedgerRow
+from common.signing import OPENING_PREFIX, PAY_TAG, RECEIPT_TAG, verify
 from ledger.index import LEG_PREFIX
 
-OPENING_PREFIX = "_open:"
 ROTATION_GRACE = timedelta(seconds=60)
-_DTG = "%Y-%m-%dT%H:%M:%S.%fZ"
 
 
 def _plus(dtg: str, delta: timedelta) -> str:
-    return (datetime.strptime(dtg, _DTG) + delta).strftime(_DTG)
+    return (datetime.strptime(dtg, DTG_FORMAT) + delta).strftime(DTG_FORMAT)
 
 
 class MissingKey(Exception):

@@ -40,6 +40,7 @@ from common.limits import ServerLimits
 from common.logs import log_event
 from common.messages import (
     APPEND_RESULT_BYTES,
+    DTG_FORMAT,
     LEDGER_REQUESTS,
     Append,
     Appended,
@@ -75,7 +76,7 @@ _DECODER = decoder_for(LEDGER_REQUESTS)
 
 
 def utc_now_dtg() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.now(UTC).strftime(DTG_FORMAT)
 
 
 @dataclass(frozen=True, slots=True)

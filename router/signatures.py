@@ -31,13 +31,10 @@ import sys
 from collections import deque
 from collections.abc import Callable
 
-import nacl.bindings
-import nacl.exceptions
-
 from common.messages import RowIn
 from common.signing import PAY_TAG, RECEIPT_TAG, payment_bytes
 from router.keyring import PayerKeys
-from router.verifier import encode_job
+from router.verifier import encode_job, verify_raw
 
 log = logging.getLogger("jackpay.router")
 
@@ -47,15 +44,6 @@ Done = Callable[[bool], None]
 _LEN = struct.Struct(">I")
 # where `router` is importable from, for the verifier process
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def verify_raw(public_key: bytes, sig: bytes, data: bytes) -> bool:
-    """Ed25519 (libsodium): whether `sig` is `public_key`'s signature of `data`."""
-    try:
-        nacl.bindings.crypto_sign_open(sig + data, public_key)
-    except (nacl.exceptions.BadSignatureError, ValueError):
-        return False
-    return True
 
 
 class PaymentSignatures:
@@ -70,11 +58,7 @@ class PaymentSignatures:
         self._stopping = False
         self._inline = False  # the verifier keeps dying: check on the loop instead
         self._deaths: deque[float] = deque(maxlen=5)
-        self.checked = 0
-        self.refused = 0
         self.restarts = 0
-
-    # --- synchronous (tests, tools) ------------------------------------------------
 
     def _job(self, signer: str, tag: bytes, row: RowIn, sig: bytes | None
              ) -> tuple[bytes, bytes, bytes] | None:
@@ -85,16 +69,6 @@ class PaymentSignatures:
             return None
         return key, sig, payment_bytes(tag, self.network_id, row.sender, row.tx_id,
                                        row.receiver, row.amount, row.memo)
-
-    def ordered(self, row: RowIn, sig: bytes | None) -> bool:
-        """Whether `sig` is the row's sender's order of exactly this row (blocking)."""
-        job = self._job(row.sender, PAY_TAG, row, sig)
-        return job is not None and verify_raw(*job)
-
-    def accepted(self, row: RowIn, sig: bytes | None) -> bool:
-        """Whether `sig` is the row's receiver's acceptance of exactly this row (blocking)."""
-        job = self._job(row.receiver, RECEIPT_TAG, row, sig)
-        return job is not None and verify_raw(*job)
 
     # --- in the verifier process ------------------------------------------------------
 
@@ -110,7 +84,6 @@ class PaymentSignatures:
 
     def _submit(self, job: tuple[bytes, bytes, bytes] | None, done: Done) -> None:
         if job is None:
-            self.refused += 1
             done(False)
             return
         if self._inline:
@@ -155,9 +128,6 @@ class PaymentSignatures:
                 break
             for ok in data:
                 _, done = self._pending.popleft()
-                self.checked += 1
-                if not ok:
-                    self.refused += 1
                 try:
                     done(ok == 1)
                 except Exception:  # one payment's failure must not drop the others' answers

@@ -23,16 +23,20 @@ import nacl.exceptions
 _LEN = struct.Struct(">I")
 
 
+def verify_raw(public_key: bytes, sig: bytes, data: bytes) -> bool:
+    """Ed25519 (libsodium): whether `sig` is `public_key`'s signature of `data`."""
+    try:
+        nacl.bindings.crypto_sign_open(sig + data, public_key)
+    except (nacl.exceptions.BadSignatureError, ValueError):
+        return False
+    return True
+
+
 def check(job: memoryview) -> tuple[int, int]:
     """Verify the job at the start of `job`: (1 or 0, its length)."""
-    key, sig = bytes(job[:32]), bytes(job[32:96])
     (n,) = _LEN.unpack_from(job, 96)
-    data = bytes(job[100 : 100 + n])
-    try:
-        nacl.bindings.crypto_sign_open(sig + data, key)
-    except (nacl.exceptions.BadSignatureError, ValueError):
-        return 0, 100 + n
-    return 1, 100 + n
+    ok = verify_raw(bytes(job[:32]), bytes(job[32:96]), bytes(job[100 : 100 + n]))
+    return int(ok), 100 + n
 
 
 def encode_job(key: bytes, sig: bytes, data: bytes) -> bytes:

@@ -26,7 +26,9 @@ import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-POOL = "_mixer"
+from common.signing import MIXER_POOL
+
+POOL = MIXER_POOL  # what payers sign a mixed payment to (common/signing.py)
 NOTE_PREFIX = "_mix:"
 
 
