@@ -408,3 +408,33 @@ async def test_a_verifier_that_cannot_run_leaves_the_checks_to_the_loop(
         assert answers == [True, False, True]
     finally:
         await checks.aclose()
+
+
+async def test_a_pay_is_refused_rate_limited_while_too_many_checks_wait(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The queue of signatures to check is bounded: beyond it a `pay` is answered
+    `rate_limited` at once (nothing queued, held or written), never left to pile up."""
+    from common.config import RouterConfig
+    from common.errors import ErrorCode
+    from common.messages import Pay
+    from common.participants import Participant
+    from router import signatures as sigmod
+    from router.book import Book
+    from router.ledger_client import LedgerClient
+    from router.payments import Pipeline
+    from router.sessions import Registry
+
+    checks = sigmod.PaymentSignatures(NET, _Keys())  # type: ignore[arg-type]
+    pipeline = Pipeline(Book(), Registry([Participant(id="alice"), Participant(id="bob")]),
+                        LedgerClient("127.0.0.1", 9, tls=None), RouterConfig(),
+                        signatures=checks)
+    pay = Pay(id=1, tx_id="t1", to="bob", amount=5,
+              sig=sign(KEYS["alice"], PAY_TAG, NET, "alice", "t1", "bob", 5, ""))
+    replies: list[object] = []
+    assert pipeline.begin("alice", pay, replies.append) is None  # queued for its check
+    monkeypatch.setattr(sigmod, "MAX_WAITING", 1)  # one waits: the queue is full now
+    outcome = pipeline.begin("alice", pay, replies.append)
+    assert outcome is not None
+    assert outcome.code is ErrorCode.RATE_LIMITED
+    assert replies == []
+    assert pipeline.inflight == {}
