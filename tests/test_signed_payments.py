@@ -209,9 +209,11 @@ async def test_rows_signed_before_a_key_rotation_verify_with_the_retired_key(
     assert "row 3: the sender's signature does not verify with alice's key" in done.stdout
 
 
-def test_the_router_never_issues_an_opening_the_issuer_did_not_sign(network: Network) -> None:
-    """A config opening missing from (or changed in) the signed openings: the router
-    refuses to start, naming it and the fix, and nothing is written."""
+@pytest.mark.parametrize("damage", ["bob missing", "unreadable"])
+def test_the_router_never_issues_an_opening_the_issuer_did_not_sign(
+        network: Network, damage: str) -> None:
+    """A config opening missing from the signed openings, or signed openings that cannot
+    be read: the router refuses to start, naming it and the fix, and nothing is written."""
     from common.procs import ProcessFailed
     from common.signing import openings_json, read_openings
 
@@ -220,12 +222,18 @@ def test_the_router_never_issues_an_opening_the_issuer_did_not_sign(network: Net
     network.start_ledger()  # (it writes the config and the keys again: edit them after)
     store = KeyStore.for_config(network.config)
     signed = read_openings(store.openings)
-    del signed["bob"]
-    store.openings.write_bytes(openings_json(signed))
+    if damage == "unreadable":
+        store.openings.write_text("{not json")
+    else:
+        del signed["bob"]
+        store.openings.write_bytes(openings_json(signed))
     with pytest.raises(ProcessFailed):
         network.start_router()
     log = network.procs["router"].log_path.read_text()
-    assert "opening balance of bob (5.00) is not signed by the issuer's key" in log
+    if damage == "unreadable":
+        assert "signed openings unreadable" in log
+    who = "alice (10.00)" if damage == "unreadable" else "bob (5.00)"
+    assert f"opening balance of {who} is not signed by the issuer's key" in log
     assert "jackpay-keys CONFIG" in log
     assert "_open:" not in network.ledger_csv()  # not even alice's: all or nothing
 
