@@ -100,7 +100,7 @@ class Settings:
     plugin_seconds: float = 5.0  # each plug-in setting's closed loop
     metrics_rounds: int = 6  # interleaved pairs: metrics off / on and scraped every second
     metrics_seconds: float = 5.0
-    signature_rounds: int = 3  # interleaved pairs: unsigned / signed, at saturation
+    signature_rounds: int = 5  # interleaved pairs: unsigned / signed, at saturation
     store_rounds: int = 3  # --store postgresql: interleaved rounds of csv / postgres / standby
     store_concurrency: int = 256  # the closed loop at saturation
     pgbench_seconds: float = 10.0
@@ -918,17 +918,18 @@ async def amain(args: argparse.Namespace) -> int:
         env["PYTHONPATH"] = REPO_ROOT
         try:
             await bench.probes.start(env)
-            await bench.limits()
-            await bench.payments(compare_plain=not args.secure_only)
-            if args.store == "postgresql":
+            if args.only is None:
+                await bench.limits()
+                await bench.payments(compare_plain=not args.secure_only)
+            if args.store == "postgresql" and args.only is None:
                 await bench.stores()
-            if not args.skip_plugins:
+            if not args.skip_plugins and args.only in (None, "plugins"):
                 await bench.plugin_costs()
-            if not args.skip_metrics:
+            if not args.skip_metrics and args.only in (None, "metrics"):
                 await bench.metrics_cost()
-            if not args.skip_signatures:
+            if not args.skip_signatures and args.only in (None, "signatures"):
                 await bench.signature_cost()
-            if not args.skip_scale:
+            if not args.skip_scale and args.only is None:
                 await bench.sessions()
                 await bench.rebuild()
         finally:
@@ -969,6 +970,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="skip the metrics comparison (router CPU with metrics off / on)")
     p.add_argument("--skip-signatures", action="store_true",
                    help="skip the signed / unsigned payments comparison")
+    p.add_argument("--only", choices=["plugins", "metrics", "signatures"],
+                   help="run just this comparison (no limits, payments or scale sections)")
     args = p.parse_args(argv)
     return run(lambda: amain(args))
 

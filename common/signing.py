@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import nacl.bindings
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -100,8 +101,22 @@ def signed_row(to: str, memo: str, mix: bool) -> tuple[str, str]:
     return (MIXER_POOL, "") if mix else (to, memo)
 
 
-def sign(key: Ed25519PrivateKey, tag: bytes, network_id: str, sender: str, tx_id: str,
-         receiver: str, amount: int, memo: str) -> bytes:
+class Signer:
+    """A payer's Ed25519 key signing by libsodium: the same signatures as OpenSSL's
+    (Ed25519 is deterministic) in ~30 µs instead of 40-55 here, which a payer pays twice
+    per payment (its orders and its receipts)."""
+
+    __slots__ = ("_secret",)
+
+    def __init__(self, key: Ed25519PrivateKey) -> None:
+        _, self._secret = nacl.bindings.crypto_sign_seed_keypair(key.private_bytes_raw())
+
+    def sign(self, data: bytes) -> bytes:
+        return nacl.bindings.crypto_sign(data, self._secret)[:64]
+
+
+def sign(key: Ed25519PrivateKey | Signer, tag: bytes, network_id: str, sender: str,
+         tx_id: str, receiver: str, amount: int, memo: str) -> bytes:
     return key.sign(payment_bytes(tag, network_id, sender, tx_id, receiver, amount, memo))
 
 

@@ -23,7 +23,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -62,7 +62,7 @@ from common.messages import (
     Welcome,
     decoder_for,
 )
-from common.signing import PAY_TAG, RECEIPT_TAG, sign, signed_row
+from common.signing import PAY_TAG, RECEIPT_TAG, Signer, sign, signed_row
 from common.tls import ClientTls, client_tls
 
 log = logging.getLogger("jackpay.payer.client")
@@ -97,6 +97,10 @@ class PayerCredentials:
     network_id: str
     key: Ed25519PrivateKey
     tls: ClientTls
+    signer: Signer = field(init=False, repr=False, compare=False)  # the key, by libsodium
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "signer", Signer(self.key))
 
     @classmethod
     def from_config(cls, cfg: NetworkConfig, payer_id: str) -> PayerCredentials:
@@ -293,7 +297,7 @@ class PayerClient:
         if creds is None or pay.sig is not None or not self.sign:
             return pay
         receiver, memo = signed_row(pay.to, pay.memo, pay.mix)
-        sig = sign(creds.key, PAY_TAG, creds.network_id, self.payer_id, pay.tx_id, receiver,
+        sig = sign(creds.signer, PAY_TAG, creds.network_id, self.payer_id, pay.tx_id, receiver,
                    pay.amount, memo)
         return msgspec.structs.replace(pay, sig=sig)
 
@@ -302,7 +306,7 @@ class PayerClient:
         creds = self.credentials
         if creds is None or not self.sign:
             return Receipt(re=offer.id, tx_id=offer.tx_id)
-        sig = sign(creds.key, RECEIPT_TAG, creds.network_id, offer.sender, offer.tx_id,
+        sig = sign(creds.signer, RECEIPT_TAG, creds.network_id, offer.sender, offer.tx_id,
                    self.payer_id, offer.amount, offer.memo)
         return Receipt(re=offer.id, tx_id=offer.tx_id, sig=sig)
 

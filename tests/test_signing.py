@@ -16,6 +16,7 @@ from common.signing import (
     MIXER_POOL,
     PAY_TAG,
     RECEIPT_TAG,
+    Signer,
     payment_bytes,
     sign,
     signed_row,
@@ -38,6 +39,18 @@ KEYS = {name: Ed25519PrivateKey.from_private_bytes(bytes([i]) * 32)
         for i, name in enumerate(("alice", "bob", "carol", "mallory"), start=1)}
 PUBLIC = {name: k.public_key() for name, k in KEYS.items() if name != "mallory"}
 DTG = "2026-12-01T10:00:00.000000Z"
+
+
+def test_the_payers_libsodium_signer_signs_exactly_as_openssl_and_verifies() -> None:
+    """Payers sign with libsodium (Signer, faster); Ed25519 is deterministic, so the
+    signature is the same bytes OpenSSL gives, and the auditor's verify accepts it."""
+    key = KEYS["alice"]
+    args = (PAY_TAG, NET, "alice", "tx-1", "bob", 1250, "lunch")
+    fast = sign(Signer(key), *args)
+    assert fast == sign(key, *args)
+    assert verify(PUBLIC["alice"], fast, *args)
+    assert not verify(PUBLIC["alice"], fast, PAY_TAG, NET, "alice", "tx-1", "bob", 1251,
+                      "lunch")
 
 
 def test_the_signed_bytes_are_the_documented_ones() -> None:
