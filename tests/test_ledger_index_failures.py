@@ -339,6 +339,7 @@ def test_lookups_and_reads_never_miss_while_the_writer_thread_commits(
     up and reads: every durable payment is found (a miss would be a double payment),
     every page is contiguous, balances stay exact, and the disk/memory boundary moves."""
     monkeypatch.setattr(csvindex, "COMMIT_EVERY_S", 0.0)
+    monkeypatch.setattr(csvindex, "DRAIN_EVERY_S", 0.0005)
     path = tmp_path / "ledger.csv"
     store = LedgerStore.open(path)
     rng = random.Random(7)
@@ -471,6 +472,7 @@ from test_ledger_index import index_files, restore_index
 from ledger import csvindex
 from ledger.storage import Fenced
 csvindex.COMMIT_EVERY_S = 0.0
+csvindex.DRAIN_EVERY_S = 0.0005
 from ledger.store import LedgerStore
 from test_ledger_index_failures import append, pay
 store = LedgerStore.open(Path(sys.argv[1]))
