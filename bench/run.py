@@ -69,6 +69,7 @@ from payer_client.client import PayerClient, PayerCredentials
 
 PLAIN_FLAG = "--plain-benchmark-only"
 UNSIGNED_FLAG = "--unsigned-benchmark-only"
+TASK_PATH_FLAG = "--append-task-path-benchmark-only"
 PAYOUT_WAIT_S = 120.0  # the mixer's rounds close within max_wait_s; far more is a failure
 REPO_ROOT = str(Path(__file__).resolve().parents[1])
 # The plug-in comparison: the mixer enabled (idle for direct payments), short rounds.
@@ -101,6 +102,8 @@ class Settings:
     metrics_rounds: int = 6  # interleaved pairs: metrics off / on and scraped every second
     metrics_seconds: float = 5.0
     signature_rounds: int = 5  # interleaved pairs: unsigned / signed, at saturation
+    turns_rounds: int = 3  # interleaved pairs: append's first attempt direct / on a task
+    turns_open_rate: float = 3000.0  # the open loop where the append leg is timed
     store_rounds: int = 3  # --store postgresql: interleaved rounds of csv / postgres / standby
     store_concurrency: int = 256  # the closed loop at saturation
     pgbench_seconds: float = 10.0
@@ -109,7 +112,8 @@ class Settings:
 QUICK = Settings(payers=20, concurrency=(1, 64), seconds=2.0, open_loop_s=2.0,
                  idle_sessions=200, rebuild_rows=(20_000,), echo_connections=20,
                  open_rates=(), plugin_rounds=1, plugin_seconds=1.0, metrics_rounds=1,
-                 metrics_seconds=1.0, signature_rounds=1, store_rounds=1, store_concurrency=64,
+                 metrics_seconds=1.0, signature_rounds=1, turns_rounds=1, turns_open_rate=500.0,
+                 store_rounds=1, store_concurrency=64,
                  pgbench_seconds=3.0)
 
 
@@ -235,9 +239,11 @@ class Bench:
 
     def start_network(self, tag: str, payers: list[str], csv: str = "ledger.csv", *,
                       plain: bool = False, router_extra: str = "",
-                      dsn: str = "", unsigned: bool = False) -> tuple[Proc, Proc, Path]:
+                      dsn: str = "", unsigned: bool = False,
+                      router_flags: tuple[str, ...] = ()) -> tuple[Proc, Proc, Path]:
         """`dsn`: the ledger on PostgreSQL there (else the CSV file `csv`). `unsigned`:
-        the router does not check payments' signatures (the comparison of their cost)."""
+        the router does not check payments' signatures (the comparison of their cost).
+        `router_flags`: more of the router's hidden benchmark flags."""
         cfg = self.root / f"{tag}.toml"
         flag = [PLAIN_FLAG] if plain else []
         self.write_config(cfg, payers, 0, csv, router_extra=router_extra, dsn=dsn)
@@ -246,9 +252,9 @@ class Bench:
                                                            *flag))
         self.ledger_start_s[tag] = round(time.perf_counter() - t0, 2)
         self.write_config(cfg, payers, ledger.addr[1], csv, router_extra=router_extra, dsn=dsn)
-        router_flags = [*flag, UNSIGNED_FLAG] if unsigned else flag
+        flags = [*flag, *([UNSIGNED_FLAG] if unsigned else []), *router_flags]
         router = self.start(f"{tag}-router", python_module("router", "--config", str(cfg),
-                                                           *router_flags))
+                                                           *flags))
         return ledger, router, cfg
 
     def clients(self, cfg: Path, router: Proc, payers: list[str], *, plain: bool = False,
@@ -328,14 +334,15 @@ class Bench:
 
     async def payment_network(self, *, plain: bool, tag: str = "",
                               router_extra: str = "", dsn: str = "",
-                              unsigned: bool = False) -> _PaymentNetwork:
+                              unsigned: bool = False,
+                              router_flags: tuple[str, ...] = ()) -> _PaymentNetwork:
         """A running network (ledger, router, `payers` clients logged in) to measure;
         `dsn`: its ledger on PostgreSQL; `unsigned`: payments not signed nor checked."""
         tag = tag or ("plain" if plain else "pay")
         payers = [f"p{i:04d}" for i in range(self.s.payers)]
         ledger, router, cfg = self.start_network(tag, payers, f"{tag}.csv", plain=plain,
                                                  router_extra=router_extra, dsn=dsn,
-                                                 unsigned=unsigned)
+                                                 unsigned=unsigned, router_flags=router_flags)
         auditor = None if plain else client_tls(KeyStore.for_config(load_config(cfg)),
                                                  "ledger", identity="auditor")
         lch = await open_channel(*ledger.addr, decoder_for(LEDGER_REPLIES), name="ledger",
@@ -503,6 +510,63 @@ class Bench:
             "settings": results, "per_s": rates, "router_cpu_us_per_payment": per_payment,
             "signed_vs_unsigned_per_s": round(pairs[len(pairs) // 2], 3) if pairs else None,
             "signed_vs_unsigned_router_cpu": cpu_ratio}
+
+    async def loop_turns(self) -> None:
+        """Issue 14's fewer loop turns, before and after, interleaved: an append's first
+        attempt sent directly (`direct`, today) or on the task path as before (`task`: the
+        router's hidden --append-task-path-benchmark-only). Per pair: the closed loop at
+        saturation (router CPU per payment) and an open loop at `turns_open_rate` (the
+        append leg: the router's own histogram, rows sent -> the ledger's answer). Unsigned
+        networks (TLS and login on): the verifier's CPU would hide the router's own."""
+        rounds, rate = self.s.turns_rounds, self.s.turns_open_rate
+        task = self.progress.add_task("loop turns", total=4 * rounds)
+        metrics = 'metrics_addr = "127.0.0.1:0"'
+        nets = {"direct": await self.payment_network(plain=False, tag="direct", unsigned=True,
+                                                     router_extra=metrics),
+                "task": await self.payment_network(plain=False, tag="task", unsigned=True,
+                                                   router_extra=metrics,
+                                                   router_flags=(TASK_PATH_FLAG,))}
+        conc = self.s.store_concurrency
+        out: dict[str, dict[str, list[Any]]] = {
+            name: {"per_s": [], "router_cpu_us_per_payment": [], "append_ms_closed": [],
+                   "append_ms_open": []} for name in nets}
+        settings: list[dict[str, Any]] = []
+        try:
+            for i in range(rounds):
+                for name in (("direct", "task") if i % 2 == 0 else ("task", "direct")):
+                    net = nets[name]
+                    for kind, load in (
+                            ("closed", closed_loop(f"turns C={conc} {name}", net.op, conc,
+                                                   self.s.seconds)),
+                            ("open", open_loop(f"turns open {rate:.0f}/s {name}", net.op, rate,
+                                               self.s.open_loop_s))):
+                        h0 = await scrape_histogram(net, "jackpay_router_append_seconds")
+                        before = await self.ledger_stats(net.lch)
+                        res = await net.measured(load, self)
+                        after = await self.ledger_stats(net.lch)
+                        leg = histogram_delta(
+                            h0, await scrape_histogram(net, "jackpay_router_append_seconds"))
+                        summary = net.results[-1] | {"append_leg_ms": leg}
+                        settings.append(summary)
+                        o = out[name]
+                        o[f"append_ms_{kind}"].append(leg)
+                        if kind == "closed":
+                            rows = after.rows - before.rows
+                            cpu = res.extra["cpu_s"]["router"]  # type: ignore[index]
+                            o["per_s"].append(summary["per_s"])
+                            o["router_cpu_us_per_payment"].append(
+                                round(cpu / rows * 1e6, 1) if rows else 0.0)
+                        self.progress.advance(task)
+        finally:
+            for net in nets.values():
+                await net.close()
+        cpu_pairs = sorted(t / d for d, t in zip(out["direct"]["router_cpu_us_per_payment"],
+                                                  out["task"]["router_cpu_us_per_payment"],
+                                                  strict=True) if d)
+        self.report["loop_turns"] = {
+            "settings": settings, **out,
+            "task_vs_direct_router_cpu": round(cpu_pairs[len(cpu_pairs) // 2], 3)
+            if cpu_pairs else None}
 
     async def metrics_cost(self) -> None:
         """The cost of counting: router CPU per payment with metrics off and on (scraped
@@ -751,6 +815,49 @@ def machine() -> dict[str, Any]:
     return info
 
 
+async def scrape_histogram(net: _PaymentNetwork, name: str) -> dict[str, float]:
+    """One histogram of the router's /metrics: {"le bound": cumulative count, ...,
+    "sum": s, "count": n}."""
+    host, _, port = net.router.ready["metrics"].rpartition(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
+    body = (await reader.read()).decode()
+    writer.close()
+    out: dict[str, float] = {}
+    for line in body.splitlines():
+        if line.startswith(f"{name}_bucket{{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            out[le] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith((f"{name}_sum", f"{name}_count")):
+            key, value = line.split(" ", 1)
+            out[key.rsplit("_", 1)[1]] = float(value)
+    return out
+
+
+def histogram_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """Mean (exact: sum / count) and p50 / p99 (interpolated within the buckets, as
+    Prometheus' histogram_quantile does) of what a histogram saw between two scrapes, in
+    milliseconds."""
+    n = after.get("count", 0.0) - before.get("count", 0.0)
+    if n <= 0:
+        return {"n": 0}
+    bounds = sorted((float(k), after[k] - before.get(k, 0.0)) for k in after
+                    if k not in ("sum", "count", "+Inf"))
+
+    def quantile(q: float) -> float | None:
+        rank, lower, below = q * n, 0.0, 0.0
+        for bound, cum in bounds:
+            if cum >= rank:
+                inside = cum - below
+                return round((lower + (bound - lower) * ((rank - below) / inside
+                                                         if inside else 1.0)) * 1000, 3)
+            lower, below = bound, cum
+        return None  # above the highest bound
+
+    return {"n": int(n), "mean_ms": round((after["sum"] - before.get("sum", 0.0)) / n * 1000, 3),
+            "p50_ms": quantile(0.5), "p99_ms": quantile(0.99)}
+
+
 def ratios(report: dict[str, Any]) -> dict[str, Any]:
     peak = report.get("peak_payments_per_s", 0.0)
     plain_peak = report.get("plain_peak_payments_per_s")
@@ -880,6 +987,17 @@ def render(report: dict[str, Any]) -> None:
                   f"{sigs['per_s']['unsigned']}, signed {sigs['per_s']['signed']}; router µs "
                   f"per payment unsigned {cpu['unsigned']}, signed {cpu['signed']}")
     con.print(f"ratios: {report.get('ratios')}")
+    turns = report.get("loop_turns")
+    if turns:
+        con.print(f"loop turns (append's first attempt direct / on a task as before, unsigned, "
+                  f"interleaved): router CPU task / direct {turns['task_vs_direct_router_cpu']}")
+        for name in ("direct", "task"):
+            t = turns[name]
+            con.print(f"  {name}: pay/s {t['per_s']}; router µs/payment "
+                      f"{t['router_cpu_us_per_payment']}; append leg at saturation "
+                      f"{[a.get('mean_ms') for a in t['append_ms_closed']]} ms mean; open "
+                      f"loop {[(a.get('mean_ms'), a.get('p99_ms')) for a in t['append_ms_open']]}"
+                      f" ms (mean, p99)")
     stores = report.get("stores")
     if stores:
         st = Table(title="stores (security on; CSV / PostgreSQL alone / with a sync standby)")
@@ -929,6 +1047,8 @@ async def amain(args: argparse.Namespace) -> int:
                 await bench.metrics_cost()
             if not args.skip_signatures and args.only in (None, "signatures"):
                 await bench.signature_cost()
+            if not args.skip_loop_turns and args.only in (None, "loop-turns"):
+                await bench.loop_turns()
             if not args.skip_scale and args.only is None:
                 await bench.sessions()
                 await bench.rebuild()
@@ -970,7 +1090,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="skip the metrics comparison (router CPU with metrics off / on)")
     p.add_argument("--skip-signatures", action="store_true",
                    help="skip the signed / unsigned payments comparison")
-    p.add_argument("--only", choices=["plugins", "metrics", "signatures"],
+    p.add_argument("--skip-loop-turns", action="store_true",
+                   help="skip the append's first attempt direct / on a task comparison")
+    p.add_argument("--only", choices=["plugins", "metrics", "signatures", "loop-turns"],
                    help="run just this comparison (no limits, payments or scale sections)")
     args = p.parse_args(argv)
     return run(lambda: amain(args))

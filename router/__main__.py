@@ -49,6 +49,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--plain-benchmark-only", action="store_true", help=argparse.SUPPRESS)
     # TLS and login, but payments' signatures not checked: the benchmark's comparison only.
     ap.add_argument("--unsigned-benchmark-only", action="store_true", help=argparse.SUPPRESS)
+    # Every append's first attempt on the task path (as before issue 14): the benchmark's
+    # `loop turns` comparison only.
+    ap.add_argument("--append-task-path-benchmark-only", action="store_true",
+                    help=argparse.SUPPRESS)
     add_version(ap)
     return ap.parse_args(argv)
 
@@ -120,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     except StartupFailed as exc:  # a plug-in that cannot be loaded or configured
         print(f"jackpay-router: {exc}", file=sys.stderr)
         return 2
+    service.ledger.direct_first = not args.append_task_path_benchmark_only
     # Without uvloop, allocate and free one block larger than a socket read buffer so
     # glibc stops mmapping/unmapping 256 KiB on every read (PERFORMANCE-NOTES.md).
     warm = bytearray(1 << 20)

@@ -97,6 +97,25 @@ def test_bench_quick_reports_every_figure(tmp_path: Path) -> None:
     assert all(s["ok"] > 0 for s in sigs["settings"])
     assert sigs["signed_vs_unsigned_per_s"] == round(
         sigs["per_s"]["signed"][0] / sigs["per_s"]["unsigned"][0], 3)
+    # issue 14's loop turns: an append's first attempt direct / on the task path (the
+    # router's hidden flag), interleaved; both pay, and the append leg is timed by the
+    # router's own histogram in the closed and the open loop
+    turns = report["loop_turns"]
+    assert [s["label"] for s in turns["settings"]] == [
+        "turns C=64 direct", "turns open 500/s direct", "turns C=64 task",
+        "turns open 500/s task"]
+    for s in turns["settings"]:
+        assert s["ok"] > 0, s
+        assert s["failed"] == 0, s
+        leg = s["append_leg_ms"]
+        assert leg["n"] > 0, s
+        assert leg["mean_ms"] > 0, leg
+        assert leg["p50_ms"] <= leg["p99_ms"], leg
+    for name in ("direct", "task"):
+        assert turns[name]["router_cpu_us_per_payment"][0] > 0
+    assert turns["task_vs_direct_router_cpu"] == round(
+        turns["task"]["router_cpu_us_per_payment"][0]
+        / turns["direct"]["router_cpu_us_per_payment"][0], 3)
 
 
 def test_bench_scale_starts_both_stores_on_a_built_ledger(tmp_path: Path) -> None:
