@@ -91,12 +91,15 @@ def test_bench_quick_reports_every_figure(tmp_path: Path) -> None:
     assert metrics["on_vs_off_router_cpu"] == round(
         metrics["router_cpu_us_per_payment"]["on"][0]
         / metrics["router_cpu_us_per_payment"]["off"][0], 3)
-    sigs = report["signatures"]  # signed / unsigned payments, interleaved at saturation
+    sigs = report["signatures"]  # signed / unsigned payments, rounds at saturation
     assert [s["label"] for s in sigs["settings"]] == ["direct C=64 unsigned",
                                                       "direct C=64 signed"]
     assert all(s["ok"] > 0 for s in sigs["settings"])
+    assert sigs["peak_per_s"] == {"unsigned": sigs["per_s"]["unsigned"]["64"],
+                                  "signed": sigs["per_s"]["signed"]["64"]}
     assert sigs["signed_vs_unsigned_per_s"] == round(
-        sigs["per_s"]["signed"][0] / sigs["per_s"]["unsigned"][0], 3)
+        sigs["per_s"]["signed"]["64"][0] / sigs["per_s"]["unsigned"]["64"][0], 3)
+    assert sigs["signed_vs_unsigned_at"] == {"64": sigs["signed_vs_unsigned_per_s"]}
     # issue 14's loop turns: an append's first attempt direct / on the task path (the
     # router's hidden flag), interleaved; both pay, and the append leg is timed by the
     # router's own histogram in the closed and the open loop
