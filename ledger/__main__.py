@@ -40,7 +40,7 @@ from common.version import add_version
 from ledger.pgstore import PgStore, export_csv, is_dsn, verify_database
 from ledger.server import LedgerAccess, LedgerServer
 from ledger.storage import LedgerStorage
-from ledger.store import LedgerCorrupt, LedgerStore
+from ledger.store import LedgerCorrupt, LedgerInUse, LedgerStore
 from ledger.verify import receipt_check, signature_audit, verify_file
 
 log = logging.getLogger("jackpay.ledger")
@@ -188,7 +188,7 @@ async def _open_store(path: Path, dsn: str) -> LedgerStorage | None:
             return None
     try:
         store = LedgerStore.open(path)
-    except LedgerCorrupt as exc:
+    except (LedgerCorrupt, LedgerInUse) as exc:
         print(f"jackpay-ledger: refusing to start: {exc} (file left untouched)", file=sys.stderr)
         return None
     except OSError as exc:

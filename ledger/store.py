@@ -24,6 +24,7 @@ Rules:
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import logging
 import os
@@ -84,6 +85,10 @@ MAX_LINE_BYTES = 8192
 
 class LedgerCorrupt(JackPayError):
     """The file cannot be trusted; the ledger will not start on it (file left untouched)."""
+
+
+class LedgerInUse(JackPayError):
+    """Another process holds the file: two writers would interleave their rows."""
 
 
 class IndexUnavailable(JackPayError):
@@ -193,7 +198,8 @@ class LedgerStore:
 
     @classmethod
     def open(cls, path: Path) -> LedgerStore:
-        """Open (creating if needed) and recover. Raises LedgerCorrupt, OSError."""
+        """Open (creating if needed), lock and recover. Raises LedgerInUse, LedgerCorrupt,
+        OSError."""
         store = cls(path)
         store._open()
         return store
@@ -201,6 +207,14 @@ class LedgerStore:
     def _open(self) -> None:
         created = not self.path.exists()
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            # Held until the process closes the file (or dies): one writer per file.
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise LedgerInUse(f"{self.path} is held by another ledger process (two writers "
+                              "would interleave their rows and break the chain); stop it "
+                              "first, or give this one a file of its own") from None
         db: IndexDb | None = None
         reader: IndexDb | None = None
         try:

@@ -287,6 +287,35 @@ def test_refuses_to_start_on_a_corrupt_middle(network: Network) -> None:
     assert verdict.stdout.startswith("FAIL")
 
 
+async def test_a_second_ledger_on_the_same_file_is_refused_and_the_first_serves_on(
+        network: Network) -> None:
+    """Two writers of one CSV file would interleave their rows and break the chain: the
+    file is locked while a ledger holds it, and a second one (a slip of a config, a
+    restart before the old process ended) stops at once, saying which file, touching
+    nothing."""
+    network.start_ledger()
+    ch = await connect(network)
+    await append(ch, row(1), row(2))
+    before = network.ledger_path.read_bytes()
+    proc = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "ledger", "--config", str(network.config_path),
+                         "--port", "0"], capture_output=True, text=True, timeout=20,
+        env=network.env())
+    assert proc.returncode == 2
+    assert str(network.ledger_path) in proc.stderr
+    assert "another ledger" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert network.ledger_path.read_bytes() == before
+    assert (await append(ch, row(3))).results[0].seq == 3  # the first one serves on
+    await ch.aclose()
+    network.procs["ledger"].stop()
+    # Its lock ends with the process: the next start opens the file.
+    network.start_ledger()
+    ch = await connect(network)
+    assert (await stats(ch)).rows == 3
+    await ch.aclose()
+
+
 async def test_sigterm_finishes_queued_appends_and_exits_0(network: Network, store: str) -> None:
     network.start_ledger()
     ch = await connect(network)
