@@ -59,9 +59,8 @@ from common.proofs import check_proofs
 from jackpay_plugins.mixer.journal import Journal
 from ledger.audit import SignatureAudit
 from ledger.pgcluster import PgCluster
-from ledger.pgstore import verify_database
 from ledger.store import load_rows
-from ledger.verify import receipt_check, signature_audit
+from ledger.verify import receipt_check, signature_audit, verify_database
 
 PROCESS_FAULTS = ["kill_router", "kill_ledger", "kill_payer", "pause_router", "pause_ledger",
                   "ledger_write_failure"]
@@ -416,13 +415,14 @@ class Chaos:
         if folder.is_dir():
             kept = receipt_check(str(self.net.config_path), folder)
             self.receipts_held = len(kept.proofs)
-            if (problem := check_proofs(kept.proofs, rows, kept.network_id,
+            if (problem := check_proofs(kept.proofs, {r.seq: r.hash for r in rows},
+                                        len(rows), kept.network_id,
                                         kept.ledger_key)) is not None:
                 report.violations.append(Violation("receipts", problem))
         if self.cluster is not None:
-            ok, line, _ = await verify_database(self.net.dsn)
-            if not ok:
-                report.violations.append(Violation("verify", line))
+            verdict = await verify_database(self.net.dsn)
+            if not verdict.ok:
+                report.violations.append(Violation("verify", verdict.line))
             report.violations += self.paid_without_standby()
             for i, f in enumerate(self.failovers, 1):
                 if f.lost:

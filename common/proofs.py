@@ -16,7 +16,7 @@ acknowledged them — even if the whole chain was recomputed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -24,7 +24,7 @@ import msgspec
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from common.messages import LedgerProof, LedgerRow
+from common.messages import LedgerProof
 from common.signing import head_bytes
 
 
@@ -68,10 +68,16 @@ def read_proofs(folder: Path) -> list[tuple[str, KeptProof]]:
     return out
 
 
-def check_proofs(proofs: Sequence[tuple[str, KeptProof]], rows: Sequence[LedgerRow],
-                 network_id: str, ledger_key: Ed25519PublicKey) -> str | None:
-    """The first receipt the rows contradict (what and where), or None when they hold
-    every one. `rows[i]` must be the row of seq i + 1 (a whole, verified ledger)."""
+def proof_seqs(proofs: Sequence[tuple[str, KeptProof]]) -> set[int]:
+    """The seqs whose hashes `check_proofs` needs: each receipt's row and sealed head."""
+    return {seq for _, p in proofs for seq in (p.seq, p.head_seq)}
+
+
+def check_proofs(proofs: Sequence[tuple[str, KeptProof]], hashes: Mapping[int, str],
+                 last_seq: int, network_id: str, ledger_key: Ed25519PublicKey) -> str | None:
+    """The first receipt the ledger contradicts (what and where), or None when it holds
+    every one. `hashes`: the hash of each seq in `proof_seqs(proofs)` the ledger has;
+    `last_seq`: its last row (a whole, verified ledger)."""
     for where, p in proofs:
         name = f"receipt of {p.sender}'s tx_id {p.tx_id} ({where})"
         try:
@@ -81,10 +87,11 @@ def check_proofs(proofs: Sequence[tuple[str, KeptProof]], rows: Sequence[LedgerR
             return f"{name}: not signed by the ledger's key (a forged receipt)"
         for seq, want, what in ((p.seq, p.hash, "its row"),
                                 (p.head_seq, p.head_hash, "the chain head the ledger sealed")):
-            if not 1 <= seq <= len(rows):
+            held = hashes.get(seq) if 1 <= seq <= last_seq else None
+            if held is None:
                 return (f"{name}: {what} was seq {seq}, and the ledger now ends at "
-                        f"{len(rows)}: rows acknowledged by the ledger were removed")
-            if rows[seq - 1].hash != want:
+                        f"{last_seq}: rows acknowledged by the ledger were removed")
+            if held != want:
                 return (f"{name}: {what} (seq {seq}) had hash {want[:16]}…, the ledger now "
-                        f"holds {rows[seq - 1].hash[:16]}…: rows were removed or rewritten")
+                        f"holds {held[:16]}…: rows were removed or rewritten")
     return None

@@ -37,11 +37,11 @@ from common.metrics import serve_metrics
 from common.procs import print_ready
 from common.tls import refuse_plain_off_loopback, server_context
 from common.version import add_version
-from ledger.pgstore import PgStore, export_csv, is_dsn, verify_database
+from ledger.pgstore import PgStore, export_csv, is_dsn
 from ledger.server import LedgerAccess, LedgerServer
 from ledger.storage import LedgerStorage
 from ledger.store import LedgerCorrupt, LedgerInUse, LedgerStore
-from ledger.verify import receipt_check, signature_audit, verify_file
+from ledger.verify import receipt_check, signature_audit, verify_database, verify_file
 
 log = logging.getLogger("jackpay.ledger")
 
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also check every row's signatures against the public keys of "
                              "the participants of this network config")
         vp.add_argument("--receipts", metavar="DIR", type=Path,
-                        help="also hold the file against the ledger's receipts kept by "
+                        help="also hold the ledger against the receipts of it kept by "
                              "payers (*.jsonl in DIR); needs --keys (the ledger's key)")
         vargs = vp.parse_args(args_list[1:])
         audit = receipts = None
@@ -105,16 +105,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"FAIL cannot read the keys or the receipts: {exc}")
                 return 2
         if is_dsn(vargs.path):
-            if receipts is not None:
-                vp.error("--receipts checks a file: `jackpay-ledger export --csv` it first")
             try:
-                ok, line, _ = asyncio.run(verify_database(vargs.path, audit))
+                verdict = asyncio.run(verify_database(vargs.path, audit, receipts))
             except DB_ERRORS as exc:
                 print(f"FAIL cannot read the database: {exc}")
                 return 2
-            print(line)
-            return 0 if ok else 1
-        verdict = verify_file(Path(vargs.path), audit, receipts)
+        else:
+            verdict = verify_file(Path(vargs.path), audit, receipts)
         print(verdict.line)
         return 0 if verdict.ok else 1
     if args_list[:1] == ["export"]:

@@ -65,9 +65,8 @@ from asyncpg.connect_utils import SessionAttribute
 from common.files import fsync_dir
 from common.logs import log_event
 from common.messages import LedgerRow, RowIn
-from ledger.audit import SignatureAudit
 from ledger.index import Key, ReadResult, RecentIndex, resolve
-from ledger.rows import GENESIS_HASH, HEADER_LINE, check_chain, format_line
+from ledger.rows import GENESIS_HASH, HEADER_LINE, format_line
 from ledger.storage import SLOW_FSYNC_US, AppendOutcome, Fenced, StoreStats
 
 log = logging.getLogger("jackpay.ledger")
@@ -145,14 +144,14 @@ BEGIN
 END $$;
 """
 
-_COLUMNS = "seq, dtg, sender, receiver, amount, tx_id, memo, hash, sender_sig, receiver_sig"
+ROW_COLUMNS = "seq, dtg, sender, receiver, amount, tx_id, memo, hash, sender_sig, receiver_sig"
 _APPEND = "SELECT jackpay_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
 _HEAD = "SELECT seq, hash FROM jackpay_rows ORDER BY seq DESC LIMIT 1"
-_LOOKUP = (f"SELECT {_COLUMNS} FROM jackpay_rows JOIN unnest($1::text[], $2::text[]) "
+_LOOKUP = (f"SELECT {ROW_COLUMNS} FROM jackpay_rows JOIN unnest($1::text[], $2::text[]) "
            "AS k(s, t) ON sender = k.s AND tx_id = k.t")
-_READ = f"SELECT {_COLUMNS} FROM jackpay_rows WHERE seq >= $1 AND seq <= $3 ORDER BY seq LIMIT $2"
+_READ = f"SELECT {ROW_COLUMNS} FROM jackpay_rows WHERE seq >= $1 AND seq <= $3 ORDER BY seq LIMIT $2"
 _READ_PARTY = f"""
-SELECT {', '.join('r.' + c for c in _COLUMNS.split(', '))} FROM (
+SELECT {', '.join('r.' + c for c in ROW_COLUMNS.split(', '))} FROM (
     (SELECT seq FROM jackpay_rows WHERE sender = $3 AND seq >= $1 AND seq <= $4
      ORDER BY seq LIMIT $2)
     UNION
@@ -167,7 +166,7 @@ def is_dsn(text: str) -> bool:
     return text.startswith(("postgresql://", "postgres://"))
 
 
-def _row(rec: Any) -> LedgerRow:
+def row_of(rec: Any) -> LedgerRow:
     return LedgerRow(seq=rec[0], dtg=rec[1], sender=rec[2], receiver=rec[3], amount=rec[4],
                      tx_id=rec[5], memo=rec[6], hash=rec[7], sender_sig=rec[8],
                      receiver_sig=rec[9])
@@ -341,11 +340,11 @@ class PgStore:
         async with self._pool.acquire() as conn:
             if party is None:
                 recs = await conn.fetch(_READ, from_seq, limit, head)
-                page = [_row(r) for r in recs]
+                page = [row_of(r) for r in recs]
                 nxt = from_seq + len(page)
                 return ReadResult(page, nxt, nxt <= head)
             recs = await conn.fetch(_READ_PARTY, from_seq, limit + 1, party, head)
-        page = [_row(r) for r in recs[:limit]]
+        page = [row_of(r) for r in recs[:limit]]
         nxt = page[-1].seq + 1 if page else max(from_seq, head + 1)
         return ReadResult(page, nxt, len(recs) > limit)
 
@@ -356,7 +355,7 @@ class PgStore:
             raise RuntimeError("the store is closed")
         async with self._pool.acquire() as conn:
             recs = await conn.fetch(_LOOKUP, [k[0] for k in keys], [k[1] for k in keys])
-        return {(r[2], r[5]): _row(r) for r in recs}
+        return {(r[2], r[5]): row_of(r) for r in recs}
 
     async def balances(self) -> dict[str, int]:
         if self._pool is None:
@@ -540,7 +539,7 @@ class PgStore:
                 self.index.set_head(0, GENESIS_HASH)
             else:
                 self.index.set_head(head[0], head[1])
-            return {(r[2], r[5]): _row(r) for r in recs}
+            return {(r[2], r[5]): row_of(r) for r in recs}
 
     async def _check_sync(self, conn: asyncpg.Connection) -> None:
         """Refuse a server without a synchronous standby if the first one had one
@@ -583,9 +582,9 @@ async def export_csv(dsn: str, path: Path) -> int:
         with open(tmp, "w", encoding="utf-8", newline="") as f:  # noqa: ASYNC230
             f.write(HEADER_LINE)
             async with conn.transaction(isolation="repeatable_read", readonly=True):
-                async for rec in conn.cursor(f"SELECT {_COLUMNS} FROM jackpay_rows ORDER BY seq",
+                async for rec in conn.cursor(f"SELECT {ROW_COLUMNS} FROM jackpay_rows ORDER BY seq",
                                              prefetch=5000):
-                    f.write(format_line(_row(rec)))
+                    f.write(format_line(row_of(rec)))
                     n += 1
             f.flush()
             os.fsync(f.fileno())
@@ -596,53 +595,3 @@ async def export_csv(dsn: str, path: Path) -> int:
         await conn.close()
     return n
 
-
-async def verify_database(dsn: str, audit: SignatureAudit | None = None
-                          ) -> tuple[bool, str, int]:
-    """Check the stored ledger: seq order and hash chain of every row, no (sender, tx_id)
-    twice, balances equal to a replay of the rows. Returns (ok, one-line verdict, rows)."""
-    from common.messages import ISSUER
-    from common.money import format_amount
-
-    conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT_S)
-    where = dsn.split("@")[-1]
-    try:
-        async with conn.transaction(isolation="repeatable_read", readonly=True):
-            prev: LedgerRow | None = None
-            issued = 0
-            async for rec in conn.cursor(f"SELECT {_COLUMNS} FROM jackpay_rows ORDER BY seq",
-                                         prefetch=5000):
-                row = _row(rec)
-                problem = check_chain(prev, row)
-                if problem is not None:
-                    return False, f"FAIL {where}: row {row.seq}: {problem}", 0
-                if row.sender == ISSUER:
-                    issued += row.amount
-                if audit is not None:
-                    audit.add(row)
-                prev = row
-            if audit is not None and (problem := audit.finish()) is not None:
-                return False, f"FAIL {where}: {problem}", 0
-            twice = await conn.fetchrow(
-                "SELECT sender, tx_id, min(seq), max(seq) FROM jackpay_rows "
-                "GROUP BY sender, tx_id HAVING count(*) > 1 LIMIT 1")
-            if twice is not None:
-                return False, (f"FAIL {where}: tx_id {twice[1]} of {twice[0]} is recorded "
-                               f"twice (rows {twice[2]} and {twice[3]})"), 0
-            off = await conn.fetchrow("""
-                WITH d AS (SELECT sender AS account, -amount AS delta FROM jackpay_rows
-                           UNION ALL SELECT receiver, amount FROM jackpay_rows),
-                     c AS (SELECT account, sum(delta) AS balance FROM d GROUP BY account)
-                SELECT coalesce(c.account, b.account), c.balance, b.balance
-                FROM c FULL JOIN jackpay_balances AS b USING (account)
-                WHERE c.balance IS DISTINCT FROM b.balance LIMIT 1""")
-            if off is not None:
-                return False, (f"FAIL {where}: balance of {off[0]} is {off[2]} in "
-                               f"jackpay_balances but {off[1]} by the rows"), 0
-    finally:
-        await conn.close()
-    n = prev.seq if prev else 0
-    last = prev.hash[:16] if prev else "-"
-    signed = f"; {audit.summary()}" if audit is not None else ""
-    return True, (f"OK {where}: {n} rows, sequence and hash chain intact, balances match, "
-                  f"last hash {last}…, issued {format_amount(issued)}{signed}"), n

@@ -34,8 +34,7 @@ from common.messages import (
     StatsReply,
     decoder_for,
 )
-from ledger.pgstore import verify_database
-from ledger.verify import verify_file
+from ledger.verify import verify_database, verify_file
 
 DECODER = decoder_for(LEDGER_REPLIES)
 
@@ -53,9 +52,9 @@ def store(request: pytest.FixtureRequest, network: Network) -> str:
 async def verified(network: Network) -> bool:
     """The ledger's store passes `verify` (the file, or the database)."""
     if network.store == "postgresql":
-        ok, line, _ = await verify_database(network.dsn)
-        assert ok, line
-        return ok
+        verdict = await verify_database(network.dsn)
+        assert verdict.ok, verdict.line
+        return verdict.ok
     return verify_file(network.ledger_path).ok
 
 

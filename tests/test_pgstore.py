@@ -19,9 +19,10 @@ from common.errors import RequestFailed
 from common.messages import Append, Appended, RowIn
 from ledger.index import RecentIndex
 from ledger.pgcluster import PgCluster
-from ledger.pgstore import PgStore, export_csv, verify_database
+from ledger.pgstore import PgStore, export_csv
 from ledger.storage import Fenced, LedgerStorage
 from ledger.store import LedgerStore
+from ledger.verify import verify_database
 
 DTG = "2026-11-27T10:00:00.000000Z"
 
@@ -90,9 +91,9 @@ async def test_same_payments_give_byte_identical_rows_in_both_stores(
         csv.close()
     assert await export_csv(pg_dsn, tmp_path / "export.csv") == csv.last_seq
     assert (tmp_path / "export.csv").read_bytes() == (tmp_path / "ledger.csv").read_bytes()
-    ok, line, n = await verify_database(pg_dsn)
-    assert ok, line
-    assert n == csv.last_seq
+    verdict = await verify_database(pg_dsn)
+    assert verdict.ok, verdict.line
+    assert verdict.rows == csv.last_seq
     # A reopened store continues the chain from the table's head.
     pg = await PgStore.open(pg_dsn)
     out = await pg.append_batch([[row(1, memo='a,"b"\n=c')], [row(6)]], DTG, None)
@@ -120,8 +121,8 @@ async def test_a_batch_the_database_refuses_is_written_not_at_all(
     assert out.failure is None
     assert [r.seq for r in out.written] == [2, 3]
     await pg.aclose()
-    ok, line, _ = await verify_database(pg_dsn)
-    assert ok, line
+    verdict = await verify_database(pg_dsn)
+    assert verdict.ok, verdict.line
 
 
 async def test_a_stale_store_is_fenced_and_the_new_one_writes(pg_dsn: str) -> None:
@@ -346,8 +347,8 @@ async def test_failover_promote_then_rewind_the_old_primary(replicated: PgCluste
             break
         await asyncio.sleep(0.05)
     assert on_old == "tx100,tx101,tx102"
-    ok, line, _ = await verify_database(replicated.multi_host_dsn())
-    assert ok, line
+    verdict = await verify_database(replicated.multi_host_dsn())
+    assert verdict.ok, verdict.line
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ proving offline that every debit was ordered and every credit accepted."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
@@ -185,6 +186,55 @@ async def test_receipts_kept_by_payers_find_a_row_deleted_with_the_chain_recompu
                           "alice", "paid")
     (kept / "alice.jsonl").write_bytes(proof_line(forged))
     assert "not signed by the ledger's key" in verify_cli(network, *keys).stdout
+
+
+async def test_receipts_find_the_newest_row_dropped_from_a_ledger_in_postgresql(
+        network: Network, tmp_path: Path, pg_dsn: str) -> None:
+    """`verify DSN --keys --receipts` as on a file: dropping the newest acknowledged row
+    (balances mended to match) leaves a sound chain and good signatures; the payer's
+    receipt of that row shows it was removed."""
+    import asyncpg
+
+    network.store, network.dsn = "postgresql", pg_dsn
+    up(network, {"alice": "10.00", "bob": "5.00"})
+    alice, _bob = await connect(network, "alice"), await connect(network, "bob")
+    kept = tmp_path / "receipts"
+    kept.mkdir()
+    lines = []
+    for i in range(3):
+        paid = await alice.client.send_payment("bob", 100 + i, "", f"t{i}")
+        assert paid.proof is not None
+        lines.append(proof_line(KeptProof.of(paid.proof, f"t{i}", "alice", "paid")))
+    (kept / "alice.jsonl").write_bytes(b"".join(lines))
+    network.stop_all()
+
+    def verify_db(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "ledger", "verify", pg_dsn, *extra],
+                              capture_output=True, text=True, timeout=60, env=network.env())
+
+    keys = ("--keys", str(network.config_path), "--receipts", str(kept))
+    done = await asyncio.to_thread(verify_db, *keys)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "balances match" in done.stdout
+    assert "3 receipts of the ledger hold" in done.stdout
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        last = await conn.fetchrow("SELECT seq, sender, receiver, amount FROM jackpay_rows "
+                                   "ORDER BY seq DESC LIMIT 1")
+        assert last["seq"] == paid.seq
+        await conn.execute("DELETE FROM jackpay_rows WHERE seq = $1", last["seq"])
+        await conn.execute("UPDATE jackpay_balances SET balance = balance + $2 "
+                           "WHERE account = $1", last["sender"], last["amount"])
+        await conn.execute("UPDATE jackpay_balances SET balance = balance - $2 "
+                           "WHERE account = $1", last["receiver"], last["amount"])
+    finally:
+        await conn.close()
+    done = await asyncio.to_thread(verify_db, "--keys", str(network.config_path))
+    assert done.returncode == 0, done.stdout  # chain, balances, signatures: all sound
+    done = await asyncio.to_thread(verify_db, *keys)
+    assert done.returncode == 1
+    assert "receipt of alice's tx_id t2 (alice.jsonl:3)" in done.stdout
+    assert f"its row was seq {paid.seq}, and the ledger now ends at {paid.seq - 1}" in done.stdout
 
 
 async def test_rows_signed_before_a_key_rotation_verify_with_the_retired_key(
