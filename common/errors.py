@@ -10,7 +10,10 @@ The exception tree says whose fault a failure is:
     ├── ConnectionLost       the network or the peer went away; pending requests fail with it
     ├── RequestFailed        the peer answered with an error frame (carries its ErrorCode)
     ├── ConfigError          a config file or argument is unusable
-    └── InvariantViolation   our own bug; never caught to continue
+    ├── InvariantViolation   our own bug; never caught to continue
+    └── the refusals of one part, each defined where it is raised: LedgerUnavailable,
+        LedgerRefused (router/ledger_client.py), PaymentKilled (router/payments.py),
+        InsufficientFunds, TxIdConflict, PluginFailed, LedgerCorrupt, LedgerInUse, …
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ from datetime import datetime, timedelta
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from common.errors import JackPayError
 from common.messages import DTG_FORMAT, ISSUER, LedgerRow
 from common.signing import OPENING_PREFIX, PAY_TAG, RECEIPT_TAG, verify
 from ledger.index import LEG_PREFIX
@@ -46,7 +47,7 @@ def _plus(dtg: str, delta: timedelta) -> str:
     return (datetime.strptime(dtg, DTG_FORMAT) + delta).strftime(DTG_FORMAT)
 
 
-class MissingKey(Exception):
+class MissingKey(JackPayError):
     """A participant's signature must be checked and its public key was not given."""
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from common import aio
 from common.config import NetworkConfig, load_config
-from common.errors import ConfigError, ConnectionLost, RequestFailed
+from common.errors import ConfigError, ConnectionLost, JackPayError, RequestFailed
 from common.logs import setup_logging
 from common.messages import (
     PAYER_ID_PATTERN,
@@ -75,7 +75,7 @@ _PAYER_ID = re.compile(PAYER_ID_PATTERN)
 _TX_ID = re.compile(TX_ID_PATTERN)
 
 
-class UsageError(Exception):
+class UsageError(JackPayError):
     """Bad arguments; the CLI prints the message and exits 2."""
 
 

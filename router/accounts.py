@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 
-from common.errors import InvariantViolation
+from common.errors import InvariantViolation, JackPayError
 from common.messages import ISSUER
 
 
@@ -26,7 +26,7 @@ def is_reserved(account: str) -> bool:
     return account.startswith("_")
 
 
-class InsufficientFunds(Exception):
+class InsufficientFunds(JackPayError):
     """`place_hold` was asked for more than the sender's available funds."""
 
 

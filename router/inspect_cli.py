@@ -29,7 +29,7 @@ import msgspec
 from common import PROTOCOL_VERSION
 from common.aio import open_unix_channel, run
 from common.config import load_config
-from common.errors import ConfigError, ConnectionLost, RequestFailed
+from common.errors import ConfigError, ConnectionLost, JackPayError, RequestFailed
 from common.messages import (
     ADMIN_MAX_FRAME_BYTES,
     ADMIN_REPLIES,
@@ -46,7 +46,7 @@ from common.money import format_amount
 TIMEOUT_S = 5.0
 
 
-class NotAnswering(Exception):
+class NotAnswering(JackPayError):
     """The router's admin socket could not be reached or did not answer."""
 
 

@@ -29,7 +29,7 @@ from typing import TypeVar
 
 from common import PROTOCOL_VERSION
 from common.aio import Channel, open_channel
-from common.errors import ConnectionLost, ErrorCode, RequestFailed
+from common.errors import ConnectionLost, ErrorCode, JackPayError, ProtocolError, RequestFailed
 from common.framing import DEFAULT_MAX_FRAME_BYTES
 from common.logs import log_event
 from common.messages import (
@@ -74,11 +74,11 @@ Sink = asyncio.Future[AppendResult] | AppendDone
 Queued = tuple[RowIn, Sink]
 
 
-class LedgerUnavailable(Exception):
+class LedgerUnavailable(JackPayError):
     """The request never reached the ledger (no connection), or a read failed."""
 
 
-class LedgerRefused(Exception):
+class LedgerRefused(JackPayError):
     """The ledger answered an append with an error; nothing was written."""
 
     def __init__(self, code: str, message: str) -> None:
@@ -159,7 +159,9 @@ class LedgerClient:
         while not self._closing:
             try:
                 ch = await self._connect()
-            except (OSError, TimeoutError, ConnectionLost, RequestFailed) as exc:
+            except (OSError, TimeoutError, ConnectionLost, RequestFailed, ProtocolError) as exc:
+                # ProtocolError: what answered is not our ledger (TlsFailed: no TLS, or a
+                # certificate not of this network; or no `welcome`): keep trying.
                 failures += 1
                 if failures == 1 or failures & (failures - 1) == 0:  # 1, 2, 4, 8, ...
                     log_event(log, "ledger not reachable; retrying", logging.WARNING,
@@ -192,7 +194,7 @@ class LedgerClient:
             raise
         if not isinstance(reply, Welcome):
             ch.close()
-            raise ConnectionLost(f"ledger answered hello with {type(reply).__name__}")
+            raise ProtocolError(f"ledger answered hello with {type(reply).__name__}")
         return ch
 
     async def aclose(self) -> None:

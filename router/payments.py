@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from common.config import RouterConfig
-from common.errors import ConnectionLost, ErrorCode, InvariantViolation, RequestFailed
+from common.errors import ConnectionLost, ErrorCode, InvariantViolation, JackPayError, RequestFailed
 from common.logs import log_event
 from common.messages import (
     AppendResult,
@@ -120,7 +120,7 @@ Reply = Callable[[Outcome], None]
 
 
 
-class PaymentKilled(Exception):
+class PaymentKilled(JackPayError):
     """A check before the run refused the payment; carries the wire code."""
 
     def __init__(self, code: ErrorCode, message: str) -> None:

@@ -32,7 +32,7 @@ from typing import Any, Protocol
 import msgspec
 import pluggy
 
-from common.errors import ConfigError, ErrorCode
+from common.errors import ConfigError, ErrorCode, JackPayError
 from common.messages import ISSUER, LedgerRow
 from router.payment_core import Leg
 
@@ -210,7 +210,7 @@ class Specs:
         """Figures for `inspect` (no payer next to a payee)."""
 
 
-class PluginFailed(Exception):
+class PluginFailed(JackPayError):
     """A plug-in raised inside a hook; carries the plug-in's name."""
 
     def __init__(self, plugin: str, hook: str, exc: BaseException) -> None:

@@ -26,7 +26,7 @@ from collections import deque
 
 import msgspec
 
-from common.errors import InvariantViolation
+from common.errors import InvariantViolation, JackPayError
 from common.messages import LedgerRow
 
 
@@ -60,7 +60,7 @@ class TxRecord(msgspec.Struct, gc=False):
     dtg: str | None = None
 
 
-class TxIdConflict(Exception):
+class TxIdConflict(JackPayError):
     """The tx_id is known with other parameters."""
 
     def __init__(self, record: TxRecord) -> None:

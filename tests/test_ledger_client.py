@@ -7,6 +7,8 @@ import asyncio
 from collections.abc import Callable
 
 import pytest
+from netkit import Network
+from test_payments import eventually, up
 
 from common import PROTOCOL_VERSION
 from common.aio import Channel
@@ -171,3 +173,37 @@ async def test_append_cb_delivers_the_ledgers_answer() -> None:
     finally:
         await client.aclose()
         server.close()
+
+
+async def test_the_router_keeps_reconnecting_after_its_ledger_address_spoke_no_tls(
+        network: Network) -> None:
+    """While the ledger is down, something else answers on its port and does not speak
+    TLS (a misdirected service, an impostor): each attempt fails its handshake, and the
+    router keeps trying — it reconnects once the real ledger is back, and payments flow."""
+    up(network, {"alice": "10.00", "bob": "5.00"})
+    port = network.procs["ledger"].addr[1]
+    network.procs["ledger"].stop()
+    accepted = 0
+
+    async def not_tls(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        w.write(b"HTTP/1.0 400 Bad Request\r\n\r\n")
+        await w.drain()
+        w.close()
+
+    server = await asyncio.start_server(not_tls, "127.0.0.1", port, reuse_address=True)
+    try:
+        await eventually(lambda: accepted >= 3, timeout=15)  # tried again, and again
+    finally:
+        server.close()
+        await server.wait_closed()
+    network.restart("ledger")
+    for _ in range(300):
+        if (await network.inspect()).ledger_connected:
+            break
+        await asyncio.sleep(0.05)
+    assert (await network.inspect()).ledger_connected
+    async with network.client("alice") as alice, network.client("bob"):
+        paid = await alice.send_payment("bob", 100, tx_id="after-the-impostor")
+    assert paid.seq > 0
