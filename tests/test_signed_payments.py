@@ -13,6 +13,7 @@ import msgspec
 import pytest
 from netkit import Network
 from test_payments import (
+    Peer,
     assert_conserved,
     assert_router_agrees,
     connect,
@@ -138,25 +139,33 @@ async def test_verify_keys_names_a_row_forged_into_the_file(network: Network) ->
     assert f"row {forged.seq}: alice's debit (tx_id t-x) is not signed by alice" in done.stdout
 
 
+async def pay_keeping_receipts(network: Network, tmp_path: Path, n: int
+                               ) -> tuple[Path, Paid, Peer]:
+    """alice pays bob `n` times (tx_ids t0…), keeping the ledger's receipts in
+    `receipts/alice.jsonl` as her daemon would: (that folder, the last `paid`, bob)."""
+    up(network, {"alice": "10.00", "bob": "5.00"})
+    alice, bob = await connect(network, "alice"), await connect(network, "bob")
+    kept = tmp_path / "receipts"
+    kept.mkdir()
+    lines = []
+    for i in range(n):
+        paid = await alice.client.send_payment("bob", 100 + i, "", f"t{i}")
+        assert paid.proof is not None
+        assert paid.proof.seq == paid.seq
+        lines.append(proof_line(KeptProof.of(paid.proof, f"t{i}", "alice", "paid")))
+    (kept / "alice.jsonl").write_bytes(b"".join(lines))
+    return kept, paid, bob
+
+
 async def test_receipts_kept_by_payers_find_a_row_deleted_with_the_chain_recomputed(
         network: Network, tmp_path: Path) -> None:
     """The ledger seals its chain head in every `paid` and `settled`; a payer keeps those
     receipts. Deleting a row and recomputing the whole chain fools `verify` (sequence and
     chain are intact again) and `verify --keys` (every signature still holds) — not the
     receipts."""
-    up(network, {"alice": "10.00", "bob": "5.00"})
-    alice, bob = await connect(network, "alice"), await connect(network, "bob")
-    kept = tmp_path / "receipts"
-    kept.mkdir()
-    lines = []
-    for i in range(4):
-        paid = await alice.client.send_payment("bob", 100 + i, "", f"t{i}")
-        assert paid.proof is not None
-        assert paid.proof.seq == paid.seq
-        lines.append(proof_line(KeptProof.of(paid.proof, f"t{i}", "alice", "paid")))
+    kept, paid, bob = await pay_keeping_receipts(network, tmp_path, 4)
     await eventually(lambda: len(bob.settled) == 4)
     assert all(s.proof is not None and s.proof.seq == s.seq for s in bob.settled)
-    (kept / "alice.jsonl").write_bytes(b"".join(lines))
     network.stop_all()
     keys = ("--keys", str(network.config_path), "--receipts", str(kept))
     done = verify_cli(network, *keys)
@@ -196,16 +205,7 @@ async def test_receipts_find_the_newest_row_dropped_from_a_ledger_in_postgresql(
     import asyncpg
 
     network.store, network.dsn = "postgresql", pg_dsn
-    up(network, {"alice": "10.00", "bob": "5.00"})
-    alice, _bob = await connect(network, "alice"), await connect(network, "bob")
-    kept = tmp_path / "receipts"
-    kept.mkdir()
-    lines = []
-    for i in range(3):
-        paid = await alice.client.send_payment("bob", 100 + i, "", f"t{i}")
-        assert paid.proof is not None
-        lines.append(proof_line(KeptProof.of(paid.proof, f"t{i}", "alice", "paid")))
-    (kept / "alice.jsonl").write_bytes(b"".join(lines))
+    kept, paid, _bob = await pay_keeping_receipts(network, tmp_path, 3)
     network.stop_all()
 
     def verify_db(*extra: str) -> subprocess.CompletedProcess[str]:
