@@ -29,7 +29,14 @@ from typing import TypeVar
 
 from common import PROTOCOL_VERSION
 from common.aio import Channel, open_channel
-from common.errors import ConnectionLost, ErrorCode, JackPayError, ProtocolError, RequestFailed
+from common.errors import (
+    ConnectionLost,
+    ErrorCode,
+    FrameTooLarge,
+    JackPayError,
+    ProtocolError,
+    RequestFailed,
+)
 from common.framing import DEFAULT_MAX_FRAME_BYTES
 from common.logs import log_event
 from common.messages import (
@@ -319,11 +326,30 @@ class LedgerClient:
         except ConnectionLost:
             _fail(batch, LedgerUnavailable(f"no connection to the ledger at {self.address}"))
             return
+        except FrameTooLarge as exc:  # nothing was sent
+            self._too_large(batch, atomic, exc)
+            return
         self.stats.appends_sent += 1
         self.stats.rows_sent += len(rows)
         ch.expect_reply(rid, self.timeout_s,
                         lambda reply: self._first_answer(batch, atomic, reply))
         ch.flush_now()
+
+    def _too_large(self, batch: list[Queued], atomic: bool, exc: FrameTooLarge) -> None:
+        """An append the ledger's frame limit cannot hold (nothing was sent): halves sent
+        on their own; rows that cannot be split (one row, or one payment's legs) refused,
+        so their payments end with a reason instead of waiting for ever."""
+        if len(batch) > 1 and not atomic:
+            half = len(batch) // 2
+            self._send_first(batch[:half])
+            self._send_first(batch[half:])
+            return
+        log_event(log, "append does not fit the ledger's frame limit; refused",
+                  logging.ERROR, rows=len(batch), first_tx_id=batch[0][0].tx_id,
+                  error=str(exc))
+        _fail(batch, LedgerRefused(ErrorCode.INTERNAL_ERROR,
+                                   f"the row does not fit the ledger's frames ({exc}; "
+                                   "[ledger] max_frame_bytes)"))
 
     def _first_answer(self, batch: list[Queued], atomic: bool,
                       reply: Message | BaseException) -> None:
@@ -416,6 +442,11 @@ class LedgerClient:
                 try:
                     reply = await ch.request(Append(id=0, rows=rows, atomic=atomic),
                                              timeout=timeout)
+                except FrameTooLarge as exc:  # nothing was sent (a re-send never is: the
+                    if in_doubt:              # same rows went out before)
+                        raise
+                    self._too_large(batch, atomic, exc)
+                    return
                 except RequestFailed as exc:
                     if in_doubt and exc.code != ErrorCode.LEDGER_WRITE_FAILED:
                         # An earlier copy may still be written (a stopping ledger refuses
@@ -467,10 +498,15 @@ class LedgerClient:
 def _row_bytes(row: RowIn) -> int:
     """An upper bound of `row`'s size inside an `append` frame, without encoding it:
     field names and headers fit in 48 bytes, an int in 9; ids are ASCII (their
-    patterns), a memo at most 4 bytes per character."""
+    patterns), a memo at most 4 bytes per character; a signature its bytes, its field's
+    name (at most 13) and a 3-byte header."""
     memo = row.memo
-    return (57 + len(row.tx_id) + len(row.sender) + len(row.receiver)
+    size = (57 + len(row.tx_id) + len(row.sender) + len(row.receiver)
             + (len(memo) if memo.isascii() else 4 * len(memo)))
+    for sig in (row.sender_sig, row.receiver_sig):
+        if sig is not None:
+            size += 16 + len(sig)
+    return size
 
 
 def _deliver(sink: Sink, result: AppendResult | BaseException) -> None:

@@ -6,12 +6,21 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+import msgspec
 import pytest
 from netkit import Network
-from test_payments import eventually, up
+from test_payments import (
+    assert_conserved,
+    assert_router_agrees,
+    connect,
+    eventually,
+    ledger_rows,
+    up,
+)
 
 from common import PROTOCOL_VERSION
 from common.aio import Channel
+from common.errors import RequestFailed
 from common.messages import (
     Append,
     Appended,
@@ -23,7 +32,7 @@ from common.messages import (
     Welcome,
     decoder_for,
 )
-from router.ledger_client import LedgerClient, LedgerRefused
+from router.ledger_client import LedgerClient, LedgerRefused, _row_bytes
 
 Script = Callable[[int, Append], Message | None]  # (attempt number, request) -> answer
 
@@ -207,3 +216,62 @@ async def test_the_router_keeps_reconnecting_after_its_ledger_address_spoke_no_t
     async with network.client("alice") as alice, network.client("bob"):
         paid = await alice.send_payment("bob", 100, tx_id="after-the-impostor")
     assert paid.seq > 0
+
+
+LONGEST = RowIn(tx_id="t" * 64, sender="s" * 64, receiver="r" * 64, amount=2**62,
+                memo="é" * 256, sender_sig=b"\xff" * 64, receiver_sig=b"\xff" * 64)
+
+
+@pytest.mark.parametrize("row", [
+    ROW, LONGEST, msgspec.structs.replace(LONGEST, memo="m" * 256),
+    msgspec.structs.replace(LONGEST, receiver_sig=None),
+    msgspec.structs.replace(LONGEST, sender_sig=None, receiver_sig=None, memo="")])
+def test_a_rows_size_estimate_bounds_its_encoding(row: RowIn) -> None:
+    """The client splits appends by this estimate (no encoding on the hot path): it must
+    never be below the row's real size, signatures included."""
+    assert _row_bytes(row) >= len(msgspec.msgpack.encode(row))
+
+
+async def test_signed_rows_with_long_memos_go_in_frames_the_ledger_takes(
+        network: Network) -> None:
+    """Signed rows (two signatures each) with long memos, queued in one turn: split into
+    appends that fit the ledger's frame limit, and every one written. (The estimate once
+    left the signatures out: 210 such rows made a 68 KB frame against the 64 KiB limit,
+    and none was ever answered.)"""
+    network.write_config()
+    network.start_ledger()
+    client = LedgerClient("127.0.0.1", network.procs["ledger"].addr[1],
+                          tls=network.ledger_tls(), timeout_s=2, retry_max_s=0.2)
+    client.start()
+    try:
+        assert await client.wait_connected(10)
+        futs = [client.append(RowIn(tx_id=f"{i:032x}", sender="alice", receiver="bob", amount=1,
+                                    memo="m" * 100, sender_sig=b"s" * 64,
+                                    receiver_sig=b"r" * 64)) for i in range(210)]
+        results = await asyncio.wait_for(asyncio.gather(*futs), 30)
+    finally:
+        await client.aclose()
+    assert [r.status for r in results] == ["written"] * 210
+    assert [r.seq for r in results] == list(range(1, 211))
+
+
+async def test_a_row_too_big_for_the_ledgers_frames_fails_its_payment_and_no_other(
+        network: Network) -> None:
+    """A ledger run with small frames (`max_frame_bytes = 1024`) cannot take a signed row
+    with a 256-character memo of 4-byte characters: the payment ends `internal_error`,
+    saying why, nothing written and nothing held — instead of waiting for ever — and the
+    next payments go through."""
+    network.ledger_settings["max_frame_bytes"] = 1024
+    up(network, {"alice": "10.00", "bob": "5.00"})
+    alice, bob = await connect(network, "alice"), await connect(network, "bob")
+    rows_before = ledger_rows(network)
+    with pytest.raises(RequestFailed) as failed:
+        await alice.client.send_payment("bob", 100, "\U0001F600" * 256, "too-big")
+    assert failed.value.code == "internal_error"
+    assert "max_frame_bytes" in failed.value.message
+    assert ledger_rows(network) == rows_before
+    await alice.assert_no_hold()
+    await eventually(lambda: [c.tx_id for c in bob.cancels] == ["too-big"])
+    assert await alice.pay("bob", 100, "fits", "é" * 100) == "paid"
+    assert_conserved(network)
+    await assert_router_agrees(network)
