@@ -31,6 +31,7 @@ import sys
 from collections import deque
 from collections.abc import Callable
 
+from common.logs import log_event
 from common.messages import RowIn
 from common.signing import PAY_TAG, RECEIPT_TAG, payment_bytes
 from router.keyring import PayerKeys
@@ -136,23 +137,40 @@ class PaymentSignatures:
             return
         code = await proc.wait()
         loop = asyncio.get_running_loop()
-        self._deaths.append(loop.time())
-        if len(self._deaths) == self._deaths.maxlen and loop.time() - self._deaths[0] < 10:
-            # It cannot run here (a broken install?): slower on the loop beats no answers.
-            log.error("the signature verifier process keeps ending (exit %s); checking "
-                      "signatures on the event loop from now on", code)
-            self._inline = True
-            pending, self._pending = self._pending, deque()
-            self._unsent = 0
-            for job, done in pending:
-                key, sig, data = job[:32], job[32:96], job[100:]
-                done(verify_raw(key, sig, data))
-            return
         self.restarts += 1
-        log.error("the signature verifier process ended (exit %s); starting another", code)
-        await asyncio.sleep(0.1)
-        if not self._stopping:
-            await self.start()
+        log_event(log, "the signature verifier process ended; starting another",
+                  logging.ERROR, exit=code)
+        while not self._stopping:
+            self._deaths.append(loop.time())
+            if len(self._deaths) == self._deaths.maxlen and loop.time() - self._deaths[0] < 10:
+                # It cannot run here (a broken install?): slower on the loop beats no
+                # answers.
+                log_event(log, "the signature verifier keeps ending or cannot start; "
+                          "checking signatures on the event loop from now on", logging.ERROR)
+                self._check_inline()
+                return
+            await asyncio.sleep(0.1)
+            if self._stopping:
+                return
+            try:
+                await self.start()
+                return
+            except OSError as exc:  # no process now (fds, memory): try again
+                log_event(log, "cannot start the signature verifier; retrying",
+                          logging.ERROR, error=str(exc))
+                await asyncio.sleep(1.0)
+
+    def _check_inline(self) -> None:
+        """From now on every check runs on the event loop; those waiting first."""
+        self._inline = True
+        pending, self._pending = self._pending, deque()
+        self._unsent = 0
+        for job, done in pending:
+            key, sig, data = job[:32], job[32:96], job[100:]
+            try:
+                done(verify_raw(key, sig, data))
+            except Exception:  # one payment's failure must not drop the others' answers
+                log.exception("a signature check's callback failed")
 
     async def aclose(self) -> None:
         """Stop the verifier process (the checks still waiting are dropped: the router is

@@ -423,6 +423,51 @@ async def test_a_verifier_that_cannot_run_leaves_the_checks_to_the_loop(
         await checks.aclose()
 
 
+async def test_a_verifier_that_cannot_be_restarted_for_a_while_is_started_later() -> None:
+    """The verifier dies while no process can be started (here: no file descriptor left
+    for its pipes): the router keeps trying, and the checks that waited are answered once
+    it can — they are never lost with a dead reader."""
+    import asyncio
+    import os
+    import resource
+    import signal
+
+    from common.messages import RowIn
+    from router import signatures as sigmod
+
+    checks = sigmod.PaymentSignatures(NET, _Keys())  # type: ignore[arg-type]
+    row = RowIn(tx_id="t1", sender="alice", receiver="bob", amount=5)
+    good = sign(KEYS["alice"], PAY_TAG, NET, "alice", "t1", "bob", 5, "")
+    answers: list[bool] = []
+    await checks.start()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        checks.check_order(row, good, answers.append)
+        for _ in range(200):
+            if answers:
+                break
+            await asyncio.sleep(0.02)
+        assert answers == [True]
+        proc = checks._proc
+        assert proc is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")), hard))
+        proc.send_signal(signal.SIGKILL)
+        await asyncio.sleep(0.5)  # it died; starting another fails (EMFILE), again and again
+        checks.check_order(row, good, answers.append)
+        checks.check_order(row, b"\x00" * 64, answers.append)
+        await asyncio.sleep(0.3)
+        assert answers == [True]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        for _ in range(300):
+            if len(answers) == 3:
+                break
+            await asyncio.sleep(0.02)
+        assert answers == [True, True, False]
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        await checks.aclose()
+
+
 async def test_a_pay_is_refused_rate_limited_while_too_many_checks_wait(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The queue of signatures to check is bounded: beyond it a `pay` is answered
