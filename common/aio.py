@@ -1002,6 +1002,23 @@ def loop_factory(fast: bool = True) -> Callable[[], asyncio.AbstractEventLoop] |
     return uvloop.new_event_loop
 
 
+def watch(task: asyncio.Task[Any], what: str, on_death: Callable[[str], None]) -> None:
+    """`task` must live as long as its service and catches what it expects: if it ends
+    by any other exception (a bug, or a failure nobody foresaw), say so at CRITICAL and
+    call `on_death(reason)`, so the service stops loudly (and its supervisor restarts
+    it) instead of running on without it, looking healthy."""
+
+    def ended(t: asyncio.Task[Any]) -> None:
+        if t.cancelled() or t.exception() is None:
+            return
+        exc = t.exception()
+        logging.getLogger("jackpay").critical("%s ended by an exception it did not expect",
+                                              what, exc_info=exc)
+        on_death(f"{what} ended: {exc!r}")
+
+    task.add_done_callback(ended)
+
+
 def run(main: Callable[[], Coroutine[Any, Any, int]], *, fast: bool = True) -> int:
     """Run an async `main` on the best available loop and return its exit code."""
     with asyncio.Runner(loop_factory=loop_factory(fast)) as runner:

@@ -31,7 +31,7 @@ from typing import Any
 
 from prometheus_client.core import Metric
 
-from common.aio import Channel
+from common.aio import Channel, watch
 from common.config import NetworkConfig
 from common.errors import ConfigError, ConnectionLost, ErrorCode, RequestFailed
 from common.logs import log_event
@@ -138,11 +138,18 @@ class PayerDaemon:
         control socket cannot be served (e.g. another daemon already serves it)."""
         await self.control.start()
         session = asyncio.create_task(self._session_loop(), name="router-session")
+        died: list[str] = []
+
+        def on_death(reason: str) -> None:  # no session could ever be opened again
+            died.append(reason)
+            stop.set()
+
+        watch(session, "the router session loop", on_death)
         try:
             await stop.wait()
         finally:
             await self._shutdown(session)
-        return 0
+        return 3 if died else 0
 
     async def _shutdown(self, session: asyncio.Task[None]) -> None:
         log_event(log, "stopping", payer=self.payer_id, in_flight=len(self.outbox))
@@ -157,8 +164,7 @@ class PayerDaemon:
             if entry.task is not None:
                 entry.task.cancel()
         session.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await session
+        await asyncio.gather(session, return_exceptions=True)  # (ended by a bug: watched)
         if self.client is not None:
             await self.client.close()
         for task in list(self._tasks):

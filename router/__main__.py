@@ -141,18 +141,22 @@ async def serve(service: RouterService, admin_path: str) -> int:
     loop.add_signal_handler(signal.SIGHUP, service.reload_soon)
     starting = loop.create_task(service.start(), name="router-start")
     stopping = loop.create_task(stop.wait(), name="router-stop-signal")
-    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    died = loop.create_task(service.died.wait(), name="router-died")
+    await asyncio.wait({starting, stopping, died}, return_when=asyncio.FIRST_COMPLETED)
     if not starting.done():
-        log_event(log, "stopped before it was ready")
-        starting.cancel()
+        log_event(log, "stopped before it was ready", logging.CRITICAL if died.done()
+                  else logging.INFO, reason=service.death)
+        for task in (starting, stopping, died):
+            task.cancel()
         await asyncio.gather(starting, return_exceptions=True)
         await service.aclose()
-        return 0
+        return 3 if died.done() else 0
     try:
         starting.result()
     except (StartupFailed, OSError, OverflowError) as exc:
         log_event(log, "cannot start", logging.ERROR, error=str(exc))
         stopping.cancel()
+        died.cancel()
         await service.aclose()
         return 1
     # What startup built (modules, the replayed book) lives as long as the process: out
@@ -163,7 +167,13 @@ async def serve(service: RouterService, admin_path: str) -> int:
     host, port = service.addr
     extra = {"metrics": service.metrics_at} if service.metrics_at else {}
     print_ready("router", addr=f"{host}:{port}", admin=admin_path, **extra)
-    await stopping
+    await asyncio.wait({stopping, died}, return_when=asyncio.FIRST_COMPLETED)
+    if not stopping.done():  # common.aio.watch: a task it cannot work without ended
+        stopping.cancel()
+        log_event(log, "stopping: it cannot work on", logging.CRITICAL, reason=service.death)
+        await service.shutdown()
+        return 3
+    died.cancel()
     await service.shutdown()
     return 0
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from common import PROTOCOL_VERSION
-from common.aio import Channel, open_channel
+from common.aio import Channel, open_channel, watch
 from common.errors import (
     ConnectionLost,
     ErrorCode,
@@ -136,11 +136,15 @@ class LedgerClient:
 
     # --- connection ------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Begin connecting (and reconnecting) in the background."""
+    def start(self, on_death: Callable[[str], None] | None = None) -> None:
+        """Begin connecting (and reconnecting) in the background. `on_death`: called if
+        that loop ever ends by an exception (common.aio.watch): the router cannot work
+        without it."""
         if self._maintainer is None:
             self._maintainer = asyncio.get_running_loop().create_task(
                 self._maintain(), name="ledger-connection")
+            if on_death is not None:
+                watch(self._maintainer, "the ledger connection loop", on_death)
 
     @property
     def connected(self) -> bool:

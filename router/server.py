@@ -40,7 +40,7 @@ import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from common import PROTOCOL_VERSION
-from common.aio import Channel, accept_hello, claim_unix_path, start_channel_server
+from common.aio import Channel, accept_hello, claim_unix_path, start_channel_server, watch
 from common.config import NetworkConfig, server_limits
 from common.errors import ConfigError, ConnectionLost, ErrorCode, InvariantViolation, JackPayError
 from common.keys import ISSUER_SIGNER, POOL_SIGNER, KeyStore
@@ -207,6 +207,8 @@ class RouterService:
         self._reconciler: asyncio.Task[None] | None = None
         self.last_reconcile: int | None = None  # differences found by the periodic check
         self.metrics_at: str | None = None  # HOST:PORT of the metrics server, once up
+        self.died = asyncio.Event()  # a task the router cannot work without ended
+        self.death: str | None = None  # why
         self._metrics_server: Any = None
         self.login_policy = security.login
         self.refused_logins = 0
@@ -232,8 +234,9 @@ class RouterService:
         except ConfigError as exc:
             raise StartupFailed(str(exc)) from None
         if self.pipeline.signatures is not None:
+            self.pipeline.signatures.on_death = self._died
             await self.pipeline.signatures.start()  # router/verifier.py, its own process
-        self.ledger.start()
+        self.ledger.start(on_death=self._died)
         log_event(log, "waiting for the ledger", ledger=self.ledger.address)
         await self.ledger.wait_connected()
         await self.load_book()
@@ -275,10 +278,19 @@ class RouterService:
         if rc.reconcile_every_s:
             self._reconciler = asyncio.get_running_loop().create_task(
                 self._reconcile_now_and_then(rc.reconcile_every_s), name="reconcile")
+            # A check, not a function payments need: its end is logged, the router serves on.
+            watch(self._reconciler, "the periodic reconcile", lambda _reason: None)
         log_event(log, "listening", addr=f"{self.addr[0]}:{self.addr[1]}",
                   admin=str(self.admin.path), participants=len(self.registry.participants),
                   tls=self.security.tls is not None,
                   keys=len(keys) if keys is not None else None)
+
+    def _died(self, reason: str) -> None:
+        """A task the router cannot work without ended (common.aio.watch): `serve`
+        shuts down and exits 3, for the supervisor to restart it."""
+        if self.death is None:
+            self.death = reason
+        self.died.set()
 
     async def load_book(self) -> None:
         """Start the book from the ledger without replaying every row: its balances after

@@ -31,6 +31,7 @@ import sys
 from collections import deque
 from collections.abc import Callable
 
+from common.aio import watch
 from common.logs import log_event
 from common.messages import RowIn
 from common.signing import PAY_TAG, RECEIPT_TAG, payment_bytes
@@ -60,6 +61,9 @@ class PaymentSignatures:
         self._inline = False  # the verifier keeps dying: check on the loop instead
         self._deaths: deque[float] = deque(maxlen=5)
         self.restarts = 0
+        # Called if a reader ever ends by an exception (common.aio.watch): no signed
+        # payment could be answered again.
+        self.on_death: Callable[[str], None] | None = None
 
     def _job(self, signer: str, tag: bytes, row: RowIn, sig: bytes | None
              ) -> tuple[bytes, bytes, bytes] | None:
@@ -119,6 +123,8 @@ class PaymentSignatures:
             stdout=asyncio.subprocess.PIPE, env=env)
         self._unsent = len(self._pending)  # a new process: every unanswered job again
         self._reader = asyncio.get_running_loop().create_task(self._read(self._proc))
+        if self.on_death is not None:
+            watch(self._reader, "the signature verifier's reader", self.on_death)
         self._flush()
 
     async def _read(self, proc: asyncio.subprocess.Process) -> None:

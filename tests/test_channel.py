@@ -208,3 +208,30 @@ async def test_accept_hello_answers_what_is_wrong_and_closes(first: Message,
         ch.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_watch_tells_when_a_task_that_must_live_ends_by_an_exception() -> None:
+    """common.aio.watch: a task that ends by an exception calls `on_death` with why; one
+    cancelled (a close) or ended normally does not."""
+    from common.aio import watch
+
+    deaths: list[str] = []
+
+    async def fails() -> None:
+        await asyncio.sleep(0)
+        raise OSError("no more file descriptors")
+
+    async def ends() -> None:
+        await asyncio.sleep(0)
+
+    async def forever() -> None:
+        await asyncio.Event().wait()
+
+    tasks = [asyncio.create_task(f()) for f in (fails, ends, forever)]
+    for task, what in zip(tasks, ("the failing loop", "the ending loop", "the endless loop"),
+                          strict=True):
+        watch(task, what, deaths.append)
+    tasks[2].cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.sleep(0)  # done-callbacks run one turn later
+    assert deaths == ["the failing loop ended: OSError('no more file descriptors')"]

@@ -592,3 +592,33 @@ def test_program_sends_and_receives_without_daemon(network: object) -> None:
             assert (await bob.query_balance()).balance == 1750
 
     asyncio.run(program())
+
+
+def test_a_daemon_whose_session_loop_dies_exits_instead_of_hanging(tmp_path: Path) -> None:
+    """The daemon announces itself on stdout once connected; with nobody reading it (the
+    pipe closed) that write fails. The session loop ends with it — and the daemon exits
+    (common.aio.watch) instead of living on without ever reconnecting."""
+    import subprocess
+
+    from netkit import Network
+    from test_payments import up
+
+    net = Network(tmp_path)
+    up(net, {"alice": "10.00"})
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "payer_client", "run", "--config", str(net.config_path),
+             "--id", "alice", "--router", "{}:{}".format(*net.procs["router"].addr)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=net.env(), cwd=net.root)
+        assert proc.stdout is not None
+        proc.stdout.close()  # nobody will read the READY line
+        try:
+            code = proc.wait(20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        err = proc.stderr.read().decode() if proc.stderr else ""
+        assert code != 0, err
+        assert "the router session loop ended by an exception" in err
+    finally:
+        net.stop_all()
