@@ -274,6 +274,8 @@ class StatsReply(Message, tag="stats_ok", frozen=True):
     fsync_us_total: int = 0  # time spent in fsync since start, microseconds
     fsync_us_max: int = 0  # the longest single fsync since start
     slow_fsyncs: int = 0  # fsyncs that took 10 ms or more
+    index_ok: bool = True  # the CSV store's index is written (False: see rows_in_memory)
+    rows_in_memory: int = 0  # rows the ledger holds in memory beyond its index
 
 
 # --- router, payer-facing ------------------------------------------------------------

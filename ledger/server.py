@@ -172,14 +172,15 @@ class LedgerServer:
             ch.close()
         await self.store.aclose()
 
-    def statistics(self) -> dict[str, int | str]:
+    def statistics(self) -> dict[str, int | str | bool]:
         st = self.store.statistics()
         return {"rows": st.rows, "fsyncs": st.fsyncs,
                 "batches": st.batches, "appends": self.appends,
                 "uptime_ms": int((time.monotonic() - self._started) * 1000),
                 "last_hash": self.store.last_hash,
                 "fsync_us_total": st.fsync_us_total,
-                "fsync_us_max": st.fsync_us_max, "slow_fsyncs": st.slow_fsyncs}
+                "fsync_us_max": st.fsync_us_max, "slow_fsyncs": st.slow_fsyncs,
+                "index_ok": st.index_ok, "rows_in_memory": st.rows_in_memory}
 
     def metrics(self) -> Iterator[Metric]:
         """The ledger's Prometheus metrics (read at scrape time, from the HTTP thread)."""
@@ -194,6 +195,11 @@ class LedgerServer:
         yield counter("jackpay_ledger_write_failures", "Batches that could not be made "
                       "durable (file restored)", self.write_failures)
         yield gauge("jackpay_ledger_connections", "Open connections", len(self._channels))
+        yield gauge("jackpay_ledger_index_ok", "1 while the CSV store's index is written "
+                    "(0: rows stay in memory until a restart rebuilds it)",
+                    1.0 if st["index_ok"] else 0.0)
+        yield gauge("jackpay_ledger_rows_in_memory", "Rows held in memory beyond the index",
+                    int(st["rows_in_memory"]))
         yield self.fsync_seconds.family("jackpay_ledger_fsync_seconds", "fsync of a batch")
         yield self.batch_rows.family("jackpay_ledger_batch_rows", "Rows per batch")
 
@@ -291,7 +297,9 @@ class LedgerServer:
                                           last_hash=str(st["last_hash"]),
                                           fsync_us_total=int(st["fsync_us_total"]),
                                           fsync_us_max=int(st["fsync_us_max"]),
-                                          slow_fsyncs=int(st["slow_fsyncs"])))
+                                          slow_fsyncs=int(st["slow_fsyncs"]),
+                                          index_ok=bool(st["index_ok"]),
+                                          rows_in_memory=int(st["rows_in_memory"])))
             case Hello():
                 ch.reply_error(msg.id, ErrorCode.BAD_REQUEST, "hello was already received")
             case _:

@@ -62,6 +62,11 @@ class StoreStats:
     fsync_us_total: int
     fsync_us_max: int
     slow_fsyncs: int
+    # The CSV store's derived index (ledger/csvindex.py): False once it could not be
+    # written (rows then stay in memory until a restart rebuilds it); and how many rows
+    # the memory holds beyond it. Always True / 0 for PostgreSQL.
+    index_ok: bool = True
+    rows_in_memory: int = 0
 
 
 class LedgerStorage(Protocol):

@@ -549,7 +549,9 @@ class LedgerStore:
     def statistics(self) -> StoreStats:
         return StoreStats(rows=self.last_seq, fsyncs=self.fsyncs, batches=self.batches,
                           fsync_us_total=self.fsync_us_total, fsync_us_max=self.fsync_us_max,
-                          slow_fsyncs=self.slow_fsyncs)
+                          slow_fsyncs=self.slow_fsyncs,
+                          index_ok=self.index_unavailable is None and self.index_failed is None,
+                          rows_in_memory=self.last_seq - self.mem.base_seq)
 
     # --- appends -------------------------------------------------------------------
 

@@ -628,6 +628,10 @@ def test_an_index_write_failure_mid_transaction_keeps_every_row_answerable(
     store.flush_index()
     try:
         assert store.index_failed
+        # said to the operator: `stats` and the metrics carry it (ledger/server.py)
+        st = store.statistics()
+        assert not st.index_ok
+        assert st.rows_in_memory == 3
         assert store.mem.base_seq == 5
         assert len(store.lookup_now([key(i) for i in range(1, 9)])) == 8
         assert store.balances == balances_of(8)
