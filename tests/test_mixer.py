@@ -109,6 +109,43 @@ def test_a_note_that_keeps_failing_goes_back_to_its_depositor() -> None:
     assert note.tx_id(rnd.id) == note_tx_id(rnd.id, 0, 2)
 
 
+def test_a_payout_whose_retry_cannot_be_journalled_is_still_tried_again(
+        tmp_path: Path) -> None:
+    """A payout note fails (its payee offline) while the journal cannot be written (here
+    it is /dev/full: ENOSPC). The hook says so (the router logs it) but the note is tried
+    again all the same: it once stayed `running` until a restart, the payee's money in
+    the pool. (A restart retries what the journal knows; the ledger's payout rows say
+    which notes are paid, so none is paid twice.)"""
+    import os
+
+    from jackpay_plugins.mixer.plugin import POOL, MixerPlugin
+    from router.plugins import PaymentRequest, PluginContext
+
+    plugin = MixerPlugin(Settings(min_payers=3, min_delay_s=1.0, max_delay_s=1.0,
+                                  max_wait_s=10.0, retry_s=0.5),
+                         PluginContext("t", tmp_path, lambda _id: True))
+    m = plugin.mixer
+    for p in "abc":
+        deposit(m, p, "1", "x", 100, at=0.0)
+    sent = plugin.jackpay_tick(2.0)  # the round closes (journalled) and its notes go out
+    assert sent
+    first = sent[0]
+    round_id, index, attempt = parse_note_tx_id(first.tx_id)  # type: ignore[misc]
+    assert attempt == 0
+    plugin.journal.close()
+    plugin.journal._fd = os.open("/dev/full", os.O_WRONLY)
+    try:
+        with pytest.raises(OSError, match="No space left"):
+            plugin.jackpay_aborted(PaymentRequest(POOL, first.tx_id, first.receiver,
+                                                  first.amount, system=True),
+                                   ErrorCode.RECEIVER_UNREACHABLE)
+    finally:
+        plugin.journal.close()
+    again = [r for r in plugin.jackpay_tick(time.time() + 0.6)  # (retries: wall clock)
+             if parse_note_tx_id(r.tx_id)[:2] == (round_id, index)]  # type: ignore[index]
+    assert [parse_note_tx_id(r.tx_id)[2] for r in again] == [1]  # type: ignore[index]
+
+
 def test_entropy() -> None:
     assert entropy_bits([1, 1, 1, 1]) == 2.0
     assert entropy_bits([5]) == 0.0

@@ -182,11 +182,15 @@ class MixerPlugin:
         if note is None or note.paid_seq is not None or note.attempt != attempt:
             return
         nxt, refund = self.mixer.next_attempt(note)
-        self.journal.write({"e": "attempt", "round": round_id, "note": index, "attempt": nxt,
-                            "refund": refund})
-        self.mixer.set_attempt(round_id, index, nxt, refund, time.time())
         log.info("mixer: payout note failed (%s); attempt %d%s", code.value, nxt,
                  " as a refund" if refund and not note.refund else "")
+        # In memory first: the note is tried again even when the journal cannot be
+        # written now (the write's error still reaches the router's log). A restart then
+        # retries the attempt the journal knows, and the ledger's payout rows say which
+        # notes are paid (`jackpay_start`), so none is paid twice.
+        self.mixer.set_attempt(round_id, index, nxt, refund, time.time())
+        self.journal.write({"e": "attempt", "round": round_id, "note": index, "attempt": nxt,
+                            "refund": refund})
 
     # --- rounds ------------------------------------------------------------------------
 
