@@ -332,6 +332,10 @@ class IndexWriter:
                     db.add(rows, positions)
                     uncommitted += len(rows)
                     head = Head(rows[-1].seq, end, rows[-1].hash)
+                    if uncommitted >= COMMIT_EVERY_ROWS:  # a backlog: bounded transactions
+                        db.commit(head)
+                        self.committed = head
+                        open_since, uncommitted = None, 0
                 if open_since is not None and (
                         item is not None or uncommitted >= COMMIT_EVERY_ROWS
                         or time.monotonic() - open_since >= COMMIT_EVERY_S):

@@ -215,6 +215,11 @@ class LedgerStore:
             raise LedgerInUse(f"{self.path} is held by another ledger process (two writers "
                               "would interleave their rows and break the chain); stop it "
                               "first, or give this one a file of its own") from None
+        except OSError as exc:  # a file system without locks (some NFS, FUSE)
+            os.close(fd)
+            raise LedgerInUse(f"{self.path} cannot be locked ({exc.strerror or exc}): the "
+                              "ledger needs a file system with flock, so that no second "
+                              "writer can open it") from None
         db: IndexDb | None = None
         reader: IndexDb | None = None
         try:

@@ -147,9 +147,10 @@ class PayerDaemon:
         watch(session, "the router session loop", on_death)
         try:
             await stop.wait()
+            ended_by_death = bool(died)  # (not an error of the shutdown that follows)
         finally:
             await self._shutdown(session)
-        return 3 if died else 0
+        return 3 if ended_by_death else 0
 
     async def _shutdown(self, session: asyncio.Task[None]) -> None:
         log_event(log, "stopping", payer=self.payer_id, in_flight=len(self.outbox))

@@ -446,10 +446,16 @@ class LedgerClient:
                 try:
                     reply = await ch.request(Append(id=0, rows=rows, atomic=atomic),
                                              timeout=timeout)
-                except FrameTooLarge as exc:  # nothing was sent (a re-send never is: the
-                    if in_doubt:              # same rows went out before)
-                        raise
-                    self._too_large(batch, atomic, exc)
+                except FrameTooLarge as exc:  # nothing was sent
+                    if not in_doubt:
+                        self._too_large(batch, atomic, exc)
+                        return
+                    # A re-send of rows that went out before, now a few bytes over (its
+                    # request id grew): their outcome stays unknown, as on close.
+                    log_event(log, "re-send does not fit the ledger's frame limit; the "
+                              "outcome stays unknown", logging.ERROR, rows=len(rows),
+                              first_tx_id=rows[0].tx_id, error=str(exc))
+                    _cancel(batch)
                     return
                 except RequestFailed as exc:
                     if in_doubt and exc.code != ErrorCode.LEDGER_WRITE_FAILED:

@@ -112,10 +112,10 @@ def test_a_note_that_keeps_failing_goes_back_to_its_depositor() -> None:
 def test_a_payout_whose_retry_cannot_be_journalled_is_still_tried_again(
         tmp_path: Path) -> None:
     """A payout note fails (its payee offline) while the journal cannot be written (here
-    it is /dev/full: ENOSPC). The hook says so (the router logs it) but the note is tried
-    again all the same: it once stayed `running` until a restart, the payee's money in
-    the pool. (A restart retries what the journal knows; the ledger's payout rows say
-    which notes are paid, so none is paid twice.)"""
+    it is /dev/full: ENOSPC). The hook says so (the router logs it) and the note is tried
+    again all the same — it once stayed `running` until a restart, the payee's money in
+    the pool — but as the same attempt: the next one goes out only once journalled (else
+    a restart could send both, one note paid twice)."""
     import os
 
     from jackpay_plugins.mixer.plugin import POOL, MixerPlugin
@@ -132,18 +132,27 @@ def test_a_payout_whose_retry_cannot_be_journalled_is_still_tried_again(
     first = sent[0]
     round_id, index, attempt = parse_note_tx_id(first.tx_id)  # type: ignore[misc]
     assert attempt == 0
+
+    def fails(tx_id: str) -> None:  # as the router tells it (also from its record)
+        plugin.jackpay_aborted(PaymentRequest(POOL, tx_id, first.receiver, first.amount,
+                                              system=True), ErrorCode.RECEIVER_UNREACHABLE)
+
+    def attempts_sent(now: float) -> list[int]:
+        return [parse_note_tx_id(r.tx_id)[2] for r in plugin.jackpay_tick(now)  # type: ignore[index]
+                if parse_note_tx_id(r.tx_id)[:2] == (round_id, index)]  # type: ignore[index]
+
     plugin.journal.close()
     plugin.journal._fd = os.open("/dev/full", os.O_WRONLY)
     try:
         with pytest.raises(OSError, match="No space left"):
-            plugin.jackpay_aborted(PaymentRequest(POOL, first.tx_id, first.receiver,
-                                                  first.amount, system=True),
-                                   ErrorCode.RECEIVER_UNREACHABLE)
+            fails(first.tx_id)
     finally:
         plugin.journal.close()
-    again = [r for r in plugin.jackpay_tick(time.time() + 0.6)  # (retries: wall clock)
-             if parse_note_tx_id(r.tx_id)[:2] == (round_id, index)]  # type: ignore[index]
-    assert [parse_note_tx_id(r.tx_id)[2] for r in again] == [1]  # type: ignore[index]
+    assert attempts_sent(time.time() + 0.6) == [0]  # (retries wait on the wall clock)
+    fails(first.tx_id)  # the journal takes it now: the next attempt goes out
+    assert attempts_sent(time.time() + 0.6) == [1]
+    entries = [e for e in plugin.journal.read() if e["e"] == "attempt"]
+    assert [(e["note"], e["attempt"]) for e in entries] == [(index, 1)]
 
 
 def test_entropy() -> None:

@@ -182,15 +182,19 @@ class MixerPlugin:
         if note is None or note.paid_seq is not None or note.attempt != attempt:
             return
         nxt, refund = self.mixer.next_attempt(note)
+        try:
+            self.journal.write({"e": "attempt", "round": round_id, "note": index,
+                                "attempt": nxt, "refund": refund})
+        except OSError:
+            # The next attempt must not go out unjournalled (after a restart the journal
+            # would send this one again while the next could still land: one note paid
+            # twice). This attempt is tried again later instead: the router answers it
+            # from its record (failed) and this hook runs again, writing the journal then.
+            self.mixer.retry_later(note, time.time())
+            raise
+        self.mixer.set_attempt(round_id, index, nxt, refund, time.time())
         log.info("mixer: payout note failed (%s); attempt %d%s", code.value, nxt,
                  " as a refund" if refund and not note.refund else "")
-        # In memory first: the note is tried again even when the journal cannot be
-        # written now (the write's error still reaches the router's log). A restart then
-        # retries the attempt the journal knows, and the ledger's payout rows say which
-        # notes are paid (`jackpay_start`), so none is paid twice.
-        self.mixer.set_attempt(round_id, index, nxt, refund, time.time())
-        self.journal.write({"e": "attempt", "round": round_id, "note": index, "attempt": nxt,
-                            "refund": refund})
 
     # --- rounds ------------------------------------------------------------------------
 

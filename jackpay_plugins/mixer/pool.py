@@ -271,6 +271,12 @@ class Mixer:
         refund = note.refund or note.attempt + 1 >= self.settings.max_attempts
         return note.attempt + 1, refund
 
+    def retry_later(self, note: Note, now: float) -> None:
+        """Send `note`'s current attempt again after `retry_s` (its next one could not be
+        journalled)."""
+        note.running = False
+        note.retry_at = now + self.settings.retry_s
+
     def set_attempt(self, round_id: int, index: int, attempt: int, refund: bool,
                     now: float) -> None:
         """Journalled: the note is tried again as `attempt` (to its depositor if refund)."""
