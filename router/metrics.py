@@ -28,6 +28,15 @@ def router_metrics(svc: RouterService) -> Iterator[Metric]:
                 len(list(svc.registry.live_sessions())))
     yield gauge("jackpay_router_ledger_connected", "1 while the router has its ledger link",
                 1.0 if svc.ledger.connected else 0.0)
+    checks = pipeline.signatures
+    if checks is not None:
+        yield gauge("jackpay_router_signature_checks_waiting", "Signature checks queued or "
+                    "sent to the verifier, not answered yet", checks.waiting)
+        yield counter("jackpay_router_verifier_restarts", "Verifier processes started again "
+                      "after one ended", checks.restarts)
+        yield gauge("jackpay_router_signature_checks_inline", "1 once signatures are checked "
+                    "on the event loop (the verifier kept ending or could not start)",
+                    1.0 if checks.inline else 0.0)
     yield counter("jackpay_router_refused_logins", "Logins refused since start",
                   svc.refused_logins)
     link = dataclasses.asdict(svc.ledger.stats)

@@ -81,6 +81,16 @@ class PaymentSignatures:
     def busy(self) -> bool:
         return len(self._pending) >= MAX_WAITING
 
+    @property
+    def waiting(self) -> int:
+        """Checks queued or sent, not answered yet."""
+        return len(self._pending)
+
+    @property
+    def inline(self) -> bool:
+        """True once the checks run on the event loop (the verifier kept ending)."""
+        return self._inline
+
     def check_order(self, row: RowIn, sig: bytes | None, done: Done) -> None:
         self._submit(self._job(row.sender, PAY_TAG, row, sig), done)
 

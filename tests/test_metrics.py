@@ -4,7 +4,9 @@ flow; and the cheap histogram they are built from."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import signal
 import urllib.request
 from pathlib import Path
 
@@ -45,6 +47,12 @@ def test_a_bad_metrics_address_is_refused() -> None:
     assert parse_addr("127.0.0.1:0") == ("127.0.0.1", 0)
 
 
+def children(pid: int) -> list[int]:
+    """The live child processes of `pid` (Linux /proc)."""
+    return [int(c) for t in os.listdir(f"/proc/{pid}/task")
+            for c in Path(f"/proc/{pid}/task/{t}/children").read_text().split()]
+
+
 async def test_metrics_change_as_payments_flow(tmp_path: Path) -> None:
     net = Network(tmp_path, participants={"alice": "100.00", "bob": "0.00"},
                   router_settings={"metrics_addr": "127.0.0.1:0"},
@@ -70,9 +78,23 @@ async def test_metrics_change_as_payments_flow(tmp_path: Path) -> None:
             await asyncio.sleep(0.05)
         after = await asyncio.to_thread(scrape, router_at)
         ledger_after = await asyncio.to_thread(scrape, ledger_at)
+        # The router's signature verifier is killed: another is started, the next signed
+        # payment is paid, and the metrics count the restart.
+        router_pid = net.procs["router"].pid
+        (verifier,) = children(router_pid)
+        os.kill(verifier, signal.SIGKILL)
+        async with net.client("alice") as alice:
+            await alice.send_payment("bob", 100, tx_id="after-the-kill")
+        restarted = await asyncio.to_thread(scrape, router_at)
     finally:
         net.stop_all()
+    assert after["jackpay_router_verifier_restarts_total"] == 0
+    assert after["jackpay_router_signature_checks_waiting"] == 0
+    assert after["jackpay_router_signature_checks_inline"] == 0
+    assert restarted["jackpay_router_verifier_restarts_total"] == 1
+    assert restarted["jackpay_router_signature_checks_inline"] == 0
     paid = 'jackpay_router_payments_total{outcome="paid"}'
+    assert restarted[paid] - after[paid] == 1
     assert after[paid] - before.get(paid, 0) == 3
     assert after['jackpay_router_payments_total{outcome="insufficient_funds"}'] == 1
     assert after["jackpay_router_payment_seconds_count"] == 3
