@@ -576,7 +576,7 @@ class Channel(asyncio.Protocol):
         finally:
             self._pending.pop(rid, None)
         if isinstance(reply, Error):
-            raise RequestFailed(reply.code, reply.message)
+            raise RequestFailed(reply.code, reply.message, reply.tx_id)
         return reply
 
     def request_nowait(self, msg: Message, timeout: float, on_reply: OnReply) -> None:
@@ -744,7 +744,7 @@ class Channel(asyncio.Protocol):
             if self._callbacks:
                 on_reply = self._callbacks.pop(re, None)
                 if on_reply is not None:
-                    _call_back(on_reply, RequestFailed(msg.code, msg.message)
+                    _call_back(on_reply, RequestFailed(msg.code, msg.message, msg.tx_id)
                                if isinstance(msg, Error) else msg)
                     return
             if not isinstance(msg, Error) and not self.deliver_unmatched:

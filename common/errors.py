@@ -131,13 +131,14 @@ class ConnectionLost(JackPayError):
 class RequestFailed(JackPayError):
     """The peer answered a request with an error frame."""
 
-    def __init__(self, code: ErrorCode | str, message: str) -> None:
+    def __init__(self, code: ErrorCode | str, message: str, tx_id: str | None = None) -> None:
         try:
             self.code: ErrorCode | str = ErrorCode(code)
         except ValueError:
             self.code = code
         super().__init__(f"{code}: {message}")
         self.message = message
+        self.tx_id = tx_id  # the payment the error is about, when the frame names one
 
     @property
     def retriable(self) -> bool:

@@ -418,7 +418,7 @@ class Send(Message, tag="send", frozen=True):
     to: AccountId
     amount: Amount
     memo: Memo = ""
-    tx_id: TxId | None = None
+    tx_id: PayerTxId | None = None  # what `pay` takes: a payer's tx_id, not a system one
     mix: bool = False  # through the network's mixer
 
 

@@ -125,15 +125,28 @@ class _ControlSession:
             return
         if rid is None:
             return
+        if isinstance(msg, Send) and msg.tx_id is None:
+            # Chosen here, so that every answer names it (an `outcome_pending` the caller
+            # must ask `status` about, or re-send with the same tx_id).
+            msg = msgspec.structs.replace(msg, tx_id=new_tx_id())
+        tx_id = msg.tx_id if isinstance(msg, Send | Status) else None
         try:
             reply = await self._answer(ch, msg, rid)
         except RequestFailed as exc:
-            tx_id = msg.tx_id if isinstance(msg, Send | Status) else None
             _send(ch, Error(re=rid, code=str(exc.code), message=exc.message, tx_id=tx_id))
             return
         except (ConnectionLost, TimeoutError):
             _send(ch, Error(re=rid, code=ErrorCode.ROUTER_UNAVAILABLE.value,
-                            message=self.daemon.no_router_text()))
+                            message=self.daemon.no_router_text(), tx_id=tx_id))
+            return
+        except ValueError as exc:  # a request the daemon cannot make into a `pay`
+            _send(ch, Error(re=rid, code=ErrorCode.BAD_REQUEST.value, message=str(exc),
+                            tx_id=tx_id))
+            return
+        except Exception as exc:  # a bug: answered, never left waiting
+            log.exception("control request failed")
+            _send(ch, Error(re=rid, code=ErrorCode.INTERNAL_ERROR.value,
+                            message=f"the daemon failed: {exc!r}", tx_id=tx_id))
             return
         if reply is not None:
             _send(ch, reply)
@@ -142,7 +155,7 @@ class _ControlSession:
         d = self.daemon
         match msg:
             case Send():
-                pay = make_pay(msg.to, msg.amount, msg.memo, msg.tx_id or new_tx_id(), mix=msg.mix)
+                pay = make_pay(msg.to, msg.amount, msg.memo, msg.tx_id, mix=msg.mix)
                 return _re(await d.pay(pay), rid)
             case Watch():
                 d.watchers.add(ch)

@@ -69,7 +69,8 @@ class Outgoing:
 
     def same_params(self, other: Pay) -> bool:
         p = self.pay
-        return (p.to, p.amount, p.memo) == (other.to, other.amount, other.memo)
+        return (p.to, p.amount, p.memo, p.mix) == (other.to, other.amount, other.memo,
+                                                   other.mix)
 
 
 def _consume(fut: asyncio.Future[Paid]) -> None:

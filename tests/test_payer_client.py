@@ -622,3 +622,57 @@ def test_a_daemon_whose_session_loop_dies_exits_instead_of_hanging(tmp_path: Pat
         assert "the router session loop ended by an exception" in err
     finally:
         net.stop_all()
+
+
+async def test_the_control_socket_answers_every_send_and_names_its_tx_id(
+        tmp_path: Path) -> None:
+    """A program driving the daemon's control socket: a failed `send` without a tx_id is
+    answered with the tx_id the daemon chose (so it can ask `status`, or re-send the same
+    one: a new tx_id would be a second payment); a tx_id `pay` cannot carry is refused
+    `bad_request`, never left without an answer."""
+    from netkit import Network
+    from test_payments import up
+
+    from common.aio import open_unix_channel
+    from common.messages import CONTROL_REPLIES, Send
+
+    net = Network(tmp_path)
+    up(net, {"alice": "10.00", "bob": "0.00"})
+    net.start_payer("alice")
+    net.start_payer("bob")
+    ch = await open_unix_channel(str(net.config.control_socket("alice")),
+                                 decoder_for(CONTROL_REPLIES), name="control(alice)")
+    try:
+        welcome = await ch.request(Hello(id=0, version=PROTOCOL_VERSION, role="cli",
+                                         peer="test"), timeout=5)
+        assert isinstance(welcome, Welcome)
+        with pytest.raises(RequestFailed) as poor:
+            await ch.request(Send(id=0, to="bob", amount=10**9), timeout=10)
+        assert poor.value.code == ErrorCode.INSUFFICIENT_FUNDS
+        assert poor.value.tx_id is not None
+        status = await ch.request(Status(id=0, tx_id=poor.value.tx_id), timeout=10)
+        assert isinstance(status, StatusReply)
+        assert (status.state, status.code) == ("failed", "insufficient_funds")
+        with pytest.raises(RequestFailed) as long_id:
+            await ch.request(Send(id=0, to="bob", amount=1, tx_id="t" * 150), timeout=10)
+        assert long_id.value.code == ErrorCode.BAD_REQUEST
+        paid = await ch.request(Send(id=0, to="bob", amount=100, tx_id="once"), timeout=10)
+        assert isinstance(paid, Paid)
+    finally:
+        ch.close()
+        net.stop_all()
+
+
+async def test_a_send_through_the_mixer_does_not_join_a_direct_one_with_its_tx_id() -> None:
+    """The daemon joins a `send` to one in its outbox with the same tx_id only when it
+    is the same payment: through the mixer or not is part of it (the router answers
+    `tx_id_conflict` otherwise; joined, the caller would be told a payment it never made
+    was paid)."""
+    from payer_client.client import make_pay
+    from payer_client.daemon import Outgoing
+
+    direct = make_pay("bob", 500, "", "t1")
+    entry = Outgoing(direct, asyncio.get_running_loop().create_future())
+    assert entry.same_params(make_pay("bob", 500, "", "t1"))
+    assert not entry.same_params(make_pay("bob", 500, "", "t1", mix=True))
+    assert not entry.same_params(make_pay("bob", 501, "", "t1"))
