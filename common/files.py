@@ -8,8 +8,11 @@ run time (common.participants).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -17,6 +20,19 @@ def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def updating(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock for a read-modify-write of `path` (on its folder, so no
+    lock file is left beside it): two tools updating it at once would each write back
+    what they read, and one change would be lost. Raises OSError."""
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
     finally:
         os.close(fd)
 

@@ -40,7 +40,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from common import keys
 from common.config import NetworkConfig, load_config
 from common.errors import ConfigError
-from common.files import write_atomically
+from common.files import updating, write_atomically
 from common.keys import KeyFileError, KeyStore
 from common.messages import DTG_FORMAT
 from common.signing import openings_json, read_openings, sign_opening
@@ -217,6 +217,15 @@ class _Keys:
                 self.note_no_key(pub, priv, name)
             elif not priv.exists():
                 self.new_signer(name, "created")
+        if s.openings.parent.is_dir():
+            with updating(s.openings):  # `participants add` may be signing one now
+                self.sign_openings()
+        else:
+            self.sign_openings()
+
+    def sign_openings(self) -> None:
+        """The config's opening balances, signed by the issuer into openings.json."""
+        s = self.store
         try:
             signed = read_openings(s.openings)
         except ValueError as exc:

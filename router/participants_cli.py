@@ -32,7 +32,7 @@ import msgspec
 from common.aio import run
 from common.config import load_config
 from common.errors import ConfigError, RequestFailed
-from common.files import write_atomically
+from common.files import updating, write_atomically
 from common.keys import ISSUER_SIGNER, KeyFileError, KeyStore, load_public_key, raw_public
 from common.messages import (
     PAYER_ID_PATTERN,
@@ -196,12 +196,27 @@ def _sign_opening(config: str, payer_id: str, amount: int) -> str | None:
         if not store.key(ISSUER_SIGNER).exists():
             return (f"the opening balance of {payer_id} is not signed here: the issuer's key "
                     f"({store.key(ISSUER_SIGNER)}) is not on this machine")
-        signed = read_openings(store.openings)
-        signed[payer_id] = (amount, sign_opening(store.load_signer(ISSUER_SIGNER),
-                                                 cfg.network.id, payer_id, amount))
-        write_atomically(store.openings, openings_json(signed), 0o644)
+        with updating(store.openings):
+            return _sign_into(store, cfg.network.id, payer_id, amount)
     except (ConfigError, ValueError, OSError) as exc:
         return f"the opening balance of {payer_id} could not be signed ({exc})"
+
+
+def _sign_into(store: KeyStore, network_id: str, payer_id: str, amount: int) -> str | None:
+    """`_sign_opening`'s read-modify-write of the signed openings (under their lock)."""
+    signed = read_openings(store.openings)
+    if payer_id in signed:
+        # An opening is issued once: one signed before (perhaps still waiting for the
+        # ledger) is never replaced, whatever this request says — the router checks the
+        # request against it.
+        before = signed[payer_id][0]
+        if before == amount:
+            return None
+        return (f"an opening balance of {format_amount(before)} is already signed for "
+                f"{payer_id}; left as it is (an opening is issued once)")
+    signed[payer_id] = (amount, sign_opening(store.load_signer(ISSUER_SIGNER), network_id,
+                                             payer_id, amount))
+    write_atomically(store.openings, openings_json(signed), 0o644)
     return None
 
 

@@ -435,3 +435,36 @@ def test_the_openings_are_signed_by_the_issuer_and_re_signed_when_changed(
     lines = ensure_keys(load_config(cfg_path))
     assert any("not signed: the issuer's private key is not here" in line for line in lines)
     assert read_openings(store.openings)["alice"][0] == 1200
+
+
+def test_updates_of_the_signed_openings_wait_for_each_other(tmp_path: Path) -> None:
+    """`jackpay-keys` and `participants add` both rewrite openings.json from what they
+    read: under `common.files.updating` the second waits for the first to finish (a
+    change is never written over)."""
+    import threading
+
+    from common.files import updating
+
+    path = tmp_path / "openings.json"
+    order: list[str] = []
+    first_in = threading.Event()
+
+    def first() -> None:
+        with updating(path):
+            first_in.set()
+            order.append("first in")
+            threading.Event().wait(0.2)
+            order.append("first out")
+
+    def second() -> None:
+        first_in.wait(5)
+        with updating(path):
+            order.append("second in")
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert order == ["first in", "first out", "second in"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no lock file left beside it

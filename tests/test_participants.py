@@ -318,3 +318,34 @@ def test_the_cli_checks_its_arguments_and_says_when_no_router_answers(tmp_path: 
     down = operator(net, "participants", "list")
     assert down.returncode == 3
     assert "is the router running?" in down.stderr
+
+
+async def test_a_refused_addition_leaves_the_signed_opening_as_it_was(tmp_path: Path) -> None:
+    """carol is added while the ledger is away (her opening waits), then added again with
+    another opening balance: refused — and the issuer's signed openings keep hers as it
+    was. (They were rewritten before the router refused: her opening could then never be
+    issued, and the router refused its next start.)"""
+    net = up(tmp_path, alice="10.00")
+    try:
+        net.procs["ledger"].kill()
+        net.procs["ledger"].wait(10)
+        added = await op(net, "participants", "add", "carol", "--opening-balance", "1.00")
+        assert added.returncode == 0, added.stderr
+        again = await op(net, "participants", "add", "carol", "--opening-balance", "5.00")
+        assert again.returncode != 0
+        assert "already" in again.stderr
+        from common.signing import read_openings
+
+        assert read_openings(net.keys.openings)["carol"][0] == 100
+        net.restart("ledger")
+        for _ in range(200):
+            if (await net.inspect()).balances.get("carol") == 100:
+                break
+            await asyncio.sleep(0.05)
+        assert (await net.inspect()).balances.get("carol") == 100
+        net.procs["router"].stop()
+        net.restart("router")  # starts: the opening it finds signed is the one issued
+        assert (await net.inspect()).balances.get("carol") == 100
+        assert opening_rows(net, "carol") == 1
+    finally:
+        net.stop_all()
