@@ -16,6 +16,7 @@ acknowledged them — even if the whole chain was recomputed.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
@@ -53,14 +54,45 @@ def proof_line(kept: KeptProof) -> bytes:
     return _ENCODER.encode(kept) + b"\n"
 
 
+def append_proof(path: Path, kept: KeptProof) -> None:
+    """Append one receipt line to `path`, whole or not at all: a write that fails (disk
+    full, a file-size limit) is cut back off, and a line torn by a crash before is cut
+    off first — a half line would make every later receipt unreadable. Raises OSError."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            size = _last_line_end(path)
+            os.ftruncate(fd, size)
+        view = memoryview(proof_line(kept))
+        try:
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError:
+            os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)
+
+
+def _last_line_end(path: Path) -> int:
+    data = path.read_bytes()
+    return data.rfind(b"\n") + 1
+
+
 def read_proofs(folder: Path) -> list[tuple[str, KeptProof]]:
     """Every receipt in the `*.jsonl` files of `folder`, with where it was read ("FILE:LINE").
+    A last line without its newline (torn by a crash: never a whole receipt) is left out.
     Raises ValueError naming a line that is not a receipt, OSError."""
     out: list[tuple[str, KeptProof]] = []
     for path in sorted(folder.glob("*.jsonl")):
-        for n, line in enumerate(path.read_bytes().splitlines(), 1):
+        data = path.read_bytes()
+        lines = data.split(b"\n")
+        for n, line in enumerate(lines, 1):
             if not line.strip():
                 continue
+            if n == len(lines):  # no newline after it: torn
+                break
             try:
                 out.append((f"{path.name}:{n}", _DECODER.decode(line)))
             except msgspec.DecodeError as exc:

@@ -39,7 +39,7 @@ from common.messages import Cancel, Event, Message, Offer, Paid, Pay, Settled
 from common.metrics import counter, counters, gauge, serve_metrics
 from common.money import format_amount
 from common.procs import print_ready
-from common.proofs import KeptProof, proof_line
+from common.proofs import KeptProof, append_proof
 from common.tls import TlsFailed
 from payer_client.client import PayerClient, PayerCredentials
 from payer_client.control import ControlServer
@@ -324,8 +324,7 @@ class PayerDaemon:
         evidence, never money, so it is logged and the daemon goes on)."""
         try:
             self.receipts_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.receipts_path, "ab") as f:
-                f.write(proof_line(proof))
+            append_proof(self.receipts_path, proof)
         except OSError as exc:
             log_event(log, "receipt not kept", logging.WARNING, tx_id=proof.tx_id,
                       error=exc.strerror or str(exc))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -496,3 +497,56 @@ async def test_a_pay_is_refused_rate_limited_while_too_many_checks_wait(
     assert outcome.code is ErrorCode.RATE_LIMITED
     assert replies == []
     assert pipeline.inflight == {}
+
+
+RECEIPT_WRITER = """
+import resource, sys
+from pathlib import Path
+from common.proofs import KeptProof, append_proof, proof_line
+path = Path(sys.argv[1])
+def kept(i):
+    return KeptProof(tx_id=f"t{i}", sender="alice", role="paid", seq=i, hash="a" * 64,
+                     head_seq=i, head_hash="b" * 64, sig="c" * 128)
+line = len(proof_line(kept(1)))
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(line * 2.5), hard))  # room for 2.5 lines
+failed = 0
+for i in range(1, 5):
+    try:
+        append_proof(path, kept(i))
+    except OSError:
+        failed += 1
+resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))  # the disk has room again
+append_proof(path, kept(5))
+print(failed)
+"""
+
+
+def test_a_receipt_that_cannot_be_written_whole_leaves_the_others_readable(
+        tmp_path: Path) -> None:
+    """A payer's receipts file under a file-size limit (a full disk): the receipt that
+    does not fit is cut back off, not left as half a line that would make every later
+    one unreadable to `verify --receipts`; a line torn by a crash is cut off by the next
+    append, and ignored by a reader as the last line."""
+    import subprocess
+    import sys
+
+    from common.proofs import read_proofs
+
+    folder = tmp_path / "receipts"
+    folder.mkdir()
+    path = folder / "alice.jsonl"
+    done = subprocess.run([sys.executable, "-c", RECEIPT_WRITER, str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "2"  # the third and fourth did not fit
+    assert [p.tx_id for _, p in read_proofs(folder)] == ["t1", "t2", "t5"]
+    assert path.read_bytes().endswith(b"\n")
+    with path.open("ab") as f:  # a crash in the middle of a line
+        f.write(b'{"tx_id": "t6", "sen')
+    assert [p.tx_id for _, p in read_proofs(folder)] == ["t1", "t2", "t5"]
+    from common.proofs import KeptProof, append_proof
+
+    append_proof(path, KeptProof(tx_id="t7", sender="alice", role="paid", seq=7,
+                                 hash="a" * 64, head_seq=7, head_hash="b" * 64, sig="c" * 128))
+    assert [p.tx_id for _, p in read_proofs(folder)] == ["t1", "t2", "t5", "t7"]
