@@ -93,6 +93,22 @@ def check_answers(store: LedgerStore, n: int) -> None:
     assert store.last_seq == n
 
 
+def index_behind(path: Path, tmp_path: Path, indexed: int, total: int) -> None:
+    """A ledger file of rows 1..total whose index holds rows 1..indexed only (as after a
+    crash before the index's last commit)."""
+    fill(path, 1, indexed)
+    copy_index(path, tmp_path / "old")
+    fill(path, indexed + 1, total)
+    restore_index(tmp_path / "old", path)
+
+
+def every_key_hashes_to(monkeypatch: pytest.MonkeyPatch, value: int) -> None:
+    """Every (sender, tx_id) hashes alike, in the index and in the store: each lookup
+    meets a collision."""
+    monkeypatch.setattr(csvindex, "key_hash", lambda sender, tx_id: value)
+    monkeypatch.setattr(store_mod, "key_hash", lambda sender, tx_id: value)
+
+
 def test_a_clean_stop_leaves_nothing_to_read_at_the_next_open(tmp_path: Path) -> None:
     path = tmp_path / "ledger.csv"
     fill(path, 1, 40)
@@ -107,10 +123,7 @@ def test_a_clean_stop_leaves_nothing_to_read_at_the_next_open(tmp_path: Path) ->
 def test_rows_after_the_index_head_are_read_and_indexed_at_open(tmp_path: Path) -> None:
     """A crash before the index committed its last rows: the open reads only those."""
     path = tmp_path / "ledger.csv"
-    fill(path, 1, 25)
-    copy_index(path, tmp_path / "old")
-    fill(path, 26, 40)
-    restore_index(tmp_path / "old", path)  # the index knows rows 1..25 only
+    index_behind(path, tmp_path, 25, 40)
     store = LedgerStore.open(path)
     assert store.rebuilt is None
     assert store.rows_read_at_open == 15
@@ -179,10 +192,7 @@ def test_an_index_of_another_ledger_is_not_trusted(tmp_path: Path) -> None:
 
 def test_damage_after_the_index_head_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "ledger.csv"
-    fill(path, 1, 10)
-    copy_index(path, tmp_path / "old")
-    fill(path, 11, 15)
-    restore_index(tmp_path / "old", path)
+    index_behind(path, tmp_path, 10, 15)
     lines = path.read_text().splitlines(keepends=True)
     lines[13] = lines[13].replace(",1.00,", ",9.00,")  # row 13, after the head (row 10)
     path.write_text("".join(lines))
@@ -208,8 +218,7 @@ def test_damage_before_the_head_is_found_by_verify_not_at_every_start(tmp_path: 
 def test_a_hash_collision_costs_a_read_never_a_wrong_answer(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every key hashes alike: each lookup must check the rows it reads from the file."""
-    monkeypatch.setattr(csvindex, "key_hash", lambda sender, tx_id: 42)
-    monkeypatch.setattr(store_mod, "key_hash", lambda sender, tx_id: 42)
+    every_key_hashes_to(monkeypatch, 42)
     path = tmp_path / "ledger.csv"
     fill(path, 1, 12)
     store = LedgerStore.open(path)

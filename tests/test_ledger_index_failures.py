@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 from test_ledger_index import copy_index as save_index
-from test_ledger_index import index_files, restore_index
+from test_ledger_index import every_key_hashes_to, index_behind, index_files, restore_index
 
 from common.messages import LedgerRow, RowIn
 from ledger import csvindex
@@ -244,10 +244,7 @@ def test_rows_read_at_open_are_indexed_before_they_are_durable(
     Fix: `os.fsync(fd)` once in `_open` after `_check_header` (before the index learns
     the tail and before serving); it costs nothing when the page cache is clean."""
     path = tmp_path / "ledger.csv"
-    fill(path, 1, 10)
-    save_index(path, tmp_path / "old")
-    fill(path, 11, 20)
-    restore_index(tmp_path / "old", path)  # rows 11..20: the tail the next open reads
+    index_behind(path, tmp_path, 10, 20)  # rows 11..20: the tail the next open reads
     events: list[str] = []
     real_fsync, real_commit = os.fsync, IndexDb.commit
     ledger_ino = path.stat().st_ino
@@ -646,8 +643,7 @@ def test_an_index_write_failure_mid_transaction_keeps_every_row_answerable(
 
 def test_a_64bit_key_hash_collision_with_a_row_in_memory_and_one_on_disk(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(csvindex, "key_hash", lambda sender, tx_id: 1)
-    monkeypatch.setattr(store_mod, "key_hash", lambda sender, tx_id: 1)
+    every_key_hashes_to(monkeypatch, 1)
     path = tmp_path / "ledger.csv"
     fill(path, 1, 6)
     store = LedgerStore.open(path)
