@@ -432,15 +432,20 @@ class LedgerStore:
     def index_failed(self) -> str | None:
         return self._writer.failed if self._writer is not None else None
 
-    def _row_at(self, pos: int) -> LedgerRow:
+    def _row_at(self, seq: int, pos: int) -> LedgerRow:
+        """Row `seq`, at byte `pos` of the file as the index says. Another row there
+        means the index is damaged (Fenced): it must never answer with the wrong row."""
         data = os.pread(self._fd, MAX_LINE_BYTES, pos)
         nl = data.find(b"\n")
         if nl < 0:
             raise LedgerCorrupt(f"{self.path}: no row at byte {pos}, where the index has one")
         try:
-            return parse_line(data[:nl].decode("utf-8"))
+            row = parse_line(data[:nl].decode("utf-8"))
         except (UnicodeDecodeError, RowFormatError) as exc:
             raise LedgerCorrupt(f"{self.path}: byte {pos}: {exc}") from None
+        if row.seq != seq:
+            self._index_damaged(f"it puts row {seq} at byte {pos}, where row {row.seq} is")
+        return row
 
     def _find_on_disk(self, keys: list[Key]) -> dict[Key, LedgerRow]:
         """The rows of these keys among those only the index on disk holds."""
@@ -454,19 +459,19 @@ class LedgerStore:
         try:
             candidates = self._reader.candidates(list(wanted), through)
         except sqlite3.DatabaseError as exc:
-            self._index_damaged(exc)
-        for h, _seq, pos in candidates:
-            row = self._row_at(pos)
+            self._index_damaged(str(exc), exc)
+        for h, seq, pos in candidates:
+            row = self._row_at(seq, pos)
             key = (row.sender, row.tx_id)
             if key in wanted[h]:  # else another key with the same 64-bit hash
                 found[key] = row
         return found
 
-    def _index_damaged(self, exc: sqlite3.DatabaseError) -> NoReturn:
+    def _index_damaged(self, what: str, exc: BaseException | None = None) -> NoReturn:
         """The index failed while serving: it cannot be trusted for anything now. It is
         deleted (the next start rebuilds it from the file) and this service stops writing
         (exit 3): a lookup that cannot be answered could let a payment in twice."""
-        reason = (f"the ledger's index {index_path(self.path)} is damaged ({exc}); it was "
+        reason = (f"the ledger's index {index_path(self.path)} is damaged ({what}); it was "
                   "deleted and is rebuilt from the file at the next start: restart the ledger")
         if self.index_damaged is None:
             self.index_damaged = reason
@@ -480,13 +485,13 @@ class LedgerStore:
         try:
             return self._read_disk_pages(from_seq, limit, party)
         except sqlite3.DatabaseError as exc:
-            self._index_damaged(exc)
+            self._index_damaged(str(exc), exc)
 
     def _read_disk_pages(self, from_seq: int, limit: int, party: str | None) -> list[LedgerRow]:
         through = self.mem.base_seq
         assert self._reader is not None
         if party is not None:
-            return [self._row_at(pos) for _seq, pos in
+            return [self._row_at(seq, pos) for seq, pos in
                     self._reader.party_positions(party, from_seq, limit, through)]
         places = self._reader.positions(from_seq, limit + 1, through)
         if not places:
@@ -499,6 +504,10 @@ class LedgerStore:
                 rows.append(parse_line(line.decode("utf-8")))
             except (UnicodeDecodeError, RowFormatError) as exc:
                 raise LedgerCorrupt(f"{self.path}: {exc}") from None
+        want = [seq for seq, _ in places[:limit]]
+        if [r.seq for r in rows[:limit]] != want:
+            self._index_damaged(f"its positions of rows {want[0]}..{want[-1]} do not hold "
+                                "those rows")
         return rows[:limit]
 
     # --- queries -------------------------------------------------------------------
@@ -555,7 +564,8 @@ class LedgerStore:
         return StoreStats(rows=self.last_seq, fsyncs=self.fsyncs, batches=self.batches,
                           fsync_us_total=self.fsync_us_total, fsync_us_max=self.fsync_us_max,
                           slow_fsyncs=self.slow_fsyncs,
-                          index_ok=self.index_unavailable is None and self.index_failed is None,
+                          index_ok=(self.index_unavailable is None and self.index_failed is None
+                                    and self.index_damaged is None),
                           rows_in_memory=self.last_seq - self.mem.base_seq)
 
     # --- appends -------------------------------------------------------------------

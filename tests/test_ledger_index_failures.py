@@ -20,6 +20,7 @@ import random
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -195,21 +196,12 @@ def test_damage_found_while_serving_stops_writing_and_is_rebuilt_at_the_restart(
 
 
 @pytest.mark.parametrize("damage", ["keys", "rows", "balances"])
-def test_an_index_wrong_in_the_middle_is_trusted(tmp_path: Path, damage: str) -> None:
-    """csvindex.py:120-134 (`IndexDb.inconsistency`): the checks look only at the head's
-    row (its key), the largest seq and the sum of balances, so an index damaged anywhere
-    else (a copy taken mid-checkpoint, a torn page SQLite reads without complaint) is
-    trusted. A missing key entry, or a missing `rows` entry (the `candidates` join drops
-    it), makes the lookup miss an existing payment and the ledger appends it a SECOND
-    time; off-setting balance errors (+100/-100) pass the sum check and the ledger reports
-    wrong balances forever (they are loaded from the index at every start).
-    Fix (one scan per table at open; measure it on 10M rows): keep aggregates in `head`,
-    updated in the same transaction (count and 64-bit sum of key hashes, count and sum
-    of pos, count of party entries, sum of balance * hash(name) mod 2**64) and compare
-    them with `SELECT count(*), sum(key) FROM keys` etc. at open; at the very least
-    require count(rows) == count(keys) == head.seq. A miss
-    in `_find_on_disk` is what turns any index damage into a double payment, so this is
-    the check worth paying for."""
+def test_an_index_wrong_in_the_middle_is_found_at_open(tmp_path: Path, damage: str) -> None:
+    """An index damaged away from its head (a copy taken mid-checkpoint, a torn page
+    SQLite reads without complaint): a missing key or `rows` entry would make a lookup
+    miss a payment and the ledger append it a second time; off-setting balance errors
+    (+100/-100) would pass a plain sum check. The counts and the balance check kept in
+    the head find it at open, and the index is rebuilt."""
     path = tmp_path / "ledger.csv"
     fill(path, 1, 40)
     db = IndexDb.open(index_path(path))
@@ -227,6 +219,41 @@ def test_an_index_wrong_in_the_middle_is_trusted(tmp_path: Path, damage: str) ->
         else:  # payment 17 sent again (the router re-sends an in-doubt append)
             assert append(store, [[pay(17)]]) == [["duplicate"]]
             assert store.last_seq == 40
+    finally:
+        store.close()
+    assert verify_file(path).ok
+
+
+@pytest.mark.parametrize("how", ["lookup", "read", "read of a party"])
+def test_a_row_position_that_points_at_another_row_fences_instead_of_paying_twice(
+        tmp_path: Path, how: str) -> None:
+    """The index says row 17 is where row 18 is (positions are not in the open's checks):
+    what reads the line there must find it is not row 17 — the index is damaged, the
+    service stops writing — never miss payment 17 and write it again, nor answer a read
+    with the wrong row."""
+    path = tmp_path / "ledger.csv"
+    fill(path, 1, 40)
+    db = IndexDb.open(index_path(path))
+    db.db.execute("UPDATE rows SET pos = (SELECT pos FROM rows WHERE seq = 18) "
+                  "WHERE seq = 17")
+    db.db.commit()
+    db.close()
+    store = LedgerStore.open(path)
+    try:
+        act: Callable[[], object] = {
+            "lookup": lambda: append(store, [[pay(17)]]),  # an in-doubt append re-sent
+            "read": lambda: store.read(17, 3),
+            "read of a party": lambda: store.read(1, 40, party=pay(17).sender)}[how]
+        with pytest.raises(Fenced, match="damaged"):
+            act()
+        assert store.last_seq == 40
+        assert not store.statistics().index_ok  # and `stats` says so
+    finally:
+        store.close()
+    store = LedgerStore.open(path)  # the restart rebuilds the index from the file
+    try:
+        assert store.rows_read_at_open == 40
+        assert append(store, [[pay(17)]]) == [["duplicate"]]
     finally:
         store.close()
     assert verify_file(path).ok
