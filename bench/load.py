@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from bench.stall import Stalls, away_from
+from common.procs import children
 
 Op = Callable[[int], Awaitable[bool]]  # op(worker_index) -> succeeded?
 
@@ -154,7 +155,7 @@ def cpu_seconds(pid: int) -> float:
     verifier) have used so far (Linux /proc)."""
     ticks = os.sysconf("SC_CLK_TCK")
     total = 0
-    for p in (pid, *_children(pid)):
+    for p in (pid, *children(pid)):
         try:
             with open(f"/proc/{p}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
@@ -162,21 +163,6 @@ def cpu_seconds(pid: int) -> float:
             continue
         total += int(fields[11]) + int(fields[12])
     return total / ticks
-
-
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                out += [int(c) for c in f.read().split()]
-        except OSError:
-            continue
-    return out
 
 
 def rss_kib(pid: int) -> int:

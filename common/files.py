@@ -37,6 +37,13 @@ def updating(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """Write every byte of `data` to `fd` (os.write may take fewer). Raises OSError."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def write_atomically(path: Path, data: bytes, mode: int, *, exclusive: bool = False) -> None:
     """Put `data` at `path` with `mode` (whatever the umask). Raises OSError; with
     `exclusive`, FileExistsError if `path` exists (nothing is changed then)."""

@@ -176,6 +176,22 @@ class Proc:
             self.popen.stdout.close()
 
 
+def children(pid: int) -> list[int]:
+    """The live child processes of `pid` (Linux /proc; [] once it is gone)."""
+    out: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(c) for c in f.read().split()]
+        except OSError:
+            continue
+    return out
+
+
 def python_module(module: str, *args: str) -> list[str]:
     """argv to run `python -m module args...` with this interpreter."""
     return [sys.executable, "-m", module, *args]

@@ -25,6 +25,7 @@ import msgspec
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from common.files import write_all
 from common.messages import LedgerProof
 from common.signing import head_bytes
 
@@ -58,16 +59,15 @@ def append_proof(path: Path, kept: KeptProof) -> None:
     """Append one receipt line to `path`, whole or not at all: a write that fails (disk
     full, a file-size limit) is cut back off, and a line torn by a crash before is cut
     off first — a half line would make every later receipt unreadable. Raises OSError."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
     try:
+        os.fchmod(fd, 0o600)  # a receiver's receipts name who paid it: the payer's own
         size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":
             size = _last_line_end(path)
             os.ftruncate(fd, size)
-        view = memoryview(proof_line(kept))
         try:
-            while view:
-                view = view[os.write(fd, view):]
+            write_all(fd, proof_line(kept))
         except OSError:
             os.ftruncate(fd, size)
             raise

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.errors import JackPayError
+from common.procs import children
 
 PG_MAJOR = 15
 DEFAULT_BINDIR = Path(f"/usr/lib/postgresql/{PG_MAJOR}/bin")
@@ -261,15 +262,15 @@ class PgNode:
         pid = self.pid()
         if pid is None:
             return
-        children = _children(pid)
+        kids = children(pid)
         os.kill(pid, signal.SIGKILL)
-        for c in children:
+        for c in kids:
             try:
                 os.kill(c, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         self._wait_gone(pid, 10.0)
-        for c in children:
+        for c in kids:
             _wait_pid_gone(c, 10.0)
         # A killed postmaster whose parent does not reap it stays a zombie, and a zombie's
         # pid in postmaster.pid makes the next start (or pg_rewind's recovery) refuse.
@@ -341,21 +342,6 @@ def _wait_pid_gone(pid: int, timeout: float) -> bool:
             return True
         time.sleep(0.02)
     return False
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == pid:
-            out.append(int(entry))
-    return out
 
 
 class PgCluster:

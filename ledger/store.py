@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from common.errors import JackPayError
-from common.files import fsync_dir
+from common.files import fsync_dir, write_all
 from common.logs import log_event
 from common.messages import LedgerRow, RowIn
 from ledger.csvindex import (
@@ -611,10 +611,7 @@ class LedgerStore:
         if not batch.data:
             return 0
         try:
-            view = memoryview(batch.data)
-            while view:
-                n = os.write(self._fd, view)
-                view = view[n:]
+            write_all(self._fd, batch.data)
             t0 = time.perf_counter_ns()
             os.fsync(self._fd)
             us = (time.perf_counter_ns() - t0) // 1000

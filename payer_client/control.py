@@ -139,10 +139,6 @@ class _ControlSession:
             _send(ch, Error(re=rid, code=ErrorCode.ROUTER_UNAVAILABLE.value,
                             message=self.daemon.no_router_text(), tx_id=tx_id))
             return
-        except ValueError as exc:  # a request the daemon cannot make into a `pay`
-            _send(ch, Error(re=rid, code=ErrorCode.BAD_REQUEST.value, message=str(exc),
-                            tx_id=tx_id))
-            return
         except Exception as exc:  # a bug: answered, never left waiting
             log.exception("control request failed")
             _send(ch, Error(re=rid, code=ErrorCode.INTERNAL_ERROR.value,

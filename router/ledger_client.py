@@ -331,7 +331,7 @@ class LedgerClient:
             _fail(batch, LedgerUnavailable(f"no connection to the ledger at {self.address}"))
             return
         except FrameTooLarge as exc:  # nothing was sent
-            self._too_large(batch, atomic, exc)
+            self._too_large(batch, exc)
             return
         self.stats.appends_sent += 1
         self.stats.rows_sent += len(rows)
@@ -339,15 +339,12 @@ class LedgerClient:
                         lambda reply: self._first_answer(batch, atomic, reply))
         ch.flush_now()
 
-    def _too_large(self, batch: list[Queued], atomic: bool, exc: FrameTooLarge) -> None:
-        """An append the ledger's frame limit cannot hold (nothing was sent): halves sent
-        on their own; rows that cannot be split (one row, or one payment's legs) refused,
-        so their payments end with a reason instead of waiting for ever."""
-        if len(batch) > 1 and not atomic:
-            half = len(batch) // 2
-            self._send_first(batch[:half])
-            self._send_first(batch[half:])
-            return
+    def _too_large(self, batch: list[Queued], exc: FrameTooLarge) -> None:
+        """An append the ledger's frame limit cannot hold (nothing was sent). `_split`
+        bounds every batch by `_row_bytes` (an upper bound) with room to spare, so only a
+        row bigger than a frame on its own (a tiny `max_frame_bytes`) gets here — alone in
+        its batch, or with its payment's other legs: refused, so its payment ends with a
+        reason instead of waiting for ever."""
         log_event(log, "append does not fit the ledger's frame limit; refused",
                   logging.ERROR, rows=len(batch), first_tx_id=batch[0][0].tx_id,
                   error=str(exc))
@@ -448,10 +445,10 @@ class LedgerClient:
                                              timeout=timeout)
                 except FrameTooLarge as exc:  # nothing was sent
                     if not in_doubt:
-                        self._too_large(batch, atomic, exc)
+                        self._too_large(batch, exc)
                         return
-                    # A re-send of rows that went out before, now a few bytes over (its
-                    # request id grew): their outcome stays unknown, as on close.
+                    # Rows that went out before within the limit cannot be over it now;
+                    # should it happen, their outcome stays unknown, as on close.
                     log_event(log, "re-send does not fit the ledger's frame limit; the "
                               "outcome stays unknown", logging.ERROR, rows=len(rows),
                               first_tx_id=rows[0].tx_id, error=str(exc))

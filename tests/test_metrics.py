@@ -15,6 +15,7 @@ from netkit import Network
 
 from common.errors import ConfigError
 from common.metrics import Histogram, parse_addr
+from common.procs import children
 
 
 def scrape(addr: str) -> dict[str, float]:
@@ -45,12 +46,6 @@ def test_a_bad_metrics_address_is_refused() -> None:
     with pytest.raises(ConfigError, match="HOST:PORT"):
         parse_addr("9401")
     assert parse_addr("127.0.0.1:0") == ("127.0.0.1", 0)
-
-
-def children(pid: int) -> list[int]:
-    """The live child processes of `pid` (Linux /proc)."""
-    return [int(c) for t in os.listdir(f"/proc/{pid}/task")
-            for c in Path(f"/proc/{pid}/task/{t}/children").read_text().split()]
 
 
 async def test_metrics_change_as_payments_flow(tmp_path: Path) -> None:

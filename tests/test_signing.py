@@ -542,6 +542,7 @@ def test_a_receipt_that_cannot_be_written_whole_leaves_the_others_readable(
     assert done.stdout.strip() == "2"  # the third and fourth did not fit
     assert [p.tx_id for _, p in read_proofs(folder)] == ["t1", "t2", "t5"]
     assert path.read_bytes().endswith(b"\n")
+    assert path.stat().st_mode & 0o777 == 0o600  # they name who paid whom: the payer's own
     with path.open("ab") as f:  # a crash in the middle of a line
         f.write(b'{"tx_id": "t6", "sen')
     assert [p.tx_id for _, p in read_proofs(folder)] == ["t1", "t2", "t5"]

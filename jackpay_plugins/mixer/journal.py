@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError
+from common.files import write_all
 
 
 class JournalCorrupt(ConfigError):
@@ -79,10 +80,7 @@ class Journal:
         if self._fd < 0:
             self.open()
         data = json.dumps(entry, separators=(",", ":")).encode() + b"\n"
-        view = memoryview(data)
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
+        write_all(self._fd, data)
         self._dirty = True
         if sync:
             self.sync()
