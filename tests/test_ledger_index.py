@@ -27,17 +27,23 @@ def pay(i: int, amount: int = 100) -> RowIn:
                  memo=f"#{i}")
 
 
-def append(store: LedgerStore, reqs: list[list[RowIn]]) -> list[list[str]]:
-    res, batch = store.resolve(reqs, DTG)
+def key(i: int) -> tuple[str, str]:
+    r = pay(i)
+    return r.sender, r.tx_id
+
+
+def append(store: LedgerStore, reqs: list[list[RowIn]],
+           atomic: list[bool] | None = None) -> list[list[str]]:
+    res, batch = store.resolve(reqs, DTG, atomic)
     store.write_durably(batch)
     store.commit(batch)
     return [r.status for r in res]
 
 
-def fill(path: Path, first: int, last: int) -> None:
+def fill(path: Path, first: int, last: int, per_batch: int = 1) -> None:
     store = LedgerStore.open(path)
-    for i in range(first, last + 1):
-        append(store, [[pay(i)]])
+    for i in range(first, last + 1, per_batch):
+        append(store, [[pay(j)] for j in range(i, min(i + per_batch, last + 1))])
     store.close()
 
 

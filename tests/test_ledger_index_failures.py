@@ -24,8 +24,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from test_ledger_index import (
+    DTG,
+    PAYERS,
+    append,
+    every_key_hashes_to,
+    fill,
+    index_behind,
+    index_files,
+    key,
+    pay,
+    reference,
+    restore_index,
+)
 from test_ledger_index import copy_index as save_index
-from test_ledger_index import every_key_hashes_to, index_behind, index_files, restore_index
 
 from common.messages import LedgerRow, RowIn
 from ledger import csvindex
@@ -35,46 +47,11 @@ from ledger.storage import Fenced
 from ledger.store import LedgerStore, WriteFailed, load_rows
 from ledger.verify import verify_file
 
-DTG = "2026-12-01T10:00:00.000000Z"
-PAYERS = ("alice", "bob", "carol")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# --- helpers (copied, not imported: tests/test_ledger_index.py is being edited) -------
-
-def pay(i: int, amount: int = 100) -> RowIn:
-    sender = "_issuer" if i % 4 == 0 else PAYERS[i % 3]
-    return RowIn(tx_id=f"t{i}", sender=sender, receiver=PAYERS[(i + 1) % 3], amount=amount,
-                 memo=f"#{i}")
-
-
-def key(i: int) -> tuple[str, str]:
-    r = pay(i)
-    return r.sender, r.tx_id
-
-
-def append(store: LedgerStore, reqs: list[list[RowIn]],
-           atomic: list[bool] | None = None) -> list[list[str]]:
-    res, batch = store.resolve(reqs, DTG, atomic)
-    store.write_durably(batch)
-    store.commit(batch)
-    return [r.status for r in res]
-
-
-def fill(path: Path, first: int, last: int, per_batch: int = 1) -> None:
-    store = LedgerStore.open(path)
-    for i in range(first, last + 1, per_batch):
-        append(store, [[pay(j)] for j in range(i, min(i + per_batch, last + 1))])
-    store.close()
-
-
 def balances_of(n: int) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for i in range(1, n + 1):
-        r = pay(i)
-        out[r.sender] = out.get(r.sender, 0) - r.amount
-        out[r.receiver] = out.get(r.receiver, 0) + r.amount
-    return out
+    return reference(n)[0]
 
 
 def open_fds_under(folder: Path) -> list[str]:
@@ -111,7 +88,7 @@ def pages_of(db_file: Path, table: str, pagetype: str | None = None) -> list[int
 
 
 # =====================================================================================
-# FAILING TESTS: one per bug found in review
+# Bugs the review found, each fixed since (a docstring's "Fix:" is what was done)
 # =====================================================================================
 
 
@@ -293,16 +270,12 @@ def test_rows_read_at_open_are_indexed_before_they_are_durable(
     assert "fsync ledger" in events[: events.index("index commit 20")], events
 
 
-def test_a_failure_after_the_index_opened_leaks_the_ledger_fd(
+def test_a_reader_failure_after_the_index_opened_falls_back_and_leaves_nothing_open(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """store.py:216-222: after `self._fd = fd`, an error (here `reader.balances()`, any
-    sqlite3.Error of the reader connection) leaves `open` with the ledger's fd open for
-    good (the store object is dropped, nothing closes it) and escapes as a raw
-    sqlite3.OperationalError, which ledger/__main__.py does not catch (a traceback, not
-    exit 2 with a message) and which does not fall back to the no-index mode as every
-    other index failure does. Fix: move the balances read into _open_with_index (inside
-    its `except sqlite3.Error` → IndexUnavailable), and wrap lines 216-222 in a
-    try/except that closes reader, db and fd."""
+    """store.py at 394434a: an error of the reader connection after the file was opened
+    (here `reader.balances()`) left the ledger's fd open for good and escaped as a raw
+    sqlite3 error (a traceback, not exit 2). It is an index failure like the others now:
+    the store falls back to every row in memory, and nothing is left open."""
     path = tmp_path / "ledger.csv"
     fill(path, 1, 10)
 
@@ -310,20 +283,15 @@ def test_a_failure_after_the_index_opened_leaks_the_ledger_fd(
         raise sqlite3.OperationalError("disk I/O error")
 
     monkeypatch.setattr(IndexDb, "balances", io_error)
-    store = None
-    try:
-        store = LedgerStore.open(path)
-    except sqlite3.Error:
-        pass
+    store = LedgerStore.open(path)
+    assert store.index_unavailable
+    assert store.balances == balances_of(10)
+    store.close()
     gc.collect()
-    if store is not None:  # the fix may fall back to every row in memory instead
-        assert store.index_unavailable
-        assert store.balances == balances_of(10)
-        store.close()
     assert open_fds_under(tmp_path) == []
 
 
-def test_a_failed_truncation_at_open_leaves_the_index_connections_open(
+def test_a_failed_truncation_at_open_closes_the_index_connections(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """store.py:206-215: when cutting off a torn tail fails (ftruncate or fsync: EIO),
     the `except BaseException` closes only the file's fd; the index's writer and reader
