@@ -647,3 +647,33 @@ def test_a_64bit_key_hash_collision_with_a_row_in_memory_and_one_on_disk(
         ["duplicate"], ["duplicate"], ["written"]]
     store.close()
     assert verify_file(path).ok
+
+
+def test_a_second_open_of_a_held_file_is_refused_and_a_file_system_without_locks_too(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One writer per file (ledger/store.py `_open`): a second open while the first holds
+    it is refused `LedgerInUse`, and so is a file system that cannot lock — each leaving
+    no file descriptor behind."""
+    import errno
+    import fcntl
+
+    from ledger.store import LedgerInUse
+
+    path = tmp_path / "ledger.csv"
+    fill(path, 1, 3)
+    first = LedgerStore.open(path)
+    try:
+        before = open_fds_under(tmp_path)
+        with pytest.raises(LedgerInUse, match="held by another ledger"):
+            LedgerStore.open(path)
+        assert open_fds_under(tmp_path) == before
+    finally:
+        first.close()
+
+    def no_locks(fd: int, op: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(LedgerInUse, match="cannot be locked"):
+        LedgerStore.open(path)
+    assert open_fds_under(tmp_path) == []
