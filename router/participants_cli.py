@@ -178,31 +178,52 @@ def main(argv: list[str]) -> int:
     except ValueError as exc:
         print(f"{prog} {args.command}: {exc}", file=sys.stderr)
         return 2
+    signed_here = False
     if isinstance(request, AddParticipant) and request.opening_balance > 0 and args.config:
-        note = _sign_opening(args.config, request.payer, request.opening_balance)
+        note, signed_here = _sign_opening(args.config, request.payer, request.opening_balance)
         if note:
             print(f"{prog} add: {note}", file=sys.stderr)
-    return _exchange(f"{prog} {args.command}", args, request)
+    code = _exchange(f"{prog} {args.command}", args, request)
+    if signed_here and code == 1 and isinstance(request, AddParticipant):
+        # Refused: the opening signed for it is taken back (not on 3, no answer: it may
+        # have been added).
+        _unsign_opening(args.config, request.payer)
+    return code
 
 
-def _sign_opening(config: str, payer_id: str, amount: int) -> str | None:
+def _sign_opening(config: str, payer_id: str, amount: int) -> tuple[str | None, bool]:
     """Sign the new participant's opening balance with the issuer's key, when it is here,
     into keys/public/openings.json (the router presents it with the row). Returns a note
     when it cannot (the router then refuses the addition unless the opening was signed
-    before, elsewhere)."""
+    before, elsewhere), and whether it signed one now."""
     try:
         cfg = load_config(config, with_changes=False)  # the network id and its keys only
         store = KeyStore.for_config(cfg)
         if not store.key(ISSUER_SIGNER).exists():
             return (f"the opening balance of {payer_id} is not signed here: the issuer's key "
-                    f"({store.key(ISSUER_SIGNER)}) is not on this machine")
+                    f"({store.key(ISSUER_SIGNER)}) is not on this machine"), False
         with updating(store.openings):
             return _sign_into(store, cfg.network.id, payer_id, amount)
     except (ConfigError, ValueError, OSError) as exc:
-        return f"the opening balance of {payer_id} could not be signed ({exc})"
+        return f"the opening balance of {payer_id} could not be signed ({exc})", False
 
 
-def _sign_into(store: KeyStore, network_id: str, payer_id: str, amount: int) -> str | None:
+def _unsign_opening(config: str, payer_id: str) -> None:
+    """Take back an opening signed for an addition the router refused: a later `add`
+    with another amount would otherwise find it signed, and be refused."""
+    try:
+        store = KeyStore.for_config(load_config(config, with_changes=False))
+        with updating(store.openings):
+            signed = read_openings(store.openings)
+            if signed.pop(payer_id, None) is not None:
+                write_atomically(store.openings, openings_json(signed), 0o644)
+    except (ConfigError, ValueError, OSError) as exc:
+        print(f"note: the opening signed for {payer_id} could not be taken back ({exc})",
+              file=sys.stderr)
+
+
+def _sign_into(store: KeyStore, network_id: str, payer_id: str, amount: int
+               ) -> tuple[str | None, bool]:
     """`_sign_opening`'s read-modify-write of the signed openings (under their lock)."""
     signed = read_openings(store.openings)
     if payer_id in signed:
@@ -211,13 +232,13 @@ def _sign_into(store: KeyStore, network_id: str, payer_id: str, amount: int) -> 
         # request against it.
         before = signed[payer_id][0]
         if before == amount:
-            return None
+            return None, False
         return (f"an opening balance of {format_amount(before)} is already signed for "
-                f"{payer_id}; left as it is (an opening is issued once)")
+                f"{payer_id}; left as it is (an opening is issued once)"), False
     signed[payer_id] = (amount, sign_opening(store.load_signer(ISSUER_SIGNER), network_id,
                                              payer_id, amount))
     write_atomically(store.openings, openings_json(signed), 0o644)
-    return None
+    return None, True
 
 
 def reload_main(argv: list[str]) -> int:

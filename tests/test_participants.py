@@ -349,3 +349,22 @@ async def test_a_refused_addition_leaves_the_signed_opening_as_it_was(tmp_path: 
         assert opening_rows(net, "carol") == 1
     finally:
         net.stop_all()
+
+
+async def test_an_addition_the_router_refuses_takes_its_signed_opening_back(
+        tmp_path: Path) -> None:
+    """bob is a participant (with no opening): `add bob --opening-balance 5.00` signs
+    the opening, then the router refuses (already a participant) — and the signature is
+    taken back, so it cannot stand in the way of a later addition with another amount."""
+    from common.signing import read_openings
+
+    net = up(tmp_path, alice="10.00", bob="0.00")
+    try:
+        assert "bob" not in read_openings(net.keys.openings)
+        refused = await op(net, "participants", "add", "bob", "--opening-balance", "5.00")
+        assert refused.returncode == 1
+        assert "already" in refused.stderr
+        assert "bob" not in read_openings(net.keys.openings)
+        assert "alice" in read_openings(net.keys.openings)  # the others' stay
+    finally:
+        net.stop_all()
