@@ -55,12 +55,11 @@ from chaos.proxy import FaultProxy
 from chaos.workload import Workload
 from common.aio import run
 from common.procs import fsize_limit
-from common.proofs import check_proofs
 from jackpay_plugins.mixer.journal import Journal
 from ledger.audit import SignatureAudit
 from ledger.pgcluster import PgCluster
 from ledger.store import load_rows
-from ledger.verify import receipt_check, signature_audit, verify_database
+from ledger.verify import RowWalk, receipt_check, signature_audit, verify_database
 
 PROCESS_FAULTS = ["kill_router", "kill_ledger", "kill_payer", "pause_router", "pause_ledger",
                   "ledger_write_failure"]
@@ -401,24 +400,19 @@ class Chaos:
         ledger_bytes = await self._blocking(self.ledger_bytes)
         report = check(ledger_bytes, workload.ops, view,
                        require_success_after_heal=True, succeeded_after_heal=progressed)
-        # `jackpay-ledger verify --keys` on the final ledger: every debit ordered, every
-        # credit accepted by the participant's own key.
+        # `jackpay-ledger verify --keys --receipts` on the final ledger (ledger/verify.py's
+        # row walk): every debit ordered and every credit accepted by the participant's
+        # own key; every receipt the payers' daemons kept holds (a row acknowledged, then
+        # lost or rewritten, would break one).
         self.signatures = signature_audit(str(self.net.config_path))
-        rows, _ = load_rows(ledger_bytes, "ledger")
-        for row in rows:
-            self.signatures.add(row)
-        if (problem := self.signatures.finish()) is not None:
-            report.violations.append(Violation("signatures", problem))
-        # The ledger's receipts the payers' daemons kept: every one must hold against the
-        # final ledger (a row acknowledged, then lost or rewritten, would break one).
         folder = self.net.config.resolve(self.net.config.payer.receipts_dir)
-        if folder.is_dir():
-            kept = receipt_check(str(self.net.config_path), folder)
-            self.receipts_held = len(kept.proofs)
-            if (problem := check_proofs(kept.proofs, {r.seq: r.hash for r in rows},
-                                        len(rows), kept.network_id,
-                                        kept.ledger_key)) is not None:
-                report.violations.append(Violation("receipts", problem))
+        kept = receipt_check(str(self.net.config_path), folder) if folder.is_dir() else None
+        self.receipts_held = len(kept.proofs) if kept is not None else 0
+        walk = RowWalk(self.signatures, kept)
+        for row in load_rows(ledger_bytes, "ledger")[0]:
+            walk.add(row)
+        if (problem := walk.finish()) is not None:
+            report.violations.append(Violation("verify --keys --receipts", problem))
         if self.cluster is not None:
             verdict = await verify_database(self.net.dsn)
             if not verdict.ok:
