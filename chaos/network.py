@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,15 +39,12 @@ from common.messages import (
     Hello,
     Inspect,
     InspectReply,
-    LedgerRow,
     Role,
     Welcome,
     decoder_for,
 )
 from common.procs import Proc, python_module
 from common.tls import ClientTls, client_tls
-from ledger.pgcluster import find_bindir
-from ledger.rows import HEADER_LINE, format_line
 from payer_client.client import PayerClient
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -202,30 +200,19 @@ class Network:
 
     def ledger_csv(self) -> str:
         """The ledger's rows as the CSV file's text (header first; "" before the first
-        row with the CSV store). With PostgreSQL, read from the database with psql (one
-        snapshot) and formatted as `jackpay-ledger export --csv` writes them."""
+        row with the CSV store). With PostgreSQL, `jackpay-ledger export --csv` (one
+        snapshot of the database)."""
         if self.store == "csv":
             return self.ledger_path.read_text() if self.ledger_path.exists() else ""
-        query = ("SELECT seq, dtg, sender, receiver, amount, tx_id, memo, hash, "
-                 "coalesce(encode(sender_sig, 'hex'), ''), "
-                 "coalesce(encode(receiver_sig, 'hex'), '') FROM jackpay_rows ORDER BY seq")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-        done = subprocess.run([str(find_bindir() / "psql"), "-X", "-q", "-At", "-F", "\x1f",
-                               "-R", "\x1e", "-v", "ON_ERROR_STOP=1", "-d",
-                               self.dsn, "-c", query],
-                              capture_output=True, text=True, timeout=30, env=env, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"psql could not read the ledger: {done.stderr.strip()}")
-        out = [HEADER_LINE]
-        for rec in done.stdout.split("\x1e"):
-            if rec.strip("\n"):
-                f = rec.strip("\n").split("\x1f")
-                out.append(format_line(LedgerRow(
-                    seq=int(f[0]), dtg=f[1], sender=f[2], receiver=f[3], amount=int(f[4]),
-                    tx_id=f[5], memo=f[6], hash=f[7],
-                    sender_sig=bytes.fromhex(f[8]) if f[8] else None,
-                    receiver_sig=bytes.fromhex(f[9]) if f[9] else None)))
-        return "".join(out)
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "ledger.csv"
+            done = subprocess.run(python_module("ledger", "export", "--csv", str(out),
+                                                "--dsn", self.dsn),
+                                  capture_output=True, text=True, timeout=60, env=self.env(),
+                                  check=False)
+            if done.returncode != 0:
+                raise RuntimeError(f"the ledger could not be exported: {done.stderr.strip()}")
+            return out.read_text()
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
