@@ -314,7 +314,8 @@ class _Keys:
         if not s.payer_public(payer_id).exists():
             return
         path = s.payer_retired(payer_id)
-        entries = json.loads(path.read_text()) if path.exists() else []
+        entries = [{"public": keys.raw_public(k).hex(), "until": until}
+                   for until, k in s.load_payer_retired(payer_id)]  # KeyFileError if damaged
         entries.append({"public": keys.raw_public(s.load_payer_public(payer_id)).hex(),
                         "until": self.now.strftime(DTG_FORMAT)})
         self.write(path, (json.dumps(entries, indent=2) + "\n").encode(), "updated")

@@ -140,7 +140,7 @@ class KeyStore:
         (`2026-12-01T10:00:00.000000Z`). Raises KeyFileError for a file that is not that."""
         path = self.payer_retired(payer_id)
         try:
-            entries = json.loads(read_public_file(path))
+            entries = json.loads(read_public_file(path, RETIRED_KEYS_MAX_BYTES))
         except KeyFileError:
             if not path.exists():
                 return []
@@ -244,12 +244,14 @@ def load_ec_private(path: Path) -> ec.EllipticCurvePrivateKey:
 
 
 PUBLIC_KEY_MAX_BYTES = 4096
+RETIRED_KEYS_MAX_BYTES = 1 << 20  # a key's history: ~130 bytes a rotation
 
 
-def read_public_file(path: Path) -> bytes:
+def read_public_file(path: Path, max_bytes: int = PUBLIC_KEY_MAX_BYTES) -> bytes:
     """The bytes of a public key file as a login may trust them: a regular file (not a
     symbolic link, not a FIFO that would block), owned by this user or root, writable by
-    its owner only, at most 4 KiB. Raises KeyFileError saying which rule it broke."""
+    its owner only, at most `max_bytes` (4 KiB: one key). Raises KeyFileError saying
+    which rule it broke."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
@@ -268,9 +270,9 @@ def read_public_file(path: Path) -> bytes:
         if mode & 0o022:
             raise KeyFileError(f"{path} is writable by others (mode {mode:04o}): run  "
                                f"chmod 644 {path}")
-        if st.st_size > PUBLIC_KEY_MAX_BYTES:
+        if st.st_size > max_bytes:
             raise KeyFileError(f"{path} is {st.st_size} bytes, too large for a public key")
-        return os.read(fd, PUBLIC_KEY_MAX_BYTES + 1)
+        return os.read(fd, max_bytes + 1)
     finally:
         os.close(fd)
 

@@ -281,6 +281,28 @@ def test_rotate_a_participant(cfg: NetworkConfig, store: KeyStore) -> None:
     assert mode(store.payer_private("alice")) == 0o600
 
 
+def test_many_rotations_keep_every_retired_key_readable(cfg: NetworkConfig,
+                                                         store: KeyStore) -> None:
+    """A key rotated every month for years: the history grows past the 4 KiB a single
+    public key file may have, and every retired key still loads (`verify --keys` needs
+    them all)."""
+    for _ in range(40):
+        rotate(cfg, ["alice"])
+    assert store.payer_retired("alice").stat().st_size > 4096
+    assert len(store.load_payer_retired("alice")) == 40
+
+
+def test_a_damaged_key_history_stops_a_rotation_with_a_clear_error(
+        cfg: NetworkConfig, store: KeyStore) -> None:
+    from common.keys import KeyFileError
+
+    store.payer_retired("alice").write_text("{not json")
+    before = snapshot(store.root)
+    with pytest.raises(KeyFileError, match=r"alice\.retired\.json"):
+        rotate(cfg, ["alice"])
+    assert snapshot(store.root) == before  # the key was not rotated without its history
+
+
 def test_a_mismatched_pair_is_reported_not_papered_over(cfg: NetworkConfig,
                                                         store: KeyStore) -> None:
     """A --rotate cut off between its two writes leaves halves that do not match: the
