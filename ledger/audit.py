@@ -53,7 +53,6 @@ class MissingKey(JackPayError):
 
 @dataclass(slots=True)
 class AuditCounts:
-    rows: int = 0
     unsigned: int = 0  # before signing began
     ordered: int = 0  # debits of participants signed by them
     issued: int = 0  # debits of `_issuer` signed by the issuer
@@ -93,7 +92,6 @@ class SignatureAudit:
                             "whose signature it carries")
 
     def _add(self, row: LedgerRow) -> None:
-        self.counts.rows += 1
         self._pool_balances(row)
         if self.problem is not None:
             return

@@ -121,8 +121,7 @@ class LedgerServer:
         self._stopping = False
         self.fenced: str | None = None  # why this service may no longer write
         self.on_fenced: asyncio.Event = asyncio.Event()
-        if hasattr(store, "on_fenced"):  # a store that can learn it while idle
-            store.on_fenced = self._stop_writing
+        store.on_fenced = self._stop_writing  # a store can learn it while idle
         self._reads: set[asyncio.Task[None]] = set()
         self._started = time.monotonic()
         self.appends = 0

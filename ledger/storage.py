@@ -19,7 +19,7 @@ Rules every store keeps:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -73,6 +73,9 @@ class LedgerStorage(Protocol):
     """The store behind a ledger service."""
 
     kind: str  # "csv" | "postgresql"
+    # Told (by the store, between appends) that it must not be written again: the index
+    # found damaged, acknowledged rows missing after a failover. Set by the server.
+    on_fenced: Callable[[str], None] | None
 
     @property
     def last_seq(self) -> int: ...

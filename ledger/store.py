@@ -247,9 +247,7 @@ class LedgerStore:
             if created:
                 fsync_dir(self.path.resolve().parent)
         except BaseException:
-            for conn in (reader, db):
-                if conn is not None:
-                    conn.close()
+            self._close(reader, db)
             os.close(fd)
             raise
         self._fd = fd
