@@ -16,7 +16,8 @@ Rules:
 - at most MAX_WAITING checks wait at once (`busy`): beyond, the caller refuses the
   request (`rate_limited`) instead of letting the queue grow;
 - checks queued before `start` wait for it;
-- a missing signature or key fails the check at once, without the thread.
+- a missing signature or key fails the check at once, without the verifier;
+- a verifier that answers nothing for STALL_S while checks wait is killed and replaced.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ from router.verifier import encode_job, verify_raw
 log = logging.getLogger("jackpay.router")
 
 MAX_WAITING = 20_000
+# A verifier that answers nothing for this long while checks wait (stopped, wedged) is
+# killed; the restart sends it every unanswered check again. A full queue takes ~2 s.
+STALL_S = 5.0
 VERIFIER_ARGS = ("-m", "router.verifier")
 Done = Callable[[bool], None]
 _LEN = struct.Struct(">I")
@@ -64,6 +68,8 @@ class PaymentSignatures:
         # Called if a reader ever ends by an exception (common.aio.watch): no signed
         # payment could be answered again.
         self.on_death: Callable[[str], None] | None = None
+        self._progress_at = 0.0  # loop time of the last answer, or of a first job
+        self._watchdog: asyncio.TimerHandle | None = None
 
     def _job(self, signer: str, tag: bytes, row: RowIn, sig: bytes | None
              ) -> tuple[bytes, bytes, bytes] | None:
@@ -75,7 +81,7 @@ class PaymentSignatures:
         return key, sig, payment_bytes(tag, self.network_id, row.sender, row.tx_id,
                                        row.receiver, row.amount, row.memo)
 
-    # --- in the verifier process ------------------------------------------------------
+    # --- checks (answered by the verifier process) -------------------------------------
 
     @property
     def busy(self) -> bool:
@@ -104,6 +110,8 @@ class PaymentSignatures:
         if self._inline:
             done(verify_raw(*job))
             return
+        if not self._pending:
+            self._progress_at = asyncio.get_running_loop().time()
         self._pending.append((encode_job(*job), done))
         self._unsent += 1
         if not self._flush_soon:
@@ -132,10 +140,27 @@ class PaymentSignatures:
             sys.executable, *VERIFIER_ARGS, stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, env=env)
         self._unsent = len(self._pending)  # a new process: every unanswered job again
-        self._reader = asyncio.get_running_loop().create_task(self._read(self._proc))
+        loop = asyncio.get_running_loop()
+        self._reader = loop.create_task(self._read(self._proc))
         if self.on_death is not None:
             watch(self._reader, "the signature verifier's reader", self.on_death)
+        if self._watchdog is None:
+            self._watchdog = loop.call_later(1.0, self._check_stall)
+        self._progress_at = loop.time()
         self._flush()
+
+    def _check_stall(self) -> None:
+        """Once a second: checks waiting and no answer for STALL_S → kill the verifier
+        (the reader starts another, which gets every unanswered check)."""
+        loop = asyncio.get_running_loop()
+        self._watchdog = None if self._stopping else loop.call_later(1.0, self._check_stall)
+        proc = self._proc
+        if (self._pending and not self._inline and proc is not None
+                and proc.returncode is None and loop.time() - self._progress_at > STALL_S):
+            log_event(log, "the signature verifier answered nothing; killing it",
+                      logging.ERROR, waiting=len(self._pending), seconds=STALL_S)
+            self._progress_at = loop.time()
+            proc.kill()
 
     async def _read(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
@@ -143,6 +168,7 @@ class PaymentSignatures:
             data = await proc.stdout.read(65536)
             if not data:
                 break
+            self._progress_at = asyncio.get_running_loop().time()
             for ok in data:
                 _, done = self._pending.popleft()
                 try:
@@ -192,6 +218,9 @@ class PaymentSignatures:
         """Stop the verifier process (the checks still waiting are dropped: the router is
         stopping)."""
         self._stopping = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         proc = self._proc
         if proc is not None and proc.returncode is None:
             if proc.stdin is not None:

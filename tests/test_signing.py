@@ -551,3 +551,36 @@ def test_a_receipt_that_cannot_be_written_whole_leaves_the_others_readable(
     append_proof(path, KeptProof(tx_id="t7", sender="alice", role="paid", seq=7,
                                  hash="a" * 64, head_seq=7, head_hash="b" * 64, sig="c" * 128))
     assert [p.tx_id for _, p in read_proofs(folder)] == ["t1", "t2", "t5", "t7"]
+
+
+async def test_a_verifier_that_stops_answering_is_replaced_and_the_checks_answered(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The verifier is alive but answers nothing (stopped: SIGSTOP; or wedged): after
+    STALL_S it is killed, another is started and the checks that waited are answered —
+    never a payment holding its funds for ever."""
+    import asyncio
+    import signal
+
+    from common.messages import RowIn
+    from router import signatures as sigmod
+
+    monkeypatch.setattr(sigmod, "STALL_S", 0.5)
+    checks = sigmod.PaymentSignatures(NET, _Keys())  # type: ignore[arg-type]
+    row = RowIn(tx_id="t1", sender="alice", receiver="bob", amount=5)
+    good = sign(KEYS["alice"], PAY_TAG, NET, "alice", "t1", "bob", 5, "")
+    answers: list[bool] = []
+    await checks.start()
+    try:
+        proc = checks._proc
+        assert proc is not None
+        proc.send_signal(signal.SIGSTOP)
+        checks.check_order(row, good, answers.append)
+        checks.check_order(row, b"\x00" * 64, answers.append)
+        for _ in range(300):
+            if len(answers) == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert answers == [True, False]
+        assert checks.restarts == 1
+    finally:
+        await checks.aclose()
