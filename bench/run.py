@@ -108,15 +108,16 @@ class Settings:
     store_rounds: int = 3  # --store postgresql: interleaved rounds of csv / postgres / standby
     store_concurrency: int = 256  # the closed loop at saturation
     pgbench_seconds: float = 10.0
+    fsync_seconds: float = 2.0  # the bare fsync measurement
 
 
-QUICK = Settings(payers=20, concurrency=(1, 64), seconds=2.0, open_loop_s=2.0,
+QUICK = Settings(payers=20, concurrency=(1, 64), seconds=1.0, open_loop_s=1.0,
                  idle_sessions=200, rebuild_rows=(20_000,), echo_connections=20,
                  open_rates=(), plugin_rounds=1, plugin_seconds=1.0, metrics_rounds=1,
                  metrics_seconds=1.0, signature_rounds=1,
                  signature_concurrency=(64,), turns_rounds=1, turns_open_rate=500.0,
                  store_rounds=1, store_concurrency=64,
-                 pgbench_seconds=3.0)
+                 pgbench_seconds=3.0, fsync_seconds=0.5)
 
 
 def raise_fd_limit() -> None:
@@ -270,7 +271,8 @@ class Bench:
 
     async def limits(self) -> None:
         task = self.progress.add_task("machine limits", total=5)
-        self.report["fsync"] = await asyncio.to_thread(measure_fsync, str(self.root), 2.0)
+        self.report["fsync"] = await asyncio.to_thread(measure_fsync, str(self.root),
+                                                      self.s.fsync_seconds)
         self.progress.advance(task)
         cfg = self.root / "echo.toml"
         self.write_config(cfg, [], 0, "unused.csv")

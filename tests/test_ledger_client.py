@@ -208,11 +208,7 @@ async def test_the_router_keeps_reconnecting_after_its_ledger_address_spoke_no_t
         server.close()
         await server.wait_closed()
     network.restart("ledger")
-    for _ in range(300):
-        if (await network.inspect()).ledger_connected:
-            break
-        await asyncio.sleep(0.05)
-    assert (await network.inspect()).ledger_connected
+    await network.wait_ledger_connected()
     async with network.client("alice") as alice, network.client("bob"):
         paid = await alice.send_payment("bob", 100, tx_id="after-the-impostor")
     assert paid.seq > 0

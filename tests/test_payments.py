@@ -494,6 +494,7 @@ async def test_ledger_restarted_mid_append_resolves_the_payment_once(network: Ne
     await eventually(lambda: [s.tx_id for s in bob.settled] == ["t-restart"], 15)
     assert (await alice.client.status("t-restart")).state == "paid"
     assert [r["tx_id"] for r in ledger_rows(network)].count("t-restart") == 1
+    await network.wait_ledger_connected()
     assert await alice.pay("bob", 100, "t-after") == "paid"
     assert assert_conserved(network) == {ISSUER: -1500, "alice": 800, "bob": 700}
     await assert_router_agrees(network)

@@ -148,10 +148,7 @@ async def test_a_restarted_router_remembers_the_latest_rows_and_asks_for_older_o
                 await carol.send_payment("bob", 500, tx_id="all-of-it")
             assert unsure.value.code == "ledger_unavailable"
             net.restart("ledger")
-            for _ in range(100):
-                if (await net.inspect()).ledger_connected:
-                    break
-                await asyncio.sleep(0.05)
+            await net.wait_ledger_connected()
             again_spent = await carol.send_payment("bob", 500, tx_id="all-of-it")
             assert again_spent.seq == spent.seq
             with pytest.raises(RequestFailed) as poor:
