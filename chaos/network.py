@@ -271,13 +271,16 @@ class Network:
     async def inspect(self) -> InspectReply:
         return await inspect_router(self.admin_path)
 
-    async def wait_ledger_connected(self, seconds: float = 15.0) -> None:
+    async def wait_ledger_connected(self, seconds: float = 15.0, *, connected: bool = True
+                                    ) -> None:
         """Until the router is connected to its ledger (after a ledger restart the router
-        may still be in its reconnect backoff, answering `ledger_unavailable`)."""
+        may still be in its reconnect backoff, answering `ledger_unavailable`), or with
+        `connected=False` until it has seen it go."""
         deadline = time.monotonic() + seconds
-        while not (await self.inspect()).ledger_connected:
+        while (await self.inspect()).ledger_connected is not connected:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the router did not reconnect to its ledger in {seconds:.0f} s")
+                raise TimeoutError(f"the router's ledger link is not {'up' if connected else 'down'}"
+                                   f" after {seconds:.0f} s")
             await asyncio.sleep(0.05)
 
     async def wait_quiet(self, seconds: float = 10.0) -> InspectReply:

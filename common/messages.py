@@ -239,6 +239,9 @@ class Lookup(Message, tag="lookup", frozen=True):
 class Found(Message, tag="found", frozen=True):
     re: ReqId
     rows: list[LedgerRow]  # those of the keys the ledger has, in seq order
+    # The ledger's latest signed chain head (absent before its first seal, or when it
+    # does not seal): a receipt of each row at or before its head_seq.
+    seal: Seal | None = None
 
 
 class Balances(Message, tag="balances", frozen=True):

@@ -128,6 +128,7 @@ class LedgerServer:
         self._slow_logged_at = -1.0e9  # `slow fsync` lines: at most one a second
         self._slow_unlogged = 0
         self._sealer = Signer(access.sealer) if access.sealer is not None else None
+        self._last_seal: Seal | None = None  # of a durable head: what `found` carries
         # For the metrics (common/metrics.py): observed per batch, read at scrape time.
         self.fsync_seconds = Histogram()
         self.batch_rows = Histogram(BUCKETS_ROWS)
@@ -137,6 +138,7 @@ class LedgerServer:
 
     async def start(self) -> tuple[str, int]:
         access = self.access
+        self._last_seal = self._seal()  # the head the store opened at is durable
         self._server = await start_channel_server(
             self._on_connect, _DECODER, self.host, self.port, name="client",
             max_frame_bytes=self.max_frame_bytes, tls=access.tls,
@@ -335,7 +337,10 @@ class LedgerServer:
             reply: Message
             if isinstance(msg, Lookup):
                 found = await self.store.lookup((k.sender, k.tx_id) for k in msg.keys)
-                reply = Found(re=msg.id, rows=sorted(found.values(), key=lambda r: r.seq))
+                # The latest seal, of a durable head: a receipt of each row at or before
+                # it (a row of the batch being written is newer; it gets none).
+                reply = Found(re=msg.id, rows=sorted(found.values(), key=lambda r: r.seq),
+                              seal=self._last_seal if found else None)
             else:
                 limit = msg.limit
                 while True:
@@ -475,6 +480,8 @@ class LedgerServer:
                 self._note_slow_fsync(out.durable_us, len(out.written))
         last_seq = store.last_seq
         seal = self._seal() if failure is None else None
+        if seal is not None:
+            self._last_seal = seal
         for q, res in zip(batch, out.resolutions, strict=True):
             # After a failed write, a request fails if any of its answers names a row of
             # this batch: its own new rows, and also a `duplicate` or `conflict` resolved

@@ -241,8 +241,11 @@ class LedgerClient:
     async def lookup(self, keys: list[tuple[str, str]]) -> list[LedgerRow]:
         """The rows the ledger has of these (sender, tx_id) payments (at most
         MAX_APPEND_ROWS keys). Raises LedgerUnavailable."""
-        reply = await self._query(Lookup(id=0, keys=[TxKey(s, t) for s, t in keys]), Found)
-        return reply.rows
+        return (await self.find(keys)).rows
+
+    async def find(self, keys: list[tuple[str, str]]) -> Found:
+        """`lookup`, with the ledger's latest seal (a receipt of each row it covers)."""
+        return await self._query(Lookup(id=0, keys=[TxKey(s, t) for s, t in keys]), Found)
 
     async def balances(self, after: str = "", limit: int = 1000) -> BalancesReply:
         """One page of the ledger's balances. Raises LedgerUnavailable."""

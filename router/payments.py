@@ -52,6 +52,7 @@ from common.messages import (
     Receipt,
     Reject,
     RowIn,
+    Seal,
     Settled,
 )
 from common.metrics import Histogram
@@ -432,7 +433,16 @@ class Pipeline:
 
     def _known(self, record: TxRecord, reply: Reply) -> Outcome | None:
         if record.state is TxState.PAID:
-            return Outcome(record.tx_id, seq=record.seq, dtg=record.dtg)
+            paid = Outcome(record.tx_id, seq=record.seq, dtg=record.dtg)
+            if (self.signatures is None or not self.ledger.connected
+                    or len(self._lookups) >= MAX_LOOKUPS):
+                return paid  # no receipt to give (or not now): paid stands without one
+            task = asyncio.get_running_loop().create_task(
+                self._answer_with_receipt(record.params.sender, paid, reply),
+                name=f"receipt:{record.tx_id}")
+            self._lookups.add(task)
+            task.add_done_callback(self._lookups.discard)
+            return None
         if record.state is TxState.FAILED:
             code = ErrorCode(record.code or ErrorCode.INTERNAL_ERROR)
             return Outcome(record.tx_id, code, f"tx_id {record.tx_id} already failed: {code.doc}")
@@ -787,6 +797,22 @@ class Pipeline:
             return
         p.answer(a.outcome)
 
+    async def _answer_with_receipt(self, sender: str, paid: Outcome, reply: Reply) -> None:
+        """A `pay` of a payment already paid (its first `paid` lost): the answer carries
+        the ledger's receipt of its row, as the first did. If the ledger cannot give one
+        now, `paid` goes without it (the same `pay` asks again)."""
+        proof = None
+        try:
+            found = await self.ledger.find([(sender, paid.tx_id)])
+            row = found.rows[0] if found.rows else None
+            if row is not None and row.seq == paid.seq and found.seal is not None:
+                proof = ledger_proof(row.seq, row.hash, found.seal)
+        except LedgerUnavailable as exc:
+            log_event(log, "no receipt for a paid payment asked again", tx_id=paid.tx_id,
+                      sender=sender, error=str(exc))
+        finally:  # also when cancelled (the router stopping): paid is the answer
+            reply(msgspec.structs.replace(paid, proof=proof))
+
     async def _settle_maybe_old(self, p: Payment) -> None:
         """A payment the router did not know failed before its row was written: if the
         ledger has that (sender, tx_id) from before the start, it was paid then (answer
@@ -796,7 +822,7 @@ class Pipeline:
         failure = next(a for a in deferred if isinstance(a, RecordFailure))
         answers = [a for a in deferred if isinstance(a, Answer)]
         try:
-            rows = await self.ledger.lookup([(p.sender, p.tx_id)])
+            found = await self.ledger.find([(p.sender, p.tx_id)])
         except LedgerUnavailable as exc:
             self.book.txs.forget_pending(p.sender, p.tx_id)
             self._log_failure(p.request, p.receiver, ErrorCode.LEDGER_UNAVAILABLE,
@@ -806,7 +832,7 @@ class Pipeline:
                              f"{failure.message}; the ledger could not confirm that this "
                              "tx_id is new: retry the same tx_id"))
             return
-        row = rows[0] if rows else None
+        row = found.rows[0] if found.rows else None
         if row is None:
             self._record_failure(p, failure)
             for a in answers:
@@ -820,7 +846,8 @@ class Pipeline:
             log_event(log, "payment", tx_id=p.tx_id, sender=p.sender, receiver=row.receiver,
                       amount=format_amount(row.amount), outcome="paid", seq=row.seq,
                       found="ledger")
-            p.answer(Outcome(p.tx_id, seq=row.seq, dtg=row.dtg))
+            proof = None if found.seal is None else ledger_proof(row.seq, row.hash, found.seal)
+            p.answer(Outcome(p.tx_id, seq=row.seq, dtg=row.dtg, proof=proof))
             return
         self._record_failure(p, RecordFailure(ErrorCode.TX_ID_CONFLICT, failure.step,
                                               "tx_id used before for another payment"))
@@ -919,14 +946,21 @@ def _ask(hook: Callable[[PaymentRequest], T], request: PaymentRequest) -> T:
                             f"plug-in {exc.plugin} failed on this payment") from None
 
 
+def ledger_proof(seq: int, row_hash: str, seal: Seal) -> LedgerProof | None:
+    """A payer's receipt of row `seq` (hash `row_hash`): the ledger's signed head, when it
+    is at or after that row (else it does not cover it: None)."""
+    if seal.head_seq < seq:
+        return None
+    return LedgerProof(seq=seq, hash=row_hash, head_seq=seal.head_seq,
+                       head_hash=seal.head_hash, sig=seal.sig)
+
+
 def _appended(result: AppendResult | BaseException) -> Event:
     """The ledger's answer to a one-leg append, as a core event."""
     if type(result) is AppendResult:
         if result.status != "conflict":  # written, or a duplicate: durable
             seal = result.seal
-            proof = None if seal is None else LedgerProof(
-                seq=result.seq, hash=result.hash, head_seq=seal.head_seq,
-                head_hash=seal.head_hash, sig=seal.sig)
+            proof = None if seal is None else ledger_proof(result.seq, result.hash, seal)
             return LedgerAnswered(LedgerAnswer.WRITTEN, ((result.seq, result.dtg),),
                                   proof=proof)
         return LedgerAnswered(LedgerAnswer.CONFLICT)

@@ -157,6 +157,43 @@ async def pay_keeping_receipts(network: Network, tmp_path: Path, n: int
     return kept, paid, bob
 
 
+async def test_a_retried_pay_gets_the_ledgers_receipt_too(network: Network,
+                                                          tmp_path: Path) -> None:
+    """A payer whose `paid` was lost sends the same `pay` again: the answer (from the
+    router's record) carries the ledger's receipt of that row, as the first did — also
+    after the router and the ledger restarted — and `verify --receipts` holds it."""
+    kept, first, _bob = await pay_keeping_receipts(network, tmp_path, 2)
+    assert first.proof is not None
+    again = await network_client_pay(network, "alice", "t1", 101)
+    network.stop_all()
+    network.start_ledger()
+    network.start_router()
+    after_restart = await network_client_pay(network, "alice", "t1", 101)
+    for paid in (again, after_restart):
+        assert paid.seq == first.seq
+        assert paid.proof is not None, "a retried pay was answered without a receipt"
+        assert (paid.proof.seq, paid.proof.hash) == (first.proof.seq, first.proof.hash)
+        assert paid.proof.head_seq >= paid.seq
+    # The ledger away: still `paid` (the router's record), without a receipt for now.
+    network.procs["ledger"].stop()
+    await network.wait_ledger_connected(connected=False)
+    unsealed = await network_client_pay(network, "alice", "t1", 101)
+    assert (unsealed.seq, unsealed.proof) == (first.seq, None)
+    with (kept / "alice.jsonl").open("ab") as f:
+        for paid in (again, after_restart):
+            assert paid.proof is not None
+            f.write(proof_line(KeptProof.of(paid.proof, "t1", "alice", "paid")))
+    network.stop_all()
+    done = verify_cli(network, "--keys", str(network.config_path), "--receipts", str(kept))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "4 receipts of the ledger hold" in done.stdout
+
+
+async def network_client_pay(network: Network, payer: str, tx_id: str, amount: int) -> Paid:
+    async with network.client(payer) as client:
+        return await client.send_payment("bob", amount, "", tx_id)
+
+
 async def test_receipts_kept_by_payers_find_a_row_deleted_with_the_chain_recomputed(
         network: Network, tmp_path: Path) -> None:
     """The ledger seals its chain head in every `paid` and `settled`; a payer keeps those

@@ -22,6 +22,7 @@ from common.messages import (
     Found,
     LedgerRow,
     Lookup,
+    Paid,
     TxKey,
 )
 from router.book import Book
@@ -109,6 +110,13 @@ async def test_the_ledger_answers_balances_page_by_page_and_lookups(tmp_path: Pa
         net.stop_all()
 
 
+def assert_receipt(paid: Paid) -> None:
+    """Every `paid` of a sealing ledger carries a receipt of its row, however the router
+    learnt the outcome (the append, its record, the ledger asked)."""
+    assert paid.proof is not None, f"paid {paid.tx_id} without the ledger's receipt"
+    assert paid.proof.seq == paid.seq <= paid.proof.head_seq
+
+
 async def test_a_restarted_router_remembers_the_latest_rows_and_asks_for_older_ones(
         tmp_path: Path) -> None:
     net = Network(tmp_path, participants={"alice": "100.00", "bob": "5.00", "carol": "5.00"},
@@ -130,8 +138,10 @@ async def test_a_restarted_router_remembers_the_latest_rows_and_asks_for_older_o
         async with net.client("alice") as alice, net.client("bob"):
             again = await alice.send_payment("bob", 100, tx_id="old-1")  # older than kept
             assert (again.seq, again.dtg) == (first.seq, first.dtg)
+            assert_receipt(again)
             recent = await alice.send_payment("bob", 100, tx_id="new-3")  # kept in memory
             assert recent.seq == 9
+            assert_receipt(recent)  # answered from the router's record
             with pytest.raises(RequestFailed) as conflict:
                 await alice.send_payment("bob", 999, tx_id="old-1")
             assert conflict.value.code == "tx_id_conflict"
@@ -140,6 +150,7 @@ async def test_a_restarted_router_remembers_the_latest_rows_and_asks_for_older_o
         async with net.client("alice") as alice:  # bob offline: the re-run fails...
             offline = await alice.send_payment("bob", 100, tx_id="new-0")
             assert offline.seq == 6  # ...and the ledger, asked before it is answered, says paid
+            assert_receipt(offline)
         async with net.client("carol") as carol, net.client("bob"):
             # carol could not pay it now (insufficient funds): the router asks the ledger
             # before it answers a failure, and the old payment is paid, once.
@@ -151,6 +162,7 @@ async def test_a_restarted_router_remembers_the_latest_rows_and_asks_for_older_o
             await net.wait_ledger_connected()
             again_spent = await carol.send_payment("bob", 500, tx_id="all-of-it")
             assert again_spent.seq == spent.seq
+            assert_receipt(again_spent)  # sealed by the restarted ledger
             with pytest.raises(RequestFailed) as poor:
                 await carol.send_payment("bob", 500, tx_id="never-made")
             assert poor.value.code == "insufficient_funds"
