@@ -388,7 +388,8 @@ class Reject(Message, tag="reject", frozen=True):
 
 class Settled(Message, tag="settled", frozen=True):
     """Router → receiver: the payment (`from`, `tx_id`) is in the ledger; `balance` is
-    the receiver's now."""
+    the receiver's now. `amount` and `memo` are the offer's again: a receiver that
+    restarted since the offer still knows what it received."""
 
     id: ReqId
     tx_id: TxId
@@ -396,6 +397,8 @@ class Settled(Message, tag="settled", frozen=True):
     seq: Seq
     balance: Balance
     proof: LedgerProof | None = None  # the ledger's receipt (absent for older payments)
+    amount: Amount | None = None  # None only from routers before this field
+    memo: Memo = ""
 
 
 class Cancel(Message, tag="cancel", frozen=True):
@@ -405,6 +408,7 @@ class Cancel(Message, tag="cancel", frozen=True):
     tx_id: TxId
     sender: AccountId = msgspec.field(name="from")
     code: str
+    amount: Amount | None = None  # the offer's (None only from routers before this field)
 
 
 class Ack(Message, tag="ack", frozen=True):

@@ -334,20 +334,24 @@ class PayerDaemon:
             self.keep(KeptProof.of(msg.proof, msg.tx_id, msg.sender, "settled"))
         offer = self.offers.pop((msg.sender, msg.tx_id), None)
         sender = msg.sender
-        amount = offer.amount if offer else 0
+        # The router says what was paid; the offer (if this daemon still has it) is the
+        # fallback for a router that does not.
+        amount = msg.amount if msg.amount is not None else offer.amount if offer else None
+        memo = msg.memo if msg.amount is not None else offer.memo if offer else ""
         self.received += 1
         log_event(log, "payment received", tx_id=msg.tx_id, sender=sender,
-                  amount=format_amount(amount) if offer else None, outcome="settled",
+                  amount=None if amount is None else format_amount(amount), outcome="settled",
                   seq=msg.seq, balance=format_amount(msg.balance))
-        self.emit(Event(kind="settled", tx_id=msg.tx_id, peer=sender, amount=amount,
-                        memo=offer.memo if offer else "", balance=msg.balance, seq=msg.seq))
+        self.emit(Event(kind="settled", tx_id=msg.tx_id, peer=sender, amount=amount or 0,
+                        memo=memo, balance=msg.balance, seq=msg.seq))
 
     async def _on_cancel(self, msg: Cancel) -> None:
         offer = self.offers.pop((msg.sender, msg.tx_id), None)
+        amount = msg.amount if msg.amount is not None else offer.amount if offer else None
         log_event(log, "offer cancelled", tx_id=msg.tx_id, sender=msg.sender,
-                  amount=format_amount(offer.amount) if offer else None, code=msg.code)
-        self.emit(Event(kind="cancel", tx_id=msg.tx_id, peer=msg.sender,
-                        amount=offer.amount if offer else 0, code=msg.code))
+                  amount=None if amount is None else format_amount(amount), code=msg.code)
+        self.emit(Event(kind="cancel", tx_id=msg.tx_id, peer=msg.sender, amount=amount or 0,
+                        code=msg.code))
 
     # --- outgoing ------------------------------------------------------------------
 

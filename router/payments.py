@@ -749,7 +749,8 @@ class Pipeline:
 
         rid = ch.next_id()
         ch.send_nowait(Settled(id=rid, tx_id=tx_id, sender=p.sender, seq=a.seq, proof=a.proof,
-                               balance=self.book.accounts.balance(payee)))
+                               balance=self.book.accounts.balance(payee), amount=p.amount,
+                               memo=p.legs[-1].memo))
         self._unacked += 1
         ch.expect_reply(rid, self.cfg.settle_timeout_s, acked)
 
@@ -758,12 +759,12 @@ class Pipeline:
         if session is None:
             return
         channel = session.channel
-        tx_id, sender, payee = p.tx_id, p.sender, a.payee
+        tx_id, sender, payee, amount = p.tx_id, p.sender, a.payee, p.amount
 
         async def send() -> None:
             try:
                 await channel.request(Cancel(id=0, tx_id=tx_id, sender=sender,
-                                             code=a.code.value),
+                                             code=a.code.value, amount=amount),
                                       timeout=self.cfg.settle_timeout_s)
             except (TimeoutError, ConnectionLost, RequestFailed) as exc:
                 log_event(log, "receiver did not ack cancel", tx_id=tx_id,

@@ -536,6 +536,28 @@ async def test_daemon_resync_keeps_a_fresh_offer_for_the_same_tx_id(tmp_path: Pa
             and "sender=alice" in ln and "amount=1.00" in ln], lines
 
 
+async def test_a_restarted_daemon_reports_what_it_received(tmp_path: Path) -> None:
+    """The offer was taken by a daemon that has since restarted: the router's `settled`
+    and `cancel` still say what was paid (not 0.00 and an empty memo)."""
+    fake = await FakeRouter({"alice": 10_000, "bob": 0, "carol": 0}, tmp_path).start()
+    config = write_config(tmp_path, fake.port)
+    bob = await Daemon.start(config, "bob")  # never saw these offers
+    try:
+        ch = fake.sessions["bob"]
+        await ch.request(Settled(id=0, tx_id="x1", sender="alice", seq=1, balance=250,
+                                 amount=250, memo="rent"), timeout=5)
+        await ch.request(Cancel(id=0, tx_id="x2", sender="carol", code="ledger_write_failed",
+                                amount=75), timeout=5)
+    finally:
+        assert await bob.stop() == 0
+        await fake.stop()
+    lines = (tmp_path / "bob.log").read_text().splitlines()
+    assert [ln for ln in lines if "payment received" in ln and "tx_id=x1" in ln
+            and "amount=2.50" in ln], lines
+    assert [ln for ln in lines if "offer cancelled" in ln and "tx_id=x2" in ln
+            and "amount=0.75" in ln], lines
+
+
 async def test_daemon_waits_for_router_then_ready(tmp_path: Path) -> None:
     # Reserve a port, start the daemon with nothing listening there, then start the router.
     probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)

@@ -188,6 +188,7 @@ async def assert_failed_cleanly(net: Network, alice: Peer, code: str, *, to: str
         assert [o.tx_id for o in offered.offers] == [tx_id]
         await eventually(lambda: [c.tx_id for c in offered.cancels] == [tx_id])
         assert offered.cancels[0].code == code
+        assert offered.cancels[0].amount == amount
     status = await alice.client.status(tx_id)
     assert status.state == "failed"
     assert status.code == code
@@ -217,6 +218,7 @@ async def test_success_moves_money_once_and_settles(network: Network) -> None:
     await eventually(lambda: [s.tx_id for s in bob.settled] == ["t-ok"])
     assert bob.settled[0].balance == 750
     assert bob.settled[0].seq == paid.seq
+    assert (bob.settled[0].amount, bob.settled[0].memo) == (250, "lunch")  # the offer's
     assert assert_conserved(network) == {ISSUER: -1500, "alice": 750, "bob": 750}
     await assert_router_agrees(network)
     history = await bob.client.history()
