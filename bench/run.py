@@ -111,10 +111,10 @@ class Settings:
     fsync_seconds: float = 2.0  # the bare fsync measurement
 
 
-QUICK = Settings(payers=20, concurrency=(1, 64), seconds=1.0, open_loop_s=1.0,
+QUICK = Settings(payers=20, concurrency=(1, 64), seconds=0.5, open_loop_s=0.5,
                  idle_sessions=200, rebuild_rows=(20_000,), echo_connections=20,
-                 open_rates=(), plugin_rounds=1, plugin_seconds=1.0, metrics_rounds=1,
-                 metrics_seconds=1.0, signature_rounds=1,
+                 open_rates=(), plugin_rounds=1, plugin_seconds=0.5, metrics_rounds=1,
+                 metrics_seconds=0.5, signature_rounds=1,
                  signature_concurrency=(64,), turns_rounds=1, turns_open_rate=500.0,
                  store_rounds=1, store_concurrency=64,
                  pgbench_seconds=3.0, fsync_seconds=0.5)
