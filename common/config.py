@@ -26,6 +26,8 @@ PerSecond = Annotated[float, msgspec.Meta(gt=0, le=1_000_000)]
 # goes into every signed transcript, so it must be printable the same way everywhere.
 NETWORK_ID_PATTERN = r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$"
 NetworkId = Annotated[str, msgspec.Meta(pattern=NETWORK_ID_PATTERN)]
+# A file or folder name: no NUL (the OS cannot take one), at most 4096 bytes or so.
+PathText = Annotated[str, msgspec.Meta(pattern=r"^[^\x00]*$", max_length=4096)]
 
 
 class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -37,16 +39,16 @@ class NetworkSection(_Section):
     where its keys live (relative to the config file's folder)."""
 
     id: NetworkId
-    keys_dir: str = "keys"
+    keys_dir: PathText = "keys"
     # The participants added and suspended at run time (common.participants); the router
     # writes it, every tool reads it with the config.
-    participants_file: str = "participants.json"
+    participants_file: PathText = "participants.json"
 
 
 class LedgerConfig(_Section):
     host: str = "127.0.0.1"
     port: Port = 7300
-    path: str = "ledger.csv"
+    path: PathText = "ledger.csv"
     max_frame_bytes: Annotated[int, msgspec.Meta(ge=1024, le=16 * 1024 * 1024)] = DEFAULT_MAX_FRAME_BYTES
     max_batch_rows: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 4096
     # A connection must finish TLS and `hello` within this time, or it is closed.
@@ -77,7 +79,7 @@ class LedgerConfig(_Section):
 class RouterConfig(_Section):
     host: str = "127.0.0.1"
     port: Port = 7400
-    admin_socket: str = "router-admin.sock"
+    admin_socket: PathText = "router-admin.sock"
     max_frame_bytes: Annotated[int, msgspec.Meta(ge=1024, le=16 * 1024 * 1024)] = DEFAULT_MAX_FRAME_BYTES
     freshness_window_s: Seconds = 2.0
     ping_timeout_s: Seconds = 1.0
@@ -104,7 +106,7 @@ class RouterConfig(_Section):
     # answer `route` and `validate`. Installed but unnamed plug-ins are never loaded.
     plugins: list[str] = msgspec.field(default_factory=list)
     plugin_tick_s: Seconds = 0.2  # how often plug-ins may ask for system payments
-    plugin_state_dir: str = "plugins"  # one folder per plug-in for its durable state
+    plugin_state_dir: PathText = "plugins"  # one folder per plug-in for its durable state
     # Check the live book against a replay of the ledger this often (0: only on demand,
     # `jackpay-router reconcile`); differences are logged as errors.
     reconcile_every_s: Annotated[float, msgspec.Meta(ge=0, le=86_400)] = 0.0
@@ -117,12 +119,12 @@ class RouterConfig(_Section):
 
 
 class PayerConfig(_Section):
-    control_dir: str = "."
+    control_dir: PathText = "."
     reconnect_max_s: Seconds = 2.0
     request_timeout_s: Seconds = 20.0
     # The ledger's receipts of every paid and settled payment, one JSON-lines file per
     # payer (`<id>.jsonl`): what `jackpay-ledger verify --receipts` checks a ledger against.
-    receipts_dir: str = "receipts"
+    receipts_dir: PathText = "receipts"
 
 
 class NetworkConfig(_Section):
@@ -141,6 +143,11 @@ class NetworkConfig(_Section):
             if p.id in seen:
                 raise ValueError(f"participant id {p.id!r} appears twice")
             seen.add(p.id)
+        listed: set[str] = set()
+        for name in self.router.plugins:
+            if name in listed:
+                raise ValueError(f"[router] plugins: plug-in {name!r} is listed twice")
+            listed.add(name)
         for name in self.plugins:
             if name not in self.router.plugins:
                 raise ValueError(f"[plugins.{name}] is configured but {name!r} is not in "
@@ -199,6 +206,12 @@ def load_config(path: str | Path, *, with_changes: bool = True) -> NetworkConfig
 
 
 def parse_config(data: bytes | str, *, source: str = "<config>", base_dir: str = ".") -> NetworkConfig:
+    if isinstance(data, bytes):
+        try:
+            data = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{source}: not UTF-8 text (byte {exc.start} is "
+                              f"{data[exc.start:exc.start + 1]!r}): save it as UTF-8") from None
     try:
         cfg = msgspec.toml.decode(data, type=NetworkConfig)
     except msgspec.ValidationError as exc:

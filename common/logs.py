@@ -154,6 +154,10 @@ def _block_buffered_stderr() -> TextIO | None:
                 closefd=False)
 
 
+# `--log-level` of the services (argparse `choices`, any case).
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 def setup_logging(*, json_lines: bool = False, level: str = "INFO") -> None:
     # Fields no formatter here uses; skipping them makes each record cheaper
     # (the logging HOWTO's "Optimization" section).

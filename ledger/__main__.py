@@ -32,7 +32,7 @@ from common.aio import run
 from common.config import LedgerConfig, NetworkConfig, load_config, server_limits
 from common.errors import ConfigError
 from common.keys import LEDGER_SIGNER, KeyStore
-from common.logs import log_event, setup_logging
+from common.logs import LOG_LEVELS, log_event, setup_logging
 from common.metrics import serve_metrics
 from common.procs import print_ready
 from common.tls import refuse_plain_off_loopback, server_context
@@ -61,7 +61,7 @@ def _serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--path", help="ledger CSV file (overrides the config)")
     p.add_argument("--dsn", help="PostgreSQL store at this URI (overrides the config's store)")
     p.add_argument("--log-json", action="store_true", help="log JSON lines instead of text")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS)
     # No TLS, no client certificates: for the benchmark's comparison run only.
     p.add_argument("--plain-benchmark-only", action="store_true", help=argparse.SUPPRESS)
     add_version(p)

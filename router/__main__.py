@@ -27,7 +27,7 @@ from pathlib import Path
 from common.aio import run
 from common.config import NetworkConfig, load_config
 from common.errors import ConfigError
-from common.logs import log_event, setup_logging
+from common.logs import LOG_LEVELS, log_event, setup_logging
 from common.procs import print_ready
 from common.tls import refuse_plain_off_loopback
 from common.version import add_version
@@ -44,7 +44,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--port", type=int, help="listen port, 0 for any (default: [router] port)")
     ap.add_argument("--ledger", metavar="HOST:PORT", help="ledger address (default: [ledger])")
     ap.add_argument("--log-json", action="store_true", help="log JSON lines on stderr")
-    ap.add_argument("--log-level", default="INFO")
+    ap.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS)
     # No TLS and no login: for the benchmark's comparison run only.
     ap.add_argument("--plain-benchmark-only", action="store_true", help=argparse.SUPPRESS)
     # TLS and login, but payments' signatures not checked: the benchmark's comparison only.

@@ -152,6 +152,12 @@ class AdminServer:
         except OperatorRefused as exc:
             ch.reply_error(msg.id, exc.code, str(exc))
             return
+        except Exception as exc:  # a bug: the operator gets an answer, the router serves on
+            log.exception("%s failed", type(msg).__name__)
+            ch.reply_error(msg.id, ErrorCode.INTERNAL_ERROR,
+                           f"the router failed this request ({type(exc).__name__}: {exc}); "
+                           "see its log")
+            return
         if not ch.closed:
             ch.send_nowait(reply)
 

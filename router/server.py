@@ -589,6 +589,8 @@ class RouterService:
                 await self.participant_ops.reload()
             except OperatorRefused as exc:
                 log_event(log, "reload refused", logging.ERROR, error=str(exc))
+            except Exception:  # a bug: logged once, the router serves on
+                log.exception("reload failed")
 
         self.admin.spawn(reload())
 

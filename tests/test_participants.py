@@ -265,6 +265,16 @@ async def test_reload_adds_participants_and_keeps_payments_in_flight(tmp_path: P
             capture_output=True, text=True, cwd=REPO_ROOT, env=net.env(), timeout=60)
         assert bad.returncode == 1
         assert "nothing reloaded" in bad.stderr
+        # Saved in Latin-1: refused the same way (it was a traceback in the router's log
+        # and 15 s of silence for the CLI).
+        net.config_path.write_bytes(net.config_path.read_bytes().replace(
+            b'id = 3', b'id = "zo\xe9"'))
+        bad = await asyncio.to_thread(subprocess.run, [
+            sys.executable, "-m", "router", "reload", "--admin", net.admin_path],
+            capture_output=True, text=True, cwd=REPO_ROOT, env=net.env(), timeout=60)
+        assert bad.returncode == 1
+        assert "not UTF-8" in bad.stderr
+        assert "nothing reloaded" in bad.stderr
         net.write_config(ledger_port=ledger_port)
         assert set(await listing(net)) == {"alice", "bob", "frank", "gina"}
         state = await net.wait_quiet()
