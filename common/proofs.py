@@ -19,26 +19,30 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from common.files import write_all
-from common.messages import LedgerProof
+from common.messages import AccountId, LedgerProof, Seq, TxId
 from common.signing import head_bytes
+
+_HEX64 = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]
 
 
 class KeptProof(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    tx_id: str
-    sender: str
+    # Checked as on the wire: an auditor prints these, so a garbled file cannot put
+    # control characters (or a forged "OK" line) on the terminal.
+    tx_id: TxId
+    sender: AccountId
     role: Literal["paid", "settled"]
-    seq: int
-    hash: str
-    head_seq: int
-    head_hash: str
-    sig: str  # hex
+    seq: Seq
+    hash: _HEX64
+    head_seq: Seq
+    head_hash: _HEX64
+    sig: Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{128}$")]  # hex
 
     @classmethod
     def of(cls, proof: LedgerProof, tx_id: str, sender: str,
@@ -80,12 +84,22 @@ def _last_line_end(path: Path) -> int:
     return data.rfind(b"\n") + 1
 
 
-def read_proofs(folder: Path) -> list[tuple[str, KeptProof]]:
-    """Every receipt in the `*.jsonl` files of `folder`, with where it was read ("FILE:LINE").
-    A last line without its newline (torn by a crash: never a whole receipt) is left out.
-    Raises ValueError naming a line that is not a receipt, OSError."""
+def read_proofs(where: Path) -> list[tuple[str, KeptProof]]:
+    """Every receipt in the `*.jsonl` files of folder `where` (or in the one file `where`),
+    with where it was read ("FILE:LINE"). A last line without its newline (torn by a
+    crash: never a whole receipt) is left out. Raises ValueError naming a line that is not
+    a receipt, or a path with no receipts file (an audit that checked nothing is not an
+    OK); OSError."""
+    if where.is_dir():
+        files = sorted(where.glob("*.jsonl"))
+        if not files:
+            raise ValueError(f"no receipts (*.jsonl) in {where}")
+    elif where.is_file():
+        files = [where]
+    else:
+        raise ValueError(f"{where}: no receipts folder or file there")
     out: list[tuple[str, KeptProof]] = []
-    for path in sorted(folder.glob("*.jsonl")):
+    for path in files:
         data = path.read_bytes()
         lines = data.split(b"\n")
         for n, line in enumerate(lines, 1):

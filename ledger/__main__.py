@@ -89,9 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         vp.add_argument("--keys", metavar="CONFIG",
                         help="also check every row's signatures against the public keys of "
                              "the participants of this network config")
-        vp.add_argument("--receipts", metavar="DIR", type=Path,
+        vp.add_argument("--receipts", metavar="DIR|FILE", type=Path,
                         help="also hold the ledger against the receipts of it kept by "
-                             "payers (*.jsonl in DIR); needs --keys (the ledger's key)")
+                             "payers (*.jsonl in DIR, or one such file); needs --keys "
+                             "(the ledger's key)")
         vargs = vp.parse_args(args_list[1:])
         audit = receipts = None
         if vargs.receipts and not vargs.keys:

@@ -208,6 +208,22 @@ async def test_receipts_kept_by_payers_find_a_row_deleted_with_the_chain_recompu
     done = verify_cli(network, *keys)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "4 receipts of the ledger hold" in done.stdout
+    # One payer's file works as well as the folder; a path with no receipts is an error,
+    # never an OK that checked nothing; a line naming a payer no id can be is not a receipt.
+    one = verify_cli(network, *keys[:2], "--receipts", str(kept / "alice.jsonl"))
+    assert "4 receipts of the ledger hold" in one.stdout, one.stdout
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "garbled").mkdir()
+    line = (kept / "alice.jsonl").read_bytes().splitlines()[0].replace(
+        b'"sender":"alice"', b'"sender":"al\\u001b[31mice\\nOK fake"')
+    (tmp_path / "garbled" / "x.jsonl").write_bytes(line + b"\n")
+    for where, says in ((tmp_path / "nowhere", "no receipts folder or file"),
+                        (tmp_path / "empty", "no receipts (*.jsonl)"),
+                        (tmp_path / "garbled", "x.jsonl:1: not a receipt")):
+        refused = verify_cli(network, *keys[:2], "--receipts", str(where))
+        assert refused.returncode == 2, refused.stdout
+        assert says in refused.stdout
+        assert "\x1b" not in refused.stdout
     # Delete alice's second payment (row 4: two openings first) and recompute the chain.
     rows = [parse_line(line) for line in network.ledger_csv().splitlines()[1:]]
     del rows[3]
