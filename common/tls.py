@@ -61,6 +61,8 @@ def _load_chain(ctx: ssl.SSLContext, store: KeyStore, name: str) -> None:
     except ssl.SSLError as exc:
         raise KeyFileError(f"{cert} and {key} are not a usable certificate and key "
                            f"({exc.reason or exc}); run `jackpay-keys CONFIG`") from None
+    except OSError as exc:  # a folder in its place, no permission
+        raise KeyFileError(f"cannot read {cert} or {key}: {exc.strerror or exc}") from None
 
 
 def _load_ca(ctx: ssl.SSLContext, store: KeyStore) -> None:
@@ -71,6 +73,8 @@ def _load_ca(ctx: ssl.SSLContext, store: KeyStore) -> None:
     except ssl.SSLError as exc:
         raise KeyFileError(f"{store.ca_cert} is not a CA certificate ({exc.reason or exc})"
                            ) from None
+    except OSError as exc:  # a folder in its place, no permission
+        raise KeyFileError(f"cannot read {store.ca_cert}: {exc.strerror or exc}") from None
 
 
 def server_context(store: KeyStore, name: str, *, client_certs: bool = False) -> ssl.SSLContext:

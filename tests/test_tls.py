@@ -9,7 +9,7 @@ import pytest
 
 from common.config import load_config
 from common.keygen import ensure_keys
-from common.keys import KeyStore
+from common.keys import KeyFileError, KeyStore
 from common.tls import TlsFailed, TlsSession, client_tls, server_context
 
 
@@ -119,3 +119,14 @@ def test_plaintext_is_not_tls(store: KeyStore) -> None:
     server = TlsSession(server_context(store, "router"), server_side=True)
     with pytest.raises(TlsFailed, match="not TLS"):
         server.receive(b"\x00\x00\x00\x10" + b"x" * 16)
+
+
+@pytest.mark.parametrize("which", ["ca.crt", "router.crt"])
+def test_a_folder_where_a_certificate_should_be_is_named(tmp_path: Path, which: str) -> None:
+    """Not a traceback (IsADirectoryError): the file, and why it cannot be read."""
+    store = store_for(tmp_path)
+    cert = store.ca_cert if which == "ca.crt" else store.cert("router")
+    cert.unlink()
+    cert.mkdir()
+    with pytest.raises(KeyFileError, match=rf"cannot read .*{which}.*Is a directory"):
+        server_context(store, "router", client_certs=True)
