@@ -111,13 +111,17 @@ def _rotation_targets(cfg: NetworkConfig, names: list[str]) -> list[tuple[bool, 
     return [(name in payers, name) for name in names]
 
 
+MAX_DAYS = 36_500  # a certificate's validity: far past any key's useful life, and its
+# end date stays a date X.509 (and Python) can write
+
+
 class _Keys:
     """One run over a network's key folder: writes files and reports each one."""
 
     def __init__(self, cfg: NetworkConfig, days: int, now: datetime | None,
                  log: Log | None) -> None:
-        if days < 1:
-            raise ConfigError(f"--days must be at least 1, not {days}")
+        if not 1 <= days <= MAX_DAYS:
+            raise ConfigError(f"--days must be 1 to {MAX_DAYS} (100 years), not {days}")
         self.cfg, self.store, self.days = cfg, KeyStore.for_config(cfg), days
         self.now = now or datetime.now(UTC)
         self.lines: list[str] = []
@@ -291,8 +295,8 @@ class _Keys:
         return self.lines
 
     def renew(self, within_days: int) -> list[str]:
-        if within_days < 0:
-            raise ConfigError(f"--renew-within-days must be 0 or more, not {within_days}")
+        if not 0 <= within_days <= MAX_DAYS:
+            raise ConfigError(f"--renew-within-days must be 0 to {MAX_DAYS}, not {within_days}")
         s = self.store
         limit = self.now + timedelta(days=within_days)
         if s.ca_cert.exists() and (old := _load_cert(s.ca_cert)).not_valid_after_utc <= limit:

@@ -378,6 +378,17 @@ def test_main_prints_and_exits(cfg_path: Path, capsys: pytest.CaptureFixture[str
     assert main([str(cfg_path), "--bogus"]) == 2
 
 
+@pytest.mark.parametrize("args", [["--days", "3000000"],
+                                  ["--rotate", "router", "--days", "3000000"],
+                                  ["--renew", "--renew-within-days", "999999999999"]])
+def test_days_past_what_a_certificate_can_say_are_refused_before_anything_is_written(
+        cfg_path: Path, capsys: pytest.CaptureFixture[str], args: list[str]) -> None:
+    """Not an OverflowError, and not a half-made key folder."""
+    assert main([str(cfg_path), *args]) == 2
+    assert "36500" in capsys.readouterr().err
+    assert not (cfg_path.parent / "keys").exists()
+
+
 def test_bad_input_exits_2_without_a_traceback(cfg_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     assert main([str(cfg_path.parent / "missing.toml")]) == 2
