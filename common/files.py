@@ -10,10 +10,22 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+
+def load_json(text: str | bytes) -> Any:
+    """`json.loads` that raises ValueError for every bad document: also one nested past
+    the interpreter's recursion limit (`[[[[…` from a damaged or hostile file), which
+    `json` reports as a RecursionError."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
 def fsync_dir(path: Path) -> None:

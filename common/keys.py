@@ -27,7 +27,6 @@ Rules:
 from __future__ import annotations
 
 import errno
-import json
 import os
 import stat
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from common.config import NetworkConfig
 from common.errors import ConfigError
+from common.files import load_json
 
 # TLS identities. Servers: the DNS name in the certificate is `<name>.<network id>`.
 TLS_SERVERS = ("router", "ledger")
@@ -140,7 +140,7 @@ class KeyStore:
         (`2026-12-01T10:00:00.000000Z`). Raises KeyFileError for a file that is not that."""
         path = self.payer_retired(payer_id)
         try:
-            entries = json.loads(read_public_file(path, RETIRED_KEYS_MAX_BYTES))
+            entries = load_json(read_public_file(path, RETIRED_KEYS_MAX_BYTES))
         except KeyFileError:
             if not path.exists():
                 return []

@@ -33,6 +33,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from common.auth import length_prefixed
+from common.files import load_json
 from common.messages import ISSUER
 
 PAY_TAG = b"jackpay-pay-v1"
@@ -58,9 +59,11 @@ def read_openings(path: Path) -> dict[str, tuple[int, bytes]]:
     """`keys/public/openings.json`: {payer id: {"amount": minor units, "sig": hex}}.
     Missing file: {}. Raises ValueError for a file that is not that."""
     try:
-        data = json.loads(path.read_text())
+        data = load_json(path.read_bytes())
     except FileNotFoundError:
         return {}
+    except ValueError as exc:
+        raise ValueError(f"{path}: not JSON ({exc})") from None
     out: dict[str, tuple[int, bytes]] = {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: not a JSON object of signed openings")

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.errors import JackPayError
+from common.files import load_json
 from common.procs import children
 
 PG_MAJOR = 15
@@ -432,7 +433,7 @@ class PgCluster:
         """The cluster described by `root`/cluster.json (servers running or not)."""
         root = root.resolve()
         try:
-            state = json.loads((root / STATE_FILE).read_text())
+            state = load_json((root / STATE_FILE).read_bytes())
         except (OSError, ValueError) as exc:
             raise ClusterError(f"{root} holds no cluster ({STATE_FILE}: {exc})") from None
         cluster = cls(root, Path(state["bindir"]), RunAs.for_servers(), owns_root=False)

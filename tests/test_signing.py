@@ -584,3 +584,24 @@ async def test_a_verifier_that_stops_answering_is_replaced_and_the_checks_answer
         assert checks.restarts == 1
     finally:
         await checks.aclose()
+
+
+def test_signed_files_nested_past_the_recursion_limit_are_named(tmp_path: Path) -> None:
+    """`[[[[…` in openings.json or a retired-keys file: a ValueError / KeyFileError naming
+    the file (it was a RecursionError traceback from every tool that read them)."""
+    from common.files import load_json
+    from common.keys import KeyFileError, KeyStore
+    from common.signing import read_openings
+
+    deep = b"[" * 100_000 + b"]" * 100_000
+    with pytest.raises(ValueError, match="nested too deeply"):
+        load_json(deep)
+    openings = tmp_path / "openings.json"
+    openings.write_bytes(deep)
+    with pytest.raises(ValueError, match=r"openings\.json: not JSON"):
+        read_openings(openings)
+    store = KeyStore(tmp_path / "keys", "t")
+    store.payers_public_dir.mkdir(parents=True)
+    store.payer_retired("alice").write_bytes(deep)
+    with pytest.raises(KeyFileError, match=r"alice\.retired\.json is not JSON"):
+        store.load_payer_retired("alice")

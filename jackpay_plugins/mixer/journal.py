@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError
-from common.files import write_all
+from common.files import load_json, write_all
 
 
 class JournalCorrupt(ConfigError):
@@ -49,7 +49,7 @@ class Journal:
                 continue
             last = n == len(lines)  # no newline after it: a torn write
             try:
-                entry = json.loads(raw)
+                entry = load_json(raw)
                 if not isinstance(entry, dict) or "e" not in entry:
                     raise ValueError("not a journal entry")
             except ValueError as exc:
