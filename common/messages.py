@@ -34,6 +34,10 @@ Amount = Annotated[int, msgspec.Meta(gt=0, le=MAX_AMOUNT)]
 Balance = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 Seq = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
 Memo = Annotated[str, msgspec.Meta(max_length=256)]
+# A participant's display name: printed by operators' tools, so no control characters
+# (C0, DEL, C1: a newline forges a row, ESC drives the terminal).
+DisplayName = Annotated[str, msgspec.Meta(pattern="^[^\x00-\x1f\x7f-\x9f]*$",
+                                          max_length=200)]
 Limit = Annotated[int, msgspec.Meta(ge=1, le=1000)]
 Role = Literal["payer", "router", "cli", "admin", "client"]
 Nonce = Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
@@ -543,7 +547,7 @@ class AddParticipant(Message, tag="participant_add", frozen=True):
 
     id: ReqId
     payer: Annotated[str, msgspec.Meta(pattern=PAYER_ID_PATTERN)]
-    name: Annotated[str, msgspec.Meta(max_length=200)] = ""
+    name: DisplayName = ""
     kind: Literal["corporation", "individual", "party", "software", "other"] = "individual"
     opening_balance: Annotated[int, msgspec.Meta(ge=0, le=MAX_AMOUNT)] = 0
     max_incoming: Annotated[int, msgspec.Meta(ge=0, le=MAX_AMOUNT)] | None = None

@@ -115,6 +115,10 @@ def _request(args: argparse.Namespace) -> Message:
             raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
         except KeyFileError as exc:
             raise ValueError(str(exc)) from None
+    if len(args.name) > 200 or any(ord(c) < 0x20 or 0x7f <= ord(c) <= 0x9f
+                                   for c in args.name):
+        raise ValueError("--name: at most 200 characters, none of them control characters "
+                         "(newlines, tabs, escapes)")
     return AddParticipant(id=0, payer=pid, name=args.name, kind=args.kind,
                           opening_balance=opening, max_incoming=cap, key=key)
 
