@@ -28,6 +28,8 @@ NETWORK_ID_PATTERN = r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$"
 NetworkId = Annotated[str, msgspec.Meta(pattern=NETWORK_ID_PATTERN)]
 # A file or folder name: no NUL (the OS cannot take one), at most 4096 bytes or so.
 PathText = Annotated[str, msgspec.Meta(pattern=r"^[^\x00]*$", max_length=4096)]
+# `HOST:PORT` (an IPv6 host in brackets), or "" for none.
+MetricsAddr = Annotated[str, msgspec.Meta(pattern=r"^$|^(\[[0-9a-fA-F:.]+\]|[^\s:\[\]]+):[0-9]{1,5}$")]
 
 
 class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -58,7 +60,7 @@ class LedgerConfig(_Section):
     max_handshaking: Count = 32  # then one still in its handshake is dropped (common.aio)
     new_connections_per_address_per_s: PerSecond = 20.0
     # Prometheus metrics on HOST:PORT (e.g. "127.0.0.1:9400"; port 0 picks one); "" = off.
-    metrics_addr: str = ""
+    metrics_addr: MetricsAddr = ""
     # Client-certificate names (CN) granted read access (`read`, `stats`); the router's
     # certificate (CN "router") may also append. Nobody else gets past `hello`.
     auditors: list[str] = msgspec.field(default_factory=lambda: ["auditor"])
@@ -111,7 +113,7 @@ class RouterConfig(_Section):
     # `jackpay-router reconcile`); differences are logged as errors.
     reconcile_every_s: Annotated[float, msgspec.Meta(ge=0, le=86_400)] = 0.0
     # Prometheus metrics on HOST:PORT (e.g. "127.0.0.1:9401"; port 0 picks one); "" = off.
-    metrics_addr: str = ""
+    metrics_addr: MetricsAddr = ""
     # The router starts from the ledger's balances (no replay of every row) and reads
     # back only this many of the latest rows: retries and `status` of those payments are
     # answered from memory, older ones are asked of the ledger.

@@ -255,11 +255,15 @@ class RouterService:
         if max_connections < rc.max_connections:
             log_event(log, "max_connections lowered to the open-file limit", logging.WARNING,
                       configured=rc.max_connections, allowed=max_connections)
-        self._server = await start_channel_server(
-            self._on_connect, _DECODER, self.host, self.port, name="payer",
-            max_frame_bytes=rc.max_frame_bytes, tls=self.security.tls,
-            handshake_timeout_s=rc.handshake_timeout_s,
-            limits=dataclasses.replace(server_limits(rc), max_connections=max_connections))
+        try:
+            self._server = await start_channel_server(
+                self._on_connect, _DECODER, self.host, self.port, name="payer",
+                max_frame_bytes=rc.max_frame_bytes, tls=self.security.tls,
+                handshake_timeout_s=rc.handshake_timeout_s,
+                limits=dataclasses.replace(server_limits(rc), max_connections=max_connections))
+        except OSError as exc:
+            raise StartupFailed(f"cannot listen for payers on {self.host}:{self.port} "
+                                f"([router] host and port): {exc.strerror or exc}") from None
         sock = self._server.sockets[0].getsockname()
         self.addr = (sock[0], sock[1])
         try:

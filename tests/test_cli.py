@@ -457,6 +457,25 @@ def test_router_refuses_an_out_of_range_port(offline: Network) -> None:
     assert "Traceback" not in proc.stderr
 
 
+@needs_network
+def test_router_names_the_setting_when_it_cannot_listen(network: Network) -> None:
+    """Its port taken: exit 1, the log names `[router] host and port` (it said only
+    "Address already in use")."""
+    network.write_config()
+    network.start_ledger()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "router", "--config",
+                               str(network.config_path), "--port", str(port)],
+                              capture_output=True, text=True, timeout=60, env=network.env())
+    assert proc.returncode == 1
+    assert f"cannot listen for payers on 127.0.0.1:{port} ([router] host and port)" in (
+        proc.stdout + proc.stderr)
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
 def test_router_inspect_without_a_router_exits_1_with_a_hint(offline: Network) -> None:
     proc = inspect(offline)
     assert proc.returncode == 1
