@@ -232,6 +232,10 @@ LOOKUP_KEYS = 128
 # Payments looked up at the ledger before they fail (`Pipeline.begin`) at once, at most:
 # beyond it they fail without asking, so refused payments cannot flood the ledger.
 MAX_LOOKUPS = 256
+# Receipts fetched for payments asked again after they were paid, at once, at most: a
+# budget of their own, so a payer re-sending paid tx_ids cannot use up MAX_LOOKUPS (a
+# payment from before the start would then fail without the ledger asked).
+MAX_RECEIPT_LOOKUPS = 64
 
 
 class Pipeline:
@@ -256,6 +260,7 @@ class Pipeline:
         self.shutting_down = False
         self.inflight: dict[tuple[str, str], Payment] = {}  # by (sender, tx_id)
         self._lookups: set[asyncio.Task[None]] = set()  # `begin` asking the ledger first
+        self._receipt_lookups: set[asyncio.Task[None]] = set()  # `_answer_with_receipt`
         self.running_by_sender: dict[str, int] = {}
         self._idle: asyncio.Event | None = None  # set when `inflight` empties (drain)
         # Appends awaiting the ledger, by `outcome_pending` deadline; one timer for all.
@@ -435,13 +440,13 @@ class Pipeline:
         if record.state is TxState.PAID:
             paid = Outcome(record.tx_id, seq=record.seq, dtg=record.dtg)
             if (self.signatures is None or not self.ledger.connected
-                    or len(self._lookups) >= MAX_LOOKUPS):
+                    or len(self._receipt_lookups) >= MAX_RECEIPT_LOOKUPS):
                 return paid  # no receipt to give (or not now): paid stands without one
             task = asyncio.get_running_loop().create_task(
                 self._answer_with_receipt(record.params.sender, paid, reply),
                 name=f"receipt:{record.tx_id}")
-            self._lookups.add(task)
-            task.add_done_callback(self._lookups.discard)
+            self._receipt_lookups.add(task)
+            task.add_done_callback(self._receipt_lookups.discard)
             return None
         if record.state is TxState.FAILED:
             code = ErrorCode(record.code or ErrorCode.INTERNAL_ERROR)
@@ -910,7 +915,7 @@ class Pipeline:
             self._feed(p, Abandon())
         for p in list(self.inflight.values()):  # committed, still finishing: let go
             self._done(p, Done())
-        background = set(self._background)
+        background = self._background | self._receipt_lookups
         if background:
             await asyncio.wait(background, timeout=min(grace_s, self.cfg.settle_timeout_s))
         if self._unacked:  # settled frames still waiting for their ack
