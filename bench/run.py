@@ -120,6 +120,13 @@ QUICK = Settings(payers=20, concurrency=(1, 64), seconds=0.5, open_loop_s=0.5,
                  pgbench_seconds=3.0, fsync_seconds=0.5)
 
 
+def median_ratio(base: list[float], other: list[float]) -> float | None:
+    """The median of the pairs' other/base (pairs run back to back: the machine in the
+    same mood within a pair); None without a pair."""
+    ratios = sorted(y / x for x, y in zip(base, other, strict=True) if x)
+    return round(ratios[len(ratios) // 2], 3) if ratios else None
+
+
 def raise_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
@@ -461,6 +468,17 @@ class Bench:
                 r["per_s"] for r in direct), 3) if direct else None,
         }
 
+    async def router_cost(self, net: _PaymentNetwork, load: Awaitable[Result]
+                          ) -> tuple[Result, float]:
+        """Run one setting on `net` (`measured`): its result, and the router's CPU per
+        payment written (µs; with its verifier)."""
+        before = await self.ledger_stats(net.lch)
+        res = await net.measured(load, self)
+        after = await self.ledger_stats(net.lch)
+        rows = after.rows - before.rows
+        cpu = res.extra["cpu_s"]["router"]  # type: ignore[index]
+        return res, round(cpu / rows * 1e6, 1) if rows else 0.0
+
     async def interleaved(self, a: tuple[_PaymentNetwork, str], b: tuple[_PaymentNetwork, str],
                           rounds: int, seconds: float, label: str, conc: int, task: Any
                           ) -> tuple[list[dict[str, Any]], dict[str, list[float]], float | None]:
@@ -472,19 +490,12 @@ class Bench:
         results = []
         for i in range(rounds):
             for net, name in ((a, b) if i % 2 == 0 else (b, a)):
-                before = await self.ledger_stats(net.lch)
-                res = await net.measured(closed_loop(f"{label}{name}", net.op, conc,
-                                                     seconds), self)
-                after = await self.ledger_stats(net.lch)
-                cpu = res.extra["cpu_s"]["router"]  # type: ignore[index]
-                rows = after.rows - before.rows
-                per_payment[name].append(round(cpu / rows * 1e6, 1) if rows else 0.0)
-                results.append(net.results[-1] | {"router_cpu_us_per_payment":
-                                                  per_payment[name][-1]})
+                _, us = await self.router_cost(net, closed_loop(f"{label}{name}", net.op, conc,
+                                                                seconds))
+                per_payment[name].append(us)
+                results.append(net.results[-1] | {"router_cpu_us_per_payment": us})
                 self.progress.advance(task)
-        pairs = sorted(y / x for x, y in zip(per_payment[a[1]], per_payment[b[1]], strict=True)
-                       if x)
-        return results, per_payment, round(pairs[len(pairs) // 2], 3) if pairs else None
+        return results, per_payment, median_ratio(per_payment[a[1]], per_payment[b[1]])
 
     async def signature_cost(self) -> None:
         """What signed payments cost: payments/s at saturation on a network whose payers
@@ -512,13 +523,8 @@ class Bench:
                 for conc in concs:
                     for name in order:
                         net = nets[name]
-                        before = await self.ledger_stats(net.lch)
-                        res = await net.measured(closed_loop(f"direct C={conc} {name}", net.op,
-                                                             conc, self.s.seconds), self)
-                        after = await self.ledger_stats(net.lch)
-                        rows = after.rows - before.rows
-                        used = res.extra["cpu_s"]["router"]  # type: ignore[index]
-                        us = round(used / rows * 1e6, 1) if rows else 0.0
+                        _, us = await self.router_cost(net, closed_loop(
+                            f"direct C={conc} {name}", net.op, conc, self.s.seconds))
                         settings.append(net.results[-1] | {"router_cpu_us_per_payment": us})
                         per_s[name][str(conc)].append(settings[-1]["per_s"])
                         cpu[name][str(conc)].append(us)
@@ -527,24 +533,18 @@ class Bench:
             for net in nets.values():
                 await net.close()
 
-        def median(xs: list[float]) -> float | None:
-            xs = sorted(xs)
-            return round(xs[len(xs) // 2], 3) if xs else None
-
         peaks = {n: [max(per_s[n][str(c)][i] for c in concs) for i in range(rounds)]
                  for n in nets}
         self.report["signatures"] = {
             "settings": settings, "per_s": per_s, "peak_per_s": peaks,
             "router_cpu_us_per_payment": cpu,
-            "signed_vs_unsigned_per_s": median(
-                [s / u for u, s in zip(peaks["unsigned"], peaks["signed"], strict=True) if u]),
-            "signed_vs_unsigned_at": {str(c): median(
-                [s / u for u, s in zip(per_s["unsigned"][str(c)], per_s["signed"][str(c)],
-                                       strict=True) if u]) for c in concs},
-            "signed_vs_unsigned_router_cpu": median(
-                [s / u for c in concs for u, s in zip(cpu["unsigned"][str(c)],
-                                                      cpu["signed"][str(c)], strict=True)
-                 if u])}
+            "signed_vs_unsigned_per_s": median_ratio(peaks["unsigned"], peaks["signed"]),
+            "signed_vs_unsigned_at": {str(c): median_ratio(per_s["unsigned"][str(c)],
+                                                           per_s["signed"][str(c)])
+                                      for c in concs},
+            "signed_vs_unsigned_router_cpu": median_ratio(
+                [u for c in concs for u in cpu["unsigned"][str(c)]],
+                [x for c in concs for x in cpu["signed"][str(c)]])}
 
     async def loop_turns(self) -> None:
         """Issue 14's fewer loop turns, before and after, interleaved: an append's first
@@ -576,9 +576,7 @@ class Bench:
                             ("open", open_loop(f"turns open {rate:.0f}/s {name}", net.op, rate,
                                                self.s.open_loop_s))):
                         h0 = await scrape_histogram(net, "jackpay_router_append_seconds")
-                        before = await self.ledger_stats(net.lch)
-                        res = await net.measured(load, self)
-                        after = await self.ledger_stats(net.lch)
+                        _, us = await self.router_cost(net, load)
                         leg = histogram_delta(
                             h0, await scrape_histogram(net, "jackpay_router_append_seconds"))
                         summary = net.results[-1] | {"append_leg_ms": leg}
@@ -586,22 +584,16 @@ class Bench:
                         o = out[name]
                         o[f"append_ms_{kind}"].append(leg)
                         if kind == "closed":
-                            rows = after.rows - before.rows
-                            cpu = res.extra["cpu_s"]["router"]  # type: ignore[index]
                             o["per_s"].append(summary["per_s"])
-                            o["router_cpu_us_per_payment"].append(
-                                round(cpu / rows * 1e6, 1) if rows else 0.0)
+                            o["router_cpu_us_per_payment"].append(us)
                         self.progress.advance(task)
         finally:
             for net in nets.values():
                 await net.close()
-        cpu_pairs = sorted(t / d for d, t in zip(out["direct"]["router_cpu_us_per_payment"],
-                                                  out["task"]["router_cpu_us_per_payment"],
-                                                  strict=True) if d)
         self.report["loop_turns"] = {
             "settings": settings, **out,
-            "task_vs_direct_router_cpu": round(cpu_pairs[len(cpu_pairs) // 2], 3)
-            if cpu_pairs else None}
+            "task_vs_direct_router_cpu": median_ratio(out["direct"]["router_cpu_us_per_payment"],
+                                                      out["task"]["router_cpu_us_per_payment"])}
 
     async def metrics_cost(self) -> None:
         """The cost of counting: router CPU per payment with metrics off and on (scraped
