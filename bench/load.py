@@ -151,8 +151,9 @@ def measure_fsync(directory: str, seconds: float = 1.0, size: int = 80) -> dict[
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds a process and its live children (the router's signature
-    verifier) have used so far (Linux /proc)."""
+    """User + system CPU seconds a process and its children (the router's signature
+    verifier) have used so far (Linux /proc): live children's own, and those of children
+    it has reaped (a verifier replaced mid-setting still counts)."""
     ticks = os.sysconf("SC_CLK_TCK")
     total = 0
     for p in (pid, *children(pid)):
@@ -161,7 +162,9 @@ def cpu_seconds(pid: int) -> float:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:  # a child that just ended
             continue
-        total += int(fields[11]) + int(fields[12])
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+        if p == pid:
+            total += int(fields[13]) + int(fields[14])  # cutime, cstime: reaped children
     return total / ticks
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -138,3 +139,21 @@ def test_bench_scale_starts_both_stores_on_a_built_ledger(tmp_path: Path) -> Non
         figures.pop("rows_read_at_open", None)
         assert set(figures) == {"ledger_start_s", "router_start_s", "ledger_rss_mib"}
         assert all(v > 0 for v in figures.values()), figures
+
+
+def test_cpu_seconds_still_counts_a_child_once_it_is_reaped() -> None:
+    """A router's verifier replaced mid-setting: its CPU must not vanish from the sum."""
+    from bench.load import cpu_seconds
+
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass"
+    parent = ("import subprocess, sys, time\n"
+              f"subprocess.run([sys.executable, '-c', {burn!r}])\n"
+              "print('reaped', flush=True)\ntime.sleep(30)")
+    proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "reaped"
+        assert cpu_seconds(proc.pid) >= 0.28
+    finally:
+        proc.kill()
+        proc.wait()
