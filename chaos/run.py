@@ -406,8 +406,8 @@ class Chaos:
         # lost or rewritten, would break one).
         self.signatures = signature_audit(str(self.net.config_path))
         folder = self.net.config.resolve(self.net.config.payer.receipts_dir)
-        kept = (receipt_check(str(self.net.config_path), folder)
-                if folder.is_dir() and any(folder.glob("*.jsonl")) else None)
+        kept = (receipt_check(str(self.net.config_path), folder, allow_none=True)
+                if folder.is_dir() else None)
         self.receipts_held = len(kept.proofs) if kept is not None else 0
         walk = RowWalk(self.signatures, kept)
         for row in load_rows(ledger_bytes, "ledger")[0]:

@@ -4,4 +4,4 @@ Nothing in this package opens a socket except `common.aio`, a thin asyncio shell
 the pure codec in `common.framing`.
 """
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6

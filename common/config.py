@@ -28,8 +28,23 @@ NETWORK_ID_PATTERN = r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$"
 NetworkId = Annotated[str, msgspec.Meta(pattern=NETWORK_ID_PATTERN)]
 # A file or folder name: no NUL (the OS cannot take one), at most 4096 bytes or so.
 PathText = Annotated[str, msgspec.Meta(pattern=r"^[^\x00]*$", max_length=4096)]
-# `HOST:PORT` (an IPv6 host in brackets), or "" for none.
-MetricsAddr = Annotated[str, msgspec.Meta(pattern=r"^$|^(\[[0-9a-fA-F:.]+\]|[^\s:\[\]]+):[0-9]{1,5}$")]
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """`HOST:PORT` (port 0: any; an IPv6 host may be in brackets). Raises ValueError."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host.strip("[]") or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r}: expected HOST:PORT with a port 0-65535, "
+                         "e.g. 127.0.0.1:9401")
+    return host.strip("[]"), int(port)
+
+
+def _check_metrics_addr(addr: str) -> None:
+    if addr:
+        try:
+            parse_host_port(addr)
+        except ValueError as exc:
+            raise ValueError(f"metrics_addr {exc}") from None
 
 
 class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -60,7 +75,7 @@ class LedgerConfig(_Section):
     max_handshaking: Count = 32  # then one still in its handshake is dropped (common.aio)
     new_connections_per_address_per_s: PerSecond = 20.0
     # Prometheus metrics on HOST:PORT (e.g. "127.0.0.1:9400"; port 0 picks one); "" = off.
-    metrics_addr: MetricsAddr = ""
+    metrics_addr: str = ""  # HOST:PORT, checked at load
     # Client-certificate names (CN) granted read access (`read`, `stats`); the router's
     # certificate (CN "router") may also append. Nobody else gets past `hello`.
     auditors: list[str] = msgspec.field(default_factory=lambda: ["auditor"])
@@ -71,6 +86,7 @@ class LedgerConfig(_Section):
     dsn: str = ""
 
     def __post_init__(self) -> None:
+        _check_metrics_addr(self.metrics_addr)
         if self.store == "postgresql" and not self.dsn:
             raise ValueError('[ledger] store = "postgresql" needs dsn = "postgresql://USER@HOST:'
                              'PORT/DATABASE"')
@@ -113,11 +129,14 @@ class RouterConfig(_Section):
     # `jackpay-router reconcile`); differences are logged as errors.
     reconcile_every_s: Annotated[float, msgspec.Meta(ge=0, le=86_400)] = 0.0
     # Prometheus metrics on HOST:PORT (e.g. "127.0.0.1:9401"; port 0 picks one); "" = off.
-    metrics_addr: MetricsAddr = ""
+    metrics_addr: str = ""  # HOST:PORT, checked at load
     # The router starts from the ledger's balances (no replay of every row) and reads
     # back only this many of the latest rows: retries and `status` of those payments are
     # answered from memory, older ones are asked of the ledger.
     recent_rows: Annotated[int, msgspec.Meta(ge=0, le=100_000_000)] = 100_000
+
+    def __post_init__(self) -> None:
+        _check_metrics_addr(self.metrics_addr)
 
 
 class PayerConfig(_Section):

@@ -155,7 +155,7 @@ def _block_buffered_stderr() -> TextIO | None:
 
 
 # `--log-level` of the services (argparse `choices`, any case).
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "WARN", "FATAL", "NOTSET")
 
 
 def setup_logging(*, json_lines: bool = False, level: str = "INFO") -> None:

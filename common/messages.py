@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from common.money import MAX_AMOUNT
+from common.text import CONTROL_CLASS
 
 # --- field types -------------------------------------------------------------------
 
@@ -34,14 +35,15 @@ Amount = Annotated[int, msgspec.Meta(gt=0, le=MAX_AMOUNT)]
 Balance = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 Seq = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
 Memo = Annotated[str, msgspec.Meta(max_length=256)]
-# A participant's display name: printed by operators' tools, so no control characters
-# (C0, DEL, C1: a newline forges a row, ESC drives the terminal).
-DisplayName = Annotated[str, msgspec.Meta(pattern="^[^\x00-\x1f\x7f-\x9f]*$",
-                                          max_length=200)]
+# A new participant's display name (`participant_add`): printed by operators' tools, so
+# none of common.text's control characters (a newline forges a row, ESC drives the
+# terminal, a bidi override reorders it).
+DisplayName = Annotated[str, msgspec.Meta(pattern=f"^[^{CONTROL_CLASS}]*$", max_length=200)]
 Limit = Annotated[int, msgspec.Meta(ge=1, le=1000)]
 Role = Literal["payer", "router", "cli", "admin", "client"]
 Nonce = Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
 Signature = Annotated[bytes, msgspec.Meta(min_length=64, max_length=64)]
+RowHash = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]  # SHA-256, lowercase hex
 
 ISSUER = "_issuer"
 # A ledger row's time (`dtg`): UTC with microseconds, e.g. 2026-12-01T10:00:00.000000Z.
@@ -170,7 +172,7 @@ class Seal(Record, frozen=True):
     `head_bytes`): the head's hash commits to every row up to `head_seq`."""
 
     head_seq: Seq
-    head_hash: str
+    head_hash: RowHash
     sig: Signature
 
 
@@ -194,9 +196,9 @@ class LedgerProof(Record, frozen=True):
     rewritten (`jackpay-ledger verify FILE --receipts DIR`)."""
 
     seq: Seq
-    hash: str
+    hash: RowHash
     head_seq: Seq
-    head_hash: str
+    head_hash: RowHash
     sig: Signature
 
 

@@ -28,6 +28,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from common.config import parse_host_port
 from common.errors import ConfigError
 
 # Seconds: from a fast in-memory step to a stalled ledger.
@@ -107,10 +108,10 @@ class _Collector(Collector):
 
 def parse_addr(text: str) -> tuple[str, int]:
     """`HOST:PORT` (port 0: any). Raises ConfigError."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"metrics_addr {text!r}: expected HOST:PORT, e.g. 127.0.0.1:9401")
-    return host.strip("[]"), int(port)
+    try:
+        return parse_host_port(text)
+    except ValueError as exc:
+        raise ConfigError(f"metrics_addr {exc}") from None
 
 
 def serve_metrics(addr: str, collect: Callable[[], Iterable[Metric]]) -> tuple[str, int, Any]:

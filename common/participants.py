@@ -26,7 +26,7 @@ import msgspec
 
 from common.errors import ConfigError
 from common.files import write_atomically
-from common.messages import PAYER_ID_PATTERN, DisplayName
+from common.messages import PAYER_ID_PATTERN
 from common.money import AmountError, parse_amount
 
 Kind = Literal["corporation", "individual", "party", "software", "other"]
@@ -36,7 +36,7 @@ FORMAT: Literal["jackpay-participants-1"] = "jackpay-participants-1"
 
 class Participant(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
     id: Annotated[str, msgspec.Meta(pattern=PAYER_ID_PATTERN)]
-    name: DisplayName = ""
+    name: str = ""  # as written; printed escaped (common.text), new ones checked
     kind: Kind = "individual"
     opening_balance: str = "0.00"
     max_incoming: str | None = None

@@ -26,10 +26,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from common.files import write_all
-from common.messages import AccountId, LedgerProof, Seq, TxId
+from common.messages import AccountId, LedgerProof, RowHash, Seq, TxId
 from common.signing import head_bytes
-
-_HEX64 = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]
 
 
 class KeptProof(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -39,9 +37,9 @@ class KeptProof(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     sender: AccountId
     role: Literal["paid", "settled"]
     seq: Seq
-    hash: _HEX64
+    hash: RowHash
     head_seq: Seq
-    head_hash: _HEX64
+    head_hash: RowHash
     sig: Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{128}$")]  # hex
 
     @classmethod
@@ -84,16 +82,14 @@ def _last_line_end(path: Path) -> int:
     return data.rfind(b"\n") + 1
 
 
-def read_proofs(where: Path) -> list[tuple[str, KeptProof]]:
+def read_proofs(where: Path, *, allow_none: bool = False) -> list[tuple[str, KeptProof]]:
     """Every receipt in the `*.jsonl` files of folder `where` (or in the one file `where`),
     with where it was read ("FILE:LINE"). A last line without its newline (torn by a
     crash: never a whole receipt) is left out. Raises ValueError naming a line that is not
-    a receipt, or a path with no receipts file (an audit that checked nothing is not an
-    OK); OSError."""
+    a receipt, or a path with no receipts in it (an audit that checked nothing is not an
+    OK; `allow_none`: [] then); OSError."""
     if where.is_dir():
         files = sorted(where.glob("*.jsonl"))
-        if not files:
-            raise ValueError(f"no receipts (*.jsonl) in {where}")
     elif where.is_file():
         files = [where]
     else:
@@ -111,6 +107,8 @@ def read_proofs(where: Path) -> list[tuple[str, KeptProof]]:
                 out.append((f"{path.name}:{n}", _DECODER.decode(line)))
             except msgspec.DecodeError as exc:
                 raise ValueError(f"{path}:{n}: not a receipt: {exc}") from None
+    if not out and not allow_none:
+        raise ValueError(f"no receipts in {where} (*.jsonl files of whole lines)")
     return out
 
 

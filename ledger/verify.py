@@ -39,12 +39,13 @@ class ReceiptCheck:
     ledger_key: Ed25519PublicKey
 
 
-def receipt_check(config: str, folder: Path) -> ReceiptCheck:
-    """The receipts kept in `folder`, with the ledger's public key of `config`'s network.
-    Raises ConfigError (no key), ValueError (a line that is not a receipt), OSError."""
+def receipt_check(config: str, folder: Path, *, allow_none: bool = False) -> ReceiptCheck:
+    """The receipts kept in `folder` (or one file), with the ledger's public key of
+    `config`'s network. Raises ConfigError (no key), ValueError (a line that is not a
+    receipt; no receipts at all unless `allow_none`), OSError."""
     cfg = load_config(config)
     key = KeyStore.for_config(cfg).load_signer_public(LEDGER_SIGNER)
-    return ReceiptCheck(read_proofs(folder), cfg.network.id, key)
+    return ReceiptCheck(read_proofs(folder, allow_none=allow_none), cfg.network.id, key)
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,10 +42,10 @@ from common.keys import KeyStore
 from common.messages import Hello, Offer, encode
 from common.money import format_amount, parse_amount
 from common.procs import ProcessFailed, fsize_limit
+from common.text import printable
 from common.tls import client_tls
 from payer_client.client import PayerClient, PayerCredentials
 from payer_client.launch import LocalNetwork
-from payer_client.render import printable
 from router.inspect_cli import NotAnswering, fetch
 
 OPENING = {"alice": "1000.00", "bob": "50.00", "carol": "20.00", "dave": "0.00"}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 from typing import Any
 
 from rich.console import Console
@@ -18,14 +17,7 @@ from rich.text import Text
 from common.errors import ErrorCode, RequestFailed
 from common.messages import BalanceReply, Event, HistoryReply, Paid, Send, StatusReply
 from common.money import format_amount
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-def printable(text: str) -> str:
-    """Another payer's text (memo, reject reason) with control characters escaped, so it
-    cannot move the cursor, recolour the terminal or fake extra output lines."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+from common.text import printable
 
 
 def _money(minor: int | None) -> str | None:

@@ -50,6 +50,7 @@ from common.messages import (
 from common.money import AmountError, format_amount, parse_amount
 from common.participants import KINDS
 from common.signing import openings_json, read_openings, sign_opening
+from common.text import has_control, printable
 from router.inspect_cli import NotAnswering, admin_path, ask
 
 TIMEOUT_S = 15.0  # an add waits up to 5 s for its opening balance
@@ -115,10 +116,9 @@ def _request(args: argparse.Namespace) -> Message:
             raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
         except KeyFileError as exc:
             raise ValueError(str(exc)) from None
-    if len(args.name) > 200 or any(ord(c) < 0x20 or 0x7f <= ord(c) <= 0x9f
-                                   for c in args.name):
+    if len(args.name) > 200 or has_control(args.name):
         raise ValueError("--name: at most 200 characters, none of them control characters "
-                         "(newlines, tabs, escapes)")
+                         "(newlines, tabs, escapes, bidi overrides)")
     return AddParticipant(id=0, payer=pid, name=args.name, kind=args.kind,
                           opening_balance=opening, max_incoming=cap, key=key)
 
@@ -128,7 +128,7 @@ def _row(p: ParticipantInfo) -> str:
     flags = [f for f, on in (("no key", not p.has_key), ("added at run time",
                                                            p.added_at_run_time)) if on]
     return (f"{p.id:<16} {state:<9} {format_amount(p.balance):>14} "
-            f"{p.kind:<11} {p.name}" + (f"  ({', '.join(flags)})" if flags else ""))
+            f"{p.kind:<11} {printable(p.name)}" + (f"  ({', '.join(flags)})" if flags else ""))
 
 
 def _text(reply: Message) -> str:

@@ -439,7 +439,7 @@ class Pipeline:
     def _known(self, record: TxRecord, reply: Reply) -> Outcome | None:
         if record.state is TxState.PAID:
             paid = Outcome(record.tx_id, seq=record.seq, dtg=record.dtg)
-            if (self.signatures is None or not self.ledger.connected
+            if (self.signatures is None or not self.ledger.connected or self.shutting_down
                     or len(self._receipt_lookups) >= MAX_RECEIPT_LOOKUPS):
                 return paid  # no receipt to give (or not now): paid stands without one
             task = asyncio.get_running_loop().create_task(

@@ -24,8 +24,9 @@ from netkit import REPO_ROOT, Network
 from common.config import load_config, parse_config
 from common.errors import ConfigError, RequestFailed
 from common.keys import public_pem
-from common.messages import AddParticipant, Offer
+from common.messages import AddParticipant, Offer, ParticipantInfo
 from common.participants import Participant, ParticipantChanges, load_changes, merge
+from router import participants_cli
 from router.participants import plan_reload, settings_changed
 
 
@@ -326,17 +327,24 @@ def test_the_cli_checks_its_arguments_and_says_when_no_router_answers(tmp_path: 
     bad_key.write_text("not a key")
     assert operator(net, "participants", "add", "dave", "--key", str(bad_key)).returncode == 2
     # A name is printed by `participants list`: a newline would forge a row, ESC drive the
-    # terminal. Refused here, and in the config and the router's admin socket.
-    for name in ("evil\nname", "red\x1b[31m", "c1\x9bcsi"):
+    # terminal, a bidi override reorder it. A new one is refused here and by the admin
+    # socket; one already in a config or participants file (an older release took any)
+    # still loads — the network must start — and is printed escaped.
+    for name in ("evil\nname", "red\x1b[31m", "c1\x9bcsi", "rtl\u202eevil", "ls\u2028x"):
         bad_name = operator(net, "participants", "add", "dave", "--name", name)
         assert bad_name.returncode == 2
         assert "--name" in bad_name.stderr
-    with pytest.raises(ConfigError, match=r"participants\[0\]\.name"):
-        parse_config('[network]\nid = "n"\n[[participants]]\nid = "x"\nname = "a\\u001b"\n')
-    with pytest.raises(msgspec.ValidationError, match=r"\$\.name"):
-        msgspec.msgpack.decode(msgspec.msgpack.encode(
-            {"t": "participant_add", "id": 1, "payer": "dave", "name": "a\nb"}),
-            type=AddParticipant)
+        with pytest.raises(msgspec.ValidationError, match=r"\$\.name"):
+            msgspec.msgpack.decode(msgspec.msgpack.encode(
+                {"t": "participant_add", "id": 1, "payer": "dave", "name": name}),
+                type=AddParticipant)
+    old = parse_config('[network]\nid = "n"\n[[participants]]\nid = "x"\n'
+                       'name = "a\\tb\\u001b[31m\\u202e"\n')
+    info = ParticipantInfo(id="x", name=old.participants[0].name, kind="individual",
+                           opening_balance=0, max_incoming=None, suspended=False,
+                           added_at_run_time=False, has_key=True, online=False, balance=0,
+                           available=0)
+    assert "a\\x09b\\x1b[31m\\u202e" in participants_cli._row(info)
     down = operator(net, "participants", "list")
     assert down.returncode == 3
     assert "is the router running?" in down.stderr

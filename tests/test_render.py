@@ -9,7 +9,8 @@ import pytest
 
 from common.logs import _PlainFormatter
 from common.messages import HistoryReply, LedgerRow
-from payer_client.render import history, printable
+from common.text import printable
+from payer_client.render import history
 
 
 def row(memo: str) -> LedgerRow:
@@ -27,6 +28,8 @@ def test_memo_is_never_rich_markup() -> None:
 
 def test_control_characters_are_escaped() -> None:
     assert printable("a\x1b[31mb\nc") == "a\\x1b[31mb\\x0ac"
+    # bidi overrides and isolates, line separators: they reorder or break the line
+    assert printable("x\u202ey\u2066z\u2028é€") == "x\\u202ey\\u2066z\\u2028é€"
     out = history(HistoryReply(re=1, rows=[row("evil\n\x1b[2J")], next_seq=2), "bob", False)
     assert "\x1b" not in out
     assert "evil\\x0a" in out

@@ -217,8 +217,12 @@ async def test_receipts_kept_by_payers_find_a_row_deleted_with_the_chain_recompu
     line = (kept / "alice.jsonl").read_bytes().splitlines()[0].replace(
         b'"sender":"alice"', b'"sender":"al\\u001b[31mice\\nOK fake"')
     (tmp_path / "garbled" / "x.jsonl").write_bytes(line + b"\n")
+    (tmp_path / "torn").mkdir()
+    (tmp_path / "torn" / "alice.jsonl").write_bytes(b'{"tx_id": "t0", "sen')
     for where, says in ((tmp_path / "nowhere", "no receipts folder or file"),
-                        (tmp_path / "empty", "no receipts (*.jsonl)"),
+                        (tmp_path / "empty", "no receipts in"),
+                        (tmp_path / "torn", "no receipts in"),
+                        (tmp_path / "torn" / "alice.jsonl", "no receipts in"),
                         (tmp_path / "garbled", "x.jsonl:1: not a receipt")):
         refused = verify_cli(network, *keys[:2], "--receipts", str(where))
         assert refused.returncode == 2, refused.stdout

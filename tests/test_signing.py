@@ -605,3 +605,19 @@ def test_signed_files_nested_past_the_recursion_limit_are_named(tmp_path: Path) 
     store.payer_retired("alice").write_bytes(deep)
     with pytest.raises(KeyFileError, match=r"alice\.retired\.json is not JSON"):
         store.load_payer_retired("alice")
+
+
+def test_a_seal_is_a_receipt_only_of_rows_at_or_before_its_head() -> None:
+    """`found` may name a row of the batch being written, newer than the latest seal (a
+    PostgreSQL lookup sees it first): it gets no receipt rather than one that does not
+    cover it."""
+    from common.messages import Seal
+    from router.payments import ledger_proof
+
+    seal = Seal(head_seq=10, head_hash="b" * 64, sig=b"s" * 64)
+    assert ledger_proof(11, "a" * 64, seal) is None
+    for seq in (1, 10):
+        proof = ledger_proof(seq, "a" * 64, seal)
+        assert proof is not None
+        assert (proof.seq, proof.hash, proof.head_seq, proof.head_hash) == (
+            seq, "a" * 64, 10, "b" * 64)
