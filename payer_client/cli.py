@@ -272,6 +272,19 @@ async def _do_send(client: ControlClient, send: Send, as_json: bool) -> int:
         paid = await client.request(send, Paid)
     except RequestFailed as exc:
         return _fail(exc, as_json, send.tx_id)
+    except ConnectionLost:
+        # The daemon had the payment and is gone: it may have been paid. Its tx_id (ours)
+        # is how to ask, or to send it again without paying twice.
+        tx_id = send.tx_id
+        message = (f"the payer daemon for {client.payer_id} went away before answering: "
+                   f"tx_id {tx_id} may or may not be paid. Once the daemon runs again, "
+                   f"`jackpay-payer status {tx_id}` tells; `jackpay-payer send ... --tx-id "
+                   f"{tx_id}` pays it at most once")
+        if as_json:
+            _emit(json.dumps({"outcome": "unknown", "tx_id": tx_id, "message": message}))
+        else:
+            print(f"jackpay-payer: {message}", file=sys.stderr, flush=True)
+        return EXIT_NO_DAEMON
     _emit(render.paid(paid, send, as_json))
     return EXIT_OK
 

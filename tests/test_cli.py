@@ -19,8 +19,8 @@ import pytest
 from netkit import REPO_ROOT, Network, plant_decoys, script_env
 
 import payer_client.cli as cli_module
-from common.errors import ErrorCode, RequestFailed
-from common.messages import Status, StatusReply, TxState
+from common.errors import ConnectionLost, ErrorCode, RequestFailed
+from common.messages import Send, Status, StatusReply, TxState
 
 HAVE_NETWORK = all((REPO_ROOT / pkg / "__main__.py").exists() for pkg in ("router", "ledger"))
 needs_network = pytest.mark.skipif(not HAVE_NETWORK, reason="router/ or ledger/ not built yet")
@@ -406,6 +406,29 @@ def test_status_request_refused_exits_1_without_a_state(
     assert doc["outcome"] == "failed"
     assert doc["code"] == "router_unavailable"
     assert "state" not in doc
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_a_daemon_gone_mid_send_names_the_tx_id_to_ask_about(
+        offline: Network, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], as_json: bool) -> None:
+    """The daemon had the payment and died before answering: it may be paid. The user
+    needs its tx_id (picked by the CLI) to ask, or to send it again safely — a new `send`
+    would pay twice."""
+    monkeypatch.setattr(cli_module, "ControlClient", FakeDaemon)
+    monkeypatch.setattr(FakeDaemon, "reply", ConnectionLost("control socket closed"))
+    argv = ["send", "bob", "1.00", "--config", str(offline.config_path), "--id", "alice"]
+    assert cli_module.main(argv + ["--json"] * as_json) == 3
+    sent = FakeDaemon.asked[-1]
+    assert isinstance(sent, Send)
+    out, err = capsys.readouterr()
+    if as_json:
+        doc = json.loads(out)
+        assert (doc["outcome"], doc["tx_id"]) == ("unknown", sent.tx_id)
+    else:
+        assert f"tx_id {sent.tx_id} may or may not be paid" in err
+        assert f"jackpay-payer status {sent.tx_id}" in err
+        assert f"--tx-id {sent.tx_id}" in err
 
 
 def test_every_tx_state_has_a_status_exit_code() -> None:
