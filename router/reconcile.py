@@ -16,6 +16,7 @@ Rules:
   router, and all balances sum to zero.
 Rows after `router_last_seq` are not judged (payments being committed while the check
 reads); the check is exact up to that seq.
+- a ledger of any size is checked in memory for its accounts, not its rows (`Replay`).
 """
 
 from __future__ import annotations
@@ -26,45 +27,95 @@ from collections.abc import Callable, Iterable, Mapping
 from common.messages import ISSUER, Difference, LedgerRow
 
 
+class Replay:
+    """The ledger's rows folded as they are read, so a check of a ledger of millions of
+    rows holds per-account sums, not the rows.
+
+    A row the router has settled for good when it is read (`settled`: committed at that
+    seq, or from before its start and not being run again) is folded at once: nothing
+    that happens later changes how it is judged. Every other row (near the head, in
+    flight, or not the router's) is held back and judged at `verdict` against the
+    router's state then — exactly as if every row had been read at that moment."""
+
+    __slots__ = ("_held", "_issued", "_read", "_replayed", "base_seq")
+
+    def __init__(self, base_seq: int = 0) -> None:
+        self.base_seq = base_seq
+        self._replayed: dict[str, int] = defaultdict(int)
+        self._issued = 0
+        self._read = 0
+        self._held: list[LedgerRow] = []
+
+    @property
+    def held_back(self) -> int:
+        return len(self._held)
+
+    def add(self, r: LedgerRow, *, settled: bool = False) -> None:
+        self._read += 1
+        if settled:
+            self._fold(r)
+        else:
+            self._held.append(r)
+
+    def _fold(self, r: LedgerRow) -> None:
+        self._replayed[r.sender] -= r.amount
+        self._replayed[r.receiver] += r.amount
+        if r.sender == ISSUER:
+            self._issued += r.amount
+
+    def verdict(self, *, router_last_seq: int, balances: Mapping[str, int],
+                holds: Mapping[str, int], in_flight_debits: Mapping[str, int],
+                in_flight: set[tuple[str, str]], known_seq: Callable[[str, str], int | None]
+                ) -> tuple[list[Difference], int, int]:
+        """(differences, rows read, rows skipped as in flight). Call it once, with no
+        await between reading the router's state and this call."""
+        replayed = defaultdict(int, self._replayed)
+        issued = self._issued
+        skipped = 0
+        diffs: list[Difference] = []
+        for r in self._held:
+            if r.seq > router_last_seq:
+                continue
+            if (r.sender, r.tx_id) in in_flight:
+                skipped += 1
+                continue
+            if r.seq > self.base_seq and known_seq(r.sender, r.tx_id) != r.seq:
+                diffs.append(Difference("row", r.sender, 0, r.amount,
+                                        f"ledger row {r.seq} ({r.tx_id}: {r.sender} -> "
+                                        f"{r.receiver}) is not a payment the router made"))
+            replayed[r.sender] -= r.amount
+            replayed[r.receiver] += r.amount
+            if r.sender == ISSUER:
+                issued += r.amount
+        for account in sorted(set(replayed) | {a for a, v in balances.items() if v}):
+            live, truth = balances.get(account, 0), replayed.get(account, 0)
+            if live != truth:
+                diffs.append(Difference("balance", account, live, truth))
+        for account in sorted(set(holds) | set(in_flight_debits)):
+            held, owed = holds.get(account, 0), in_flight_debits.get(account, 0)
+            if held != owed:
+                diffs.append(Difference("hold", account, held, owed,
+                                        "held funds do not match the payments in flight"))
+        live_issued = -balances.get(ISSUER, 0)
+        if live_issued != issued:
+            diffs.append(Difference("issued", ISSUER, live_issued, issued))
+        total = sum(balances.values())
+        if total:
+            diffs.append(Difference("balance", "(sum of all)", total, 0,
+                                    "balances do not sum to zero"))
+        return diffs, self._read, skipped
+
+
 def reconcile(rows: Iterable[LedgerRow], *, router_last_seq: int,
               balances: Mapping[str, int], holds: Mapping[str, int],
               in_flight_debits: Mapping[str, int], in_flight: set[tuple[str, str]],
               known_seq: Callable[[str, str], int | None],
               base_seq: int = 0) -> tuple[list[Difference], int, int]:
-    """(differences, rows read, rows skipped as in flight)."""
-    replayed: dict[str, int] = defaultdict(int)
-    issued = 0
-    read = skipped = 0
-    diffs: list[Difference] = []
+    """Every row judged at once (`Replay` with none folded early): (differences, rows
+    read, rows skipped as in flight)."""
+    replay = Replay(base_seq)
     for r in rows:
-        read += 1
-        if r.seq > router_last_seq:
-            continue
-        if (r.sender, r.tx_id) in in_flight:
-            skipped += 1
-            continue
-        if r.seq > base_seq and known_seq(r.sender, r.tx_id) != r.seq:
-            diffs.append(Difference("row", r.sender, 0, r.amount,
-                                    f"ledger row {r.seq} ({r.tx_id}: {r.sender} -> "
-                                    f"{r.receiver}) is not a payment the router made"))
-        replayed[r.sender] -= r.amount
-        replayed[r.receiver] += r.amount
-        if r.sender == ISSUER:
-            issued += r.amount
-    for account in sorted(set(replayed) | {a for a, v in balances.items() if v}):
-        live, truth = balances.get(account, 0), replayed.get(account, 0)
-        if live != truth:
-            diffs.append(Difference("balance", account, live, truth))
-    for account in sorted(set(holds) | set(in_flight_debits)):
-        held, owed = holds.get(account, 0), in_flight_debits.get(account, 0)
-        if held != owed:
-            diffs.append(Difference("hold", account, held, owed,
-                                    "held funds do not match the payments in flight"))
-    live_issued = -balances.get(ISSUER, 0)
-    if live_issued != issued:
-        diffs.append(Difference("issued", ISSUER, live_issued, issued))
-    total = sum(balances.values())
-    if total:
-        diffs.append(Difference("balance", "(sum of all)", total, 0,
-                                "balances do not sum to zero"))
-    return diffs, read, skipped
+        replay.add(r)
+    return replay.verdict(router_last_seq=router_last_seq, balances=balances, holds=holds,
+                          in_flight_debits=in_flight_debits, in_flight=in_flight,
+                          known_seq=known_seq)

@@ -93,7 +93,7 @@ from router.plugins import (
     StartInfo,
     load_plugins,
 )
-from router.reconcile import reconcile
+from router.reconcile import Replay
 from router.sessions import Registry, Session
 from router.signatures import PaymentSignatures
 from router.transactions import TxState as RecordState
@@ -453,33 +453,38 @@ class RouterService:
 
     async def reconcile(self) -> ReconcileReply:
         """The live book against a replay of the ledger (router/reconcile.py). Reads
-        every row (paged), then judges in one synchronous step; if payments committed
-        rows beyond what was read in the meantime, reads on (a few times). Raises
-        LedgerUnavailable; RuntimeError if the ledger kept growing faster than it read."""
-        rows: list[LedgerRow] = []
-        next_seq = 1
+        every row (paged), folding those the router has settled for good as they come
+        (memory: the accounts, not the rows), then judges in one synchronous step; if
+        payments committed rows beyond what was read in the meantime, reads on (a few
+        times). Raises LedgerUnavailable; RuntimeError if the ledger kept growing faster
+        than it read."""
+        book, pipeline = self.book, self.pipeline
+        replay = Replay(book.base_seq)
+        next_seq, last_read = 1, 0
         for _ in range(20):
             while True:
                 page = await self.ledger.read(next_seq, REPLAY_PAGE_ROWS)
-                rows.extend(page.rows)
+                inflight, settled_to = pipeline.inflight, book.last_seq
+                for r in page.rows:
+                    key = (r.sender, r.tx_id)
+                    replay.add(r, settled=key not in inflight and (
+                        r.seq <= book.base_seq
+                        or (r.seq <= settled_to and self._known_seq(*key) == r.seq)))
+                if page.rows:
+                    last_read = page.rows[-1].seq
                 next_seq = page.next_seq
                 if not page.rows or page.next_seq > page.last_seq:
                     break
-            book = self.book
-            last_read = rows[-1].seq if rows else 0
             if book.last_seq <= last_read:  # no await from here to the verdict
-                pipeline = self.pipeline
-                in_flight = set(pipeline.inflight)
                 debits: dict[str, int] = {}
                 for p in pipeline.inflight.values():
                     if p.held:
                         for account, amount in p.debits:
                             debits[account] = debits.get(account, 0) + amount
-                diffs, read, skipped = reconcile(
-                    rows, router_last_seq=book.last_seq, balances=book.accounts.snapshot(),
+                diffs, read, skipped = replay.verdict(
+                    router_last_seq=book.last_seq, balances=book.accounts.snapshot(),
                     holds=book.accounts.holds(), in_flight_debits=debits,
-                    in_flight=in_flight, known_seq=self._known_seq,
-                    base_seq=book.base_seq)
+                    in_flight=set(pipeline.inflight), known_seq=self._known_seq)
                 return ReconcileReply(re=0, ok=not diffs, rows=read,
                                       router_last_seq=book.last_seq, differences=diffs,
                                       in_flight_skipped=skipped)

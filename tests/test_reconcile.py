@@ -102,3 +102,29 @@ async def test_reconcile_passes_then_names_a_row_slipped_behind_the_router(tmp_p
     gone = await asyncio.to_thread(run_reconcile, net)
     assert gone.returncode == 3
     assert "is the router running?" in gone.stderr
+
+
+def test_rows_settled_when_read_are_folded_not_kept() -> None:
+    """`Replay` keeps only the rows it cannot judge yet: folding the settled ones as they
+    are read gives the verdict of reading them all at the end."""
+    from router.reconcile import Replay
+
+    state = {"router_last_seq": 3, "balances": {"_issuer": -1000, "alice": 695, "bob": 305},
+             "holds": {}, "in_flight_debits": {}, "in_flight": set(),
+             "known_seq": lambda s, t: {**KNOWN, ("alice", "t2"): 3}.get((s, t))}
+    rows = [*ROWS, row(3, "alice", "bob", 5, "t2")]
+    replay = Replay()
+    for r in rows[:2]:
+        replay.add(r, settled=True)
+    replay.add(rows[2])  # committed only after it was read: judged at the verdict
+    assert replay.held_back == 1
+    assert replay.verdict(**state) == reconcile(rows, **state) == ([], 3, 0)  # type: ignore[arg-type]
+    # a held-back row whose payment is in flight at the verdict is skipped, as before
+    late = Replay()
+    for r in rows[:2]:
+        late.add(r, settled=True)
+    late.add(rows[2])
+    pending = state | {"balances": {"_issuer": -1000, "alice": 700, "bob": 300},
+                       "in_flight": {("alice", "t2")}, "holds": {"alice": 5},
+                       "in_flight_debits": {"alice": 5}}
+    assert late.verdict(**pending) == ([], 3, 1)  # type: ignore[arg-type]
