@@ -25,7 +25,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from common import PROTOCOL_VERSION
 from common.aio import Channel, open_channel, open_unix_channel
@@ -39,6 +39,8 @@ from common.messages import (
     Hello,
     Inspect,
     InspectReply,
+    Reconcile,
+    ReconcileReply,
     Role,
     Welcome,
     decoder_for,
@@ -75,18 +77,33 @@ async def open_ledger_channel(addr: tuple[str, int], *, tls: ClientTls | None,
     return ch
 
 
-async def inspect_router(admin_path: str, timeout: float = 5.0) -> InspectReply:
-    """The router's own view (balances, holds, payments in flight) from its admin socket."""
+A = TypeVar("A", InspectReply, ReconcileReply)
+
+
+async def _admin(admin_path: str, request: Inspect | Reconcile, expect: type[A],
+                 timeout: float) -> A:
     ch = await open_unix_channel(admin_path, decoder_for(ADMIN_REPLIES), name="router-admin",
                                  max_frame_bytes=ADMIN_MAX_FRAME_BYTES)
     try:
         await ch.request(Hello(id=0, version=PROTOCOL_VERSION, role="admin", peer="harness"), timeout=timeout)
-        reply = await ch.request(Inspect(id=0), timeout=timeout)
+        reply = await ch.request(request, timeout=timeout)
     finally:
         await ch.aclose()
-    if not isinstance(reply, InspectReply):
-        raise TypeError(f"router admin answered inspect with {type(reply).__name__}")
+    if not isinstance(reply, expect):
+        raise TypeError(f"router admin answered {type(request).__name__.lower()} with "
+                        f"{type(reply).__name__}")
     return reply
+
+
+async def inspect_router(admin_path: str, timeout: float = 5.0) -> InspectReply:
+    """The router's own view (balances, holds, payments in flight) from its admin socket."""
+    return await _admin(admin_path, Inspect(id=0), InspectReply, timeout)
+
+
+async def reconcile_router(admin_path: str, timeout: float = 60.0) -> ReconcileReply:
+    """The router's own check of its live book against the ledger (`jackpay-router
+    reconcile`)."""
+    return await _admin(admin_path, Reconcile(id=0), ReconcileReply, timeout)
 
 
 async def wait_router_quiet(admin_path: str, seconds: float = 10.0) -> InspectReply:
@@ -282,6 +299,9 @@ class Network:
                 raise TimeoutError(f"the router's ledger link is not {'up' if connected else 'down'}"
                                    f" after {seconds:.0f} s")
             await asyncio.sleep(0.05)
+
+    async def reconcile(self) -> ReconcileReply:
+        return await reconcile_router(self.admin_path)
 
     async def wait_quiet(self, seconds: float = 10.0) -> InspectReply:
         return await wait_router_quiet(self.admin_path, seconds)

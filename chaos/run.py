@@ -151,6 +151,7 @@ class Chaos:
         self.failovers: list[Failover] = []
         self.signatures: SignatureAudit | None = None  # the audit of the final ledger
         self.receipts_held = 0  # the ledger's receipts kept by the daemons, all checked
+        self.reconciled_rows = 0  # rows the router's own reconcile read at the end
         self.standby_outages: list[tuple[float, float]] = []  # (died, restarted), monotonic
         self.workload: Workload | None = None
         self.payer_ids = [f"payer{i}" for i in range(payers)]
@@ -387,6 +388,7 @@ class Chaos:
             pool_empty = await self.wait_pool_empty(float(MIX_SETTINGS["max_wait_s"])
                                                     + MIX_GRACE_S) if self.mix else True
             state = await self.net.wait_quiet(20.0)
+            reconciled = await self.net.reconcile()  # the router's own check, too
             if self._rto_tasks:
                 await asyncio.wait(self._rto_tasks, timeout=5)
         finally:
@@ -414,6 +416,11 @@ class Chaos:
             walk.add(row)
         if (problem := walk.finish()) is not None:
             report.violations.append(Violation("verify --keys --receipts", problem))
+        self.reconciled_rows = reconciled.rows
+        if not reconciled.ok:
+            report.violations.append(Violation("reconcile", "; ".join(
+                f"{d.what} {d.account}: router {d.router}, ledger {d.ledger} {d.detail}".strip()
+                for d in reconciled.differences)))
         if self.cluster is not None:
             verdict = await verify_database(self.net.dsn)
             if not verdict.ok:
@@ -453,6 +460,7 @@ def summarise(chaos: Chaos, report: Report, workload: Workload) -> dict[str, Any
         "ledger_rows": report.rows, "violations": [str(v) for v in report.violations],
         "signatures": chaos.signatures.summary() if chaos.signatures else None,
         "receipts_checked": chaos.receipts_held,
+        "reconciled_rows": chaos.reconciled_rows,
         "store": chaos.store,
         "failovers": [{"rpo_lost": f.lost, "acked_before": f.acked, "rto_s": f.rto_s}
                       for f in chaos.failovers],
@@ -485,6 +493,9 @@ async def amain(args: argparse.Namespace) -> int:
         print(f"indeterminate then resolved: {summary['indeterminate_then_resolved']}")
         print(f"verify --keys: {summary['signatures']}; receipts checked: "
               f"{summary['receipts_checked']}")
+        print(f"router reconcile: {summary['reconciled_rows']} ledger rows read, no difference"
+              if not any(v.startswith("reconcile") for v in summary["violations"])
+              else "router reconcile: differences (see violations)")
         print(f"faults injected: {summary['faults_injected']}")
         print(f"ledger rows: {summary['ledger_rows']}")
         for i, f in enumerate(chaos.failovers, 1):
