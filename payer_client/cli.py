@@ -9,6 +9,7 @@ minor units inside; output is for people by default and one JSON document per re
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import re
@@ -62,7 +63,8 @@ EXIT_CODES = """exit codes:
   1  the payment (or request) was refused or failed; its error code is printed
   2  usage or config error (bad amount, id, tx_id, config file); nothing was sent
   3  the payer daemon is not reachable (not running, or it went away)
-  4  status: pending (not decided yet; ask again or re-send the same tx_id)
+  4  status: pending (not decided yet; ask again or re-send the same tx_id); send: the
+     outcome is unknown (the daemon went away, or you interrupted it): the tx_id is printed
   5  status: unknown (the router has no record of that payment)
 
 examples:
@@ -235,6 +237,9 @@ def _talk(args: argparse.Namespace, config: NetworkConfig, action: Action) -> in
 
     async def go() -> int:
         client = ControlClient(path, args.payer_id, hint)
+        task = asyncio.current_task()
+        if task is not None:  # SIGTERM as Ctrl-C: a `send` prints its tx_id first
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
         try:
             await client.connect()
             return await action(client)
@@ -248,7 +253,10 @@ def _talk(args: argparse.Namespace, config: NetworkConfig, action: Action) -> in
         finally:
             await client.close()
 
-    return aio.run(go, fast=False)
+    try:
+        return aio.run(go, fast=False)
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        return 130  # what a shell reports for Ctrl-C; what was in hand is printed
 
 
 # --- commands ----------------------------------------------------------------------
@@ -268,25 +276,32 @@ def _fail(exc: RequestFailed, as_json: bool, tx_id: str | None = None) -> int:
 
 
 async def _do_send(client: ControlClient, send: Send, as_json: bool) -> int:
+    tx_id = send.tx_id or ""  # never empty: the CLI picks one when none is given
     try:
         paid = await client.request(send, Paid)
     except RequestFailed as exc:
         return _fail(exc, as_json, send.tx_id)
     except ConnectionLost:
-        # The daemon had the payment and is gone: it may have been paid. Its tx_id (ours)
-        # is how to ask, or to send it again without paying twice.
-        tx_id = send.tx_id
-        message = (f"the payer daemon for {client.payer_id} went away before answering: "
-                   f"tx_id {tx_id} may or may not be paid. Once the daemon runs again, "
-                   f"`jackpay-payer status {tx_id}` tells; `jackpay-payer send ... --tx-id "
-                   f"{tx_id}` pays it at most once")
-        if as_json:
-            _emit(json.dumps({"outcome": "unknown", "tx_id": tx_id, "message": message}))
-        else:
-            print(f"jackpay-payer: {message}", file=sys.stderr, flush=True)
-        return EXIT_NO_DAEMON
+        _outcome_unknown(tx_id, f"the payer daemon for {client.payer_id} went away "
+                         "before answering", as_json)
+        return EXIT_PENDING
+    except asyncio.CancelledError:  # Ctrl-C or SIGTERM: the daemon goes on with it
+        _outcome_unknown(tx_id, "interrupted before the answer", as_json)
+        raise
     _emit(render.paid(paid, send, as_json))
     return EXIT_OK
+
+
+def _outcome_unknown(tx_id: str, why: str, as_json: bool) -> None:
+    """A `send` the daemon had and did not answer: it may be paid. Its tx_id (ours) is how
+    to ask, or to send it again without paying twice — a new `send` could pay twice."""
+    message = (f"{why}: tx_id {tx_id} may or may not be paid. `jackpay-payer status "
+               f"{tx_id}` tells (once the daemon runs); `jackpay-payer send ... --tx-id "
+               f"{tx_id}` pays it at most once")
+    if as_json:
+        _emit(json.dumps({"outcome": "unknown", "tx_id": tx_id, "message": message}))
+    else:
+        print(f"jackpay-payer: {message}", file=sys.stderr, flush=True)
 
 
 async def _ask(client: ControlClient, req: Message, expect: type[Any],

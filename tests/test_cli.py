@@ -5,6 +5,7 @@ scripts/demo end to end."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -418,7 +419,7 @@ def test_a_daemon_gone_mid_send_names_the_tx_id_to_ask_about(
     monkeypatch.setattr(cli_module, "ControlClient", FakeDaemon)
     monkeypatch.setattr(FakeDaemon, "reply", ConnectionLost("control socket closed"))
     argv = ["send", "bob", "1.00", "--config", str(offline.config_path), "--id", "alice"]
-    assert cli_module.main(argv + ["--json"] * as_json) == 3
+    assert cli_module.main(argv + ["--json"] * as_json) == 4  # not decided, as far as we know
     sent = FakeDaemon.asked[-1]
     assert isinstance(sent, Send)
     out, err = capsys.readouterr()
@@ -429,6 +430,33 @@ def test_a_daemon_gone_mid_send_names_the_tx_id_to_ask_about(
         assert f"tx_id {sent.tx_id} may or may not be paid" in err
         assert f"jackpay-payer status {sent.tx_id}" in err
         assert f"--tx-id {sent.tx_id}" in err
+
+
+def test_an_interrupted_send_prints_its_tx_id(offline: Network,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C (or SIGTERM) while the daemon works on it: the daemon goes on, so the user
+    gets the tx_id to ask about — not a traceback."""
+
+    class Stuck(FakeDaemon):
+        async def request(self, msg: object, expect: type) -> object:
+            FakeDaemon.asked.append(msg)
+            await asyncio.Event().wait()  # the answer never comes
+            raise AssertionError("unreachable")
+
+    send = Send(id=0, to="bob", amount=100, tx_id="t-ctrl-c")
+
+    async def interrupt() -> None:
+        task = asyncio.ensure_future(cli_module._do_send(Stuck(Path(), "alice", ""), send,
+                                                         False))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(interrupt())
+    err = capsys.readouterr().err
+    assert "interrupted before the answer: tx_id t-ctrl-c may or may not be paid" in err
+    assert "--tx-id t-ctrl-c" in err
 
 
 def test_every_tx_state_has_a_status_exit_code() -> None:
