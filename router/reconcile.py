@@ -11,7 +11,8 @@ Rules:
   sender's tx_id at that seq); a row written behind the router's back is named by its
   seq;
 - every hold must be a payment in flight: the sum of the held payments' debits, per
-  account, equals the router's holds;
+  account, equals the router's holds; rows from before the router's start are in the
+  balances it started from, so they are judged even while a retry of theirs runs;
 - the issued total: what `_issuer` paid out in the ledger equals minus its balance in the
   router, and all balances sum to zero.
 Rows after `router_last_seq` are not judged (payments being committed while the check
@@ -25,6 +26,20 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 
 from common.messages import ISSUER, Difference, LedgerRow
+
+
+def settled_when_read(r: LedgerRow, *, base_seq: int, settled_to: int,
+                      in_flight: set[tuple[str, str]] | dict[tuple[str, str], object],
+                      known_seq: Callable[[str, str], int | None]) -> bool:
+    """Whether row `r`, read now, is in the router's balances for good (`Replay.add`): a
+    row from before its start (in the balances it started from, even while a retry of
+    that payment runs again: `Book.commit` only releases that hold), or a payment it
+    committed at that seq and is not running. Paid records are never dropped and never
+    run again, and `settled_to` (`Book.last_seq`) only rises."""
+    if r.seq <= base_seq:
+        return True
+    key = (r.sender, r.tx_id)
+    return r.seq <= settled_to and key not in in_flight and known_seq(*key) == r.seq
 
 
 class Replay:
@@ -76,7 +91,7 @@ class Replay:
         for r in self._held:
             if r.seq > router_last_seq:
                 continue
-            if (r.sender, r.tx_id) in in_flight:
+            if r.seq > self.base_seq and (r.sender, r.tx_id) in in_flight:
                 skipped += 1
                 continue
             if r.seq > self.base_seq and known_seq(r.sender, r.tx_id) != r.seq:

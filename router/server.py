@@ -93,7 +93,7 @@ from router.plugins import (
     StartInfo,
     load_plugins,
 )
-from router.reconcile import Replay
+from router.reconcile import Replay, settled_when_read
 from router.sessions import Registry, Session
 from router.signatures import PaymentSignatures
 from router.transactions import TxState as RecordState
@@ -216,6 +216,7 @@ class RouterService:
         self._server: asyncio.Server | None = None
         self._connections: set[Channel] = set()
         self._key_watch: asyncio.TimerHandle | None = None
+        self._openings_in_flight: set[tuple[str, str]] = set()  # appended, unanswered
         self.addr: tuple[str, int] = (host, port)
         self.admin = AdminServer(self, admin_path or cfg.resolve(rc.admin_socket))
         try:
@@ -390,8 +391,13 @@ class RouterService:
             if not rows:
                 return
             rows = self._signed_openings(rows)
-            futs = [self.ledger.append(r) for r in rows]
-            results = await asyncio.gather(*futs, return_exceptions=True)
+            keys = {(r.sender, r.tx_id) for r in rows}
+            self._openings_in_flight |= keys  # written perhaps, not applied yet: reconcile
+            try:
+                futs = [self.ledger.append(r) for r in rows]
+                results = await asyncio.gather(*futs, return_exceptions=True)
+            finally:
+                self._openings_in_flight -= keys
             for row_in, res in zip(rows, results, strict=True):
                 if isinstance(res, LedgerUnavailable):
                     log_event(log, "opening balance not issued yet; retrying", logging.WARNING,
@@ -464,12 +470,11 @@ class RouterService:
         for _ in range(20):
             while True:
                 page = await self.ledger.read(next_seq, REPLAY_PAGE_ROWS)
-                inflight, settled_to = pipeline.inflight, book.last_seq
+                in_flight, settled_to = self._rows_in_flight(), book.last_seq
                 for r in page.rows:
-                    key = (r.sender, r.tx_id)
-                    replay.add(r, settled=key not in inflight and (
-                        r.seq <= book.base_seq
-                        or (r.seq <= settled_to and self._known_seq(*key) == r.seq)))
+                    replay.add(r, settled=settled_when_read(
+                        r, base_seq=book.base_seq, settled_to=settled_to,
+                        in_flight=in_flight, known_seq=self._known_seq))
                 if page.rows:
                     last_read = page.rows[-1].seq
                 next_seq = page.next_seq
@@ -484,11 +489,18 @@ class RouterService:
                 diffs, read, skipped = replay.verdict(
                     router_last_seq=book.last_seq, balances=book.accounts.snapshot(),
                     holds=book.accounts.holds(), in_flight_debits=debits,
-                    in_flight=set(pipeline.inflight), known_seq=self._known_seq)
+                    in_flight=self._rows_in_flight(), known_seq=self._known_seq)
                 return ReconcileReply(re=0, ok=not diffs, rows=read,
                                       router_last_seq=book.last_seq, differences=diffs,
                                       in_flight_skipped=skipped)
         raise RuntimeError("the ledger grew faster than the check could read it")
+
+    def _rows_in_flight(self) -> set[tuple[str, str]]:
+        """(sender, tx_id) of every row whose append is unanswered: each leg of the
+        payments in flight (a fee's `_leg2:` row too), and the openings being issued."""
+        keys = {(leg.sender, leg.tx_id) for p in self.pipeline.inflight.values()
+                for leg in p.legs}
+        return keys | self._openings_in_flight
 
     def _known_seq(self, sender: str, tx_id: str) -> int | None:
         rec = self.book.txs.get(sender, tx_id)

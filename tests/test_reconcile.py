@@ -104,6 +104,41 @@ async def test_reconcile_passes_then_names_a_row_slipped_behind_the_router(tmp_p
     assert "is the router running?" in gone.stderr
 
 
+def test_which_rows_are_settled_when_read() -> None:
+    """Folded at once: rows from before the router's start (even while a retry of that
+    old payment runs again: its money is in the balances the router started from), and
+    payments committed at that seq, not running. Held back: anything near the head, in
+    flight (every leg), or not the router's."""
+    from router.reconcile import settled_when_read
+
+    known = {("alice", "t1"): 12, ("alice", "_leg2:t1"): 11}
+
+    def settled(r: LedgerRow, in_flight: set[tuple[str, str]] = frozenset()) -> bool:  # type: ignore[assignment]
+        return settled_when_read(r, base_seq=10, settled_to=20, in_flight=in_flight,
+                                 known_seq=lambda s, t: known.get((s, t)))
+
+    old = row(5, "alice", "bob", 1, "t0")
+    assert settled(old)
+    assert settled(old, {("alice", "t0")})  # a retry of it runs: still in the balances
+    assert settled(row(12, "alice", "bob", 1, "t1"))
+    assert settled(row(11, "alice", "_fee", 1, "_leg2:t1"))
+    assert not settled(row(12, "alice", "bob", 1, "t1"), {("alice", "t1")})
+    assert not settled(row(21, "alice", "bob", 1, "t9"))  # beyond what is committed
+    assert not settled(row(13, "bob", "mallory", 1, "x"))  # not the router's
+    assert not settled(row(14, "alice", "bob", 1, "t1"))  # its tx_id, at another seq
+
+
+def test_a_row_from_before_the_start_is_judged_even_while_its_retry_runs() -> None:
+    """Its money is in the balances the router started from (`Book.commit` only releases
+    a retry's hold): skipping it would name a false difference."""
+    rows = [*ROWS, row(3, "alice", "bob", 5, "t2")]
+    state = {"router_last_seq": 3, "balances": {"_issuer": -1000, "alice": 695, "bob": 305},
+             "holds": {"alice": 5}, "in_flight_debits": {"alice": 5},
+             "in_flight": {("alice", "t2")}, "known_seq": lambda s, t: None}
+    diffs, _, skipped = reconcile(rows, base_seq=3, **state)  # type: ignore[arg-type]
+    assert (diffs, skipped) == ([], 0)
+
+
 def test_rows_settled_when_read_are_folded_not_kept() -> None:
     """`Replay` keeps only the rows it cannot judge yet: folding the settled ones as they
     are read gives the verdict of reading them all at the end."""
