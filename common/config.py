@@ -30,12 +30,14 @@ NetworkId = Annotated[str, msgspec.Meta(pattern=NETWORK_ID_PATTERN)]
 PathText = Annotated[str, msgspec.Meta(pattern=r"^[^\x00]*$", max_length=4096)]
 
 
-def parse_host_port(text: str) -> tuple[str, int]:
-    """`HOST:PORT` (port 0: any; an IPv6 host may be in brackets). Raises ValueError."""
+def parse_host_port(text: str, *, listen: bool = True) -> tuple[str, int]:
+    """`HOST:PORT` (an IPv6 host may be in brackets); port 0 (any free port) only for an
+    address to `listen` on, not one to connect to. Raises ValueError."""
     host, sep, port = text.rpartition(":")
-    if not sep or not host.strip("[]") or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{text!r}: expected HOST:PORT with a port 0-65535, "
-                         "e.g. 127.0.0.1:9401")
+    low = 0 if listen else 1
+    if not sep or not host.strip("[]") or not port.isdigit() or not low <= int(port) <= 65535:
+        raise ValueError(f"{text!r}: expected HOST:PORT with a port {low}-65535, "
+                         f"e.g. 127.0.0.1:{9401 if listen else 7400}")
     return host.strip("[]"), int(port)
 
 

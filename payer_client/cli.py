@@ -19,7 +19,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from common import aio
-from common.config import NetworkConfig, load_config
+from common.config import NetworkConfig, load_config, parse_host_port
 from common.errors import ConfigError, ConnectionLost, JackPayError, RequestFailed
 from common.logs import setup_logging
 from common.messages import (
@@ -182,11 +182,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_daemon(args: argparse.Namespace, config: NetworkConfig) -> int:
-    from payer_client.daemon import parse_host_port, serve
+    from payer_client.daemon import serve
 
     if args.router:
         try:
-            router = parse_host_port(args.router)
+            router = parse_host_port(args.router, listen=False)
         except ValueError as exc:
             raise UsageError(f"--router: {exc}") from None
     else:

@@ -457,14 +457,6 @@ class PayerDaemon:
                 self.watchers.discard(ch)
 
 
-def parse_host_port(text: str) -> tuple[str, int]:
-    """`127.0.0.1:7400` -> ("127.0.0.1", 7400). Raises ValueError with a readable reason."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:7400)")
-    return host.strip("[]"), int(port)
-
-
 async def serve(config: NetworkConfig, payer_id: str, router: tuple[str, int],
                 metrics_addr: str | None = None) -> int:
     """Run the daemon until SIGTERM/SIGINT; returns the exit code."""

@@ -72,3 +72,15 @@ def test_a_metrics_addr_that_is_not_host_port_is_refused_at_load(table: str, add
 @pytest.mark.parametrize("addr", ["", "127.0.0.1:9401", "localhost:0", "[::1]:9401", "::1:9401"])
 def test_metrics_addrs_that_are_host_port(addr: str) -> None:
     assert parse_config(f'{GOOD}\n[router]\nmetrics_addr = "{addr}"\n').router.metrics_addr == addr
+
+
+def test_a_router_address_to_connect_to_needs_a_real_port(tmp_path: Path) -> None:
+    """`jackpay-payer run --router HOST:0` cannot connect anywhere: a usage error."""
+    config = tmp_path / "network.toml"
+    config.write_text(GOOD)
+    proc = subprocess.run([sys.executable, "-m", "payer_client", "run", "--config",
+                           str(config), "--id", "alice", "--router", "127.0.0.1:0"],
+                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=30,
+                          check=False)
+    assert proc.returncode == 2
+    assert "--router: '127.0.0.1:0': expected HOST:PORT with a port 1-65535" in proc.stderr
