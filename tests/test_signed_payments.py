@@ -139,11 +139,11 @@ async def test_verify_keys_names_a_row_forged_into_the_file(network: Network) ->
     assert f"row {forged.seq}: alice's debit (tx_id t-x) is not signed by alice" in done.stdout
 
 
-async def pay_keeping_receipts(network: Network, tmp_path: Path, n: int
-                               ) -> tuple[Path, Paid, Peer]:
+async def pay_keeping_receipts(network: Network, tmp_path: Path, n: int,
+                               **router_settings: object) -> tuple[Path, Paid, Peer]:
     """alice pays bob `n` times (tx_ids t0…), keeping the ledger's receipts in
     `receipts/alice.jsonl` as her daemon would: (that folder, the last `paid`, bob)."""
-    up(network, {"alice": "10.00", "bob": "5.00"})
+    up(network, {"alice": "10.00", "bob": "5.00"}, **router_settings)
     alice, bob = await connect(network, "alice"), await connect(network, "bob")
     kept = tmp_path / "receipts"
     kept.mkdir()
@@ -187,6 +187,31 @@ async def test_a_retried_pay_gets_the_ledgers_receipt_too(network: Network,
     done = verify_cli(network, "--keys", str(network.config_path), "--receipts", str(kept))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "4 receipts of the ledger hold" in done.stdout
+
+
+async def test_receipt_lookups_have_a_budget_of_their_own(network: Network,
+                                                           tmp_path: Path) -> None:
+    """With the ledger frozen, re-sends of a paid tx_id wait for their receipt, at most
+    MAX_RECEIPT_LOOKUPS at once; the next is answered `paid` at once, without one. Once
+    the ledger answers, the waiting ones get theirs."""
+    from router.payments import MAX_RECEIPT_LOOKUPS
+
+    # the lookups wait for the frozen ledger, not for the router's timeout
+    _kept, first, _bob = await pay_keeping_receipts(network, tmp_path, 1, ledger_timeout_s=30.0)
+    ledger = network.procs["ledger"]
+    async with network.client("alice") as alice:
+        ledger.pause()
+        try:
+            waiting = [asyncio.ensure_future(alice.send_payment("bob", 100, "", "t0"))
+                       for _ in range(MAX_RECEIPT_LOOKUPS)]
+            await asyncio.sleep(0.5)
+            assert not any(w.done() for w in waiting)  # each waits for the ledger
+            over = await asyncio.wait_for(alice.send_payment("bob", 100, "", "t0"), 10)
+            assert (over.seq, over.proof) == (first.seq, None)
+        finally:
+            ledger.resume()
+        answered = await asyncio.wait_for(asyncio.gather(*waiting), 30)
+    assert all(p.seq == first.seq and p.proof is not None for p in answered)
 
 
 async def network_client_pay(network: Network, payer: str, tx_id: str, amount: int) -> Paid:
