@@ -25,19 +25,16 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from common import PROTOCOL_VERSION
-from common.aio import Channel, open_channel, open_unix_channel
+from common.aio import Channel, open_channel
 from common.config import NetworkConfig, load_config
 from common.keygen import ensure_keys
 from common.keys import KeyStore
 from common.messages import (
-    ADMIN_MAX_FRAME_BYTES,
-    ADMIN_REPLIES,
     LEDGER_REPLIES,
     Hello,
-    Inspect,
     InspectReply,
     Reconcile,
     ReconcileReply,
@@ -48,6 +45,7 @@ from common.messages import (
 from common.procs import Proc, python_module
 from common.tls import ClientTls, client_tls
 from payer_client.client import PayerClient
+from router.inspect_cli import NotAnswering, ask, fetch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,33 +75,19 @@ async def open_ledger_channel(addr: tuple[str, int], *, tls: ClientTls | None,
     return ch
 
 
-A = TypeVar("A", InspectReply, ReconcileReply)
-
-
-async def _admin(admin_path: str, request: Inspect | Reconcile, expect: type[A],
-                 timeout: float) -> A:
-    ch = await open_unix_channel(admin_path, decoder_for(ADMIN_REPLIES), name="router-admin",
-                                 max_frame_bytes=ADMIN_MAX_FRAME_BYTES)
-    try:
-        await ch.request(Hello(id=0, version=PROTOCOL_VERSION, role="admin", peer="harness"), timeout=timeout)
-        reply = await ch.request(request, timeout=timeout)
-    finally:
-        await ch.aclose()
-    if not isinstance(reply, expect):
-        raise TypeError(f"router admin answered {type(request).__name__.lower()} with "
-                        f"{type(reply).__name__}")
-    return reply
-
-
 async def inspect_router(admin_path: str, timeout: float = 5.0) -> InspectReply:
-    """The router's own view (balances, holds, payments in flight) from its admin socket."""
-    return await _admin(admin_path, Inspect(id=0), InspectReply, timeout)
+    """The router's own view (balances, holds, payments in flight) from its admin socket
+    (router/inspect_cli.py's client). Raises NotAnswering."""
+    return await fetch(admin_path, timeout)
 
 
 async def reconcile_router(admin_path: str, timeout: float = 60.0) -> ReconcileReply:
     """The router's own check of its live book against the ledger (`jackpay-router
-    reconcile`)."""
-    return await _admin(admin_path, Reconcile(id=0), ReconcileReply, timeout)
+    reconcile`). Raises NotAnswering."""
+    reply = await ask(admin_path, Reconcile(id=0), timeout)
+    if not isinstance(reply, ReconcileReply):
+        raise NotAnswering(f"the router answered reconcile with {type(reply).__name__}")
+    return reply
 
 
 async def wait_router_quiet(admin_path: str, seconds: float = 10.0) -> InspectReply:
