@@ -37,7 +37,7 @@ from common.logs import log_event
 from common.messages import RowIn
 from common.signing import PAY_TAG, RECEIPT_TAG, payment_bytes
 from router.keyring import PayerKeys
-from router.verifier import encode_job, verify_raw
+from router.verifier import decode_job, encode_job, verify_raw
 
 log = logging.getLogger("jackpay.router")
 
@@ -208,7 +208,7 @@ class PaymentSignatures:
         pending, self._pending = self._pending, deque()
         self._unsent = 0
         for job, done in pending:
-            key, sig, data = job[:32], job[32:96], job[100:]
+            key, sig, data, _ = decode_job(job)
             try:
                 done(verify_raw(key, sig, data))
             except Exception:  # one payment's failure must not drop the others' answers

@@ -32,15 +32,20 @@ def verify_raw(public_key: bytes, sig: bytes, data: bytes) -> bool:
     return True
 
 
-def check(job: memoryview) -> tuple[int, int]:
-    """Verify the job at the start of `job`: (1 or 0, its length)."""
-    (n,) = _LEN.unpack_from(job, 96)
-    ok = verify_raw(bytes(job[:32]), bytes(job[32:96]), bytes(job[100 : 100 + n]))
-    return int(ok), 100 + n
-
-
 def encode_job(key: bytes, sig: bytes, data: bytes) -> bytes:
     return key + sig + _LEN.pack(len(data)) + data
+
+
+def decode_job(job: bytes | memoryview) -> tuple[bytes, bytes, bytes, int]:
+    """The job at the start of `job`: (key, signature, signed bytes, its length)."""
+    (n,) = _LEN.unpack_from(job, 96)
+    return bytes(job[:32]), bytes(job[32:96]), bytes(job[100 : 100 + n]), 100 + n
+
+
+def check(job: memoryview) -> tuple[int, int]:
+    """Verify the job at the start of `job`: (1 or 0, its length)."""
+    key, sig, data, used = decode_job(job)
+    return int(verify_raw(key, sig, data)), used
 
 
 def main() -> int:
