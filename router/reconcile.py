@@ -82,13 +82,13 @@ class Replay:
                 holds: Mapping[str, int], in_flight_debits: Mapping[str, int],
                 in_flight: set[tuple[str, str]], known_seq: Callable[[str, str], int | None]
                 ) -> tuple[list[Difference], int, int]:
-        """(differences, rows read, rows skipped as in flight). Call it once, with no
-        await between reading the router's state and this call."""
-        replayed = defaultdict(int, self._replayed)
-        issued = self._issued
+        """(differences, rows read, rows skipped as in flight). Call it once (it folds
+        the held-back rows in), with no await between reading the router's state and
+        this call."""
         skipped = 0
         diffs: list[Difference] = []
-        for r in self._held:
+        waiting, self._held = self._held, []
+        for r in waiting:
             if r.seq > router_last_seq:
                 continue
             if r.seq > self.base_seq and (r.sender, r.tx_id) in in_flight:
@@ -98,10 +98,8 @@ class Replay:
                 diffs.append(Difference("row", r.sender, 0, r.amount,
                                         f"ledger row {r.seq} ({r.tx_id}: {r.sender} -> "
                                         f"{r.receiver}) is not a payment the router made"))
-            replayed[r.sender] -= r.amount
-            replayed[r.receiver] += r.amount
-            if r.sender == ISSUER:
-                issued += r.amount
+            self._fold(r)
+        replayed, issued = self._replayed, self._issued
         for account in sorted(set(replayed) | {a for a, v in balances.items() if v}):
             live, truth = balances.get(account, 0), replayed.get(account, 0)
             if live != truth:
