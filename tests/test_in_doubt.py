@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 from netkit import Network
-from test_payments import Decide, Peer, connect, eventually, inspect, ledger_rows
+from paykit import Decide, Peer, connect, eventually, ledger_rows
 
 from chaos.checker import Attempt, Operation, RouterView, check
 from chaos.proxy import FaultProxy
@@ -103,7 +103,7 @@ async def assert_invariants(net: Network, ops: list[Operation]) -> None:
 
 
 async def step_of(net: Network, tx_id: str) -> str | None:
-    state = await inspect(net)
+    state = await net.inspect()
     return next((f.step for f in state.in_flight if f.tx_id == tx_id), None)
 
 
@@ -351,7 +351,7 @@ async def test_receiver_killed_between_receipt_and_settled(network: Network) -> 
         assert result.kind == "ok"  # the payment stands: it is in the ledger
         proxy.heal()
         assert len(rows_for(network, op.tx_id)) == 1
-        assert "bob" not in (await inspect(network)).sessions
+        assert "bob" not in (await network.inspect()).sessions
 
         await asyncio.to_thread(network.restart, "bob")
         bob = await Control.open(network, "bob")

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import msgspec
 import pytest
 from netkit import Network
-from test_payments import (
+from paykit import (
     assert_conserved,
     assert_router_agrees,
     connect,

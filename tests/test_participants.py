@@ -11,8 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -20,6 +18,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from netkit import REPO_ROOT, Network
+from paykit import eventually
 
 from common.config import load_config, parse_config
 from common.errors import ConfigError, RequestFailed
@@ -50,13 +49,6 @@ async def listing(net: Network) -> dict[str, dict[str, object]]:
 def opening_rows(net: Network, payer_id: str) -> int:
     with net.ledger_path.open(newline="") as f:
         return sum(1 for r in csv.DictReader(f) if r["tx_id"] == f"_open:{payer_id}")
-
-
-async def eventually(cond: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 def up(tmp_path: Path, **participants: str) -> Network:

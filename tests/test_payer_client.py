@@ -623,7 +623,7 @@ def test_a_daemon_whose_session_loop_dies_exits_instead_of_hanging(tmp_path: Pat
     import subprocess
 
     from netkit import Network
-    from test_payments import up
+    from paykit import up
 
     net = Network(tmp_path)
     up(net, {"alice": "10.00"})
@@ -653,7 +653,7 @@ async def test_the_control_socket_answers_every_send_and_names_its_tx_id(
     one: a new tx_id would be a second payment); a tx_id `pay` cannot carry is refused
     `bad_request`, never left without an answer."""
     from netkit import Network
-    from test_payments import up
+    from paykit import up
 
     from common.aio import open_unix_channel
     from common.messages import CONTROL_REPLIES, Send

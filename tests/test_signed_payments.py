@@ -12,7 +12,7 @@ from pathlib import Path
 import msgspec
 import pytest
 from netkit import Network
-from test_payments import (
+from paykit import (
     Peer,
     assert_conserved,
     assert_router_agrees,
