@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from bench.load import Op, Result, closed_loop, cpu_seconds, measure_fsync, open_loop, rss_kib
 from bench.stall import StallProbes
 from common import PROTOCOL_VERSION
@@ -607,13 +609,9 @@ class Bench:
 
         async def scrape() -> None:
             nonlocal scrapes
-            host, _, port = on.router.ready["metrics"].rpartition(":")
             while True:
-                reader, writer = await asyncio.open_connection(host, int(port))
-                writer.write(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
-                body = await reader.read()
-                writer.close()
-                if b"jackpay_router_payments_total" in body:
+                if "jackpay_router_payments_total" in await fetch_metrics(
+                        on.router.ready["metrics"]):
                     scrapes += 1
                 await asyncio.sleep(1.0)
 
@@ -842,22 +840,32 @@ def machine() -> dict[str, Any]:
     return info
 
 
+async def fetch_metrics(addr: str) -> str:
+    """The text of a service's /metrics at HOST:PORT (one HTTP/1.0 GET, without blocking
+    the loop that drives the load)."""
+    host, _, port = addr.rpartition(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
+        response = (await reader.read()).decode()
+    finally:
+        writer.close()
+    return response.partition("\r\n\r\n")[2]
+
+
 async def scrape_histogram(net: _PaymentNetwork, name: str) -> dict[str, float]:
     """One histogram of the router's /metrics: {"le bound": cumulative count, ...,
     "sum": s, "count": n}."""
-    host, _, port = net.router.ready["metrics"].rpartition(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
-    body = (await reader.read()).decode()
-    writer.close()
+    text = await fetch_metrics(net.router.ready["metrics"])
     out: dict[str, float] = {}
-    for line in body.splitlines():
-        if line.startswith(f"{name}_bucket{{"):
-            le = line.split('le="', 1)[1].split('"', 1)[0]
-            out[le] = float(line.rsplit(" ", 1)[1])
-        elif line.startswith((f"{name}_sum", f"{name}_count")):
-            key, value = line.split(" ", 1)
-            out[key.rsplit("_", 1)[1]] = float(value)
+    for family in text_string_to_metric_families(text):
+        if family.name != name:
+            continue
+        for sample in family.samples:
+            if sample.name == f"{name}_bucket":
+                out[sample.labels["le"]] = sample.value
+            elif sample.name in (f"{name}_sum", f"{name}_count"):
+                out[sample.name.rsplit("_", 1)[1]] = sample.value
     return out
 
 
