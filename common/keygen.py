@@ -133,14 +133,20 @@ class _Keys:
         if self._log is not None:
             self._log(line)
 
-    def write(self, path: Path, data: bytes, verb: str, until: datetime | None = None) -> None:
-        """Atomically: "created" links a new file (never overwrites), else renames over."""
+    def _folders_for(self, path: Path) -> bool:
+        """Make the folders `path` goes in (0700 private, 0755 public, never group or
+        world-writable); True if it is a private file."""
         s = self.store
         private = path.is_relative_to(s.private_dir)
-        mode = 0o600 if private else 0o644
-        s.root.mkdir(mode=0o755, parents=True, exist_ok=True)  # never group/world-writable
+        s.root.mkdir(mode=0o755, parents=True, exist_ok=True)
         for d in (s.private_dir if private else s.public_dir, path.parent):
             d.mkdir(mode=0o700 if private else 0o755, exist_ok=True)
+        return private
+
+    def write(self, path: Path, data: bytes, verb: str, until: datetime | None = None) -> None:
+        """Atomically: "created" links a new file (never overwrites), else renames over."""
+        private = self._folders_for(path)
+        mode = 0o600 if private else 0o644
         write_atomically(path, data, mode, exclusive=verb == "created")
         self.say(f"{verb} {_show(path)} ({mode:04o}"
                  + (f", until {until:%Y-%m-%d})" if until else ")"))
@@ -221,10 +227,8 @@ class _Keys:
                 self.note_no_key(pub, priv, name)
             elif not priv.exists():
                 self.new_signer(name, "created")
-        if s.openings.parent.is_dir():
-            with updating(s.openings):  # `participants add` may be signing one now
-                self.sign_openings()
-        else:
+        self._folders_for(s.openings)
+        with updating(s.openings):  # `participants add` may be signing one now
             self.sign_openings()
 
     def sign_openings(self) -> None:
