@@ -390,3 +390,30 @@ async def test_an_addition_the_router_refuses_takes_its_signed_opening_back(
         assert "alice" in read_openings(net.keys.openings)  # the others' stay
     finally:
         net.stop_all()
+
+
+async def test_an_admin_request_that_fails_unexpectedly_is_answered(tmp_path: Path) -> None:
+    """A bug inside `reload` or `participant_add` (anything but a refusal): the operator
+    gets `internal_error` naming it, at once — not a CLI waiting out its timeout — and the
+    admin socket serves the next request."""
+    from types import SimpleNamespace
+
+    from common.messages import Ping, Pong, Reload
+    from router.admin import AdminServer
+    from router.inspect_cli import ask
+
+    class BrokenOps:
+        async def reload(self, rid: int) -> None:
+            raise RuntimeError("a bug")
+
+    path = tmp_path / "admin.sock"
+    admin = AdminServer(SimpleNamespace(participant_ops=BrokenOps()), path)  # type: ignore[arg-type]
+    await admin.start()
+    try:
+        with pytest.raises(RequestFailed) as failed:
+            await ask(str(path), Reload(id=0), 5.0, refusals=True)
+        assert failed.value.code == "internal_error"
+        assert "RuntimeError: a bug" in failed.value.message
+        assert isinstance(await ask(str(path), Ping(id=0), 5.0), Pong)
+    finally:
+        await admin.aclose()
