@@ -5,6 +5,7 @@ proving offline that every debit was ordered and every credit accepted."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -212,6 +213,27 @@ async def test_receipt_lookups_have_a_budget_of_their_own(network: Network,
             ledger.resume()
         answered = await asyncio.wait_for(asyncio.gather(*waiting), 30)
     assert all(p.seq == first.seq and p.proof is not None for p in answered)
+
+
+async def test_a_router_stopping_answers_the_receipt_lookups_it_waits_for(
+        network: Network, tmp_path: Path) -> None:
+    """SIGTERM while a re-sent paid tx_id waits for its receipt (the ledger frozen): the
+    drain waits for the lookup, and the payer is answered `paid` (without a receipt)
+    before its connection closes — not left to time out not knowing."""
+    _kept, first, _bob = await pay_keeping_receipts(network, tmp_path, 1, ledger_timeout_s=1.0)
+    ledger, router = network.procs["ledger"], network.procs["router"]
+    async with network.client("alice") as alice:
+        ledger.pause()
+        try:
+            waiting = asyncio.ensure_future(alice.send_payment("bob", 100, "", "t0"))
+            await asyncio.sleep(0.3)
+            assert not waiting.done()
+            router.popen.send_signal(signal.SIGTERM)
+            paid = await asyncio.wait_for(waiting, 10)
+        finally:
+            ledger.resume()
+    assert (paid.seq, paid.proof) == (first.seq, None)
+    assert router.popen.wait(10) == 0
 
 
 async def network_client_pay(network: Network, payer: str, tx_id: str, amount: int) -> Paid:
